@@ -1,0 +1,229 @@
+"""Recipes: pydantic models of a decoding recipe, YAML loading, and ``--set`` overrides.
+
+A recipe names the model settings, the generation settings and one plugin per slot::
+
+    generation: {gen_length: 64, block_length: 32, steps: 64}
+    choose_span: llada
+    score: {plugin: llada, remasking: low_confidence}
+    select_tokens: llada
+
+``policy: NAME`` fills every slot NAME implements that the recipe leaves empty. Plugin names and
+plugin parameters are checked against the registered plugins by :func:`dllm_decode.policy.resolve`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dllm_decode.errors import RecipeError
+from dllm_decode.hookspecs import SLOTS
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EosOptions(_Strict):
+    """How the end of an answer is handled. Each switch is off by default, as in LLaDA."""
+
+    ban: bool = Field(False, description="Set the logits of every id in `ids` to -inf before "
+                      "scoring (LLaDA `logits_eos_inf`).")
+    deprioritize: bool = Field(False, description="Give positions whose candidate is an id in `ids` "
+                               "the lowest finite confidence, so they are committed last "
+                               "(LLaDA `confidence_eos_eot_inf`).")
+    stop: bool = Field(False, description="Finish a row as soon as its committed text ends in an id "
+                       "of `ids` (no mask before it): the masks after it are filled with that id "
+                       "without further forwards.")
+    ids: list[int] | None = Field(None, description="Token ids that end an answer; default: the "
+                                  "model's EOS and end-of-turn ids.")
+
+
+class GenerationConfig(_Strict):
+    """Canvas size, step budget, randomness and precision of one decode."""
+
+    gen_length: int = Field(128, ge=1, le=1 << 20, description="Masked positions appended to each prompt.")
+    block_length: int | None = Field(None, ge=1, description="Semi-autoregressive block size; "
+                                     "default gen_length (one block). Must divide gen_length.")
+    steps: int | None = Field(None, ge=1, description="Step budget for fixed-schedule policies; "
+                              "default gen_length (one token per forward).")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="Sampling temperature; 0 is greedy.")
+    cfg_scale: float = Field(0.0, ge=0.0, le=100.0, description="Unsupervised classifier-free guidance "
+                             "weight w: logits = u + (w + 1)(c - u), u from the prompt-masked canvas.")
+    seed: int = Field(0, ge=0, description="Seed of the request's random generator.")
+    batch_size: int = Field(1, ge=1, le=4096, description="Rows decoded together.")
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
+        "float32", description="Model compute dtype.")
+    max_steps: int | None = Field(None, ge=1, description="Hard cap on steps per request "
+                                  "(default: 4 * gen_length); reaching it is an error.")
+    eos: EosOptions = Field(default_factory=EosOptions)
+
+    @model_validator(mode="after")
+    def _blocks_divide(self) -> GenerationConfig:
+        if self.block_length is not None and self.gen_length % self.block_length:
+            raise ValueError(f"block_length ({self.block_length}) must divide gen_length ({self.gen_length})")
+        return self
+
+    @property
+    def blocks(self) -> int:
+        return self.gen_length // (self.block_length or self.gen_length)
+
+    @property
+    def block(self) -> int:
+        return self.block_length or self.gen_length
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps or self.gen_length
+
+
+class ModelSection(_Strict):
+    """Where the model comes from. ``--model`` on the command line overrides ``path``."""
+
+    path: str | None = Field(None, description="Directory of a Hugging Face format checkpoint.")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+
+
+class SlotEntry(_Strict):
+    """One slot's plugin and the parameters given for it."""
+
+    plugin: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"plugin": value}
+        if isinstance(value, dict) and "params" not in value:
+            if "plugin" not in value:
+                raise ValueError("a slot needs `plugin: NAME` (or just the plugin name)")
+            params = {k: v for k, v in value.items() if k != "plugin"}
+            return {"plugin": value["plugin"], "params": params}
+        return value
+
+    def to_yaml(self) -> Any:
+        return {"plugin": self.plugin, **self.params} if self.params else self.plugin
+
+
+class Recipe(_Strict):
+    """A whole decoding recipe."""
+
+    name: str | None = None
+    description: str = ""
+    model: ModelSection = Field(default_factory=ModelSection)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    policy: SlotEntry | None = Field(None, description="Fills every slot this plugin implements "
+                                     "that is not set explicitly.")
+    choose_span: SlotEntry | None = None
+    decide_phase: SlotEntry | None = None
+    cache_policy: SlotEntry | None = None
+    score: SlotEntry | None = None
+    select_tokens: SlotEntry | None = None
+    observers: list[str] = Field(default_factory=list, description="Extra observer plugins.")
+    source: str | None = Field(None, exclude=True, description="File the recipe came from.")
+
+    def slot(self, name: str) -> SlotEntry | None:
+        return getattr(self, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.model_dump(exclude={"source"}, exclude_none=True)
+        for key in ("policy", *SLOTS):
+            entry = self.slot(key)
+            if entry is not None:
+                out[key] = entry.to_yaml()
+        return out
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _where(source: str | None) -> str:
+    return source or "<recipe>"
+
+
+def format_validation_error(exc: ValidationError, source: str | None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("params",)) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown key {loc!r}"
+        else:
+            msg = f"{loc}: {err['msg']}"
+            if "input" in err and err["type"] != "missing":
+                msg += f" (got {err['input']!r})"
+        lines.append(f"{_where(source)}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"select_tokens.threshold=0.9"`` -> (["select_tokens", "threshold"], 0.9)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. generation.steps=32")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in path):
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw recipe data (before validation, so errors name the key)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if isinstance(child, str) and i == 0 and part in (*SLOTS, "policy"):
+                child = {"plugin": child}          # `score: llada` -> `score: {plugin: llada}`
+            if child is None:
+                child = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {'.'.join(path[:i + 1])} is not a mapping")
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] = ()) -> Recipe:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{_where(source)}: a recipe must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(dict(data), list(overrides))
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+    recipe.source = source
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (``yaml.safe_load`` only) and validate its own sections.
+
+    Plugin names and parameters are validated by :func:`dllm_decode.policy.resolve`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
+    return recipe_from_dict(data, source=str(path), overrides=overrides)

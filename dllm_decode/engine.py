@@ -1,0 +1,408 @@
+"""The diffusion-step loop.
+
+``Decoder.generate`` splits prompts into batches; each batch is one request whose state is
+advanced by :func:`Decoder.step` until every row is finished. One step::
+
+    span   = choose_span(state)        phase = decide_phase(state)
+    plan   = cache_policy(state)       logits = model(canvas, plan)      # (B, q, V)
+    cand   = score(state, logits)      commit = select_tokens(state, cand)
+    state  <- commit (engine-checked)  after_step(state)
+
+The engine owns every write to the canvas and checks each plugin's output against the
+contracts in DESIGN.md §3, raising an error that names the plugin, the hook and the step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dllm_decode.config import Recipe
+from dllm_decode.errors import DllmDecodeError, InputError, ModelOutputError, PluginError
+from dllm_decode.plugins import PluginManager, get_plugin_manager
+from dllm_decode.policy import BoundPolicy, resolve
+from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Selection, StepRecord
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class RowResult:
+    """One decoded prompt."""
+
+    prompt: list[int]
+    tokens: list[int]             # the whole generated region (gen_length ids)
+    nfe: int                      # forwards while this row was unfinished
+    steps: int                    # steps of the request it was decoded in
+    seconds: float                # wall time of that request
+    commit_step: list[int]        # step at which each generated position was written
+    text: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_ids": self.prompt, "token_ids": self.tokens, "text": self.text,
+                "nfe": self.nfe, "steps": self.steps, "seconds": round(self.seconds, 6)}
+
+
+@dataclass
+class GenerationResult:
+    rows: list[RowResult]
+    states: list[DecodeState] = field(default_factory=list)  # one per batch, kept for traces
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.tokens for r in self.rows]
+
+
+def _model_spec(model: Any) -> Any:
+    spec = getattr(model, "spec", None)
+    if spec is None:
+        raise InputError(f"model {type(model).__name__} has no `spec` (mask/EOS ids, max length)")
+    return spec
+
+
+class Decoder:
+    """Decodes prompts with ``model`` under the policy a recipe composes.
+
+    :param model: a denoiser: ``model(input_ids, attention_mask=..., plan=..., store=...)``
+        returns aligned logits; ``model.spec`` carries mask/EOS ids and the maximum length.
+    :param recipe: a validated :class:`Recipe` (see :func:`dllm_decode.config.load_recipe`).
+    :param pm: plugin manager; a fresh one (entry points + env blocking) when omitted.
+    :param tokenizer: optional, to fill ``RowResult.text``.
+    """
+
+    def __init__(self, model: Any, recipe: Recipe, pm: PluginManager | None = None,
+                 tokenizer: Any = None, policy: BoundPolicy | None = None):
+        self.model = model
+        self.spec = _model_spec(model)
+        self.recipe = recipe
+        self.pm = pm if pm is not None else get_plugin_manager()
+        self.policy = policy if policy is not None else resolve(recipe, self.pm)
+        self.tokenizer = tokenizer
+        self.gen = recipe.generation
+        eos = self.gen.eos.ids
+        if eos is None:
+            eos = [i for i in (getattr(self.spec, "eos_token_id", None),
+                               getattr(self.spec, "eot_token_id", None)) if i is not None]
+        self.eos_ids = list(dict.fromkeys(int(i) for i in eos))
+        if (self.gen.eos.ban or self.gen.eos.stop or self.gen.eos.deprioritize) and not self.eos_ids:
+            raise InputError(f"{recipe.source or '<recipe>'}: generation.eos is enabled but the model "
+                             "declares no EOS id; set generation.eos.ids")
+        self.mask_id = int(self.spec.mask_token_id)
+        pad = getattr(self.spec, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None and pad != self.mask_id else (self.eos_ids or [0])[0])
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts: Sequence[Sequence[int]], progress: bool | Callable[[int], Any] = False,
+                 keep_states: bool = False) -> GenerationResult:
+        """Decode every prompt (lists of token ids) in batches of ``generation.batch_size``."""
+        prompts = [list(map(int, p)) for p in prompts]
+        self._validate(prompts)                 # up front, so errors name the caller's prompt index
+        bar = _progress(progress, total=len(prompts) * self.gen.gen_length)
+        rows: list[RowResult] = []
+        states: list[DecodeState] = []
+        try:
+            for start in range(0, len(prompts), self.gen.batch_size):
+                batch = prompts[start:start + self.gen.batch_size]
+                state = self.decode(batch, on_commit=bar.update if bar else None)
+                rows.extend(self.rows_of(state, batch))
+                if keep_states:
+                    states.append(state)
+        finally:
+            if bar is not None:
+                bar.close()
+        return GenerationResult(rows=rows, states=states)
+
+    def start(self, prompts: Sequence[Sequence[int]]) -> DecodeState:
+        """Build the state of one request: left-padded canvas, masks, generator, cache store."""
+        G = self.gen.gen_length
+        self._validate(prompts)
+        lengths = [len(p) for p in prompts]
+        P = max(lengths)
+        device = self._device()
+        x = torch.full((len(prompts), P + G), self.mask_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), P + G), dtype=torch.bool)
+        for i, p in enumerate(prompts):        # building the request, not the hot loop
+            x[i, :P - len(p)] = self.pad_id
+            x[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+            attn[i, P - len(p):] = True
+        prompt_mask = torch.zeros_like(attn)
+        prompt_mask[:, :P] = True
+        generator = torch.Generator(device=device).manual_seed(self.gen.seed)
+        store = self._new_store()
+        return DecodeState(x=x.to(device), attention_mask=attn.to(device), prompt_mask=prompt_mask.to(device),
+                           gen_start=P, gen_length=G, mask_id=self.mask_id,
+                           eos_ids=torch.tensor(self.eos_ids, dtype=torch.long, device=device),
+                           config=self.gen, generator=generator, store=store,
+                           prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+                           scratch={name: {} for name in self.policy.plugin_names})
+
+    @torch.inference_mode()
+    def decode(self, prompts: Sequence[Sequence[int]],
+               on_commit: Callable[[int], Any] | None = None) -> DecodeState:
+        """Decode one batch to completion and return its final state."""
+        state = self.start(prompts)
+        t0 = time.perf_counter()
+        self._observe("on_request_start", state)
+        max_steps = self.gen.max_steps or 4 * self.gen.gen_length
+        while True:
+            finished, n_committed = self.step(state)
+            if on_commit is not None:
+                on_commit(n_committed)
+            if finished:
+                break
+            if state.step >= max_steps:
+                raise PluginError(f"request not finished after {state.step} steps (generation.max_steps "
+                                  f"{max_steps}); select_tokens plugin {self.policy.plugin_for('select_tokens')!r} "
+                                  "keeps re-masking?", plugin=self.policy.plugin_for("select_tokens"),
+                                  hook="select_tokens", step=state.step)
+        state.timings["seconds"] = time.perf_counter() - t0
+        self._observe("on_request_end", state)
+        state.scratch.clear()
+        if state.store is not None and hasattr(state.store, "clear"):
+            state.store.clear()
+        return state
+
+    def _validate(self, prompts: Sequence[Sequence[int]]) -> None:
+        if not prompts:
+            raise InputError("no prompts to decode")
+        G, limit = self.gen.gen_length, getattr(self.spec, "max_length", None)
+        vocab = getattr(self.spec, "vocab_size", None)
+        for i, p in enumerate(prompts):
+            if limit is not None and len(p) + G > limit:
+                raise InputError(f"prompt {i} has {len(p)} tokens; with gen_length {G} the canvas needs "
+                                 f"{len(p) + G} positions but the model allows {limit}")
+            if self.mask_id in p:
+                raise InputError(f"prompt {i} contains the mask token id {self.mask_id}")
+            if vocab is not None and any(t < 0 or t >= vocab for t in p):
+                raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+
+    def rows_of(self, state: DecodeState, prompts: Sequence[Sequence[int]]) -> list[RowResult]:
+        gen = state.generated().tolist()
+        steps = state.commit_step[:, state.gen_start:].tolist()
+        nfe = state.row_nfe.tolist()
+        texts = self.decode_text(gen) if self.tokenizer is not None else [None] * len(gen)
+        return [RowResult(prompt=list(p), tokens=g, nfe=n, steps=state.step,
+                          seconds=state.timings.get("seconds", 0.0), commit_step=c, text=t)
+                for p, g, n, c, t in zip(prompts, gen, nfe, steps, texts)]
+
+    def decode_text(self, token_rows: list[list[int]]) -> list[str]:
+        """Text of each row up to its first EOS id (special tokens skipped)."""
+        out = []
+        for row in token_rows:
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            out.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return out
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self, state: DecodeState) -> tuple[bool, int]:
+        """Advance ``state`` by one step. Returns (every row finished, tokens committed)."""
+        B, L = state.x.shape
+        active = ~state.done                                             # (B,)
+        span = self._call("choose_span", state)
+        if span is None:
+            span = state.gen_span()
+        self._check_tensor("choose_span", state, span, (B, 2), (torch.long, torch.int32, torch.int64))
+        state.span = span.to(torch.long)
+        state.phase = self._call("decide_phase", state) if "decide_phase" in self.policy.slots else None
+        plan = self._call("cache_policy", state) if "cache_policy" in self.policy.slots else None
+
+        logits, positions = self._forward(state, plan)                  # (B, q, V), (B, q) | None
+        state.nfe += 1
+        state.row_nfe += active.long()
+        # The mask token is never a candidate: committing it would leave the position masked.
+        logits[..., self.mask_id] = NEG_INF
+        if self.gen.eos.ban and self.eos_ids:
+            logits[..., state.eos_ids] = NEG_INF
+
+        cand = self._call("score", state, logits=logits, positions=positions)
+        if not isinstance(cand, Candidates):
+            raise self._error("score", state, f"returned {type(cand).__name__}, expected Candidates")
+        q = logits.shape[1]
+        self._check_tensor("score", state, cand.tokens, (B, q), (torch.long,), what="tokens")
+        self._check_tensor("score", state, cand.confidence, (B, q), None, what="confidence")
+        tokens, conf = cand.tokens, cand.confidence
+        if positions is not None:                                        # scatter onto the canvas
+            tokens = state.x.clone().scatter_(1, positions, tokens)
+            conf = torch.full((B, L), NEG_INF, dtype=conf.dtype, device=conf.device).scatter_(1, positions, conf)
+        in_span = state.in_span()
+        eligible = state.masked & in_span & active[:, None]              # (B, L)
+        if positions is not None:
+            queried = torch.zeros_like(eligible).scatter_(1, positions, True)
+            eligible &= queried
+        conf = torch.where(eligible, conf, NEG_INF)
+        if self.gen.eos.deprioritize and self.eos_ids:
+            lowest = torch.finfo(conf.dtype).min if conf.is_floating_point() else -(2 ** 62)
+            conf = torch.where(eligible & torch.isin(tokens, state.eos_ids), lowest, conf)
+        full = Candidates(tokens=tokens, confidence=conf, eligible=eligible, extra=cand.extra)
+
+        chosen = self._call("select_tokens", state, candidates=full)
+        commit, remask = (chosen.commit, chosen.remask) if isinstance(chosen, Selection) else (chosen, None)
+        self._check_tensor("select_tokens", state, commit, (B, L), (torch.bool,), what="commit mask")
+        if remask is not None:
+            self._check_tensor("select_tokens", state, remask, (B, L), (torch.bool,), what="remask mask")
+
+        # One host sync per step: every contract and the loop condition in one transfer.
+        n_commit = commit.sum(dim=1)                                     # (B,)
+        bad_span = (span[:, 0] < state.gen_start) | (span[:, 1] > L) | (span[:, 0] > span[:, 1])
+        empty_span = active & ~(state.masked & in_span).any(dim=1)
+        flags = torch.stack([
+            bad_span.any(), empty_span.any(), (commit & ~eligible).any(), (active & (n_commit == 0)).any(),
+            torch.isnan(logits).any(), (torch.isnan(conf) & eligible).any(),
+            remask.any() if remask is not None else torch.zeros((), dtype=torch.bool, device=commit.device),
+        ]).tolist()
+        f_bad_span, f_empty_span, f_outside, f_stall, f_nan_logits, f_nan_conf, f_remask = flags
+        if f_bad_span:
+            raise self._error("choose_span", state, f"returned spans outside [gen_start={state.gen_start}, "
+                              f"length={L}]: {span[bad_span].tolist()}")
+        if f_empty_span:
+            rows = torch.nonzero(empty_span).flatten().tolist()
+            raise self._error("choose_span", state, f"chose a span with no masked position for unfinished "
+                              f"row(s) {rows}: {span[empty_span].tolist()}")
+        if f_nan_logits:
+            raise ModelOutputError(f"step {state.step}: the model returned NaN logits (plan from "
+                                   f"{self.policy.plugin_for('cache_policy') or 'full forward'!r})")
+        if f_nan_conf:
+            raise self._error("score", state, "returned NaN confidence for committable positions")
+        if f_outside:
+            where = torch.nonzero(commit & ~eligible)[:5].tolist()
+            raise self._error("select_tokens", state, "committed positions that are not masked, outside "
+                              f"the span, or in a finished row (row, column): {where}")
+        if f_stall:
+            rows = torch.nonzero(active & (n_commit == 0)).flatten().tolist()
+            raise self._error("select_tokens", state, f"committed nothing in unfinished row(s) {rows}")
+
+        x = torch.where(commit, tokens, state.x)
+        commit_step = torch.where(commit, state.step, state.commit_step)
+        remasked = None
+        if f_remask:
+            if not self.policy.revocable:
+                raise self._error("select_tokens", state, "returned a re-mask but the plugin does not "
+                                  "declare itself revocable (dllm_meta.revocable)")
+            bad = remask & ((state.commit_step == UNCOMMITTED) | commit | state.prompt_mask)
+            if bool(bad.any()):
+                raise self._error("select_tokens", state, "re-masked positions that were not committed "
+                                  f"by decoding or are committed this step: {torch.nonzero(bad)[:5].tolist()}")
+            x = torch.where(remask, state.mask_id, x)
+            commit_step = torch.where(remask, UNCOMMITTED, commit_step)
+            state.remask_log.append((state.step, torch.nonzero(remask)))
+            remasked = remask
+        state.x, state.commit_step = x, commit_step
+        if self.gen.eos.stop and self.eos_ids:
+            self._stop_at_eos(state)
+        state.done = ~state.masked.any(dim=1)
+        state.history.append(StepRecord(step=state.step, span=state.span, phase=state.phase,
+                                        committed=commit, remasked=remasked,
+                                        confidence=conf.to(torch.float32), active=active))
+        state.step += 1
+        self._observe("after_step", state)
+        finished, n = torch.stack([state.done.all().long(), n_commit.sum()]).tolist()
+        return bool(finished), int(n)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _forward(self, state: DecodeState, plan: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x, attn = state.x, state.attention_mask
+        cfg = self.gen.cfg_scale
+        if cfg > 0:
+            # Unconditional rows: the same canvas with every real prompt token masked (LLaDA).
+            real_prompt = state.prompt_mask & attn
+            x = torch.cat([x, torch.where(real_prompt, state.mask_id, x)])
+            attn = torch.cat([attn, attn])
+        logits = self.model(x, attention_mask=attn, plan=plan, store=state.store)
+        if cfg > 0:
+            cond, uncond = logits.chunk(2, dim=0)
+            logits = uncond + (cfg + 1) * (cond - uncond)
+        positions = None
+        if plan is not None:
+            positions = plan.query_positions(state.batch_size, state.length, device=state.device)
+            if positions is not None and positions.shape[1] == state.length:
+                positions = None if bool((positions == state.columns).all()) else positions
+        return logits, positions
+
+    def _new_store(self) -> Any:
+        if "cache_policy" not in self.policy.slots:
+            return None
+        factory = getattr(self.model, "new_store", None)
+        return factory() if callable(factory) else None
+
+    def _device(self) -> torch.device:
+        try:
+            return next(self.model.parameters()).device
+        except (AttributeError, StopIteration, TypeError):
+            return torch.device(getattr(self.model, "device", "cpu"))
+
+    def _call(self, slot: str, state: DecodeState, **kwargs: Any) -> Any:
+        bound = self.policy.slots[slot]
+        name = bound.plugin_name
+        try:
+            return bound.caller(state=state, options=self.policy.options[name], scratch=state.scratch[name],
+                                **kwargs)
+        except DllmDecodeError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {name!r} raised in {slot} at step {state.step}: "
+                              f"{type(exc).__name__}: {exc}", plugin=name, hook=slot, step=state.step) from exc
+
+    def _observe(self, hook: str, state: DecodeState) -> None:
+        for name, caller in self.policy.observers.get(hook, ()):
+            try:
+                caller(state=state, options=self.policy.options[name], scratch=state.scratch.setdefault(name, {}))
+            except DllmDecodeError:
+                raise
+            except Exception as exc:
+                raise PluginError(f"plugin {name!r} raised in {hook} at step {state.step}: "
+                                  f"{type(exc).__name__}: {exc}", plugin=name, hook=hook, step=state.step) from exc
+
+    def _error(self, slot: str, state: DecodeState, message: str) -> PluginError:
+        name = self.policy.plugin_for(slot)
+        return PluginError(f"{slot} plugin {name!r} at step {state.step}: {message}",
+                           plugin=name, hook=slot, step=state.step)
+
+    def _check_tensor(self, slot: str, state: DecodeState, value: Any, shape: tuple[int, ...],
+                      dtypes: tuple[torch.dtype, ...] | None, what: str = "result") -> None:
+        if not isinstance(value, torch.Tensor):
+            raise self._error(slot, state, f"{what} is {type(value).__name__}, expected a tensor of shape {shape}")
+        if tuple(value.shape) != shape:
+            raise self._error(slot, state, f"{what} has shape {tuple(value.shape)}, expected {shape}")
+        if dtypes is not None and value.dtype not in dtypes:
+            raise self._error(slot, state, f"{what} has dtype {value.dtype}, expected {dtypes[0]}")
+
+    def _stop_at_eos(self, state: DecodeState) -> None:
+        """Finish rows whose committed text ends in EOS: fill their remaining masks with it."""
+        gen = state.columns >= state.gen_start                           # (L,)
+        is_eos = torch.isin(state.x, state.eos_ids) & gen                # (B, L)
+        masked = state.masked
+        L = state.length
+        first_eos = torch.where(is_eos.any(1), is_eos.long().argmax(1), L)   # (B,)
+        first_mask = torch.where(masked.any(1), masked.long().argmax(1), L)  # (B,)
+        stop = first_eos < first_mask
+        fill = masked & stop[:, None]
+        eos_tok = state.x.gather(1, first_eos.clamp(max=L - 1)[:, None])     # (B, 1) the EOS that ended it
+        state.x = torch.where(fill, eos_tok, state.x)
+        state.commit_step = torch.where(fill, state.step, state.commit_step)
+
+
+def _progress(progress: bool | Callable[[int], Any], total: int) -> Any:
+    if callable(progress) and not isinstance(progress, bool):
+        return _CallbackBar(progress)
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    # delay: short decodes print nothing; long ones get a bar on stderr.
+    return tqdm(total=total, unit="tok", desc="decoding", delay=1.0, leave=False)
+
+
+class _CallbackBar:
+    def __init__(self, fn: Callable[[int], Any]):
+        self.fn = fn
+
+    def update(self, n: int) -> None:
+        self.fn(n)
+
+    def close(self) -> None:
+        pass

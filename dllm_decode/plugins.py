@@ -1,0 +1,191 @@
+"""Plugin manager: entry-point discovery, blocking, tracing, and binding a recipe's slots.
+
+Built-in policies and caches are ordinary plugins listed in the ``dllm_decode`` entry-point
+group of this distribution; third-party plugins are the same thing in another distribution.
+A plugin is any object (usually a module) with ``@hookimpl`` functions and, optionally, a
+``dllm_meta`` attribute (:class:`PluginMeta`) declaring its options model and capabilities.
+
+Environment variables:
+``DLLM_DECODE_BLOCK``  comma-separated plugin names never to register (ablations).
+``DLLM_DECODE_TRACE``  when set (non-empty, not ``0``), every hook call is written to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel, ConfigDict
+
+from dllm_decode import hookspecs
+from dllm_decode.errors import PluginError
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+BLOCK_ENV = "DLLM_DECODE_BLOCK"
+TRACE_ENV = "DLLM_DECODE_TRACE"
+
+
+class PluginOptions(BaseModel):
+    """Base of every plugin's options model: unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(PluginOptions):
+    """Options of a plugin that takes none."""
+
+
+@dataclass(frozen=True)
+class PluginMeta:
+    """What a plugin declares about itself (the ``dllm_meta`` attribute of the plugin object).
+
+    ``options``: pydantic model of its parameters (one model shared by every slot it fills).
+    ``revocable``: may re-mask committed tokens (WINO-style); the engine records every re-mask.
+    ``exact``: for caches, whether tokens equal those of a plain forward (None: not a cache).
+    ``requires``: model capabilities the plugin needs (e.g. ``"compute_plans"``).
+    """
+
+    summary: str = ""
+    options: type[PluginOptions] = NoOptions
+    revocable: bool = False
+    exact: bool | None = None
+    requires: tuple[str, ...] = ()
+
+
+DEFAULT_META = PluginMeta()
+
+
+def meta_of(plugin: Any) -> PluginMeta:
+    meta = getattr(plugin, "dllm_meta", None)
+    return meta if isinstance(meta, PluginMeta) else DEFAULT_META
+
+
+def _env_list(name: str) -> list[str]:
+    return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus the distribution each plugin came from."""
+
+    def __init__(self) -> None:
+        super().__init__(hookspecs.PROJECT)
+        self.add_hookspecs(hookspecs)
+        self.distributions: dict[str, metadata.Distribution] = {}
+
+
+def get_plugin_manager(block: list[str] | tuple[str, ...] = (), load_entrypoints: bool = True,
+                       extra_plugins: dict[str, Any] | None = None) -> PluginManager:
+    """A fresh plugin manager (never a module-level singleton: two decoders never interfere).
+
+    :param block: plugin names to block, on top of ``DLLM_DECODE_BLOCK``.
+    :param extra_plugins: name -> plugin object registered directly (tests, notebooks).
+    :raises PluginError: a plugin failed to import or implements a hook no spec defines.
+    """
+    pm = PluginManager()
+    for name in [*_env_list(BLOCK_ENV), *block]:
+        pm.set_blocked(name)
+    if load_entrypoints:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken third-party package must name itself
+                raise PluginError(f"plugin {ep.name!r} (entry point {ep.value!r}) failed to import: "
+                                  f"{type(exc).__name__}: {exc}", plugin=ep.name) from exc
+            _register(pm, plugin, ep.name, dist=ep.dist)
+    for name, plugin in (extra_plugins or {}).items():
+        if not pm.is_blocked(name):
+            _register(pm, plugin, name, dist=None)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r} is not valid: {exc}") from exc
+    if os.environ.get(TRACE_ENV, "") not in ("", "0"):
+        enable_tracing(pm)
+    return pm
+
+
+def _register(pm: PluginManager, plugin: Any, name: str, dist: Any) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except (ValueError, pluggy.PluginValidationError) as exc:
+        raise PluginError(f"plugin {name!r} could not be registered: {exc}", plugin=name) from exc
+    if dist is not None:
+        pm.distributions[name] = dist
+
+
+def enable_tracing(pm: pluggy.PluginManager, write: Callable[[str], Any] | None = None) -> Callable[[], None]:
+    """Write every hook call and result to ``write`` (stderr by default); returns an undo."""
+    pm.trace.root.setwriter(write or sys.stderr.write)
+    return pm.enable_tracing()
+
+
+def implemented_slots(pm: pluggy.PluginManager, plugin: Any) -> tuple[str, ...]:
+    """The decision slots a registered plugin implements, in step order."""
+    names = {caller.name for caller in (pm.get_hookcallers(plugin) or [])}
+    return tuple(slot for slot in hookspecs.SLOTS if slot in names)
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    slots: tuple[str, ...]
+    observers: tuple[str, ...]
+    meta: PluginMeta
+    parameters: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "distribution": self.distribution, "version": self.version,
+            "slots": list(self.slots), "observers": list(self.observers),
+            "summary": self.meta.summary, "revocable": self.meta.revocable,
+            "exact": self.meta.exact, "requires": list(self.meta.requires),
+            "parameters": self.parameters,
+        }
+
+
+def describe_options(model: type[PluginOptions]) -> list[dict[str, Any]]:
+    """Name, type, default, bounds and description of every parameter of an options model."""
+    rows = []
+    for name, f in model.model_fields.items():
+        bounds = {}
+        for m in f.metadata:
+            for attr in ("ge", "gt", "le", "lt"):
+                if getattr(m, attr, None) is not None:
+                    bounds[attr] = getattr(m, attr)
+        ann = f.annotation
+        if typing.get_origin(ann) is typing.Literal:
+            type_name = " | ".join(repr(a) for a in typing.get_args(ann))
+        else:
+            type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        default = None if f.is_required() else f.get_default(call_default_factory=True)
+        rows.append({"name": name, "type": type_name, "default": default, "required": f.is_required(),
+                     "bounds": bounds, "description": f.description or ""})
+    return rows
+
+
+def list_plugins(pm: PluginManager) -> list[PluginInfo]:
+    """Every registered plugin with its distribution, slots and parameters, sorted by name."""
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        dist = pm.distributions.get(name)
+        callers = {c.name for c in (pm.get_hookcallers(plugin) or [])}
+        meta = meta_of(plugin)
+        infos.append(PluginInfo(
+            name=name,
+            distribution=dist.metadata["Name"] if dist is not None else None,
+            version=dist.version if dist is not None else None,
+            slots=implemented_slots(pm, plugin),
+            observers=tuple(o for o in hookspecs.OBSERVERS if o in callers),
+            meta=meta, parameters=describe_options(meta.options)))
+    return sorted(infos, key=lambda i: i.name)

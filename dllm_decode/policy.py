@@ -1,0 +1,158 @@
+"""Binding a recipe to registered plugins: one hook caller per slot, options validated once.
+
+The engine calls each slot's hook through a caller that sees only the plugin assigned to that
+slot, so a plugin implementing several hooks contributes exactly the slots the recipe gives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from dllm_decode.config import Recipe, SlotEntry
+from dllm_decode.errors import RecipeError
+from dllm_decode.hookspecs import OBSERVERS, OPTIONAL_SLOTS, SLOTS
+from dllm_decode.plugins import PluginManager, PluginMeta, implemented_slots, meta_of
+
+
+@dataclass
+class BoundSlot:
+    slot: str
+    plugin_name: str
+    caller: Any          # pluggy hook caller restricted to this plugin
+
+
+@dataclass
+class BoundPolicy:
+    """A recipe resolved against a plugin manager; immutable during decoding."""
+
+    recipe: Recipe
+    slots: dict[str, BoundSlot]
+    options: dict[str, Any]                  # plugin name -> validated options
+    metas: dict[str, PluginMeta]
+    observers: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)  # hook -> [(plugin, caller)]
+    plugin_names: tuple[str, ...] = ()       # every plugin taking part, in slot order
+
+    def plugin_for(self, slot: str) -> str | None:
+        bound = self.slots.get(slot)
+        return bound.plugin_name if bound else None
+
+    @property
+    def revocable(self) -> bool:
+        name = self.plugin_for("select_tokens")
+        return bool(name and self.metas[name].revocable)
+
+
+def _where(recipe: Recipe) -> str:
+    return recipe.source or "<recipe>"
+
+
+def _fillers(pm: PluginManager, slot: str) -> list[str]:
+    return sorted(n for n, p in pm.list_name_plugin() if p is not None and slot in implemented_slots(pm, p))
+
+
+def _lookup(pm: PluginManager, recipe: Recipe, slot: str, name: str) -> Any:
+    plugin = pm.get_plugin(name)
+    if plugin is None:
+        if pm.is_blocked(name):
+            raise RecipeError(f"{_where(recipe)}: {slot}: plugin {name!r} is blocked "
+                              "(DLLM_DECODE_BLOCK or --block)")
+        known = (_fillers(pm, slot) if slot in SLOTS
+                 else sorted(n for n, p in pm.list_name_plugin() if p is not None))
+        raise RecipeError(f"{_where(recipe)}: {slot}: unknown plugin {name!r} (registered for "
+                          f"{slot}: {', '.join(known) or 'none'}; see `dllm-decode plugins`)")
+    return plugin
+
+
+def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
+    """Check every plugin name, parameter and combination of ``recipe``; bind the slots.
+
+    :raises RecipeError: naming the recipe file, the slot and the key at fault.
+    """
+    entries: dict[str, SlotEntry] = {s: recipe.slot(s) for s in SLOTS if recipe.slot(s) is not None}
+    origin: dict[str, str] = {s: s for s in entries}          # slot -> where its entry came from
+    if recipe.policy is not None:
+        plugin = _lookup(pm, recipe, "policy", recipe.policy.plugin)
+        filled = implemented_slots(pm, plugin)
+        if not filled:
+            raise RecipeError(f"{_where(recipe)}: policy: plugin {recipe.policy.plugin!r} fills no slot")
+        for slot in filled:
+            if slot not in entries:
+                entries[slot] = SlotEntry(plugin=recipe.policy.plugin, params=dict(recipe.policy.params))
+                origin[slot] = "policy"
+            elif entries[slot].plugin == recipe.policy.plugin:
+                entries[slot] = SlotEntry(plugin=entries[slot].plugin,
+                                          params={**recipe.policy.params, **entries[slot].params})
+    for slot in SLOTS:
+        if slot not in entries and slot not in OPTIONAL_SLOTS:
+            raise RecipeError(f"{_where(recipe)}: slot {slot!r} is empty; name a plugin for it "
+                              f"(registered: {', '.join(_fillers(pm, slot)) or 'none'})")
+
+    # Every slot of one plugin shares one options object: merge, refusing contradictions.
+    merged: dict[str, dict[str, Any]] = {}
+    key_origin: dict[tuple[str, str], str] = {}
+    plugins: dict[str, Any] = {}
+    for slot, entry in entries.items():
+        plugin = _lookup(pm, recipe, origin[slot], entry.plugin)
+        if slot not in implemented_slots(pm, plugin):
+            raise RecipeError(f"{_where(recipe)}: {origin[slot]}: plugin {entry.plugin!r} does not implement "
+                              f"{slot!r} (it fills: {', '.join(implemented_slots(pm, plugin)) or 'no slot'})")
+        plugins[entry.plugin] = plugin
+        params = merged.setdefault(entry.plugin, {})
+        for key, value in entry.params.items():
+            if key in params and params[key] != value:
+                raise RecipeError(f"{_where(recipe)}: {slot}.{key}: {value!r} contradicts "
+                                  f"{key_origin[(entry.plugin, key)]}.{key}: {params[key]!r} "
+                                  f"(both configure plugin {entry.plugin!r})")
+            params[key] = value
+            key_origin.setdefault((entry.plugin, key), origin[slot])
+    for name in recipe.observers:
+        plugins.setdefault(name, _lookup(pm, recipe, "observers", name))
+        merged.setdefault(name, {})
+
+    options: dict[str, Any] = {}
+    metas: dict[str, PluginMeta] = {}
+    for name, plugin in plugins.items():
+        meta = metas[name] = meta_of(plugin)
+        try:
+            options[name] = meta.options.model_validate(merged[name])
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"]) or "(options)"
+                slot = key_origin.get((name, str(err["loc"][0]) if err["loc"] else ""),
+                                      next(s for s, e in entries.items() if e.plugin == name)
+                                      if any(e.plugin == name for e in entries.values()) else "observers")
+                msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+                got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
+                allowed = (f"; {name} takes: {', '.join(meta.options.model_fields) or 'no parameters'}"
+                           if err["type"] == "extra_forbidden" else "")
+                lines.append(f"{_where(recipe)}: {slot}.{key}: {msg}{got} [plugin {name!r}]{allowed}")
+            raise RecipeError("\n".join(lines)) from None
+
+    slot_of: dict[str, tuple[str, ...]] = {
+        name: tuple(s for s in SLOTS if s in entries and entries[s].plugin == name) for name in plugins}
+    problems: list[str] = []
+    for name, plugin in plugins.items():
+        caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
+        for result in caller(recipe=recipe, options=options[name], slots=slot_of[name]):
+            problems.extend(f"{_where(recipe)}: [plugin {name!r}] {p}" for p in (result or []))
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+    slots = {slot: BoundSlot(slot, entry.plugin, pm.subset_hook_caller(slot, _others(pm, [plugins[entry.plugin]])))
+             for slot, entry in entries.items()}
+    order = tuple(dict.fromkeys([entries[s].plugin for s in SLOTS if s in entries] + list(recipe.observers)))
+    # Observers are called plugin by plugin: each gets its own options and scratch.
+    observers = {hook: [(n, pm.subset_hook_caller(hook, _others(pm, [plugins[n]]))) for n in order
+                        if hook in {c.name for c in (pm.get_hookcallers(plugins[n]) or [])}]
+                 for hook in OBSERVERS}
+    return BoundPolicy(recipe=recipe, slots=slots, options=options, metas=metas,
+                       observers=observers, plugin_names=order)
+
+
+def _others(pm: PluginManager, keep: list[Any]) -> list[Any]:
+    ids = {id(p) for p in keep}
+    return [p for p in pm.get_plugins() if id(p) not in ids]

@@ -1,0 +1,58 @@
+"""Pure tensor functions shared by policies: noise, schedules, batched top-k.
+
+Kept free of state so that each is testable alone and the hot step stays a pure function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gumbel_perturb(logits: torch.Tensor, temperature: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Perturb logits so that their argmax is a sample from ``softmax(logits / temperature)``.
+
+    Uses LLaDA's form ``exp(logits) / (-log u) ** T`` in float64: low-precision Gumbel-max
+    degrades generation quality (arXiv 2409.02908). Returns the logits unchanged at T = 0.
+    Shape is preserved: ``(..., V)``.
+    """
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    return logits.exp() / (-torch.log(u)) ** temperature
+
+
+def front_loaded_counts(n_masked: torch.Tensor, steps: int) -> torch.Tensor:
+    """Tokens to commit at each of ``steps`` steps for ``n_masked`` (B,) masks, LLaDA style.
+
+    Even split with the remainder on the earliest steps. Returns ``(B, steps)`` long.
+    """
+    base = n_masked // steps                          # (B,)
+    rem = n_masked % steps                            # (B,)
+    idx = torch.arange(steps, device=n_masked.device)  # (steps,)
+    return base[:, None] + (idx[None, :] < rem[:, None]).long()
+
+
+def count_at_step(n_masked: torch.Tensor, steps: int, step: torch.Tensor) -> torch.Tensor:
+    """Entry ``step`` (B,) of :func:`front_loaded_counts` without building the table."""
+    return n_masked // steps + (step < n_masked % steps).long()
+
+
+def topk_mask(confidence: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, L) bool marking each row's ``k[b]`` highest confidences.
+
+    A stable descending sort breaks ties by the lower column, so the result is deterministic.
+    ``-inf`` entries are never chosen: rows ask for at most as many as they have eligible.
+    """
+    order = torch.sort(confidence, dim=-1, descending=True, stable=True).indices  # (B, L)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    finite = confidence > float("-inf")
+    return (ranks < k[:, None]) & finite
+
+
+def token_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """softmax(float64 logits) at ``tokens``: (B, q, V), (B, q) -> (B, q) float64."""
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,138 @@
+"""The batched decoding state: the canvas, its masks and spans, and what happened so far.
+
+Every tensor is batched over rows. A row's canvas is ``[pad * k | prompt | MASK * gen_length]``:
+prompts are left-padded so that the generated region starts at the same column
+(``gen_start``) in every row, which keeps spans, blocks and caches simple column ranges.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+#: ``commit_step`` value of a position that is not (yet) written by decoding.
+UNCOMMITTED = -1
+
+
+@dataclass
+class Candidates:
+    """One candidate token and confidence per position.
+
+    From ``score`` the shapes are ``(B, q)`` over the queried positions; the engine then builds
+    the canvas-wide ``(B, L)`` version handed to ``select_tokens``, where ``eligible`` is set.
+    ``extra`` carries anything a plugin wants to pass along (e.g. probabilities for APD).
+    """
+
+    tokens: torch.Tensor          # (B, q|L) long
+    confidence: torch.Tensor      # (B, q|L) float, higher = commit sooner
+    eligible: torch.Tensor | None = None  # (B, L) bool, set by the engine
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Selection:
+    """What ``select_tokens`` may return instead of a plain commit mask."""
+
+    commit: torch.Tensor                  # (B, L) bool: positions to write
+    remask: torch.Tensor | None = None    # (B, L) bool: committed positions to mask again
+
+
+@dataclass
+class StepRecord:
+    """What one step did; kept in ``DecodeState.history`` for plugins, traces and metrics."""
+
+    step: int
+    span: torch.Tensor            # (B, 2) long
+    phase: str | None
+    committed: torch.Tensor       # (B, L) bool
+    remasked: torch.Tensor | None  # (B, L) bool or None
+    confidence: torch.Tensor      # (B, L) float32, -inf where not eligible
+    active: torch.Tensor          # (B,) bool: rows unfinished when the step began
+
+
+@dataclass
+class DecodeState:
+    """Per-request decoding state. Created by the engine, read by plugins."""
+
+    x: torch.Tensor               # (B, L) long canvas
+    attention_mask: torch.Tensor  # (B, L) bool, False on left padding
+    prompt_mask: torch.Tensor     # (B, L) bool, True on prompt and padding (never written)
+    gen_start: int                # first generated column (same for every row)
+    gen_length: int
+    mask_id: int
+    eos_ids: torch.Tensor         # (E,) long: ids that end an answer (EOS, end of turn)
+    config: Any                   # the recipe's GenerationConfig
+    generator: torch.Generator    # the request's only source of randomness
+    store: Any = None             # the model's per-request cache store (None without a model)
+    prompt_lengths: torch.Tensor | None = None  # (B,) long, prompt tokens without padding
+    commit_step: torch.Tensor = None  # (B, L) long, UNCOMMITTED until written
+    span: torch.Tensor = None     # (B, 2) long, this step's span
+    phase: str | None = None
+    step: int = 0                 # steps taken so far (== forwards, unless a plugin skips one)
+    nfe: int = 0                  # model forward calls (a CFG pair counts once)
+    row_nfe: torch.Tensor = None  # (B,) long: forwards while each row was unfinished
+    done: torch.Tensor = None     # (B,) bool
+    history: list[StepRecord] = field(default_factory=list)
+    remask_log: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, (n,2) row/col)
+    scratch: dict[str, dict] = field(default_factory=dict)  # plugin name -> private dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        B, L = self.x.shape
+        if self.commit_step is None:
+            self.commit_step = torch.full((B, L), UNCOMMITTED, dtype=torch.long, device=self.x.device)
+        if self.span is None:
+            self.span = self.gen_span()
+        if self.row_nfe is None:
+            self.row_nfe = torch.zeros(B, dtype=torch.long, device=self.x.device)
+        if self.done is None:
+            self.done = ~self.masked.any(dim=1)
+
+    # ------------------------------------------------------------------ derived views
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def masked(self) -> torch.Tensor:
+        """(B, L) bool: positions still holding the mask token."""
+        return self.x == self.mask_id
+
+    @property
+    def columns(self) -> torch.Tensor:
+        """(L,) long: column indices, handy for span arithmetic."""
+        return torch.arange(self.length, device=self.device)
+
+    @property
+    def last(self) -> StepRecord | None:
+        return self.history[-1] if self.history else None
+
+    def gen_span(self) -> torch.Tensor:
+        """(B, 2) span covering the whole generated region."""
+        span = torch.tensor([self.gen_start, self.length], dtype=torch.long, device=self.device)
+        return span.expand(self.batch_size, 2).clone()
+
+    def in_span(self, span: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) bool: columns inside each row's span."""
+        span = self.span if span is None else span
+        cols = self.columns
+        return (cols >= span[:, :1]) & (cols < span[:, 1:])
+
+    def generated(self) -> torch.Tensor:
+        """(B, gen_length) the generated region of the canvas."""
+        return self.x[:, self.gen_start:]
+
+    def confidence_history(self) -> list[torch.Tensor]:
+        """Per-step (B, L) float32 confidences, oldest first (``-inf`` where not eligible)."""
+        return [r.confidence for r in self.history]

@@ -1,0 +1,226 @@
+"""Testing kit for plugin authors: a stand-in model and the invariant suite.
+
+Use it from pytest::
+
+    from dllm_decode.testing import RandomLogitsModel, check_invariants
+
+    def test_my_policy_keeps_the_contracts():
+        check_invariants(RandomLogitsModel(), "recipes/my-policy.yaml")
+
+``check_invariants`` decodes with an observer that snapshots the canvas after every step and
+checks, independently of the engine's own checks: the prompt is never written; a committed
+token never changes (unless the policy is revocable and the engine logged the re-mask); every
+unfinished row gains a token every step; new tokens land only inside the step's span; no mask
+is left at the end; the same seed gives the same output; a left-padded batch gives each row the
+tokens it gets alone. :func:`invariant_cases` is a hypothesis strategy of prompts and canvas
+shapes for property tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dllm_decode.config import Recipe, load_recipe, recipe_from_dict
+from dllm_decode.engine import Decoder
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.plugins import PluginManager, get_plugin_manager
+from dllm_decode.state import UNCOMMITTED
+
+RECORDER = "invariant-recorder"
+
+
+@dataclass
+class StubSpec:
+    family: str = "stub"
+    vocab_size: int = 48
+    mask_token_id: int = 47
+    eos_token_id: int = 1
+    eot_token_id: int | None = None
+    pad_token_id: int = 0
+    max_length: int = 1024
+    shift_logits: bool = False
+
+
+class RandomLogitsModel(torch.nn.Module):
+    """A stand-in denoiser with fixed random weights: cheap, bidirectional, deterministic.
+
+    Logits at a position depend on its token, its position counted from the row's first real
+    token, and the mean embedding of the row's real tokens, so they are independent of batch
+    composition and of left padding, like a real model's (up to rounding).
+    """
+
+    def __init__(self, vocab_size: int = 48, mask_token_id: int | None = None, eos_token_id: int = 1,
+                 max_length: int = 1024, dim: int = 16, seed: int = 0, sharpness: float = 4.0,
+                 dtype: torch.dtype = torch.float64):
+        super().__init__()
+        mask = vocab_size - 1 if mask_token_id is None else mask_token_id
+        self.spec = StubSpec(vocab_size=vocab_size, mask_token_id=mask, eos_token_id=eos_token_id,
+                             max_length=max_length)
+        g = torch.Generator().manual_seed(seed)
+        self.tok = torch.nn.Parameter(torch.randn(vocab_size, dim, generator=g, dtype=dtype), requires_grad=False)
+        self.pos = torch.nn.Parameter(torch.randn(max_length, dim, generator=g, dtype=dtype), requires_grad=False)
+        self.out = torch.nn.Parameter(torch.randn(dim, vocab_size, generator=g, dtype=dtype) * sharpness / dim ** 0.5,
+                                      requires_grad=False)
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                plan: Any = None, store: Any = None) -> torch.Tensor:
+        if plan is not None:
+            raise ValueError("RandomLogitsModel executes full forwards only (plan must be None)")
+        self.calls += 1
+        am = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask
+        pos = (am.long().cumsum(1) - 1).clamp(min=0)                        # (B, L)
+        e = self.tok[input_ids]                                             # (B, L, D)
+        ctx = (e * am[..., None]).sum(1) / am.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+        h = torch.tanh(e + self.pos[pos] + ctx[:, None, :])                 # (B, L, D)
+        return h @ self.out                                                 # (B, L, V)
+
+
+# ----------------------------------------------------------------------------- the suite
+
+
+@dataclass(eq=False)  # plugins must be hashable
+class _Recorder:
+    """Observer plugin: snapshots each step (canvas, span) of every request."""
+
+    runs: list[list[dict]] = field(default_factory=list)
+
+    @hookimpl
+    def on_request_start(self, state):
+        self.runs.append([{"x": state.x.clone(), "span": None, "active": None, "step": -1}])
+
+    @hookimpl
+    def after_step(self, state):
+        rec = state.last
+        self.runs[-1].append({"x": state.x.clone(), "span": rec.span.clone(), "active": rec.active.clone(),
+                              "step": rec.step, "remasked": rec.remasked})
+
+
+class InvariantViolation(AssertionError):
+    pass
+
+
+def _as_recipe(recipe: Recipe | str | Path | dict, overrides: Sequence[str]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe_from_dict(recipe.to_dict(), source=recipe.source, overrides=list(overrides))
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe, overrides=list(overrides))
+    return load_recipe(recipe, overrides=list(overrides))
+
+
+def default_prompts(vocab_size: int, mask_id: int, n: int = 4, seed: int = 0) -> list[list[int]]:
+    """Prompts of different lengths (so batches are left-padded) avoiding the mask id."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(2, vocab_size, (3 + 2 * i,), generator=g).tolist()
+        out.append([t if t != mask_id else 2 for t in ids])
+    return out
+
+
+def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Sequence[Sequence[int]] | None = None,
+                     pm: PluginManager | None = None, overrides: Sequence[str] = (),
+                     check_batch_invariance: bool = True) -> None:
+    """Decode ``prompts`` under ``recipe`` and assert every engine contract from the outside.
+
+    :param model: any denoiser (e.g. :class:`RandomLogitsModel` or a loaded checkpoint).
+    :param recipe: a Recipe, a recipe file, or a dict.
+    :param pm: plugin manager holding the plugin under test (default: installed plugins).
+    :param check_batch_invariance: compare the padded batch with each row alone (meaningful
+        when decoding is deterministic, e.g. temperature 0).
+    :raises InvariantViolation: describing the first broken invariant.
+    """
+    recipe = _as_recipe(recipe, overrides)
+    prompts = [list(p) for p in (prompts or default_prompts(model.spec.vocab_size, model.spec.mask_token_id))]
+    recorder = _Recorder()
+    base_pm = pm or get_plugin_manager()
+    base_pm.unregister(name=RECORDER)          # a stale one from an interrupted run
+    base_pm.register(recorder, name=RECORDER)
+    rec_recipe = recipe_from_dict({**recipe.to_dict(), "observers": [*recipe.observers, RECORDER],
+                                   "generation": {**recipe.generation.model_dump(), "batch_size": len(prompts)}},
+                                  source=recipe.source)
+    try:
+        decoder = Decoder(model, rec_recipe, pm=base_pm)
+        result = decoder.generate(prompts, keep_states=True)
+        _check_run(recorder.runs[-1], result.states[-1], decoder.policy.revocable, decoder)
+        again = Decoder(model, rec_recipe, pm=base_pm).generate(prompts)
+        if again.tokens != result.tokens:
+            raise InvariantViolation("same recipe and seed gave different tokens on a second run")
+        if check_batch_invariance and len(prompts) > 1:
+            alone = Decoder(model, recipe_from_dict(
+                {**rec_recipe.to_dict(), "generation": {**rec_recipe.generation.model_dump(), "batch_size": 1}},
+                source=recipe.source), pm=base_pm).generate(prompts)
+            for i, (a, b) in enumerate(zip(result.tokens, alone.tokens)):
+                if a != b:
+                    raise InvariantViolation(f"row {i} decoded in a padded batch differs from the row alone:\n"
+                                             f"  batch: {a}\n  alone: {b}")
+    finally:
+        base_pm.unregister(name=RECORDER)
+
+
+def _check_run(snaps: list[dict], final, revocable: bool, decoder: Decoder) -> None:
+    mask = final.mask_id
+    P = final.gen_start
+    x0 = snaps[0]["x"]
+    remasks = {step: idx for step, idx in final.remask_log}
+    for prev, cur in zip(snaps, snaps[1:]):
+        step, x_prev, x_cur = cur["step"], prev["x"], cur["x"]
+        if not torch.equal(x_cur[:, :P], x0[:, :P]):
+            raise InvariantViolation(f"step {step}: the prompt region was written")
+        was_set = x_prev != mask
+        changed = was_set & (x_cur != x_prev)
+        if changed.any():
+            allowed = torch.zeros_like(changed)
+            if revocable and step in remasks:
+                r = remasks[step]
+                allowed[r[:, 0], r[:, 1]] = True
+            if (changed & ~allowed).any() or (changed & (x_cur != mask)).any():
+                where = torch.nonzero(changed & ~allowed)[:5].tolist()
+                raise InvariantViolation(f"step {step}: committed tokens changed at (row, col) {where}")
+        new = (x_prev == mask) & (x_cur != mask)                          # (B, L)
+        active = cur["active"]
+        stalled = active & ~new.any(dim=1)
+        if stalled.any():
+            raise InvariantViolation(f"step {step}: unfinished row(s) {torch.nonzero(stalled).flatten().tolist()} "
+                                     "gained no token")
+        cols = torch.arange(x_cur.shape[1])
+        span = cur["span"]
+        inside = (cols >= span[:, :1]) & (cols < span[:, 1:])
+        eos_fill = _eos_filled(x_cur, decoder, final)
+        if (new & ~inside & ~eos_fill).any():
+            where = torch.nonzero(new & ~inside & ~eos_fill)[:5].tolist()
+            raise InvariantViolation(f"step {step}: tokens written outside the span at (row, col) {where}")
+    if (final.x == mask).any():
+        raise InvariantViolation("masks left at the end of decoding")
+    if (final.commit_step[:, P:] == UNCOMMITTED).any():
+        raise InvariantViolation("a generated position has no commit step")
+
+
+def _eos_filled(x: torch.Tensor, decoder: Decoder, final) -> torch.Tensor:
+    """Positions after a row's first EOS: the engine may fill them at once when eos.stop is on."""
+    if not decoder.gen.eos.stop or not decoder.eos_ids:
+        return torch.zeros_like(x, dtype=torch.bool)
+    is_eos = torch.isin(x, torch.tensor(decoder.eos_ids)) & (torch.arange(x.shape[1]) >= final.gen_start)
+    return is_eos.long().cumsum(1) > 0
+
+
+def invariant_cases(vocab_size: int = 48, mask_id: int | None = None, max_prompt: int = 12,
+                    gen_lengths: Sequence[int] = (4, 8, 12, 16), max_batch: int = 4):
+    """Hypothesis strategy: ``(prompts, gen_length, block_length)`` with valid block sizes."""
+    from hypothesis import strategies as st
+
+    mask = vocab_size - 1 if mask_id is None else mask_id
+    token = st.integers(2, vocab_size - 1).filter(lambda t: t != mask)
+    prompts = st.lists(st.lists(token, min_size=1, max_size=max_prompt), min_size=1, max_size=max_batch)
+
+    @st.composite
+    def cases(draw):
+        gen = draw(st.sampled_from(list(gen_lengths)))
+        block = draw(st.sampled_from([b for b in range(1, gen + 1) if gen % b == 0]))
+        return draw(prompts), gen, block
+
+    return cases()

@@ -1,0 +1,26 @@
+"""Shipped recipes, found by name. This folder installs as ``dllm_decode.recipes`` (data + this finder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dllm_decode.errors import RecipeError
+
+SHIPPED = Path(__file__).resolve().parent
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Name -> path of every recipe shipped with the package."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))} if SHIPPED.is_dir() else {}
+
+
+def find_recipe(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (``llada`` -> ``recipes/llada.yaml``)."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path                     # load_recipe reports a missing file with its path
+    shipped = shipped_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise RecipeError(f"{name_or_path}: no such recipe file, and no shipped recipe of that name "
+                      f"(shipped: {', '.join(shipped) or 'none'})")
