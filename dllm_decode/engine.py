@@ -319,7 +319,7 @@ class Decoder:
             logits = uncond + (cfg + 1) * (cond - uncond)
         positions = None
         if plan is not None:
-            positions = plan.query_positions(state.batch_size, state.length, device=state.device)
+            positions = plan.query_positions(state.length, state.batch_size, device=state.device)
             if positions is not None and positions.shape[1] == state.length:
                 positions = None if bool((positions == state.columns).all()) else positions
         return logits, positions
@@ -328,7 +328,10 @@ class Decoder:
         if "cache_policy" not in self.policy.slots:
             return None
         factory = getattr(self.model, "new_store", None)
-        return factory() if callable(factory) else None
+        if callable(factory):
+            return factory()
+        from dllm_decode.models import CacheStore   # one fresh store per request
+        return CacheStore()
 
     def _device(self) -> torch.device:
         try:

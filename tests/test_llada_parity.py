@@ -44,3 +44,28 @@ def test_reference_check_can_fail():
     ref = llada_generate(model, PROMPTS4, mask_id=model.spec.mask_token_id, pad_id=0, steps=16,
                          gen_length=16, block_length=16)
     assert _ours(model, PROMPTS4, 16, 16, 2, 0.0) != ref.tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_llada():
+    from dllm_decode.models import build_random_model
+
+    return build_random_model("llada", vocab_size=64, d_model=32, n_layers=2, n_heads=4, mask_token_id=63,
+                              eos_token_id=1, pad_token_id=0, seed=7, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("gen,block,steps,cfg", [(16, 16, 16, 0.0), (16, 4, 8, 0.0), (16, 8, 16, 2.0)])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_matches_reference_on_tiny_llada(tiny_llada, gen, block, steps, cfg, batch):
+    prompts = PROMPTS4[:batch]
+    with torch.inference_mode():
+        ref = llada_generate(tiny_llada, prompts, mask_id=63, pad_id=0, steps=steps, gen_length=gen,
+                             block_length=block, cfg_scale=cfg)
+    assert _ours(tiny_llada, prompts, gen, block, steps, cfg) == ref.tolist()
+
+
+def test_invariants_on_tiny_llada(tiny_llada):
+    from dllm_decode.testing import check_invariants
+
+    check_invariants(tiny_llada, {"policy": "llada", "generation": {"gen_length": 16, "block_length": 8, "steps": 16}},
+                     prompts=PROMPTS4)

@@ -1,0 +1,313 @@
+"""The family-agnostic denoiser: `ModelSpec`, the `Denoiser` base class and the compute-plan
+executor. A family (llada.py, dream.py) only declares its modules under the checkpoint's own
+parameter names and says where the embedding, blocks, final norm and head are; the forward
+below is shared, so both families execute every plan the same way."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import RMSNorm, Sel, apply_rope, attend, position_ids_from_mask, rope_tables
+from .plan import ComputePlan
+from .store import CacheStore
+
+__all__ = ["ModelSpec", "Arch", "BlockParts", "Denoiser", "init_random_"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine needs to know about a model, whatever its family."""
+    family: str                 # 'llada' | 'dream'
+    vocab_size: int             # logit width (the head's rows; LLaDA: embedding_size)
+    mask_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    eot_token_id: int | None    # instruct turn end (LLaDA <|eot_id|>, Dream <|im_end|>), if known
+    max_length: int             # max positions (max_sequence_length / max_position_embeddings)
+    shift_logits: bool          # raw logit i predicts token i+1 (Dream); forward() re-aligns
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Architecture numbers the executor needs, in family-neutral names."""
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    rope_full_precision: bool
+    qkv_bias: bool
+    tied: bool
+    logit_scale: float = 1.0
+
+
+class BlockParts(NamedTuple):
+    """One transformer block's sub-modules, whatever the checkpoint calls them."""
+    attn_norm: RMSNorm
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    ffn_norm: RMSNorm
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+
+
+_FULL = ComputePlan.full()
+
+
+class Denoiser(nn.Module):
+    """Base class of LLaDAModel and DreamModel.
+
+    forward(input_ids (B, L), attention_mask (B, L) bool | None, plan, store) -> logits (B, q, V)
+    where q = plan.num_queries(L) and logits[:, j] predicts canvas position
+    plan.query_positions(L)[:, j] (aligned for both families)."""
+
+    spec: ModelSpec
+    arch: Arch
+    config: object  # the family's own dataclass config (LLaDAConfig / DreamConfig)
+
+    # ---- family hooks -------------------------------------------------------------------
+    def embed_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def head_weight(self) -> Tensor:
+        raise NotImplementedError
+
+    def final_norm(self) -> RMSNorm:
+        raise NotImplementedError
+
+    def block_parts(self) -> list[BlockParts]:
+        raise NotImplementedError
+
+    # ---- conveniences ---------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight().device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_store(self) -> CacheStore:
+        """A fresh, empty per-request cache store for this model."""
+        return CacheStore()
+
+    # ---- the executor ---------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                plan: ComputePlan | None = None, store: CacheStore | None = None) -> Tensor:
+        plan = _FULL if plan is None else plan
+        a = self.arch
+        B, L = input_ids.shape
+        dev = input_ids.device
+        dtype = self.dtype
+
+        if plan.writes and store is None:
+            raise ValueError(f"plan {plan.name!r} reads or writes the cache store, but store=None")
+        if plan.reads and not store.has_kv:
+            raise RuntimeError(f"plan {plan.name!r} reads cached K/V but the store is empty; "
+                               "run a refresh plan first")
+        if plan.reuse_features and not store.has_features:
+            raise RuntimeError(f"plan {plan.name!r} reuses cached features but none were written; "
+                               "run ComputePlan.refresh(features=True) first")
+
+        mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        pos = plan.position_ids if plan.position_ids is not None else \
+            position_ids_from_mask(mask, B, L, dev)                         # (B, L)
+
+        if plan.index is None:
+            s, e = plan.fed_range(L)
+            fed = Sel(s, e)
+        else:
+            s, e = 0, L
+            fed = Sel(idx=plan.index.to(dev))
+        key_end = L if plan.key_end is None else plan.key_end
+        if plan.keys == "store" and plan.index is None and key_end < e:
+            raise ValueError(f"key_end {key_end} cuts into the fed range [{s}, {e})")
+
+        if store is not None and plan.writes:
+            store.check_canvas(B, L)
+            if plan.keys == "store" or plan.write_kv:
+                store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
+                # every layer writes K/V for at least the fed positions (feature reuse: for
+                # the recomputed set, which only ever holds positions already valid)
+                if not plan.reuse_features:
+                    fed.put(store.kv_valid, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
+            if plan.write_features or plan.reuse_features:
+                store.ensure_features(a.n_layers, B, L, a.d_model, dtype, dev)
+
+        # key mask for attention over fed positions / over the store
+        if plan.keys == "fed":
+            kmask = None if mask is None else fed.take(mask, 1)             # (B, f)
+        else:
+            kmask = store.kv_valid[:, :key_end]
+            if mask is not None:
+                kmask = kmask & mask[:, :key_end]                           # (B, key_end)
+
+        fpos = fed.take(pos, 1)                                             # (B, f)
+        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)            # (B, 1, f, D)
+        x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
+
+        for i, parts in enumerate(self.block_parts()):
+            if plan.reuse_features and i not in plan.full_layers:
+                x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end)
+            else:
+                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end)
+
+        return self._logits(x, plan, fed, s, e, L)
+
+    def _qkv(self, p: BlockParts, h: Tensor, cos: Tensor, sin: Tensor):
+        a = self.arch
+        B, n, _ = h.shape
+        q = p.q(h).view(B, n, a.n_heads, a.head_dim).transpose(1, 2)       # (B, H, n, D)
+        k = p.k(h).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        v = p.v(h).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        q = apply_rope(q, cos, sin, a.rope_full_precision)
+        k = apply_rope(k, cos, sin, a.rope_full_precision)
+        return q, k, v
+
+    @staticmethod
+    def _mlp(p: BlockParts, h: Tensor) -> Tensor:
+        return p.down(F.silu(p.gate(h)) * p.up(h))
+
+    def _layer_full(self, i, p: BlockParts, x, plan: ComputePlan, store, fed: Sel,
+                    cos, sin, kmask, key_end) -> Tensor:
+        """Every fed position is recomputed. Plain forward, refresh, window, prefix/dual,
+        subset (dKV) and dLLM-Cache's always-full layers."""
+        q, k, v = self._qkv(p, p.attn_norm(x), cos, sin)
+        if plan.keys == "fed":
+            if plan.write_kv:
+                fed.put(store.k[i], 2, k)
+                fed.put(store.v[i], 2, v)
+            K, V = k, v
+        else:
+            # fresh K/V replace the stale ones in place; the others are reused as they are
+            fed.put(store.k[i], 2, k)
+            fed.put(store.v[i], 2, v)
+            K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]  # (B, Hkv, Lk, D)
+        att = p.o(attend(q, K, V, kmask))                                   # (B, f, d)
+        if plan.write_features or plan.reuse_features:
+            fed.put(store.attn[i], 1, att)
+        x = x + att
+        mlp = self._mlp(p, p.ffn_norm(x))                                   # (B, f, d)
+        if plan.write_features or plan.reuse_features:
+            fed.put(store.ffn[i], 1, mlp)
+        return x + mlp
+
+    def _layer_reuse(self, i, p: BlockParts, x, plan: ComputePlan, store: CacheStore,
+                     pos, kmask, s, e, key_end) -> Tensor:
+        """dLLM-Cache layer: recompute the static ranges plus the V-verify picks; every other
+        fed position adds its cached attention / FFN output to the current residual stream."""
+        a = self.arch
+        B = x.shape[0]
+        dev = x.device
+        h = p.attn_norm(x)                                                  # (B, f, d)
+
+        parts: list[Tensor] = []
+        ranges = [(ra, e if rb == -1 else rb) for ra, rb in plan.recompute]
+        for ra, rb in ranges:
+            parts.append(torch.arange(ra, rb, device=dev).unsqueeze(0).expand(B, -1))
+        v_new = None
+        if plan.verify is not None:
+            va, vb = plan.verify
+            vb = e if vb == -1 else vb
+            G = vb - va
+            n_pick = int(plan.verify_rho * G)
+            v_new = p.v(h[:, va - s: vb - s])                               # (B, G, Hkv*D)
+            v_old = store.v[i][:, :, va:vb].transpose(1, 2).reshape(B, G, -1)
+            ct = torch.promote_types(v_new.dtype, torch.float32)
+            sim = F.cosine_similarity(v_new.to(ct), v_old.to(ct), dim=-1)   # (B, G)
+            if n_pick > 0:
+                # least similar first; a stable sort breaks exact ties by position, so the
+                # choice does not depend on the kernel (topk's tie order is unspecified)
+                pick = sim.argsort(dim=1, stable=True)[:, :n_pick] + va       # (B, k)
+                parts.append(pick)
+
+        if len(parts) == 1 and len(ranges) == 1:
+            C = Sel(*ranges[0])
+        elif parts:
+            C = Sel(idx=torch.cat(parts, dim=1))
+        else:
+            C = Sel(s, s)                                                   # nothing recomputed
+        slots = C.offset(s)                                                 # positions within x
+
+        if C.n:
+            q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(pos, 1), a.head_dim,
+                                                                   a.rope_theta, h.dtype))
+            C.put(store.k[i], 2, k)
+            C.put(store.v[i], 2, v)
+        if v_new is not None:
+            # dLLM-Cache replaces the whole cached V of the verified range by the new values
+            store.v[i][:, :, va:vb] = v_new.view(B, G, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if C.n:
+            K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]
+            C.put(store.attn[i], 1, p.o(attend(q, K, V, kmask)))
+        x = x + store.attn[i][:, s:e]
+        if C.n:
+            C.put(store.ffn[i], 1, self._mlp(p, p.ffn_norm(slots.take(x, 1))))
+        return x + store.ffn[i][:, s:e]
+
+    def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
+        norm, W = self.final_norm(), self.head_weight()
+        shift = self.spec.shift_logits and plan.shift is not False
+        scale = self.arch.logit_scale
+
+        def head(h: Tensor) -> Tensor:
+            out = F.linear(norm(h), W)
+            return out if scale == 1.0 else out * scale
+
+        if fed.is_range:
+            o, e = plan.out_range(L)
+            lo = o - 1 if (shift and o > s) else o
+            raw = head(x[:, lo - s: e - s])                                 # (B, e - lo, V)
+            if not shift or raw.shape[1] == 0:
+                return raw
+            if lo < o:
+                return raw[:, :-1]        # position p gets the raw logit of p - 1
+            # window start gets its own logit: the reference samplers' in-window shift
+            return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
+
+        raw = head(x)                                                       # (B, f, V)
+        if not shift:
+            return raw
+        # index feeds: take the raw logit of p - 1 where p - 1 was fed, else p's own
+        idx = fed.idx
+        B, f = idx.shape
+        slot = torch.arange(f, device=idx.device).unsqueeze(0).expand(B, f)
+        inv = torch.full((B, L), -1, dtype=torch.long, device=idx.device)
+        inv.scatter_(1, idx, slot)
+        prev = inv.gather(1, (idx - 1).clamp(min=0))
+        src = torch.where((idx > 0) & (prev >= 0), prev, slot)
+        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+
+
+@torch.no_grad()
+def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
+    """Deterministic random weights (same values for any dtype / device): O(1) activations so
+    numerical checks see every parameter. Norm weights and biases are non-trivial on purpose."""
+    g = torch.Generator().manual_seed(seed)
+    for name, prm in model.named_parameters():
+        is_norm = "norm" in name or name.endswith("ln_f.weight")
+        if prm.dim() == 1 and is_norm:
+            val = 1.0 + 0.2 * torch.randn(prm.shape, generator=g, dtype=torch.float64)
+        elif prm.dim() == 1:
+            val = 0.2 * torch.randn(prm.shape, generator=g, dtype=torch.float64)
+        elif "embed" in name or "wte" in name:
+            val = torch.randn(prm.shape, generator=g, dtype=torch.float64)
+        else:
+            val = torch.randn(prm.shape, generator=g, dtype=torch.float64) / math.sqrt(prm.shape[1])
+        prm.copy_(val.to(prm.dtype))
+    return model

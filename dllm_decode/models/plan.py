@@ -1,0 +1,249 @@
+"""Compute plans: what one denoiser forward computes and what it reuses.
+
+A cache policy never touches the model; it returns a `ComputePlan`, and the model executes it
+against a per-request `CacheStore` (store.py). Every plan is expressed over *canvas positions*
+(absolute indices into the (B, L) `input_ids` the engine passes, which is always the whole
+canvas), so the engine can scatter the returned logits with `plan.query_positions(L)`.
+
+Execution model, per transformer layer (see base.py `Denoiser._run_layer`):
+
+    fed positions F      enter the residual stream (embedding -> layers -> head); their logits
+                         are returned (from `out_start` on). A contiguous range [start, end) or
+                         an explicit (B, f) index tensor.
+    recomputed set C     positions (subset of F) whose attention and FFN sub-layers are computed
+                         this step. Without feature reuse C = F. With feature reuse
+                         (dLLM-Cache) C = static ranges + the V-verify picks, and every other fed
+                         position adds the attention / FFN outputs cached in the store.
+    keys                 'fed': attention runs over the fed positions only (plain forward,
+                         truncated window). 'store': the fresh post-RoPE K/V of C are written
+                         in place into the store's full-length per-layer K/V, then attention runs
+                         over every store position in [0, key_end) that has been written and is
+                         not padding (stale K/V of the others are reused: prefix / dual / dKV).
+
+Padding: position ids are cumsum(attention_mask) - 1 clamped at 0 over the whole canvas (or
+`position_ids` when given); pads are never keys.
+
+How the caches of ALGORITHMS.md map onto plans:
+
+    plain forward                 ComputePlan.full()
+    Fast-dLLM block start         ComputePlan.refresh()                 full forward, K/V -> store
+    Fast-dLLM prefix step         ComputePlan.prefix_step(s)            feed x[:, s:], keys = store
+    Fast-dLLM dual step           ComputePlan.dual_step(s, e)           feed x[:, s:e], keys = store
+    SlowFast fast phase           ComputePlan.window(0, e)              truncated canvas, no store
+    APD window (+dLLM KV cache)   ComputePlan.window(l, r)  /  ComputePlan.cached_window(l, r)
+    dLLM-Cache refresh            ComputePlan.refresh(features=True)
+    dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
+                                                           rho, full_layers=(0,))
+    dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["ComputePlan"]
+
+
+@dataclass(frozen=True)
+class ComputePlan:
+    """What one forward computes. Build it with the classmethods; the fields are:
+
+    start, end      Contiguous fed range [start, end) of canvas positions (end None = L).
+    index           (B, f) LongTensor of canvas positions to feed instead of a range; each row
+                    sorted ascending and without duplicates. Used for arbitrary query subsets
+                    (dKV delayed caching, d2Cache). Requires keys='fed' or keys='store' and no
+                    feature reuse.
+    keys            'fed' (attend over fed positions only) or 'store' (write fresh K/V of the
+                    recomputed positions in place into the store, then attend over all written,
+                    non-pad store positions < key_end).
+    key_end         Exclusive bound on key positions when keys='store' (None = L). APD's
+                    lookahead: positions >= key_end are neither fed nor keys.
+    write_kv        With keys='fed': also write the fed K/V into the store (refresh plans).
+                    keys='store' always writes.
+    write_features  Also write the attention-output and FFN-output of recomputed positions
+                    (dLLM-Cache refresh). Implied by reuse_features.
+    reuse_features  dLLM-Cache: fed positions outside the recomputed set take the cached
+                    attention / FFN outputs from the store (the residual stream itself is always
+                    recomputed). Needs a range feed.
+    recompute       With reuse_features: static canvas ranges ((a, b), ...) recomputed in full
+                    at every layer (prompt and/or response refresh). b = -1 means "to the end
+                    of the fed range" (also for `verify`).
+    verify          With reuse_features: canvas range (a, b) of the V-verify check: the value
+                    projections of all its positions are computed, cosine-compared with the
+                    cached V, the whole cached V of the range is replaced by the new one, and the
+                    floor(verify_rho * (b - a)) least similar positions per row join the
+                    recomputed set (selection is batched inside the model).
+    verify_rho      Fraction of the verify range recomputed (dLLM-Cache's transfer_ratio).
+    full_layers     With reuse_features: layers recomputed in full whatever the flags say
+                    (upstream dLLM-Cache always refreshes layer 0: pass (0,)).
+    out_start       Return logits only for fed positions >= out_start (range feeds). Saves the
+                    LM head on the prompt. For Dream the raw logit at out_start - 1 is still
+                    computed so the right shift stays exact.
+    position_ids    (B, L) explicit RoPE positions for the whole canvas, overriding the ones
+                    derived from the attention mask.
+    shift           Dream only: None/True = align logits (logit j predicts query token j),
+                    False = return the raw next-token logits. Ignored for LLaDA.
+    name            Free-form label for tracing.
+    """
+
+    start: int = 0
+    end: int | None = None
+    index: Tensor | None = field(default=None, compare=False)
+    keys: Literal["fed", "store"] = "fed"
+    key_end: int | None = None
+    write_kv: bool = False
+    write_features: bool = False
+    reuse_features: bool = False
+    recompute: tuple[tuple[int, int], ...] = ()
+    verify: tuple[int, int] | None = None
+    verify_rho: float = 0.0
+    full_layers: tuple[int, ...] = ()
+    out_start: int | None = None
+    position_ids: Tensor | None = field(default=None, compare=False)
+    shift: bool | None = None
+    name: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.keys not in ("fed", "store"):
+            raise ValueError(f"ComputePlan.keys must be 'fed' or 'store', got {self.keys!r}")
+        if self.index is not None:
+            if self.index.dim() != 2 or self.index.dtype != torch.long:
+                raise ValueError("ComputePlan.index must be a (B, f) LongTensor of canvas positions")
+            if self.reuse_features:
+                raise ValueError("feature reuse (dLLM-Cache) needs a contiguous range feed, not an index")
+            if self.out_start is not None:
+                raise ValueError("out_start applies to range feeds only")
+        if self.reuse_features:
+            if self.keys != "store":
+                raise ValueError("reuse_features reads cached K/V: it needs keys='store'")
+            for a, b in self.recompute + ((self.verify,) if self.verify else ()):
+                if a < 0 or (b != -1 and b < a):
+                    raise ValueError(f"bad recompute range {(a, b)}")
+            if self.verify is not None and not 0.0 <= self.verify_rho <= 1.0:
+                raise ValueError(f"verify_rho must be in [0, 1], got {self.verify_rho}")
+        elif self.recompute or self.verify is not None or self.full_layers:
+            raise ValueError("recompute / verify / full_layers only make sense with reuse_features=True")
+        if self.start < 0 or (self.end is not None and self.end < self.start):
+            raise ValueError(f"bad fed range [{self.start}, {self.end})")
+
+    # ------------------------------------------------------------------ helpers for the executor
+    @property
+    def writes(self) -> bool:
+        return self.keys == "store" or self.write_kv or self.write_features or self.reuse_features
+
+    @property
+    def reads(self) -> bool:
+        return self.keys == "store"
+
+    def fed_range(self, L: int) -> tuple[int, int]:
+        end = L if self.end is None else self.end
+        if end > L:
+            raise ValueError(f"plan feeds [{self.start}, {end}) but the canvas has length {L}")
+        return self.start, end
+
+    def out_range(self, L: int) -> tuple[int, int]:
+        s, e = self.fed_range(L)
+        o = s if self.out_start is None else self.out_start
+        if not s <= o <= e:
+            raise ValueError(f"out_start {o} outside the fed range [{s}, {e})")
+        return o, e
+
+    def query_positions(self, L: int, batch_size: int | None = None,
+                        device: torch.device | str | None = None) -> Tensor:
+        """Canvas positions the returned logits refer to: (B, q) LongTensor, logits[:, j] is
+        the prediction for canvas position query_positions[:, j]. Range plans give one row
+        expanded to `batch_size` (a (1, q) row when batch_size is None)."""
+        if self.index is not None:
+            return self.index if device is None else self.index.to(device)
+        a, b = self.out_range(L)
+        row = torch.arange(a, b, device=device).unsqueeze(0)
+        return row if batch_size is None else row.expand(batch_size, -1)
+
+    def num_queries(self, L: int) -> int:
+        if self.index is not None:
+            return self.index.shape[1]
+        a, b = self.out_range(L)
+        return b - a
+
+    def with_(self, **changes) -> "ComputePlan":
+        return replace(self, **changes)
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def full(cls, *, out_start: int | None = None) -> "ComputePlan":
+        """Plain forward over the whole canvas; no store."""
+        return cls(out_start=out_start, name="full")
+
+    @classmethod
+    def refresh(cls, *, features: bool = False, out_start: int | None = None) -> "ComputePlan":
+        """Full forward that also writes every layer's K/V (and, with features=True, the
+        attention / FFN outputs) of all positions to the store. Same arithmetic as full(), so
+        the logits are bit-identical to a plain forward."""
+        return cls(write_kv=True, write_features=features, out_start=out_start,
+                   name="refresh+features" if features else "refresh")
+
+    @classmethod
+    def window(cls, start: int, end: int) -> "ComputePlan":
+        """Feed only x[:, start:end] (SlowFast fast phase x[:, :end], APD lookahead window).
+        Attention is restricted to the window; no store needed. RoPE positions stay the
+        canvas positions."""
+        return cls(start=start, end=end, name="window")
+
+    @classmethod
+    def prefix_step(cls, start: int, *, out_start: int | None = None) -> "ComputePlan":
+        """Fast-dLLM PrefixCache step: feed x[:, start:] against cached K/V of [0, start)."""
+        return cls(start=start, keys="store", out_start=out_start, name="prefix")
+
+    @classmethod
+    def dual_step(cls, start: int, end: int) -> "ComputePlan":
+        """Fast-dLLM DualCache step: feed x[:, start:end], write its K/V in place into the
+        full-length cached K/V and attend over the whole canvas (prefix and suffix stale)."""
+        return cls(start=start, end=end, keys="store", name="dual")
+
+    @classmethod
+    def cached_window(cls, start: int, end: int) -> "ComputePlan":
+        """APD with its dLLM KV cache: feed x[:, start:end], keys = cached [0, start) + fresh
+        window; nothing at or beyond `end` takes part. The window's K/V stay in the store."""
+        return cls(start=start, end=end, keys="store", key_end=end, name="cached_window")
+
+    @classmethod
+    def feature_step(cls, prompt_end: int, *, refresh_prompt: bool = False,
+                     refresh_response: bool = False, rho: float = 0.0,
+                     full_layers: tuple[int, ...] = (), end: int | None = None,
+                     out_start: int | None = None) -> "ComputePlan":
+        """dLLM-Cache step over the canvas split at `prompt_end` (= P for left-padded rows of
+        a common prompt length). The residual stream runs over [0, end) (end None = L; a
+        smaller end is SlowFast's truncated fast phase over dLLM-Cache). Prompt and/or response
+        are recomputed per the flags; when the response is not refreshed and rho > 0, V-verify
+        picks floor(rho * G) response positions per row to recompute."""
+        rec = []
+        if refresh_prompt:
+            rec.append((0, prompt_end))
+        if refresh_response:
+            rec.append((prompt_end, -1))  # -1: resolved to `end` at execution
+        verify = None
+        if not refresh_response and rho > 0.0:
+            verify = (prompt_end, -1)
+        return cls(end=end, keys="store", key_end=end, write_kv=True, write_features=True,
+                   reuse_features=True, recompute=tuple(rec), verify=verify, verify_rho=rho,
+                   full_layers=tuple(full_layers), out_start=out_start, name="feature_step")
+
+    @classmethod
+    def subset(cls, positions: Tensor) -> "ComputePlan":
+        """Recompute an arbitrary per-row subset of positions as queries, with their own RoPE
+        positions, against the store's K/V of every other position (dKV-Cache delayed caching,
+        d2Cache). `positions` is a (B, q) LongTensor (rows sorted, no duplicates) or a (B, L)
+        bool mask. Rows of a mask with unequal counts are topped up with their smallest
+        unselected positions so every row feeds q tokens (recomputing extra positions is exact,
+        only slower). Mask conversion syncs with the device; it happens here, never inside the
+        forward."""
+        if positions.dtype == torch.bool:
+            q = int(positions.sum(1).max())
+            # stable sort puts each row's selected positions first, then its unselected ones in
+            # ascending order: the first q are the selection topped up with the smallest others
+            order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)
+            positions = order[:, :q].sort(dim=1).values
+        return cls(index=positions.long(), keys="store", name="subset")

@@ -1,0 +1,95 @@
+"""Per-request cache store: the tensors compute plans read and write.
+
+One `CacheStore` per request (per decoding state), created by whoever runs the request and
+handed to every forward of that request. There is no module-level cache anywhere (dLLM-Cache's
+process-wide singleton is the anti-pattern this replaces), so two decoders never interfere.
+
+Layout, per transformer layer, indexed by absolute canvas position:
+    k, v   (B, H_kv, L, D)  keys after RoPE (positions of a canvas slot never change within a
+                            request, so rotating once at write time is exact), values
+    attn   (B, L, d_model)  attention sub-layer output after the output projection
+    ffn    (B, L, d_model)  FFN sub-layer output
+plus `kv_valid` (B, L): which positions hold K/V that were actually computed; attention over
+the store never uses a slot nobody wrote.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["CacheStore"]
+
+
+class CacheStore:
+    """Per-layer K/V and sub-layer outputs of one request. Allocated lazily on the first write
+    (zeros, so unwritten slots are finite); the (B, L) canvas shape is then fixed until clear()."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every tensor (new request, new canvas length, or a cache reset)."""
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.attn: list[Tensor] = []
+        self.ffn: list[Tensor] = []
+        self.kv_valid: Tensor | None = None
+        self.shape: tuple[int, int] | None = None
+        # free space for the cache plugin that owns this store (step counters, refresh marks)
+        self.meta: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def has_kv(self) -> bool:
+        return bool(self.k)
+
+    @property
+    def has_features(self) -> bool:
+        return bool(self.attn)
+
+    def nbytes(self) -> int:
+        ts = self.k + self.v + self.attn + self.ffn
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def check_canvas(self, B: int, L: int) -> None:
+        if self.shape is not None and self.shape != (B, L):
+            raise ValueError(
+                f"CacheStore holds a (B, L) = {self.shape} canvas but the forward got {(B, L)}; "
+                "call store.clear() (or select_rows) when the canvas changes")
+
+    # ------------------------------------------------------------------ allocation
+    def ensure_kv(self, n_layers: int, B: int, n_kv: int, L: int, hd: int,
+                  dtype: torch.dtype, device: torch.device) -> None:
+        self.check_canvas(B, L)
+        if self.k:
+            return
+        self.shape = (B, L)
+        self.k = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(B, n_kv, L, hd, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.kv_valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+
+    def ensure_features(self, n_layers: int, B: int, L: int, d: int,
+                        dtype: torch.dtype, device: torch.device) -> None:
+        self.check_canvas(B, L)
+        if self.attn:
+            return
+        self.shape = (B, L)
+        self.attn = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.ffn = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    # ------------------------------------------------------------------ batch surgery
+    def select_rows(self, rows: Tensor) -> None:
+        """Keep only the given batch rows (e.g. when finished rows leave the batch)."""
+        rows = rows.to(self.k[0].device if self.k else (self.attn[0].device if self.attn else "cpu"))
+        for lst in (self.k, self.v, self.attn, self.ffn):
+            lst[:] = [t.index_select(0, rows) for t in lst]
+        if self.kv_valid is not None:
+            self.kv_valid = self.kv_valid.index_select(0, rows)
+        if self.shape is not None:
+            self.shape = (int(rows.numel()), self.shape[1])
+
+    def __repr__(self) -> str:
+        return (f"CacheStore(shape={self.shape}, layers={len(self.k) or len(self.attn)}, "
+                f"kv={self.has_kv}, features={self.has_features}, MiB={self.nbytes() / 2**20:.1f})")

@@ -1,0 +1,306 @@
+"""Compute plans and the cache store.
+
+Cached plans are compared with the naive per-row reference of conftest.py, which is fed the
+stale features explicitly (K/V etc. computed by a full forward on the OLD canvas), and with the
+plain full forward when nothing is stale."""
+import pytest
+import torch
+
+from dllm_decode.models import CacheStore, ComputePlan
+
+FAMILIES = ["llada", "dream"]
+P, G = 6, 8
+L = P + G
+PADS = (0, 2, 4)
+TIGHT = dict(rtol=1e-9, atol=1e-9)
+
+
+def _setup(lib, family):
+    model = lib.make_model(family)
+    ids0, mask = lib.canvas(pads=PADS, P=P, G=G, seed=5)
+    return model, lib.weights(model), ids0, mask
+
+
+def _naive_banks(lib, W, ids, mask):
+    """Per-row banks after a full forward on `ids` (what a refresh plan stores)."""
+    banks = []
+    for b in range(ids.shape[0]):
+        bank = lib.new_bank(W, L)
+        lib.naive_row(W, ids[b], mask[b], list(range(L)), bank=bank)
+        banks.append(bank)
+    return banks
+
+
+def _naive(lib, W, model, ids, mask, fed_rows, banks, **kw):
+    """Aligned naive logits (B, q, V) for per-row fed lists."""
+    out = []
+    for b, fed in enumerate(fed_rows):
+        raw = lib.naive_row(W, ids[b], mask[b], fed, bank=None if banks is None else banks[b], **kw)
+        out.append(lib.align(raw, fed, model.spec.shift_logits))
+    return torch.stack(out)
+
+
+def _run(model, ids, mask, plan, store=None):
+    with torch.no_grad():
+        return model(ids, mask, plan=plan, store=store)
+
+
+# ------------------------------------------------------------------ exactness of refresh plans
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refresh_plans_bit_identical_to_plain_forward(lib, family):
+    model, _, ids, mask = _setup(lib, family)
+    plain = _run(model, ids, mask, None)
+    for plan in (ComputePlan.full(), ComputePlan.refresh(), ComputePlan.refresh(features=True)):
+        store = CacheStore()
+        assert torch.equal(_run(model, ids, mask, plan, store), plain), plan.name
+    # dLLM-Cache plan that recomputes every position, reading K/V back from the store
+    store = CacheStore()
+    _run(model, ids, mask, ComputePlan.refresh(features=True), store)
+    plan = ComputePlan.feature_step(P, refresh_prompt=True, refresh_response=True)
+    assert torch.equal(_run(model, ids, mask, plan, store), plain)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_store_holds_the_reference_kv(lib, family):
+    model, W, ids, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids, mask, ComputePlan.refresh(features=True), store)
+    banks = _naive_banks(lib, W, ids, mask)
+    for li in range(model.arch.n_layers):
+        for b in range(ids.shape[0]):
+            k = store.k[li][b].transpose(0, 1)                          # (L, Hkv, D)
+            torch.testing.assert_close(k, banks[b][li]["k"], **TIGHT)
+            torch.testing.assert_close(store.v[li][b].transpose(0, 1), banks[b][li]["v"], **TIGHT)
+            torch.testing.assert_close(store.attn[li][b], banks[b][li]["attn"], **TIGHT)
+            torch.testing.assert_close(store.ffn[li][b], banks[b][li]["ffn"], **TIGHT)
+    assert bool(store.kv_valid.all())
+
+
+# ------------------------------------------------------------------ everything fresh == full
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_plans_with_fresh_cache_equal_full_forward(lib, family):
+    model, _, ids, mask = _setup(lib, family)
+    raw_full = _run(model, ids, mask, ComputePlan.full().with_(shift=False))
+    index = torch.tensor([[6, 7, 10, 11], [2, 6, 9, 13], [7, 8, 9, 13]])
+    plans = [ComputePlan.prefix_step(P), ComputePlan.dual_step(P, P + 4),
+             ComputePlan.cached_window(P, L), ComputePlan.subset(index),
+             ComputePlan.feature_step(P), ComputePlan.feature_step(P, rho=0.25, full_layers=(0,)),
+             ComputePlan.feature_step(P, refresh_prompt=True, rho=0.5)]
+    for plan in plans:
+        store = CacheStore()
+        _run(model, ids, mask, ComputePlan.refresh(features=True), store)
+        got = _run(model, ids, mask, plan.with_(shift=False), store)
+        q = plan.query_positions(L, ids.shape[0])
+        want = raw_full.gather(1, q.unsqueeze(-1).expand(-1, -1, raw_full.shape[-1]))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=plan.name)
+
+
+# ------------------------------------------------------------------ stale reuse == naive
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kind", ["prefix", "dual"])
+def test_fast_dllm_steps_reuse_stale_kv(lib, family, kind):
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    s, e = P, P + 4
+    ids1 = lib.commit(ids0, [6, 8], seed=11)
+    ids2 = lib.commit(ids1, [7], seed=12)
+    fed = list(range(s, L)) if kind == "prefix" else list(range(s, e))
+    plan = ComputePlan.prefix_step(s) if kind == "prefix" else ComputePlan.dual_step(s, e)
+    for x in (ids1, ids2):       # two steps: the second also sees the first step's writes
+        got = _run(model, x, mask, plan, store)
+        want = _naive(lib, W, model, x, mask, [fed] * 3, banks, keys="bank")
+        torch.testing.assert_close(got, want, **TIGHT)
+    # not vacuous: stale K/V give other logits than a full recomputation
+    full = _run(model, ids2, mask, ComputePlan.full())[:, s:s + len(fed)]
+    assert (got - full).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_is_truncated_canvas(lib, family):
+    model, W, ids, mask = _setup(lib, family)
+    got = _run(model, ids, mask, ComputePlan.window(0, 10))
+    torch.testing.assert_close(got, _run(model, ids[:, :10], mask[:, :10], None), rtol=1e-12, atol=1e-12)
+    got = _run(model, ids, mask, ComputePlan.window(4, 12))
+    want = _naive(lib, W, model, ids, mask, [list(range(4, 12))] * 3, None)
+    torch.testing.assert_close(got, want, **TIGHT)
+    if family == "dream":   # reference in-window shift: first position keeps its own logit
+        raw = _run(model, ids, mask, ComputePlan.window(4, 12).with_(shift=False))
+        assert torch.equal(got[:, 0], raw[:, 0]) and torch.equal(got[:, 1:], raw[:, :-1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_apd_cached_window(lib, family):
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [6], seed=21)
+    ids2 = lib.commit(ids1, [7, 8], seed=22)
+    for x, (l, r) in ((ids1, (6, 11)), (ids2, (8, 13))):
+        got = _run(model, x, mask, ComputePlan.cached_window(l, r), store)
+        want = _naive(lib, W, model, x, mask, [list(range(l, r))] * 3, banks, keys="bank", key_end=r)
+        torch.testing.assert_close(got, want, **TIGHT)
+    assert got.shape[1] == 5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dllm_cache_interval_refresh_with_v_verify(lib, family):
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(features=True), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [6, 9], seed=31)
+    ids2 = lib.commit(ids1, [[7, 12], [10], [8, 13, 11]], seed=32)
+    ids3 = lib.commit(ids2, [11], seed=33)
+    ids4 = lib.commit(ids3, [[13], [6], [12]], seed=34)
+    steps = [  # (canvas, plan, naive kwargs)
+        (ids1, ComputePlan.feature_step(P, refresh_prompt=True, rho=0.25, full_layers=(0,)),
+         dict(recompute=list(range(P)), verify=(P, L), rho=0.25, full_layers=(0,))),
+        # upstream always recomputes layer 0 in full; it also keeps the V-verify ranking away
+        # from near-ties (unchanged positions have cosine 1 up to rounding at layer 0)
+        (ids2, ComputePlan.feature_step(P, rho=0.5, full_layers=(0,)),
+         dict(recompute=[], verify=(P, L), rho=0.5, full_layers=(0,))),
+        (ids3, ComputePlan.feature_step(P, refresh_response=True),
+         dict(recompute=list(range(P, L)))),
+        (ids4, ComputePlan.feature_step(P), dict(recompute=[])),
+    ]
+    for x, plan, kw in steps:
+        got = _run(model, x, mask, plan, store)
+        want = _naive(lib, W, model, x, mask, [list(range(L))] * 3, banks, keys="bank", **kw)
+        torch.testing.assert_close(got, want, **TIGHT)
+        full = _run(model, x, mask, ComputePlan.full())
+        assert (got - full)[mask].abs().max() > 1e-6   # stale features really are reused
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_slowfast_truncated_over_dllm_cache(lib, family):
+    """SlowFast's fast phase over dLLM-Cache: the canvas is cut at e, features are reused."""
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(features=True), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [6, 8, 12], seed=81)
+    e = 12
+    plan = ComputePlan.feature_step(P, rho=0.5, full_layers=(0,), end=e)
+    got = _run(model, ids1, mask, plan, store)
+    want = _naive(lib, W, model, ids1, mask, [list(range(e))] * 3, banks, keys="bank", key_end=e,
+                  recompute=[], verify=(P, e), rho=0.5, full_layers=(0,))
+    assert got.shape[1] == e
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v_verify_recomputes_only_least_similar(lib, family):
+    """rho = 0 vs rho = 1 bracket the V-verify step; rho = 1 recomputes the whole response."""
+    model, W, ids0, mask = _setup(lib, family)
+    ids1 = lib.commit(ids0, [6, 7, 8], seed=41)
+    outs = {}
+    for rho in (0.0, 1.0):
+        store = CacheStore()
+        _run(model, ids0, mask, ComputePlan.refresh(features=True), store)
+        outs[rho] = _run(model, ids1, mask, ComputePlan.feature_step(P, refresh_prompt=True, rho=rho), store)
+        store2 = CacheStore()
+        _run(model, ids0, mask, ComputePlan.refresh(features=True), store2)
+        resp = _run(model, ids1, mask, ComputePlan.feature_step(P, refresh_prompt=True,
+                                                                 refresh_response=True), store2)
+    # rho = 1: every response position recomputed == full refresh of the response
+    torch.testing.assert_close(outs[1.0], resp, rtol=1e-12, atol=1e-12)
+    assert (outs[0.0] - resp)[mask].abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dkv_delayed_subset(lib, family):
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions
+    ids1 = lib.commit(ids0, [[6], [9], [13]], seed=51)
+    index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
+    got = _run(model, ids1, mask, ComputePlan.subset(index), store)
+    want = _naive(lib, W, model, ids1, mask, index.tolist(), banks, keys="bank")
+    torch.testing.assert_close(got, want, **TIGHT)
+    # step 2 from a bool mask with unequal counts (topped up with the smallest other positions)
+    ids2 = lib.commit(ids1, [[7], [8], [12]], seed=52)
+    sel = torch.zeros(3, L, dtype=torch.bool)
+    sel[0, [7, 10, 11]] = True
+    sel[1, [12, 13]] = True
+    sel[2, [9, 10, 11]] = True
+    plan = ComputePlan.subset(sel)
+    q = plan.query_positions(L)
+    assert q.shape == (3, 3) and q[1].tolist() == [0, 12, 13]
+    got = _run(model, ids2, mask, plan, store)
+    want = _naive(lib, W, model, ids2, mask, q.tolist(), banks, keys="bank")
+    torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_out_start_skips_prompt_logits(lib, family):
+    model, _, ids, mask = _setup(lib, family)
+    full = _run(model, ids, mask, None)
+    got = _run(model, ids, mask, ComputePlan.full(out_start=P))
+    torch.testing.assert_close(got, full[:, P:], rtol=1e-12, atol=1e-12)
+    assert ComputePlan.full(out_start=P).query_positions(L).tolist() == [list(range(P, L))]
+
+
+# ------------------------------------------------------------------ the store
+def test_stores_are_independent(lib):
+    model, _, ids0, mask = _setup(lib, "llada")
+    ids1 = lib.commit(ids0, [6, 7, 8, 9], seed=61)
+    a, b = CacheStore(), CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), a)
+    step = ComputePlan.dual_step(P, P + 4)
+    before = _run(model, ids0, mask, step, a)
+    _run(model, ids1, mask, ComputePlan.refresh(), b)
+    _run(model, ids1, mask, step, b)
+    assert torch.equal(_run(model, ids0, mask, step, a), before)
+    assert not torch.equal(_run(model, ids0, mask, step, b), before)
+
+
+def test_store_errors_and_clear(lib):
+    model, _, ids, mask = _setup(lib, "dream")
+    with pytest.raises(ValueError, match="store=None"):
+        _run(model, ids, mask, ComputePlan.refresh())
+    store = CacheStore()
+    with pytest.raises(RuntimeError, match="refresh"):
+        _run(model, ids, mask, ComputePlan.prefix_step(P), store)
+    _run(model, ids, mask, ComputePlan.refresh(), store)
+    with pytest.raises(RuntimeError, match="features"):
+        _run(model, ids, mask, ComputePlan.feature_step(P), store)
+    with pytest.raises(ValueError, match="clear"):
+        _run(model, ids[:, :-1], mask[:, :-1], ComputePlan.prefix_step(P), store)
+    assert store.nbytes() > 0
+    store.clear()
+    assert store.nbytes() == 0 and not store.has_kv
+    with pytest.raises(RuntimeError):
+        _run(model, ids, mask, ComputePlan.dual_step(P, L), store)
+
+
+def test_select_rows(lib):
+    model, _, ids0, mask = _setup(lib, "dream")
+    ids1 = lib.commit(ids0, [6, 7], seed=71)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    plan = ComputePlan.prefix_step(P)
+    all_rows = _run(model, ids1, mask, plan, store)
+    rows = torch.tensor([2, 0])
+    store.select_rows(rows)
+    torch.testing.assert_close(_run(model, ids1[rows], mask[rows], plan, store), all_rows[rows],
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_plan_validation():
+    with pytest.raises(ValueError):
+        ComputePlan(keys="nope")
+    with pytest.raises(ValueError):
+        ComputePlan(reuse_features=True)                 # needs keys='store'
+    with pytest.raises(ValueError):
+        ComputePlan(verify=(0, 4), verify_rho=0.5)      # verify without feature reuse
+    with pytest.raises(ValueError):
+        ComputePlan(index=torch.zeros(1, 2, dtype=torch.long), keys="store", reuse_features=True)
+    with pytest.raises(ValueError):
+        ComputePlan.window(5, 3)
+    assert ComputePlan.window(2, 6).num_queries(10) == 4
+    assert ComputePlan.dual_step(2, 6).query_positions(10, 3).shape == (3, 4)

@@ -1,0 +1,79 @@
+"""The console script: generate --json, plugins --json, errors on stderr with exit code 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dllm_decode.demo_model import make_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("dllm-decode"))
+
+
+def _run(*args, cwd=ROOT):
+    return subprocess.run([CLI, *args], cwd=cwd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_demo_model(tmp_path_factory.mktemp("tiny") / "llada", seed=1)
+
+
+def test_generate_json_from_ids_and_text(model_dir):
+    out = _run("generate", "--model", str(model_dir), "--recipe", "llada", "--set", "generation.gen_length=16",
+               "--set", "generation.block_length=8", "--set", "generation.steps=8", "--set", "generation.batch_size=2",
+               "--input-ids", "6,7,8", "1+1=", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    rows = data["rows"]
+    assert len(rows) == 2 and rows[0]["prompt_ids"] == [6, 7, 8]
+    for row in rows:
+        assert set(row) >= {"token_ids", "text", "nfe", "steps", "seconds"}
+        assert len(row["token_ids"]) == 16 and row["nfe"] == 8 and row["steps"] == 8
+        assert isinstance(row["text"], str)
+    assert "Do you wish to run the custom code" not in out.stdout + out.stderr
+
+
+def test_generate_matches_the_library(model_dir):
+    from dllm_decode.config import load_recipe
+    from dllm_decode.engine import Decoder
+    from dllm_decode.models import load_model
+
+    out = _run("generate", "--model", str(model_dir), "--input-ids", "9,10,11", "--json",
+               "--set", "generation.gen_length=8", "--set", "generation.block_length=8", "--set", "generation.steps=8")
+    model, tok = load_model(model_dir)
+    recipe = load_recipe(ROOT / "recipes" / "llada.yaml", overrides=["generation.gen_length=8",
+                                                                     "generation.block_length=8", "generation.steps=8"])
+    assert json.loads(out.stdout)["rows"][0]["token_ids"] == Decoder(model, recipe).generate([[9, 10, 11]]).tokens[0]
+
+
+def test_recipe_errors_exit_2_and_name_the_key(model_dir):
+    out = _run("generate", "--model", str(model_dir), "--input-ids", "5", "--set", "score.remaskin=x")
+    assert out.returncode == 2
+    assert "llada.yaml: score.remaskin: unknown parameter" in out.stderr
+
+
+def test_unknown_recipe_name():
+    out = _run("generate", "--recipe", "nosuch", "--input-ids", "5")
+    assert out.returncode == 2 and "no shipped recipe of that name" in out.stderr
+
+
+def test_plugins_json():
+    out = _run("plugins", "--json")
+    assert out.returncode == 0, out.stderr
+    plugins = {p["name"]: p for p in json.loads(out.stdout)}
+    llada = plugins["llada"]
+    assert llada["distribution"] == "dllm-decode" and llada["version"]
+    assert llada["slots"] == ["choose_span", "score", "select_tokens"]
+    assert {"name": "remasking", "default": "low_confidence"}.items() <= llada["parameters"][0].items()
+    assert plugins["none"]["exact"] is True
+
+
+def test_plugins_table_and_block():
+    out = _run("plugins", "--block", "none")
+    assert out.returncode == 0
+    assert "llada" in out.stdout and "\nnone " not in out.stdout

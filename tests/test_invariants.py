@@ -1,0 +1,78 @@
+"""The invariant suite over random logits (hypothesis) and for every registered plugin."""
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dllm_decode.config import recipe_from_dict
+from dllm_decode.plugins import get_plugin_manager, list_plugins
+from dllm_decode.testing import InvariantViolation, RandomLogitsModel, check_invariants, invariant_cases
+
+MODEL = RandomLogitsModel(vocab_size=48, seed=11)
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(case=invariant_cases(vocab_size=48), steps_div=st.sampled_from([1, 2]),
+       remasking=st.sampled_from(["low_confidence", "random"]), eos=st.booleans(), cfg=st.sampled_from([0.0, 1.0]))
+def test_llada_keeps_every_invariant(case, steps_div, remasking, eos, cfg):
+    prompts, gen, block = case
+    steps = max(gen // steps_div, gen // block)
+    steps -= steps % (gen // block)
+    recipe = {"policy": {"plugin": "llada", "remasking": remasking},
+              "generation": {"gen_length": gen, "block_length": block, "steps": steps, "cfg_scale": cfg,
+                             "eos": {"stop": eos, "deprioritize": eos}}}
+    # random remasking draws from the request generator, whose stream depends on batch shape
+    check_invariants(MODEL, recipe, prompts, check_batch_invariance=remasking == "low_confidence")
+
+
+@FAST
+@given(case=invariant_cases(vocab_size=48), temperature=st.sampled_from([0.5, 1.0]), seed=st.integers(0, 5))
+def test_sampling_is_reproducible_for_a_seed(case, temperature, seed):
+    prompts, gen, block = case
+    recipe = {"policy": "llada", "generation": {"gen_length": gen, "block_length": block, "steps": gen,
+                                                "temperature": temperature, "seed": seed}}
+    check_invariants(MODEL, recipe, prompts, check_batch_invariance=False)
+
+
+def _plugin_slot_pairs():
+    pm = get_plugin_manager()
+    return [(info.name, slot) for info in list_plugins(pm) for slot in info.slots]
+
+
+def _tiny_llada():
+    import torch
+
+    from dllm_decode.models import build_random_model
+
+    return build_random_model("llada", vocab_size=48, d_model=32, n_layers=2, n_heads=4, mask_token_id=47,
+                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("model", [MODEL, _tiny_llada()], ids=["random-logits", "tiny-llada"])
+@pytest.mark.parametrize("plugin,slot", _plugin_slot_pairs())
+def test_every_registered_plugin_in_every_slot_it_fills(plugin, slot, model):
+    recipe = {"policy": "llada", slot: plugin, "generation": {"gen_length": 16, "block_length": 8, "steps": 16}}
+    check_invariants(model, recipe)
+    check_invariants(model, recipe, prompts=[[5, 6, 7]])
+
+
+def test_the_suite_catches_a_broken_plugin():
+    from dllm_decode.hookspecs import hookimpl
+
+    class Sticky:
+        """Spans that ignore the block: the engine accepts them, the batch check must not."""
+
+        @hookimpl
+        def select_tokens(self, state, candidates):
+            conf = candidates.confidence
+            # picks by column when the row is padded: output depends on padding
+            pad = (~state.attention_mask).sum(1, keepdim=True)
+            col = state.columns[None, :] - pad
+            return candidates.eligible & (col == col.masked_fill(~candidates.eligible, 10 ** 6).min(1, keepdim=True).values) \
+                if bool((pad == 0).all()) else candidates.eligible & (conf == conf.max(1, keepdim=True).values)
+
+    pm = get_plugin_manager(extra_plugins={"sticky": Sticky()})
+    with pytest.raises(InvariantViolation, match="differs from the row alone"):
+        check_invariants(MODEL, {"policy": "llada", "select_tokens": "sticky",
+                                 "generation": {"gen_length": 8, "steps": 8}}, pm=pm)
