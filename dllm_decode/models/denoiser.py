@@ -135,8 +135,14 @@ class Denoiser(nn.Module):
             s, e = 0, L
             fed = Sel(idx=plan.index.to(dev))
         key_end = L if plan.key_end is None else plan.key_end
-        if plan.keys == "store" and plan.index is None and key_end < e:
-            raise ValueError(f"key_end {key_end} cuts into the fed range [{s}, {e})")
+        if plan.keys == "store" and plan.index is None and not e <= key_end <= L:
+            raise ValueError(f"key_end {key_end} must lie in [{e}, {L}] for the fed range [{s}, {e})")
+        if plan.reuse_features:
+            for ra, rb in plan.recompute + ((plan.verify,) if plan.verify else ()):
+                rb = e if rb == -1 else rb
+                if not s <= ra <= rb <= e:
+                    raise ValueError(f"plan {plan.name!r}: range [{ra}, {rb}) is not inside the "
+                                     f"fed range [{s}, {e})")
 
         if store is not None and plan.writes:
             store.check_canvas(B, L)
@@ -158,7 +164,7 @@ class Denoiser(nn.Module):
                 kmask = kmask & mask[:, :key_end]                           # (B, key_end)
 
         fpos = fed.take(pos, 1)                                             # (B, f)
-        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)            # (B, 1, f, D)
+        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)      # (B, 1, f, D)
         x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
 
         for i, parts in enumerate(self.block_parts()):

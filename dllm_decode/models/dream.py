@@ -47,7 +47,8 @@ class DreamConfig:
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "DreamConfig":
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: Dream config has hidden_act={d['hidden_act']!r}; only 'silu' is supported")
+            raise ValueError(f"{source}: Dream config has hidden_act={d['hidden_act']!r}; "
+                             "only 'silu' is supported")
         rs = d.get("rope_scaling")
         if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
             raise ValueError(f"{source}: rope_scaling={rs!r} is not supported")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,17 +137,21 @@ def load_tokenizer(path: str | os.PathLike, family: str | None = None):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    # AutoTokenizer peeks at config.json and warns that model_type 'llada' is unknown to it
+    # AutoTokenizer peeks at config.json: it warns that model_type 'llada' is unknown to it and,
+    # for Qwen2-style configs, that `rope_scaling` is deprecated; neither concerns us
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        # never remote code (and never transformers' interactive "run custom code?" prompt)
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (ValueError, OSError, KeyError, AttributeError) as err:
-        if family == "dream" and (path / "vocab.json").exists() and (path / "merges.txt").exists():
-            from transformers import Qwen2TokenizerFast
-            return Qwen2TokenizerFast.from_pretrained(str(path))
-        raise ValueError(f"{path}: could not load the tokenizer: {err}") from err
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            try:
+                # never remote code (and never transformers' interactive "run custom code?")
+                return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            except (ValueError, OSError, KeyError, AttributeError) as err:
+                if family == "dream" and (path / "vocab.json").exists() and (path / "merges.txt").exists():
+                    from transformers import Qwen2TokenizerFast
+                    return Qwen2TokenizerFast.from_pretrained(str(path))
+                raise ValueError(f"{path}: could not load the tokenizer: {err}") from err
     finally:
         hf_logging.set_verbosity(level)
 

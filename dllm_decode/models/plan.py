@@ -5,7 +5,7 @@ against a per-request `CacheStore` (store.py). Every plan is expressed over *can
 (absolute indices into the (B, L) `input_ids` the engine passes, which is always the whole
 canvas), so the engine can scatter the returned logits with `plan.query_positions(L)`.
 
-Execution model, per transformer layer (see base.py `Denoiser._run_layer`):
+Execution model, per transformer layer (denoiser.py `Denoiser._layer_full` / `_layer_reuse`):
 
     fed positions F      enter the residual stream (embedding -> layers -> head); their logits
                          are returned (from `out_start` on). A contiguous range [start, end) or
@@ -38,7 +38,7 @@ How the caches of ALGORITHMS.md map onto plans:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -47,7 +47,9 @@ from torch import Tensor
 __all__ = ["ComputePlan"]
 
 
-@dataclass(frozen=True)
+# eq=False: plans holding index tensors compare (and hash) by identity, never by a partial
+# field comparison that would ignore the tensors
+@dataclass(frozen=True, eq=False)
 class ComputePlan:
     """What one forward computes. Build it with the classmethods; the fields are:
 
@@ -91,7 +93,7 @@ class ComputePlan:
 
     start: int = 0
     end: int | None = None
-    index: Tensor | None = field(default=None, compare=False)
+    index: Tensor | None = None
     keys: Literal["fed", "store"] = "fed"
     key_end: int | None = None
     write_kv: bool = False
@@ -102,7 +104,7 @@ class ComputePlan:
     verify_rho: float = 0.0
     full_layers: tuple[int, ...] = ()
     out_start: int | None = None
-    position_ids: Tensor | None = field(default=None, compare=False)
+    position_ids: Tensor | None = None
     shift: bool | None = None
     name: str = "full"
 

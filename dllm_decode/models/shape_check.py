@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     a = model.arch
     L_max = args.prompt + max(args.gen)
     # K/V store of the cached steps, per layer (B, Hkv, L, D) x 2
-    store_bytes = 2 * a.n_layers * args.batch * a.n_kv_heads * L_max * a.head_dim * (torch.finfo(dtype).bits // 8)
+    elem = torch.finfo(dtype).bits // 8
+    store_bytes = 2 * a.n_layers * args.batch * a.n_kv_heads * L_max * a.head_dim * elem
     avail = _available_bytes(device)
     print(f"# shape_check  family={args.family} layers={a.n_layers} d_model={a.d_model} "
           f"heads={a.n_heads}/{a.n_kv_heads} mlp={a.mlp_hidden} vocab={a.vocab_size} "

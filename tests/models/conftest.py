@@ -94,7 +94,9 @@ def eurobert_from_state(family: str, sd: dict, *, vocab, d, layers, heads, kv_he
         sd = {llada_to_eurobert(k): v for k, v in sd.items()}
     res = ref.load_state_dict(sd, strict=False)
     assert not res.unexpected_keys, res.unexpected_keys
-    allowed_missing = {k for k in ref.state_dict() if k.endswith("o_proj.bias")} if family == "dream" else set()
+    allowed_missing = set()
+    if family == "dream":
+        allowed_missing = {k for k in ref.state_dict() if k.endswith("o_proj.bias")}
     assert set(res.missing_keys) == allowed_missing, res.missing_keys
     with torch.no_grad():
         for k in allowed_missing:  # Dream has no output-projection bias
