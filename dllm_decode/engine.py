@@ -319,9 +319,9 @@ class Decoder:
             logits = uncond + (cfg + 1) * (cond - uncond)
         positions = None
         if plan is not None:
+            # Always scattered, even when a plan covers every column: checking for that would
+            # cost a host sync per step, the scatter does not.
             positions = plan.query_positions(state.length, state.batch_size, device=state.device)
-            if positions is not None and positions.shape[1] == state.length:
-                positions = None if bool((positions == state.columns).all()) else positions
         return logits, positions
 
     def _new_store(self) -> Any:
