@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a recipe value, e.g. generation.steps=32 or select_tokens.threshold=0.8")
     gen.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="block a plugin by name")
+    gen.add_argument("--task", metavar="NAME[,NAME]", help="decode held-out problems of these tasks "
+                     "(copy, repeat, case, add) and score them")
+    gen.add_argument("--n", type=int, default=1, help="with --task: problems per task (default 1)")
+    gen.add_argument("--task-seed", type=int, default=0, help="with --task: seed of the held-out stream")
     gen.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with every row")
     gen.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -91,11 +95,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model_path = args.model or recipe.model.path
     if not model_path:
         raise DllmDecodeError("no model: pass --model DIR or set model.path in the recipe")
-    if not args.prompts and not args.input_ids:
-        raise DllmDecodeError("nothing to decode: give text prompts or --input-ids")
+    if not args.prompts and not args.input_ids and not args.task:
+        raise DllmDecodeError("nothing to decode: give text prompts, --input-ids or --task")
+    problems = _task_problems(args) if args.task else []
     from dllm_decode.models import load_model
 
     model, tokenizer = load_model(model_path, dtype=recipe.generation.dtype, device=recipe.model.device)
+    if problems:
+        if tokenizer is None:
+            raise DllmDecodeError(f"{model_path}: no tokenizer files; --task needs one")
+        return _decode_problems(model, tokenizer, recipe, pm, policy, problems, args)
     prompts = list(args.input_ids)
     if args.prompts:
         if tokenizer is None:
@@ -112,6 +121,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
             body = r.text if r.text is not None else " ".join(map(str, r.tokens))
             print(body)
             print(f"  [nfe {r.nfe}, steps {r.steps}, {r.seconds:.3f} s]", file=sys.stderr)
+    return 0
+
+
+def _task_problems(args: argparse.Namespace) -> list:
+    from dllm_decode.tasks import get_task
+
+    problems = []
+    for name in args.task.split(","):
+        try:
+            task = get_task(name.strip())
+        except KeyError as err:
+            raise DllmDecodeError(f"--task: {err.args[0]}") from None
+        problems += task.problems("test", args.n, args.task_seed)
+    return problems
+
+
+def _decode_problems(model, tokenizer, recipe, pm, policy, problems, args) -> int:
+    from dllm_decode.engine import Decoder
+    from dllm_decode.tasks import get_task
+
+    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
+    ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
+    result = decoder.generate(ids, progress=not args.no_progress and sys.stderr.isatty())
+    rows = []
+    for p, r in zip(problems, result.rows):
+        ok = get_task(p.task).score(p, r.text or "")
+        rows.append({"task": p.task, "index": p.index, "prompt": p.prompt, "completion": r.text,
+                     "correct": ok, "nfe": r.nfe, "seconds": round(r.seconds, 6)})
+    if args.json:
+        print(json.dumps({"model": str(args.model or recipe.model.path), "recipe": recipe.source,
+                          "rows": rows}, indent=2))
+        return 0
+    for row in rows:
+        print(f"[{row['task']} #{row['index']}] {row['prompt'].rstrip()}")
+        print("  " + (row["completion"] or "").replace("\n", "\n  "))
+        print(f"  -> {'correct' if row['correct'] else 'wrong'} (nfe {row['nfe']})")
+    acc = sum(r["correct"] for r in rows) / len(rows)
+    print(f"exact match {acc:.3f} on {len(rows)} held-out problem(s)", file=sys.stderr)
     return 0
 
 

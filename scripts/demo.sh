@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The main job: decode a prompt with the shipped model under the LLaDA baseline recipe.
+# The main job: decode held-out problems of the reference task suite with the shipped
+# llada-reference model under the LLaDA baseline recipe, and score them. Arguments, if any,
+# are decoded as text prompts instead (e.g. $'pick one of 3 5, 7 times\n').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/dllm-decode generate --model models/tiny-random-llada --recipe recipes/llada.yaml \
-    --set generation.batch_size=1 "${@:-12+34=}"
+if [ "$#" -gt 0 ]; then
+    exec .venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml "$@"
+fi
+exec .venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml \
+    --task copy,repeat,case --n 1

@@ -1,0 +1,131 @@
+"""Score a model on task problems: decode, extract the final answer, exact-match it.
+
+`evaluate` runs a diffusion model under a recipe through the engine; `evaluate_ar` runs greedy
+decoding of an ``AutoModelForCausalLM`` (with its KV cache) on the same problems, so both give
+the same record shape and can share a table.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from dllm_decode.tasks import Problem, get_task
+
+
+@dataclass
+class ProblemRecord:
+    task: str
+    index: int
+    prompt: str
+    completion: str
+    correct: bool
+    nfe: int
+    tokens: int               # generated tokens up to and including the first EOS
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EvalResult:
+    records: list[ProblemRecord]
+    seconds: float                              # wall time of all decoding
+    per_task: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.records) / max(1, len(self.records))
+
+    @property
+    def nfe(self) -> float:
+        return sum(r.nfe for r in self.records) / max(1, len(self.records))
+
+    @property
+    def seconds_per_problem(self) -> float:
+        return self.seconds / max(1, len(self.records))
+
+
+def _summarise(records: list[ProblemRecord], seconds_by_task: dict[str, float]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(r.task for r in records):
+        rs = [r for r in records if r.task == name]
+        out[name] = {"n": len(rs), "accuracy": sum(r.correct for r in rs) / len(rs),
+                     "nfe": sum(r.nfe for r in rs) / len(rs),
+                     "seconds_per_problem": seconds_by_task[name] / len(rs)}
+    return out
+
+
+def _generated_tokens(ids: Sequence[int], eos_ids: set[int]) -> int:
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return i + 1
+    return len(ids)
+
+
+def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None) -> EvalResult:
+    """Decode every problem with `model` under `recipe` (task by task, batched as the recipe
+    says) and score it with its task's scorer."""
+    from dllm_decode.engine import Decoder
+
+    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer)
+    eos = {int(model.spec.eos_token_id)} | ({int(model.spec.eot_token_id)} if model.spec.eot_token_id is not None
+                                           else set())
+    records: list[ProblemRecord] = []
+    seconds: dict[str, float] = {}
+    for name in dict.fromkeys(p.task for p in problems):
+        task = get_task(name)
+        group = [p for p in problems if p.task == name]
+        ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
+        t0 = time.perf_counter()
+        result = decoder.generate(ids)
+        seconds[name] = time.perf_counter() - t0
+        for p, row in zip(group, result.rows):
+            records.append(ProblemRecord(name, p.index, p.prompt, row.text or "", task.score(p, row.text or ""),
+                                         row.nfe, _generated_tokens(row.tokens, eos)))
+    return EvalResult(records, sum(seconds.values()), _summarise(records, seconds))
+
+
+@torch.inference_mode()
+def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int = 96,
+                batch_size: int = 64) -> EvalResult:
+    """Greedy decoding of a causal LM with its KV cache (prompts left-padded); one forward per
+    generated token, so NFE = tokens generated until the row's EOS."""
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    records: list[ProblemRecord] = []
+    seconds: dict[str, float] = {}
+    for name in dict.fromkeys(p.task for p in problems):
+        task = get_task(name)
+        group = [p for p in problems if p.task == name]
+        t0 = time.perf_counter()
+        for s in range(0, len(group), batch_size):
+            chunk = group[s:s + batch_size]
+            rows = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in chunk]
+            P = max(len(r) for r in rows)
+            ids = torch.full((len(rows), P), pad, dtype=torch.long)
+            att = torch.zeros(len(rows), P, dtype=torch.long)
+            for b, r in enumerate(rows):
+                ids[b, P - len(r):] = torch.tensor(r)
+                att[b, P - len(r):] = 1
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=att.to(model.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                                 pad_token_id=pad)
+            for p, gen in zip(chunk, out[:, P:].tolist()):
+                n = _generated_tokens(gen, {eos})
+                text = tokenizer.decode(gen[:n], skip_special_tokens=True)
+                records.append(ProblemRecord(name, p.index, p.prompt, text, task.score(p, text), n, n))
+        seconds[name] = time.perf_counter() - t0
+    return EvalResult(records, sum(seconds.values()), _summarise(records, seconds))
+
+
+def load_ar(path: str, device: str = "cpu"):
+    """An ``AutoModelForCausalLM`` and its tokenizer from a local directory (no remote code)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).to(device).eval()
+    return model, tok

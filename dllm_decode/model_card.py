@@ -1,0 +1,210 @@
+"""Measure a reference model on the held-out problems and write its model card.
+
+    python -m dllm_decode.model_card models/llada-reference            # print the table
+    python -m dllm_decode.model_card models/llada-reference --write    # and rewrite README.md
+
+A diffusion checkpoint is decoded with the LLaDA baseline recipe at 1, 2, 4 and 8 tokens per
+step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; an autoregressive
+checkpoint (``AutoModelForCausalLM``) greedily. Every cell is exact match on the same held-out
+problems, with the forward passes (NFE) and the wall seconds per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from dllm_decode.tasks import REFERENCE_MIX, get_task
+
+TOKENS_PER_STEP = (1, 2, 4, 8)
+BLOCKS = (8, 32, None)          # None: one block over the whole canvas
+HEADLINE = ((1, 32), (4, 32))   # the baseline recipe's block, one and four tokens per forward
+GRID = tuple((k, b) for k in TOKENS_PER_STEP for b in BLOCKS)
+
+
+def is_ar_checkpoint(path: Path) -> bool:
+    cfg = json.loads((path / "config.json").read_text())
+    return cfg.get("model_type") not in ("llada", "Dream")
+
+
+def held_out(tasks, n: int, seed: int):
+    return [p for name in tasks for p in get_task(name).problems("test", n, seed)]
+
+
+def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
+                    grid=GRID, progress: bool = True) -> list[dict]:
+    from dllm_decode.config import load_recipe
+    from dllm_decode.evaluate import evaluate
+    from dllm_decode.models import load_model
+    from dllm_decode.recipes import find_recipe
+
+    model, tok = load_model(path)
+    problems = held_out(tasks, n, seed)
+    rows = []
+    for k, block in grid:
+        b = block or gen_length
+        recipe = load_recipe(find_recipe("llada"), overrides=[
+            f"generation.gen_length={gen_length}", f"generation.block_length={b}",
+            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}"])
+        res = evaluate(model, tok, recipe, problems)
+        rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
+                     "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
+                     "seconds_per_problem": res.seconds_per_problem})
+        if progress:
+            cells = "  ".join(f"{t} {v['accuracy']:.3f}" for t, v in res.per_task.items())
+            print(f"k={k} block={rows[-1]['block_length']}: {cells}  nfe {res.nfe:.1f}", flush=True)
+    return rows
+
+
+def ar_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int) -> list[dict]:
+    from dllm_decode.evaluate import evaluate_ar, load_ar
+
+    model, tok = load_ar(str(path))
+    res = evaluate_ar(model, tok, held_out(tasks, n, seed), max_new_tokens=gen_length, batch_size=batch_size)
+    return [{"tokens_per_step": 1, "block_length": "greedy (KV cache)", "tasks": res.per_task,
+             "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem}]
+
+
+def render(rows: list[dict], tasks) -> str:
+    head = "| tokens / step | block | " + " | ".join(f"{t} acc | {t} NFE | {t} s/prob" for t in tasks) + " |"
+    sep = "|---|---|" + "---:|---:|---:|" * len(tasks)
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for t in tasks:
+            v = r["tasks"][t]
+            cells += [f"{v['accuracy']:.3f}", f"{v['nfe']:.1f}", f"{v['seconds_per_problem']:.4f}"]
+        lines.append(f"| {r['tokens_per_step']} | {r['block_length']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"float32, batch decoding")
+
+
+CARD = """# {name}
+
+A {kind} trained by this repository on its task suite, so that decoding policies have a real
+accuracy / speed trade-off to measure without any download. {format_line}
+
+| | |
+|---|---|
+| format | {format} |
+| parameters | {params:,} |
+| size | d_model {d_model}, {n_layers} layers, {n_heads} heads, MLP {mlp_hidden} |
+| tokenizer | `tokenizer.json`: one token per character, specials `<|pad|>` `<|startoftext|>` `<|endoftext|>` (EOS) `<|eot_id|>` `<|mdm_mask|>` (mask) |
+| tasks | {tasks} |
+| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds:.0f} s on {threads} CPU threads |
+
+## Tasks
+
+{task_lines}
+
+Prompts end in a newline; answers are a worked line and a final `#### ANSWER` line, scored by
+exact match of the final answer (validity for the free-choice tasks). Train and test prompts are
+disjoint: a prompt is held out when `crc32(prompt) % 5 == 0`.
+
+## Training
+
+```bash
+{train_cmd}
+```
+
+{objective}
+
+## Held-out accuracy
+
+Generation length {gen_length}, held-out problems of the test split (seed {eval_seed}).
+{decode_line} Machine: {machine}.
+
+{tables}
+
+Reproduce these tables:
+
+```bash
+python -m dllm_decode.model_card {rel} {args}--write
+```
+"""
+
+
+def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
+               args: str) -> str:
+    meta = json.loads((path / "training.json").read_text())
+    cfg = meta["config"]
+    ar = cfg["family"] == "ar"
+    flag = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("steps", "seed") if k in cfg)
+    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {path.as_posix()} {flag}"
+    fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
+           "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
+                    "logit i predicts token i+1)",
+           "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
+    objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
+                 if ar else
+                 "LLaDA's supervised masked-diffusion objective: per row a mask ratio t ~ U(0.001, 1), "
+                 "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
+                 "positions weighted 1/t. Answers are padded with EOS to a canvas of "
+                 f"{'/'.join(map(str, cfg['canvas']))} tokens (sampled per batch), EOS included in the loss. "
+                 "Half of the rows use LLaDA's independent masks; a quarter mask like semi-autoregressive "
+                 "decoding (revealed blocks, a partly masked block, a fully masked rest) and a quarter "
+                 "reveal EOS padding early as low-confidence decoding does, each weighted by canvas "
+                 "length over masked count (`dllm_decode/train.py: mask_canvas`).")
+    decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
+                   "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
+                   "with steps = generation length / tokens-per-step.")
+    task_lines = "\n".join(f"- `{t}` ({get_task(t).kind}): {get_task(t).description}." for t in tasks)
+    card = CARD.format(
+        name=path.name, kind="small autoregressive model" if ar else f"small masked-diffusion model ({cfg['family']})",
+        format_line=("It serves as APD's verifier and as the autoregressive baseline; it shares the "
+                     "diffusion models' tokenizer." if ar else ""),
+        format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
+        n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
+        steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], seconds=meta["seconds"],
+        threads=meta["threads"], task_lines=task_lines, train_cmd=train_cmd, objective=objective,
+        eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=machine(),
+        tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
+        rel=path.as_posix(), args=args)
+    (path / "README.md").write_text(card)
+    (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": machine(),
+                                                "tables": [{"title": t, "rows": r} for t, r in tables]},
+                                               indent=2) + "\n")
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="checkpoint directory (llada, dream or an AutoModelForCausalLM)")
+    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX))
+    ap.add_argument("--n", type=int, default=200, help="held-out problems per task, headline table")
+    ap.add_argument("--grid-n", type=int, default=50, help="held-out problems per task, full grid "
+                    "(1/2/4/8 tokens per step x block 8/32/full); 0 skips the grid")
+    ap.add_argument("--gen-length", type=int, default=96)
+    ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the held-out stream")
+    ap.add_argument("--write", action="store_true", help="rewrite the directory's README.md and eval.json")
+    a = ap.parse_args(argv)
+    path, tasks = Path(a.model), tuple(a.tasks.split(","))
+    tables = []
+    if is_ar_checkpoint(path):
+        tables.append((f"Greedy decoding, {a.n} problems per task:",
+                       ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))
+    else:
+        tables.append((f"Baseline recipe (block 32), {a.n} problems per task:",
+                       diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE)))
+        if a.grid_n:
+            tables.append((f"Tokens per step x block length, {a.grid_n} problems per task:",
+                           diffusion_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed, GRID)))
+    for title, rows in tables:
+        print(title)
+        print(render(rows, tasks))
+    if a.write:
+        args = f"--n {a.n} " + (f"--grid-n {a.grid_n} " if not is_ar_checkpoint(path) else "")
+        write_card(path, tables, tasks, a.gen_length, a.seed, args)
+
+
+if __name__ == "__main__":
+    main()

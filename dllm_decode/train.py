@@ -1,0 +1,318 @@
+"""Train the reference models on the task suite.
+
+    python -m dllm_decode.train --family llada --out models/llada-reference
+    python -m dllm_decode.train --family dream --out models/dream-reference
+    python -m dllm_decode.train --family ar    --out models/ar-reference
+
+``llada`` / ``dream``: LLaDA's supervised masked-diffusion objective. Each row draws a mask
+ratio t ~ U(eps, 1) (stratified over the batch so every batch spans the range), masks each
+answer token with probability t (the prompt never), and scores cross-entropy on the masked
+positions weighted 1/t, normalised by the canvas length. The answer is padded with EOS to the
+canvas length and the EOS tokens are targets, as in LLaDA's SFT, so the model learns to fill a
+generation canvas that is longer than its answer. The canvas length varies per batch so the
+model sees every length it will be decoded at.
+
+``ar``: a standard ``LlamaForCausalLM`` trained by next-token prediction on the answer and one
+EOS (prompt tokens are not targets); it is APD's verifier and the autoregressive baseline.
+
+Training is deterministic for a given seed and thread count: problems come from the seeded
+``train`` split, batches from a seeded generator, and the step count is fixed (no wall-clock
+schedule), so a rerun reproduces the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dllm_decode.char_tokenizer import save_char_tokenizer
+from dllm_decode.tasks import REFERENCE_MIX, get_task
+
+
+@dataclass
+class TrainConfig:
+    family: str = "llada"             # llada | dream | ar
+    out: str = "models/llada-reference"
+    tasks: tuple[str, ...] = REFERENCE_MIX
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_hidden: int = 384
+    canvas: tuple[int, ...] = (96, 128, 256)   # generation lengths sampled per batch
+    canvas_weights: tuple[float, ...] = (6.0, 2.5, 1.5)
+    eps: float = 1e-3
+    seed: int = 0
+    threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
+    device: str = "cpu"
+    log_every: int = 25
+
+
+def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
+    """GPT-2-style initialisation: N(0, 0.02), residual output projections scaled by
+    1/sqrt(2 n_layers), norms at 1, biases at 0."""
+    g = torch.Generator().manual_seed(seed)
+    residual_out = re.compile(r"(blocks\.\d+\.(attn_out|ff_out)|o_proj|down_proj)\.weight$")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            std = 0.02 / math.sqrt(2 * n_layers) if residual_out.search(name) else 0.02
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class Batcher:
+    """Seeded stream of training batches: prompts left-padded, answers (+ EOS padding) after."""
+
+    def __init__(self, cfg: TrainConfig, tok) -> None:
+        self.cfg = cfg
+        self.vocab = tok.get_vocab()
+        self.eos, self.pad, self.mask = tok.eos_token_id, tok.pad_token_id, tok.mask_token_id
+        self.tasks = [get_task(n) for n in cfg.tasks]
+        self.rng = random.Random(f"train/{cfg.seed}")
+        self.task_rngs = [random.Random(f"{t.name}/train/{cfg.seed}") for t in self.tasks]
+        from dllm_decode.tasks import split_of
+        self._split_of = split_of
+
+    def _encode(self, text: str) -> list[int]:
+        return [self.vocab[c] for c in text]
+
+    def _sample(self) -> tuple[list[int], list[int]]:
+        i = self.rng.randrange(len(self.tasks))
+        while True:
+            prompt, answer, _ = self.tasks[i].sample(self.task_rngs[i])
+            if self._split_of(prompt) == "train":
+                return self._encode(prompt), self._encode(answer)
+
+    def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
+        """-> ids (B, P + G) long, attention mask (B, P + G) bool, prompt width P. With
+        `canvas` None (AR) the answer gets one EOS and rows are right-padded instead."""
+        rows = [self._sample() for _ in range(self.cfg.batch_size)]
+        P = max(len(p) for p, _ in rows)
+        if canvas is None:
+            G = max(len(a) for _, a in rows) + 1
+        else:
+            G = canvas
+        ids = torch.full((len(rows), P + G), self.pad, dtype=torch.long)
+        att = torch.zeros(len(rows), P + G, dtype=torch.bool)
+        for b, (p, a) in enumerate(rows):
+            ids[b, P - len(p):P] = torch.tensor(p)
+            att[b, P - len(p):P] = True
+            if canvas is None:
+                ans = a + [self.eos]
+                ids[b, P:P + len(ans)] = torch.tensor(ans)
+                att[b, P:P + len(ans)] = True
+            else:
+                ids[b, P:P + len(a)] = torch.tensor(a)
+                ids[b, P + len(a):] = self.eos
+                att[b, P:] = True
+        return ids, att, P
+
+
+def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
+                mix: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> tuple[Tensor, Tensor]:
+    """Choose the masked answer positions of each row -> masked (B, L) bool, weight (B,).
+
+    A row follows one of three schemes (probabilities `mix`):
+      iid     LLaDA's: each answer position masked with probability t; weight 1/t.
+      block   the state semi-autoregressive decoding visits: positions before a block boundary
+              (a multiple of 8 or 32) revealed, the block masked with probability t, everything
+              after it masked; weight G / #masked.
+      eos     the state low-confidence decoding visits, where the confident EOS padding is
+              committed before the answer: answer masked with probability t, EOS padding with
+              probability t * v (v ~ U(0, 1)); weight G / #masked.
+    A small model trained on iid masks alone never sees these states and fails in them.
+    t is stratified over the batch, so every batch spans (eps, 1]."""
+    B, L = ids.shape
+    G = L - P
+    u = torch.rand(1, generator=gen).item()
+    t = eps + (1 - eps) * ((torch.arange(B) + u) / B)[torch.randperm(B, generator=gen)]   # (B,)
+    scheme = torch.multinomial(torch.tensor(mix), B, replacement=True, generator=gen)    # (B,)
+    draw = torch.rand(B, G, generator=gen)                                                # (B, G)
+    col = torch.arange(G).unsqueeze(0)                                                    # (1, G)
+
+    iid = draw < t[:, None]
+    bs = torch.where(torch.rand(B, generator=gen) < 0.5, 8, 32)                          # (B,)
+    n_blocks = (G + bs - 1) // bs
+    start = (torch.rand(B, generator=gen) * n_blocks).long() * bs                         # (B,)
+    in_block = (col >= start[:, None]) & (col < (start + bs)[:, None])
+    block = (in_block & iid) | (col >= (start + bs)[:, None])
+    is_eos = ids[:, P:].cpu() == eos_id
+    v = torch.rand(B, generator=gen)
+    eos = torch.where(is_eos, draw < (t * v)[:, None], iid)
+
+    gen_mask = torch.where((scheme == 0)[:, None], iid, torch.where((scheme == 1)[:, None], block, eos))
+    n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
+    weight = torch.where(scheme == 0, 1.0 / t, G / n)
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    masked[:, P:] = gen_mask
+    return masked.to(ids.device), weight.to(ids.device)
+
+
+def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
+                   gen: torch.Generator) -> Tensor:
+    """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
+    positions, normalised by B * G (LLaDA's SFT form for iid rows)."""
+    B, L = ids.shape
+    masked, weight = mask_canvas(ids, P, eos_id, eps, gen)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = model(noisy, attention_mask=att)                                  # (B, L, V)
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
+    w = weight[:, None].expand(B, L)[masked]
+    return (ce * w).sum() / (B * (L - P))
+
+
+def ar_loss(model, ids: Tensor, att: Tensor, P: int) -> Tensor:
+    """Next-token loss on the answer and its EOS; prompt tokens and padding are not targets."""
+    B, L = ids.shape
+    pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=att.long(), position_ids=pos).logits    # (B, L, V)
+    target = ids[:, 1:].clone()
+    keep = att[:, 1:].clone()
+    keep[:, :P - 1] = False
+    target[~keep] = -100
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
+
+def build(cfg: TrainConfig, tok):
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    if cfg.family == "ar":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hf = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
+                         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                         num_key_value_heads=cfg.n_heads, max_position_embeddings=1024,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, attention_bias=False, mlp_bias=False)
+        model = LlamaForCausalLM(hf)
+    else:
+        from dllm_decode.models import build_random_model
+
+        model = build_random_model(cfg.family, vocab_size=len(tok), d_model=cfg.d_model,
+                                   n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+                                   n_kv_heads=cfg.n_heads if cfg.family == "llada" else cfg.n_heads // 2,
+                                   mlp_hidden=cfg.mlp_hidden, mask_token_id=tok.mask_token_id,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                   eot_token_id=eot, max_length=1024, rope_theta=10000.0)
+    _init_weights_(model, cfg.seed, cfg.n_layers)
+    return model.to(cfg.device).train().requires_grad_(True)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = save_char_tokenizer(out)
+    model = build(cfg, tok)
+    batcher = Batcher(cfg, tok)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    canvas_rng = random.Random(f"canvas/{cfg.seed}")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, desc=f"train {cfg.family}", unit="step")
+    log_path = out / "loss_log.jsonl"
+    log_file = log_path.open("w")     # written as it goes, so a long run can be watched
+    t0 = time.perf_counter()
+    running = None
+    for step in range(cfg.steps):
+        if cfg.family == "ar":
+            ids, att, P = batcher.next(None)
+        else:
+            G = canvas_rng.choices(cfg.canvas, weights=cfg.canvas_weights)[0]
+            ids, att, P = batcher.next(G)
+        ids, att = ids.to(cfg.device), att.to(cfg.device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        if cfg.family == "ar":
+            loss = ar_loss(model, ids, att, P)
+        else:
+            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        val = float(loss.detach())
+        running = val if running is None else 0.95 * running + 0.05 * val
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            log_file.write(json.dumps({"step": step, "loss": round(val, 5), "smoothed": round(running, 5),
+                                       "lr": round(lr_at(step), 7),
+                                       "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
+            log_file.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}")
+    if bar is not None:
+        bar.close()
+    log_file.close()
+
+    model.eval().requires_grad_(False)
+    if cfg.family == "ar":
+        model.save_pretrained(str(out))
+    else:
+        from dllm_decode.models import save_pretrained
+        save_pretrained(model, out)
+    meta = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(description="Train a reference model on the task suite.")
+    ap.add_argument("--family", choices=("llada", "dream", "ar"), default=d.family)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--tasks", default=",".join(d.tasks))
+    for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "seed",
+                 "threads", "warmup"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--canvas", default=",".join(map(str, d.canvas)),
+                    help="generation lengths to train at, sampled per batch")
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    canvas = tuple(int(c) for c in a.canvas.split(","))
+    weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
+    cfg = TrainConfig(family=a.family, out=a.out, tasks=tuple(a.tasks.split(",")), steps=a.steps,
+                      batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
+                      n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
+                      canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device)
+    print(train(cfg, progress=not a.no_progress))
+
+
+if __name__ == "__main__":
+    main()

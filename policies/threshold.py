@@ -1,0 +1,68 @@
+"""Fast-dLLM's confidence-aware parallel decoding (NVlabs/Fast-dLLM ``llada/generate.py``;
+ALGORITHMS.md §3.1-3.2) as a ``select_tokens`` plugin.
+
+- ``mode: threshold`` (``get_transfer_index``): commit every eligible (masked, in-span) token
+  whose confidence is at or above ``threshold``; when none is, the single most confident one,
+  so every step makes progress.
+- ``mode: factor`` (``get_transfer_index_dynamic``): with c_1 >= c_2 >= ... >= c_N the sorted
+  eligible confidences, commit the top n while c_i >= 1 - factor / (i + 1) for i = 2..n (the
+  test for i = 1 is skipped). Reference quirk, kept: when the first failing index is the last
+  one (i = N), all N tokens are still committed.
+
+The span and the scores come from other slots (``llada`` by default), so ``steps`` only sets the
+engine's step cap here: decoding of a block runs until it has no mask left.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.plugins import PluginMeta, PluginOptions
+from dllm_decode.sampling import topk_mask
+
+
+class Options(PluginOptions):
+    mode: Literal["threshold", "factor"] = Field(
+        "threshold", description="threshold: commit every token with confidence >= threshold; "
+        "factor: commit the longest prefix of the sorted confidences with (i+1)(1-c_i) < factor.")
+    threshold: float = Field(0.9, ge=0.0, le=1.0, description="Confidence at or above which a token "
+                             "is committed (mode threshold).")
+    factor: float = Field(1.0, gt=0.0, description="The factor f of the rule c_i >= 1 - f/(i+1) "
+                          "(mode factor).")
+
+
+dllm_meta = PluginMeta(summary="Fast-dLLM parallel decoding: commit above a confidence threshold "
+                       "(or by the factor rule), always at least the best token", options=Options)
+
+
+def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) confidences (-inf where not eligible) -> (B, L) bool: every entry >= threshold,
+    plus each row's best entry."""
+    best = topk_mask(confidence, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
+    return best | ((confidence >= threshold) & (confidence > float("-inf")))
+
+
+def factor_count(confidence: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, L) confidences -> (B,) number of tokens the factor rule commits (>= 1 where any is
+    eligible)."""
+    c = torch.sort(confidence, dim=-1, descending=True).values             # (B, L)
+    n = (confidence > float("-inf")).sum(-1)                               # (B,)
+    i = torch.arange(c.shape[-1], device=c.device)                         # 0-based rank
+    thr = 1.0 - factor / (i + 2).to(c.dtype)                               # rank i is the (i+1)-th
+    thr[0] = -1.0                                                           # the best always passes
+    fails = (c < thr) & (i[None, :] < n[:, None])                          # (B, L)
+    first = torch.where(fails.any(-1), fails.long().argmax(-1), n - 1)     # (B,)
+    # the reference adds one when the stop index is the first or the last rank
+    return torch.where((first == 0) | (first == n - 1), first + 1, first).clamp(max=n)
+
+
+@hookimpl
+def select_tokens(candidates, options):
+    conf = candidates.confidence
+    if options.mode == "threshold":
+        return threshold_commit(conf, options.threshold)
+    return topk_mask(conf, factor_count(conf, options.factor))

@@ -1,0 +1,79 @@
+"""The shipped reference checkpoints: formats, size budget, and accuracy floors on held-out
+problems at fast settings, so an engine or model regression shows up as lost accuracy."""
+
+from pathlib import Path
+
+import pytest
+
+from dllm_decode.config import load_recipe
+from dllm_decode.evaluate import evaluate, evaluate_ar, load_ar
+from dllm_decode.models import load_model
+from dllm_decode.recipes import find_recipe
+from dllm_decode.tasks import REFERENCE_MIX, get_task
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+N = 24      # held-out problems per task: enough for a floor, cheap enough for every run
+
+
+def _problems(tasks=REFERENCE_MIX, n=N):
+    return [p for t in tasks for p in get_task(t).problems("test", n, seed=0)]
+
+
+def _recipe(tokens_per_step=1, block=32, gen=96):
+    return load_recipe(find_recipe("llada"), overrides=[
+        f"generation.gen_length={gen}", f"generation.block_length={block}",
+        f"generation.steps={gen // tokens_per_step}", "generation.batch_size=64"])
+
+
+def test_shipped_directories_and_size_budget():
+    total = 0
+    for name in ("llada-reference", "dream-reference", "ar-reference"):
+        d = MODELS / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "README.md"):
+            assert (d / f).is_file(), d / f
+        assert "| tokens / step |" in (d / "README.md").read_text()
+        total += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+    assert total <= 40 * 2 ** 20
+
+
+def test_one_tokenizer_for_all_three():
+    from transformers import AutoTokenizer
+
+    vocabs = [AutoTokenizer.from_pretrained(str(MODELS / n)).get_vocab()
+              for n in ("llada-reference", "dream-reference", "ar-reference")]
+    assert vocabs[0] == vocabs[1] == vocabs[2]
+
+
+@pytest.fixture(scope="module")
+def llada():
+    return load_model(MODELS / "llada-reference")
+
+
+def test_llada_reference_one_token_per_step(llada):
+    res = evaluate(*llada, _recipe(1, 32), _problems())
+    for task, v in res.per_task.items():
+        assert v["accuracy"] >= 0.9, (task, v)
+
+
+def test_llada_reference_parallel_decoding_hurts_only_dependency_tasks(llada):
+    """4 tokens per forward in the baseline's blocks: the control task holds, the tasks whose
+    positions must agree lose accuracy (the trade-off policies exist to win)."""
+    res = evaluate(*llada, _recipe(4, 32), _problems())
+    assert res.per_task["copy"]["accuracy"] >= 0.9, res.per_task
+    for task in ("repeat", "distinct"):
+        assert res.per_task[task]["accuracy"] <= 0.8, res.per_task
+
+
+def test_dream_reference(tmp_path):
+    model, tok = load_model(MODELS / "dream-reference")
+    assert model.spec.shift_logits
+    res = evaluate(model, tok, _recipe(1, 32), _problems(n=16))
+    for task, v in res.per_task.items():
+        assert v["accuracy"] >= 0.85, (task, v)
+
+
+def test_ar_reference_greedy():
+    model, tok = load_ar(str(MODELS / "ar-reference"))
+    res = evaluate_ar(model, tok, _problems(), max_new_tokens=96)
+    for task, v in res.per_task.items():
+        assert v["accuracy"] >= 0.85, (task, v)
