@@ -22,8 +22,11 @@ from dllm_decode.tasks import REFERENCE_MIX, get_task
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
 BLOCKS = (8, 32, None)          # None: one block over the whole canvas
-HEADLINE = ((1, 32), (4, 32))   # the baseline recipe's block, one and four tokens per forward
+HEADLINE = ((1, None), (4, None))   # the baseline recipe (one block), one and four tokens per forward
 GRID = tuple((k, b) for k in TOKENS_PER_STEP for b in BLOCKS)
+
+
+KEEP = "## Limitations"     # a card section kept as written when the card is re-measured
 
 
 def is_ar_checkpoint(path: Path) -> bool:
@@ -168,7 +171,11 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=machine(),
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
         rel=path.as_posix(), args=args)
-    (path / "README.md").write_text(card)
+    readme = path / "README.md"
+    if readme.exists() and KEEP in readme.read_text():
+        # hand-written notes survive a re-measure
+        card += "\n" + readme.read_text()[readme.read_text().index(KEEP):]
+    readme.write_text(card)
     (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": machine(),
                                                 "tables": [{"title": t, "rows": r} for t, r in tables]},
                                                indent=2) + "\n")
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))
     else:
-        tables.append((f"Baseline recipe (block 32), {a.n} problems per task:",
+        tables.append((f"Baseline recipe (one block over the canvas), {a.n} problems per task:",
                        diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE)))
         if a.grid_n:
             tables.append((f"Tokens per step x block length, {a.grid_n} problems per task:",

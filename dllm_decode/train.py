@@ -57,6 +57,7 @@ class TrainConfig:
     canvas: tuple[int, ...] = (96, 128, 256)   # generation lengths sampled per batch
     canvas_weights: tuple[float, ...] = (6.0, 2.5, 1.5)
     eps: float = 1e-3
+    mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -126,7 +127,7 @@ class Batcher:
 
 
 def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
-                mix: tuple[float, float, float] = (0.5, 0.25, 0.25)) -> tuple[Tensor, Tensor]:
+                mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> tuple[Tensor, Tensor]:
     """Choose the masked answer positions of each row -> masked (B, L) bool, weight (B,).
 
     A row follows one of three schemes (probabilities `mix`):
@@ -137,17 +138,23 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
       eos     the state low-confidence decoding visits, where the confident EOS padding is
               committed before the answer: answer masked with probability t, EOS padding with
               probability t * v (v ~ U(0, 1)); weight G / #masked.
-    A small model trained on iid masks alone never sees these states and fails in them.
+    A small model trained on iid masks alone rarely sees these states and does worse in them
+    (semi-autoregressive blocks especially); the shipped reference models use iid alone, the
+    default, because the mixture did not train within the CPU budget (see the model cards).
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P
     u = torch.rand(1, generator=gen).item()
     t = eps + (1 - eps) * ((torch.arange(B) + u) / B)[torch.randperm(B, generator=gen)]   # (B,)
-    scheme = torch.multinomial(torch.tensor(mix), B, replacement=True, generator=gen)    # (B,)
     draw = torch.rand(B, G, generator=gen)                                                # (B, G)
-    col = torch.arange(G).unsqueeze(0)                                                    # (1, G)
-
     iid = draw < t[:, None]
+    masked = torch.zeros(B, L, dtype=torch.bool)
+    if mix[1] == 0 and mix[2] == 0:           # LLaDA's objective alone (the default)
+        masked[:, P:] = iid
+        return masked.to(ids.device), (1.0 / t).to(ids.device)
+
+    scheme = torch.multinomial(torch.tensor(mix), B, replacement=True, generator=gen)    # (B,)
+    col = torch.arange(G).unsqueeze(0)                                                    # (1, G)
     bs = torch.where(torch.rand(B, generator=gen) < 0.5, 8, 32)                          # (B,)
     n_blocks = (G + bs - 1) // bs
     start = (torch.rand(B, generator=gen) * n_blocks).long() * bs                         # (B,)
@@ -160,17 +167,16 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     gen_mask = torch.where((scheme == 0)[:, None], iid, torch.where((scheme == 1)[:, None], block, eos))
     n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
     weight = torch.where(scheme == 0, 1.0 / t, G / n)
-    masked = torch.zeros(B, L, dtype=torch.bool)
     masked[:, P:] = gen_mask
     return masked.to(ids.device), weight.to(ids.device)
 
 
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
-                   gen: torch.Generator) -> Tensor:
+                   gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows)."""
     B, L = ids.shape
-    masked, weight = mask_canvas(ids, P, eos_id, eps, gen)
+    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy, attention_mask=att)                                  # (B, L, V)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
@@ -258,7 +264,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         if cfg.family == "ar":
             loss = ar_loss(model, ids, att, P)
         else:
-            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen)
+            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
+                                  cfg.mask_mix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -302,6 +309,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--canvas", default=",".join(map(str, d.canvas)),
                     help="generation lengths to train at, sampled per batch")
+    ap.add_argument("--mask-mix", default=",".join(map(str, d.mask_mix)),
+                    help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
@@ -310,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = TrainConfig(family=a.family, out=a.out, tasks=tuple(a.tasks.split(",")), steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                       n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
-                      canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device)
+                      canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
+                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")))
     print(train(cfg, progress=not a.no_progress))
 
 

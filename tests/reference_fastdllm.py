@@ -5,6 +5,8 @@ reference_llada: the mask token is never a candidate."""
 import torch
 import torch.nn.functional as F
 
+from reference_llada import prompt_canvas
+
 
 def _commit_count_factor(sorted_conf, factor):
     """The reference's loop: first failing rank, +1 when it is the first or the last."""
@@ -22,13 +24,8 @@ def _commit_count_factor(sorted_conf, factor):
 
 def fastdllm_generate(model, prompts, *, mask_id, pad_id, gen_length, block_length, threshold=None,
                       factor=None):
-    B, P, G = len(prompts), max(len(p) for p in prompts), gen_length
-    x = torch.full((B, P + G), mask_id, dtype=torch.long)
-    attn = torch.zeros((B, P + G), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        x[i, : P - len(p)] = pad_id
-        x[i, P - len(p): P] = torch.tensor(p)
-        attn[i, P - len(p):] = True
+    B, G = len(prompts), gen_length
+    x, attn, P = prompt_canvas(prompts, mask_id, pad_id, G)
     nfe = 0
     for b in range(G // block_length):
         lo, hi = P + b * block_length, P + (b + 1) * block_length

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 
-def llada_generate(model, prompts, *, mask_id, pad_id, steps, gen_length, block_length,
-                   cfg_scale=0.0, remasking="low_confidence", generator=None):
+def prompt_canvas(prompts, mask_id, pad_id, gen_length):
+    """Left-padded prompts followed by gen_length masks -> x (B, P+G), attention (B, P+G), P."""
     B, P, G = len(prompts), max(len(p) for p in prompts), gen_length
     x = torch.full((B, P + G), mask_id, dtype=torch.long)
     attn = torch.zeros((B, P + G), dtype=torch.bool)
@@ -18,6 +18,13 @@ def llada_generate(model, prompts, *, mask_id, pad_id, steps, gen_length, block_
         x[i, : P - len(p)] = pad_id
         x[i, P - len(p): P] = torch.tensor(p)
         attn[i, P - len(p):] = True
+    return x, attn, P
+
+
+def llada_generate(model, prompts, *, mask_id, pad_id, steps, gen_length, block_length,
+                   cfg_scale=0.0, remasking="low_confidence", generator=None):
+    B, G = len(prompts), gen_length
+    x, attn, P = prompt_canvas(prompts, mask_id, pad_id, G)
     prompt_index = x != mask_id
     assert G % block_length == 0
     num_blocks = G // block_length

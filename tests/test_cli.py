@@ -77,3 +77,28 @@ def test_plugins_table_and_block():
     out = _run("plugins", "--block", "none")
     assert out.returncode == 0
     assert "llada" in out.stdout and "\nnone " not in out.stdout
+
+
+def test_generate_scores_held_out_task_problems():
+    out = _run("generate", "--model", "models/llada-reference", "--task", "copy,repeat", "--n", "2", "--json",
+               "--set", "generation.steps=24")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    assert [r["task"] for r in rows] == ["copy", "copy", "repeat", "repeat"]
+    assert all(isinstance(r["correct"], bool) and r["nfe"] == 24 for r in rows)
+    bad = _run("generate", "--model", "models/llada-reference", "--task", "nope")
+    assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr
+
+
+def test_model_card_command_writes_the_table(tmp_path):
+    import shutil
+
+    card = tmp_path / "llada-reference"
+    shutil.copytree(ROOT / "models" / "llada-reference", card)
+    (card / "README.md").unlink()
+    out = subprocess.run([sys.executable, "-m", "dllm_decode.model_card", str(card), "--n", "2", "--grid-n", "0",
+                          "--write"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    text = (card / "README.md").read_text()
+    assert "| 1 | full |" in text and "| 4 | full |" in text and "python -m dllm_decode.train --family llada" in text
+    assert json.loads((card / "eval.json").read_text())["tables"][0]["rows"][0]["tokens_per_step"] == 1

