@@ -153,7 +153,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
         masked[:, P:] = iid
         return masked.to(ids.device), (1.0 / t).to(ids.device)
 
-    scheme = torch.multinomial(torch.tensor(mix), B, replacement=True, generator=gen)    # (B,)
+    scheme = torch.multinomial(torch.tensor(mix, dtype=torch.float), B, replacement=True, generator=gen)    # (B,)
     col = torch.arange(G).unsqueeze(0)                                                    # (1, G)
     bs = torch.where(torch.rand(B, generator=gen) < 0.5, 8, 32)                          # (B,)
     n_blocks = (G + bs - 1) // bs

@@ -77,3 +77,22 @@ def test_each_family_writes_a_loadable_checkpoint(tmp_path):
     out = train(_tiny("ar", tmp_path / "ar", steps=1), progress=False)
     ar = AutoModelForCausalLM.from_pretrained(str(out))
     assert ar.config.model_type == "llama" and ar.config.vocab_size == len(build_char_tokenizer())
+
+
+def test_block_rows_mask_like_semi_autoregressive_decoding():
+    """mix (0, 1, 0): each row reveals a block-aligned prefix, partly masks one block and masks
+    everything after it; the prompt never."""
+    from dllm_decode.train import mask_canvas
+
+    P, G = 7, 64
+    ids = torch.full((32, P + G), 9)
+    masked, weight = mask_canvas(ids, P, eos_id=2, eps=1e-3, gen=torch.Generator().manual_seed(0), mix=(0, 1, 0))
+    assert not masked[:, :P].any()
+    for row, w in zip(masked[:, P:], weight):
+        cols = row.nonzero().flatten().tolist()
+        assert cols, "a block row always masks the suffix after its block"
+        first = cols[0]
+        start = first - first % 8
+        assert not row[:start].any()
+        assert row[start + 32:].all() or row[start + 8:].all()
+        assert torch.isclose(w, torch.tensor(G / len(cols), dtype=w.dtype))
