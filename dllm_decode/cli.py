@@ -138,27 +138,20 @@ def _task_problems(args: argparse.Namespace) -> list:
 
 
 def _decode_problems(model, tokenizer, recipe, pm, policy, problems, args) -> int:
-    from dllm_decode.engine import Decoder
-    from dllm_decode.tasks import get_task
+    from dllm_decode.evaluate import evaluate
 
-    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
-    ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
-    result = decoder.generate(ids, progress=not args.no_progress and sys.stderr.isatty())
-    rows = []
-    for p, r in zip(problems, result.rows):
-        ok = get_task(p.task).score(p, r.text or "")
-        rows.append({"task": p.task, "index": p.index, "prompt": p.prompt, "completion": r.text,
-                     "correct": ok, "nfe": r.nfe, "seconds": round(r.seconds, 6)})
+    res = evaluate(model, tokenizer, recipe, problems, pm=pm, policy=policy,
+                   progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         print(json.dumps({"model": str(args.model or recipe.model.path), "recipe": recipe.source,
-                          "rows": rows}, indent=2))
+                          "seconds_per_problem": round(res.seconds_per_problem, 6),
+                          "rows": [r.as_dict() for r in res.records]}, indent=2))
         return 0
-    for row in rows:
-        print(f"[{row['task']} #{row['index']}] {row['prompt'].rstrip()}")
-        print("  " + (row["completion"] or "").replace("\n", "\n  "))
-        print(f"  -> {'correct' if row['correct'] else 'wrong'} (nfe {row['nfe']})")
-    acc = sum(r["correct"] for r in rows) / len(rows)
-    print(f"exact match {acc:.3f} on {len(rows)} held-out problem(s)", file=sys.stderr)
+    for r in res.records:
+        print(f"[{r.task} #{r.index}] {r.prompt.rstrip()}")
+        print("  " + r.completion.replace("\n", "\n  "))
+        print(f"  -> {'correct' if r.correct else 'wrong'} (nfe {r.nfe})")
+    print(f"exact match {res.accuracy:.3f} on {len(res.records)} held-out problem(s)", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from dllm_decode.models.loader import encode_prompts
 from dllm_decode.tasks import Problem, get_task
 
 
@@ -66,12 +67,13 @@ def _generated_tokens(ids: Sequence[int], eos_ids: set[int]) -> int:
     return len(ids)
 
 
-def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None) -> EvalResult:
+def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None, policy=None,
+             progress: bool = False) -> EvalResult:
     """Decode every problem with `model` under `recipe` (task by task, batched as the recipe
-    says) and score it with its task's scorer."""
+    says) and score it with its task's scorer. `policy`: an already resolved recipe policy."""
     from dllm_decode.engine import Decoder
 
-    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer)
+    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
     eos = {int(model.spec.eos_token_id)} | ({int(model.spec.eot_token_id)} if model.spec.eot_token_id is not None
                                            else set())
     records: list[ProblemRecord] = []
@@ -81,7 +83,7 @@ def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None) -> 
         group = [p for p in problems if p.task == name]
         ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
         t0 = time.perf_counter()
-        result = decoder.generate(ids)
+        result = decoder.generate(ids, progress=progress)
         seconds[name] = time.perf_counter() - t0
         for p, row in zip(group, result.rows):
             records.append(ProblemRecord(name, p.index, p.prompt, row.text or "", task.score(p, row.text or ""),
@@ -104,14 +106,10 @@ def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: i
         t0 = time.perf_counter()
         for s in range(0, len(group), batch_size):
             chunk = group[s:s + batch_size]
-            rows = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in chunk]
-            P = max(len(r) for r in rows)
-            ids = torch.full((len(rows), P), pad, dtype=torch.long)
-            att = torch.zeros(len(rows), P, dtype=torch.long)
-            for b, r in enumerate(rows):
-                ids[b, P - len(r):] = torch.tensor(r)
-                att[b, P - len(r):] = 1
-            out = model.generate(input_ids=ids.to(model.device), attention_mask=att.to(model.device),
+            ids, att = encode_prompts(tokenizer, [p.prompt for p in chunk], pad_token_id=pad,
+                                      device=model.device, add_special_tokens=False)
+            P = ids.shape[1]
+            out = model.generate(input_ids=ids, attention_mask=att.long(),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=pad)
             for p, gen in zip(chunk, out[:, P:].tolist()):

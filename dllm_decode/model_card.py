@@ -172,9 +172,9 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
         rel=path.as_posix(), args=args)
     readme = path / "README.md"
-    if readme.exists() and KEEP in readme.read_text():
-        # hand-written notes survive a re-measure
-        card += "\n" + readme.read_text()[readme.read_text().index(KEEP):]
+    old = readme.read_text() if readme.exists() else ""
+    if KEEP in old:
+        card += "\n" + old[old.index(KEEP):]    # hand-written notes survive a re-measure
     readme.write_text(card)
     (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": machine(),
                                                 "tables": [{"title": t, "rows": r} for t, r in tables]},
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     path, tasks = Path(a.model), tuple(a.tasks.split(","))
     tables = []
-    if is_ar_checkpoint(path):
+    ar = is_ar_checkpoint(path)
+    if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))
     else:
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         print(title)
         print(render(rows, tasks))
     if a.write:
-        args = f"--n {a.n} " + (f"--grid-n {a.grid_n} " if not is_ar_checkpoint(path) else "")
+        args = f"--n {a.n} " + ("" if ar else f"--grid-n {a.grid_n} ")
         write_card(path, tables, tasks, a.gen_length, a.seed, args)
 
 

@@ -84,22 +84,16 @@ class Batcher:
     def __init__(self, cfg: TrainConfig, tok) -> None:
         self.cfg = cfg
         self.vocab = tok.get_vocab()
-        self.eos, self.pad, self.mask = tok.eos_token_id, tok.pad_token_id, tok.mask_token_id
-        self.tasks = [get_task(n) for n in cfg.tasks]
+        self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
         self.rng = random.Random(f"train/{cfg.seed}")
-        self.task_rngs = [random.Random(f"{t.name}/train/{cfg.seed}") for t in self.tasks]
-        from dllm_decode.tasks import split_of
-        self._split_of = split_of
+        self.streams = [get_task(n).stream("train", cfg.seed) for n in cfg.tasks]
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
 
     def _sample(self) -> tuple[list[int], list[int]]:
-        i = self.rng.randrange(len(self.tasks))
-        while True:
-            prompt, answer, _ = self.tasks[i].sample(self.task_rngs[i])
-            if self._split_of(prompt) == "train":
-                return self._encode(prompt), self._encode(answer)
+        p = next(self.streams[self.rng.randrange(len(self.streams))])
+        return self._encode(p.prompt), self._encode(p.answer)
 
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
         """-> ids (B, P + G) long, attention mask (B, P + G) bool, prompt width P. With

@@ -157,7 +157,7 @@ def load_tokenizer(path: str | os.PathLike, family: str | None = None):
 
 
 def encode_prompts(tokenizer, prompts: list[str], *, chat: bool = False, pad_token_id: int,
-                   device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
+                   device: str | torch.device = "cpu", add_special_tokens: bool = True) -> tuple[Tensor, Tensor]:
     """Tokenize prompts (chat=True applies the tokenizer's chat template with a generation
     prompt, as the instruct models expect) and left-pad them: -> input_ids (B, P) long,
     attention_mask (B, P) bool."""
@@ -169,7 +169,7 @@ def encode_prompts(tokenizer, prompts: list[str], *, chat: bool = False, pad_tok
             # the template already holds the BOS / role tokens
             rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         else:
-            rows.append(tokenizer(p)["input_ids"])
+            rows.append(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
     P = max(len(r) for r in rows)
     ids = torch.full((len(rows), P), pad_token_id, dtype=torch.long)
     mask = torch.zeros(len(rows), P, dtype=torch.bool)

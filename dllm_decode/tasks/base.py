@@ -8,10 +8,11 @@ options) check validity instead of comparing with one reference string.
 
 from __future__ import annotations
 
+import itertools
 import random
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 FINAL = "#### "
 TEST_BUCKETS = 5        # a prompt is held out when crc32(prompt) % TEST_BUCKETS == 0
@@ -61,17 +62,22 @@ class Task:
     def sample(self, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         raise NotImplementedError
 
-    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
-        """The first `n` problems of the `split` stream for `seed` (deterministic)."""
+    def stream(self, split: str, seed: int = 0) -> Iterator[Problem]:
+        """The endless, deterministic stream of `split` problems for `seed` (training reads it
+        batch by batch; evaluation takes a prefix with `problems`)."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         rng = random.Random(f"{self.name}/{split}/{seed}")
-        out: list[Problem] = []
-        while len(out) < n:
+        index = 0
+        while True:
             prompt, answer, meta = self.sample(rng)
             if split_of(prompt) == split:
-                out.append(Problem(self.name, len(out), prompt, answer, meta))
-        return out
+                yield Problem(self.name, index, prompt, answer, meta)
+                index += 1
+
+    def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
+        """The first `n` problems of the `split` stream for `seed`."""
+        return list(itertools.islice(self.stream(split, seed), n))
 
     def is_valid(self, problem: Problem, final: str) -> bool:
         return final == problem.target
