@@ -272,7 +272,7 @@ class Decoder:
             where = torch.nonzero(commit & ~eligible)[:5].tolist()
             raise self._error("select_tokens", state, "committed positions that are not masked, outside "
                               f"the span, or in a finished row (row, column): {where}")
-        if f_stall:
+        if f_stall and not self.policy.idle_steps:
             rows = torch.nonzero(active & (n_commit == 0)).flatten().tolist()
             raise self._error("select_tokens", state, f"committed nothing in unfinished row(s) {rows}")
 

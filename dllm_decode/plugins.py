@@ -48,6 +48,10 @@ class PluginMeta:
     ``revocable``: may re-mask committed tokens (WINO-style); the engine records every re-mask.
     ``exact``: for caches, whether tokens equal those of a plain forward (None: not a cache).
     ``requires``: model capabilities the plugin needs (e.g. ``"compute_plans"``).
+    ``idle_steps``: as ``select_tokens``, may commit nothing in a step, because its reference
+    schedule rounds a step's count down to zero (Dream) or draws it at random (Dream's
+    ``origin``). The engine then skips its no-progress check; ``generation.max_steps`` still
+    bounds the request.
     """
 
     summary: str = ""
@@ -55,6 +59,7 @@ class PluginMeta:
     revocable: bool = False
     exact: bool | None = None
     requires: tuple[str, ...] = ()
+    idle_steps: bool = False
 
 
 DEFAULT_META = PluginMeta()

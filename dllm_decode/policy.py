@@ -44,6 +44,11 @@ class BoundPolicy:
         name = self.plugin_for("select_tokens")
         return bool(name and self.metas[name].revocable)
 
+    @property
+    def idle_steps(self) -> bool:
+        name = self.plugin_for("select_tokens")
+        return bool(name and self.metas[name].idle_steps)
+
 
 def _where(recipe: Recipe) -> str:
     return recipe.source or "<recipe>"

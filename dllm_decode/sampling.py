@@ -56,3 +56,34 @@ def token_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     """softmax(float64 logits) at ``tokens``: (B, q, V), (B, q) -> (B, q) float64."""
     probs = torch.softmax(logits.to(torch.float64), dim=-1)
     return probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter (Dream / HF form): keep the smallest prefix of the sorted distribution whose
+    cumulative probability exceeds ``top_p``, always the best token; the rest get the dtype's
+    lowest value. ``(..., V)`` -> same shape."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+    drop = cum > top_p
+    drop[..., 1:] = drop[..., :-1].clone()      # shift right: the token crossing top_p stays
+    drop[..., 0] = False
+    remove = torch.zeros_like(drop).scatter_(-1, order, drop)
+    return logits.masked_fill(remove, torch.finfo(logits.dtype).min)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the ``top_k`` largest logits (ties with the k-th kept too); ``(..., V)``."""
+    k = min(top_k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def gumbel_topk_keys(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Keys whose top-n is a draw of n positions without replacement from softmax(scores / T).
+
+    The Gumbel-top-k trick: batched, with a different n per row, and never short of candidates
+    (``torch.multinomial`` refuses rows with fewer non-zero weights than samples). ``-inf``
+    scores stay ``-inf``."""
+    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
+    g = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return scores.to(torch.float64) / temperature + g

@@ -127,6 +127,10 @@ class Denoiser(nn.Module):
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         pos = plan.position_ids if plan.position_ids is not None else \
             position_ids_from_mask(mask, B, L, dev)                         # (B, L)
+        if plan.key_limit is not None:
+            # positions were taken from the full mask above: cutting keys must not renumber them
+            cut = torch.arange(L, device=dev)[None, :] < plan.key_limit.to(dev)[:, None]   # (B, L)
+            mask = cut if mask is None else mask & cut
 
         if plan.index is None:
             s, e = plan.fed_range(L)

@@ -86,6 +86,9 @@ class ComputePlan:
                     computed so the right shift stays exact.
     position_ids    (B, L) explicit RoPE positions for the whole canvas, overriding the ones
                     derived from the attention mask.
+    key_limit       (B,) LongTensor: row b attends only to canvas positions < key_limit[b], as if
+                    the canvas were cut there (APD's lookahead M, per row). Positions keep their
+                    RoPE index; logits at or after the limit are meaningless.
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
     name            Free-form label for tracing.
@@ -105,6 +108,7 @@ class ComputePlan:
     full_layers: tuple[int, ...] = ()
     out_start: int | None = None
     position_ids: Tensor | None = None
+    key_limit: Tensor | None = None
     shift: bool | None = None
     name: str = "full"
 
@@ -186,6 +190,12 @@ class ComputePlan:
         the logits are bit-identical to a plain forward."""
         return cls(write_kv=True, write_features=features, out_start=out_start,
                    name="refresh+features" if features else "refresh")
+
+    @classmethod
+    def lookahead(cls, key_limit: Tensor) -> "ComputePlan":
+        """Plain forward in which row b sees only canvas positions < key_limit[b] (B,): the
+        per-row version of feeding x[:, :key_limit] (APD's max_lookahead). No store needed."""
+        return cls(key_limit=key_limit, name="lookahead")
 
     @classmethod
     def window(cls, start: int, end: int) -> "ComputePlan":

@@ -1,0 +1,155 @@
+"""Dream's ``diffusion_generate`` sampler (HKUNLP/Dream ``generation_utils.py``; ALGORITHMS.md §2)
+and Fast-dLLM's Dream block variant (``generation_utils_block.py``; §3.5) as plugins.
+
+- ``choose_span``: the current block of ``generation.block_length`` (one block, the whole
+  canvas, unless the recipe sets a block length: Dream itself has no blocks).
+- ``score``: ``sample_tokens``: logits / T, top-p, top-k, softmax; the token is the argmax
+  (T = 0) or a draw; the confidence is its probability (``maskgit_plus``,
+  ``confidence_threshold``), top-1 minus top-2 (``topk_margin``) or the negative entropy
+  (``entropy``), all on the filtered, tempered distribution (LLaDA scores the raw one).
+- ``select_tokens``: Dream's schedule ``linspace(1, eps, steps_per_block + 1)``: at step i of a
+  block ``int(n_masked * (1 - s/t))`` tokens (all that remain at the last step), the top ones
+  by confidence, or positions drawn from ``softmax(conf / alg_temp)``; ``origin`` instead
+  commits each masked position with probability ``1 - s/t``. Both may commit nothing in a
+  step: with ``steps == gen_length`` the first step commits 0 tokens (``int(0.999)``), which
+  is Dream's behaviour and why this plugin declares ``idle_steps``.
+  ``confidence_threshold`` commits everything at or above ``threshold``, at least the best.
+  ``first_token`` (Fast-dLLM's block sampler) commits only the block's first position at the
+  first step of every block, then runs the schedule from index 1.
+
+Differences from the reference, all invisible at batch 1: the count uses each row's own masks
+where Dream takes the batch mean (equal there, since Dream's rows always hold the same number
+of masks); rows move through blocks independently; randomness comes from the request's
+generator, so T > 0 draws differ from Dream's global RNG.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.plugins import PluginMeta, PluginOptions
+from dllm_decode.sampling import gumbel_topk_keys, top_k_filter, top_p_filter, topk_mask
+from dllm_decode.state import Candidates
+from dllm_decode.policies.llada import current_block
+from dllm_decode.policies.threshold import threshold_commit
+
+Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"]
+
+
+class Options(PluginOptions):
+    alg: Alg = Field("entropy", description="Order of commits: origin (random, arXiv 2107.03006), "
+                     "maskgit_plus (top-1 probability), topk_margin (top-1 minus top-2), entropy "
+                     "(negative entropy; Dream's evaluation default), confidence_threshold "
+                     "(Fast-dLLM: every token with probability >= threshold).")
+    alg_temp: float | None = Field(None, ge=0.0, description="> 0: draw the committed positions "
+                                   "from softmax(confidence / alg_temp) instead of taking the top ones.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus filter before sampling.")
+    top_k: int | None = Field(None, ge=1, description="Top-k filter before sampling.")
+    eps: float = Field(1e-3, gt=0.0, lt=1.0, description="Last time of the schedule linspace(1, eps).")
+    threshold: float = Field(0.9, ge=0.0, le=1.0, description="Confidence threshold of "
+                             "alg confidence_threshold.")
+    first_token: bool = Field(False, description="Fast-dLLM's Dream block sampler: the first step "
+                              "of every block commits the block's first position and nothing else.")
+
+
+dllm_meta = PluginMeta(summary="Dream sampler: linspace schedule, maskgit/margin/entropy/origin, "
+                       "top-p/top-k; Fast-dLLM's block variant", options=Options, idle_steps=True)
+
+
+@hookimpl
+def check_recipe(recipe, options, slots):
+    gen = recipe.generation
+    if "select_tokens" not in slots:
+        return []
+    problems = []
+    if gen.total_steps % gen.blocks:
+        problems.append(f"generation.steps ({gen.total_steps}) must be a multiple of the number of blocks "
+                        f"({gen.blocks})")
+    elif options.first_token and options.alg != "confidence_threshold" and gen.total_steps // gen.blocks < 2:
+        problems.append(f"first_token needs at least 2 steps per block (generation.steps {gen.total_steps}, "
+                        f"{gen.blocks} blocks): the first only commits the block's first position")
+    return problems
+
+
+@hookimpl
+def choose_span(state):
+    return current_block(state)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
+                  alg: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream's ``sample_tokens``: (B, q, V) logits -> tokens (B, q) long, confidence (B, q) float64."""
+    logits = logits.to(torch.float64)
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)                                   # (B, q, V)
+    if temperature > 0:
+        B, q, V = probs.shape
+        x0 = torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(B, q)
+        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        conf, x0 = probs.max(dim=-1)
+    if alg == "topk_margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return x0, conf
+
+
+@hookimpl
+def score(state, logits, options):
+    x0, conf = sample_tokens(logits, state.config.temperature, options.top_p, options.top_k,
+                             options.alg, state.generator)
+    return Candidates(tokens=x0, confidence=conf)
+
+
+def schedule_fraction(i: torch.Tensor, steps: int, eps: float) -> torch.Tensor:
+    """(B,) step indices -> float32 ``1 - s/t`` with t, s = linspace(1, eps, steps + 1)[i, i+1],
+    in float32 as Dream computes it (its integer flooring depends on that rounding)."""
+    ts = torch.linspace(1, eps, steps + 1, device=i.device)                 # float32
+    idx = i.clamp(max=steps - 1)
+    return 1 - ts[idx + 1] / ts[idx]
+
+
+@hookimpl
+def select_tokens(state, candidates, options, scratch):
+    gen = state.config
+    spb = gen.total_steps // gen.blocks                                     # steps per block
+    start = state.span[:, 0]                                                # (B,)
+    eligible, conf = candidates.eligible, candidates.confidence             # (B, L)
+    if "start" not in scratch:
+        scratch.update(start=torch.full_like(start, -1), i=torch.zeros_like(start))
+    new = start != scratch["start"]                                         # rows entering a block
+    i = torch.where(new, 0, scratch["i"])                                   # (B,) schedule index
+
+    if options.alg == "confidence_threshold":
+        commit = threshold_commit(conf, options.threshold)
+    else:
+        n_masked = eligible.sum(dim=1)                                      # (B,)
+        last = i >= spb - 1
+        frac = schedule_fraction(i, spb, options.eps)                       # (B,) float32
+        if options.alg == "origin":
+            u = torch.rand(eligible.shape, dtype=torch.float32, device=eligible.device,
+                           generator=state.generator)
+            commit = eligible & ((u < frac[:, None]) | last[:, None])
+        else:
+            n = torch.where(last, n_masked, (n_masked.to(torch.float32) * frac).long())   # int() floors
+            keys = conf if not options.alg_temp else gumbel_topk_keys(conf, options.alg_temp, state.generator)
+            commit = topk_mask(keys, n) & eligible
+    if options.first_token:
+        first = (state.columns[None, :] == start[:, None]) & eligible      # the block's first position
+        commit = torch.where(new[:, None], first, commit)
+        i = torch.where(new, 1, i + 1)
+    else:
+        i = i + 1
+    scratch.update(start=start, i=i)
+    return commit
