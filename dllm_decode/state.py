@@ -78,6 +78,7 @@ class DecodeState:
     remask_log: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, (n,2) row/col)
     scratch: dict[str, dict] = field(default_factory=dict)  # plugin name -> private dict
     timings: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)  # plugin-reported, e.g. verifier forwards
 
     def __post_init__(self) -> None:
         B, L = self.x.shape

@@ -114,3 +114,31 @@ def test_first_token_needs_two_steps_per_block():
 
     with pytest.raises(RecipeError, match="first_token needs at least 2 steps per block"):
         Decoder(STUB, _recipe(16, 2, 1, block=8, first_token=True))
+
+
+@pytest.mark.parametrize("case", [dict(alg="entropy", steps=48), dict(alg="maskgit_plus", steps=96, block=32,
+                                                                      first_token=True)],
+                         ids=["entropy-48", "block32-first-token"])
+def test_matches_reference_on_dream_reference(case):
+    """The shipped dream-reference in float64 on held-out copy and case prompts."""
+    from pathlib import Path
+
+    from dllm_decode.models import load_model
+    from dllm_decode.tasks import get_task
+
+    model, tok = load_model(Path(__file__).resolve().parents[1] / "models" / "dream-reference", dtype="float64")
+    prompts = [tok.encode(get_task(n).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
+               for n in ("copy", "case")]
+    case = dict(case)
+    steps, block = case.pop("steps"), case.pop("block", None)
+    out = Decoder(model, _recipe(96, steps, 2, block, **case)).generate(prompts)
+    for j, prompt in enumerate(prompts):
+        if block is None:
+            ref, nfe, _ = dream_generate(_raw(model), prompt, mask_id=model.spec.mask_token_id, gen_length=96,
+                                         steps=steps, shift=True, alg=case["alg"])
+        else:
+            ref, nfe = dream_block_generate(_raw(model), prompt, mask_id=model.spec.mask_token_id, gen_length=96,
+                                            steps=steps, block_length=block, alg=case["alg"], shift=True)
+        assert out.tokens[j] == ref
+        assert out.rows[j].nfe == nfe
+    assert "####" in tok.decode(out.tokens[0])      # a trained model, not noise

@@ -1,0 +1,212 @@
+"""Adaptive Parallel Decoding (arXiv 2506.00413; danielmisrael/apd ``dream/generation_utils.py
+apd_sample``; ALGORITHMS.md §6) as span / cache / score / selection plugins.
+
+Left to right from each row's first mask ``t``: the dLLM drafts every position of the window
+``[t, t + max_lookahead)`` from its marginals in one forward (the rest of the canvas hidden from
+it, as the reference cuts its input there); a small autoregressive verifier scores the draft in
+one causal forward; the longest prefix of the draft that agrees with
+``argmax(R * dLLM logits + (1 - R) * verifier logits)`` is committed, always at least its first
+token. The verifier keeps a KV cache of the committed prefix (cropped after every step to what
+all rows have committed).
+
+``variant: code`` (default) follows the released code, ``variant: paper`` the paper's
+Algorithm 1; they differ only at T > 0:
+  - the code draws the draft as ``argmax(l/T + T*g)``, i.e. at temperature T**2; the paper at T;
+  - the code takes the target as the plain argmax of the mixture; the paper perturbs it with
+    the same Gumbel noise as the draft.
+
+Not here: the dLLM-side KV window ``kv_window`` (W) of the reference is an approximate cache and
+belongs with the cache plugins; every dLLM forward here recomputes the visible canvas.
+The verifier is any ``AutoModelForCausalLM`` directory whose tokenizer agrees with the model's
+(checked when the recipe names ``model.path``), loaded once per decoder by this plugin.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.plugins import PluginMeta, PluginOptions
+from dllm_decode.sampling import top_k_filter, top_p_filter
+from dllm_decode.state import Candidates
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Options(PluginOptions):
+    verifier: str = Field(..., description="Directory of the autoregressive verifier "
+                          "(AutoModelForCausalLM, same tokenizer as the model).")
+    mixture_weight: float = Field(0.7, ge=0.0, le=1.0, description="R: weight of the dLLM in the "
+                                  "mixture R*dLLM + (1-R)*AR (higher: longer accepted prefixes).")
+    max_lookahead: int | None = Field(None, ge=1, description="M: draft window after the first "
+                                      "mask; the dLLM sees nothing beyond it. None: the whole canvas.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus filter of the draft.")
+    top_k: int | None = Field(None, ge=1, description="Top-k filter of the draft.")
+    variant: Literal["code", "paper"] = Field("code", description="Sampling details at T > 0 (see "
+                                              "the module doc); identical at T = 0.")
+    _loaded: dict = PrivateAttr(default_factory=dict)    # the verifier, once per decoder
+
+
+dllm_meta = PluginMeta(summary="APD: left-to-right drafts accepted against a dLLM x AR mixture "
+                       "(auxiliary verifier model)", options=Options)
+
+
+def _vocab(path: Path) -> dict[str, int] | None:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    model = json.loads(file.read_text()).get("model", {})
+    vocab = model.get("vocab")
+    return vocab if isinstance(vocab, dict) else None
+
+
+@hookimpl
+def check_recipe(recipe, options, slots):
+    problems = []
+    vpath = Path(options.verifier)
+    if not (vpath / "config.json").is_file():
+        problems.append(f"verifier: {options.verifier!r} is not a model directory (no config.json)")
+    elif recipe.model.path:
+        ours, theirs = _vocab(Path(recipe.model.path)), _vocab(vpath)
+        if ours is not None and theirs is not None:
+            diff = [t for t, i in theirs.items() if ours.get(t) != i]
+            if diff:
+                t = diff[0]
+                problems.append(f"verifier: the tokenizer of {options.verifier!r} differs from the model's "
+                                f"({len(diff)} tokens, e.g. {t!r} is id {theirs[t]} there and "
+                                f"{ours.get(t)} in {recipe.model.path!r}); APD needs one vocabulary")
+    if options.max_lookahead is not None and "cache_policy" not in slots:
+        problems.append("max_lookahead needs `cache_policy: apd` (the plan that hides the canvas "
+                        "beyond the window from the model)")
+    return problems
+
+
+def verifier_of(options: Options, device: torch.device, dtype: str):
+    key = (str(device), dtype)
+    if key not in options._loaded:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(options.verifier, trust_remote_code=False,
+                                                     dtype=DTYPES[dtype])
+        options._loaded.clear()
+        options._loaded[key] = model.to(device).eval()
+    return options._loaded[key]
+
+
+def first_masked(state) -> torch.Tensor:
+    """(B,) the first masked column of each row (the canvas length when none is left)."""
+    masked = state.masked
+    return torch.where(masked.any(1), masked.long().argmax(1), state.length)
+
+
+@hookimpl
+def choose_span(state, options):
+    t = first_masked(state)                                                 # (B,)
+    end = state.length if options.max_lookahead is None else (t + options.max_lookahead).clamp(max=state.length)
+    end = torch.as_tensor(end, device=t.device).expand_as(t)
+    return torch.stack([t, end], dim=1)
+
+
+@hookimpl
+def cache_policy(state, options):
+    if options.max_lookahead is None:
+        return None
+    from dllm_decode.models import ComputePlan
+
+    return ComputePlan.lookahead(state.span[:, 1])
+
+
+@hookimpl
+def on_request_start(state, scratch):
+    scratch.update(cache=None, verifier_forwards=0)
+
+
+@hookimpl
+def score(state, logits, positions, options):
+    if logits.shape[1] != state.length:
+        raise ValueError("APD needs logits for the whole canvas (a cache plan returned a subset)")
+    active = ~state.done
+    starts = torch.where(active, state.span[:, 0], state.length)
+    ends = torch.where(active, state.span[:, 1], 0)
+    a, b = torch.stack([starts.min(), ends.max()]).tolist()                # the batch's draft window
+    T = state.config.temperature
+    window = logits[:, a:b].to(torch.float64)                               # (B, w, V)
+    tokens = logits.argmax(-1)                                              # (B, L); only [a, b) is used
+    noise = None
+    if T > 0:
+        scaled = window / T
+        if options.top_p is not None and options.top_p < 1:
+            scaled = top_p_filter(scaled, options.top_p)
+        if options.top_k is not None:
+            scaled = top_k_filter(scaled, options.top_k)
+        u = torch.rand(scaled.shape, dtype=torch.float64, device=scaled.device, generator=state.generator)
+        noise = -torch.log(-torch.log(u.clamp_min(1e-300)))                 # Gumbel
+        tokens[:, a:b] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
+    else:
+        tokens[:, a:b] = window.argmax(-1)
+    conf = torch.softmax(logits.to(torch.float64), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return Candidates(tokens=tokens, confidence=conf, extra={"window": (a, b), "logits": window, "noise": noise})
+
+
+def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor, end: int) -> tuple[torch.Tensor, int]:
+    """Causal logits for canvas columns [c, end) -> ((B, end - c, V), c), feeding only what the
+    cached prefix [0, c) does not hold."""
+    from transformers import DynamicCache
+
+    cache = scratch["cache"]
+    c = 0 if cache is None else cache.get_seq_length()
+    if cache is None:
+        cache = DynamicCache()
+    pos = (attn.long().cumsum(1) - 1).clamp(min=0)                          # (B, L) padding-aware
+    out = verifier(input_ids=x[:, c:end], attention_mask=attn[:, :end].long(), position_ids=pos[:, c:end],
+                   past_key_values=cache, use_cache=True)
+    scratch["cache"] = out.past_key_values
+    scratch["verifier_forwards"] += 1
+    return out.logits, c
+
+
+@hookimpl
+def select_tokens(state, candidates, options, scratch):
+    a, b = candidates.extra["window"]
+    dl = candidates.extra["logits"]                                         # (B, b - a, V) float64
+    eligible = candidates.eligible                                          # (B, L): the drafts
+    draft = torch.where(eligible, candidates.tokens, state.x)              # (B, L)
+    verifier = verifier_of(options, state.device, state.config.dtype)
+    ar, c = verifier_logits(verifier, scratch, draft, state.attention_mask, b)
+    if c > a - 1:
+        raise RuntimeError(f"verifier cache holds {c} columns, more than the committed prefix {a}")
+    ar = ar[:, a - 1 - c: b - 1 - c].to(torch.float64)                      # (B, b - a, V): predicts [a, b)
+    V = min(dl.shape[-1], ar.shape[-1])                                     # the shared vocabulary
+    mix = options.mixture_weight * dl[..., :V] + (1 - options.mixture_weight) * ar[..., :V]
+    noise = candidates.extra["noise"]
+    if options.variant == "paper" and noise is not None:
+        mix = mix / state.config.temperature + noise[..., :V]
+    target = mix.argmax(-1)                                                 # (B, b - a)
+    cols = state.columns[None, :]                                           # (1, L)
+    t = state.span[:, :1]                                                   # (B, 1)
+    agree = torch.ones_like(eligible)
+    agree[:, a:b] = draft[:, a:b] == target
+    reject = eligible & ~agree & (cols > t)                                 # the first draft always stays
+    stop = torch.where(reject.any(1), torch.where(reject, cols, state.length).amin(1), state.length)
+    commit = eligible & (cols < stop[:, None])
+    # keep only what every row has committed in the verifier's cache
+    safe = torch.where(~state.done, torch.where(commit.any(1), (cols * commit).amax(1), t[:, 0] - 1), state.length)
+    keep_prefix(scratch["cache"], int(safe.min()))
+    return commit
+
+
+def keep_prefix(cache, keep: int) -> None:
+    """Drop every cached position from ``keep`` on (transformers' crop takes a negative count)."""
+    extra = cache.get_seq_length() - keep
+    if extra > 0:
+        cache.crop(-extra)
+
+
+@hookimpl
+def on_request_end(state, scratch):
+    state.counters["verifier_forwards"] = scratch.get("verifier_forwards", 0)
