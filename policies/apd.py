@@ -80,6 +80,8 @@ def check_recipe(recipe, options, slots):
                 problems.append(f"verifier: the tokenizer of {options.verifier!r} differs from the model's "
                                 f"({len(diff)} tokens, e.g. {t!r} is id {theirs[t]} there and "
                                 f"{ours.get(t)} in {recipe.model.path!r}); APD needs one vocabulary")
+    if "select_tokens" in slots and "score" not in slots:
+        problems.append("select_tokens: apd verifies the drafts of its own score hook; set `score: apd` too")
     if options.max_lookahead is not None and "cache_policy" not in slots:
         problems.append("max_lookahead needs `cache_policy: apd` (the plan that hides the canvas "
                         "beyond the window from the model)")
@@ -98,9 +100,10 @@ def verifier_of(options: Options, device: torch.device, dtype: str):
     return options._loaded[key]
 
 
-def first_masked(state) -> torch.Tensor:
-    """(B,) the first masked column of each row (the canvas length when none is left)."""
-    masked = state.masked
+def first_masked(state, where: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) the first masked column of each row (within ``where`` (B, L) if given; the canvas
+    length when there is none)."""
+    masked = state.masked if where is None else state.masked & where
     return torch.where(masked.any(1), masked.long().argmax(1), state.length)
 
 
@@ -131,7 +134,7 @@ def score(state, logits, positions, options):
     if logits.shape[1] != state.length:
         raise ValueError("APD needs logits for the whole canvas (a cache plan returned a subset)")
     active = ~state.done
-    starts = torch.where(active, state.span[:, 0], state.length)
+    starts = torch.where(active, first_masked(state, state.in_span()), state.length)
     ends = torch.where(active, state.span[:, 1], 0)
     a, b = torch.stack([starts.min(), ends.max()]).tolist()                # the batch's draft window
     T = state.config.temperature
@@ -188,15 +191,17 @@ def select_tokens(state, candidates, options, scratch):
         mix = mix / state.config.temperature + noise[..., :V]
     target = mix.argmax(-1)                                                 # (B, b - a)
     cols = state.columns[None, :]                                           # (1, L)
-    t = state.span[:, :1]                                                   # (B, 1)
+    first = first_masked(state, eligible)[:, None]                          # (B, 1): its draft always stays
     agree = torch.ones_like(eligible)
     agree[:, a:b] = draft[:, a:b] == target
-    reject = eligible & ~agree & (cols > t)                                 # the first draft always stays
+    reject = eligible & ~agree & (cols > first)
     stop = torch.where(reject.any(1), torch.where(reject, cols, state.length).amin(1), state.length)
     commit = eligible & (cols < stop[:, None])
-    # keep only what every row has committed in the verifier's cache
-    safe = torch.where(~state.done, torch.where(commit.any(1), (cols * commit).amax(1), t[:, 0] - 1), state.length)
-    keep_prefix(scratch["cache"], int(safe.min()))
+    # the verifier's cache may keep only columns that every unfinished row has committed
+    left = state.masked & ~commit
+    frontier = torch.where(~state.done & left.any(1), left.long().argmax(1), state.length)   # (B,)
+    keep = frontier.min() - 1
+    keep_prefix(scratch["cache"], int(keep))
     return commit
 
 

@@ -150,6 +150,8 @@ def select_tokens(state, candidates, options, scratch):
 def after_step(state, options, scratch):
     """Record this forward's candidate cycle length and move rows from exploration to the
     accelerated stage. Reads only the step record, so it runs whatever fills select_tokens."""
+    if scratch["hist"] is None:           # another plugin chooses the spans: no cycles to track
+        return
     rec = state.last
     bl, W, K = state.config.block, options.window, options.explore_steps
     paper = options.variant == "paper"

@@ -49,10 +49,33 @@ def _tiny_llada():
                               eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_verifier(tmp_path_factory):
+    """An autoregressive verifier for apd, sharing the 48-token vocabulary of the models below."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    path = tmp_path_factory.mktemp("verifier")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)
+
+
+#: what a plugin needs besides the slot under test: required parameters, and the slots its hooks
+#: depend on each other for (apd verifies the drafts of its own score hook)
+NEEDS = {"apd": lambda verifier, slot: {"params": {"verifier": verifier},
+                                        "with": {"score": "apd"} if slot == "select_tokens" else {}}}
+
+
 @pytest.mark.parametrize("model", [MODEL, _tiny_llada()], ids=["random-logits", "tiny-llada"])
 @pytest.mark.parametrize("plugin,slot", _plugin_slot_pairs())
-def test_every_registered_plugin_in_every_slot_it_fills(plugin, slot, model):
-    recipe = {"policy": "llada", slot: plugin, "generation": {"gen_length": 16, "block_length": 8, "steps": 16}}
+def test_every_registered_plugin_in_every_slot_it_fills(plugin, slot, model, tiny_verifier):
+    need = NEEDS[plugin](tiny_verifier, slot) if plugin in NEEDS else {"params": {}, "with": {}}
+    entry = {"plugin": plugin, **need["params"]}
+    recipe = {"policy": "llada", slot: entry, **{s: {"plugin": p, **need["params"]} for s, p in need["with"].items()},
+              "generation": {"gen_length": 16, "block_length": 8, "steps": 16}}
     check_invariants(model, recipe)
     check_invariants(model, recipe, prompts=[[5, 6, 7]])
 
