@@ -78,7 +78,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
               (f"; observes: {', '.join(info.observers)}" if info.observers else ""))
         for p in info.parameters:
             bounds = " ".join(f"{k} {v}" for k, v in p["bounds"].items())
-            print(f"    - {p['name']}: {p['type']} = {p['default']!r}" + (f" ({bounds})" if bounds else "") +
+            default = " (required)" if p["required"] else f" = {p['default']!r}"
+            print(f"    - {p['name']}: {p['type']}{default}" + (f" ({bounds})" if bounds else "") +
                   (f"  {p['description']}" if p["description"] else ""))
     return 0
 

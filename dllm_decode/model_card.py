@@ -135,13 +135,44 @@ python -m dllm_decode.model_card {rel} {args}--write
 """
 
 
+def train_flags(cfg: dict) -> str:
+    """The command-line flags that reproduce `cfg` (steps and seed always, the rest when they
+    differ from the defaults)."""
+    from dataclasses import asdict
+
+    from dllm_decode.train import TrainConfig
+
+    default = asdict(TrainConfig())
+    flags = []
+    for key, value in cfg.items():
+        if key in ("family", "out", "device", "canvas_weights", "log_every"):
+            continue
+        if key in ("steps", "seed") or (key in default and _norm(default[key]) != _norm(value)):
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            flags.append(f"--{key.replace('_', '-')} {shown}")
+    return " ".join(flags)
+
+
+def _norm(value):
+    return [float(v) if isinstance(v, (int, float)) else v for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def mix_sentence(mix) -> str:
+    iid, block, eos = (float(m) / sum(map(float, mix)) for m in mix)
+    if block == 0 and eos == 0:
+        return "Every row uses LLaDA's independent masks (`dllm_decode/train.py: mask_canvas`)."
+    return (f"A fraction {iid:.2f} of the rows use LLaDA's independent masks, {block:.2f} mask like "
+            "semi-autoregressive decoding (revealed blocks, a partly masked block, a fully masked rest) "
+            f"and {eos:.2f} reveal EOS padding early as low-confidence decoding does; the last two are "
+            "weighted by canvas length over masked count (`dllm_decode/train.py: mask_canvas`).")
+
+
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
                args: str) -> str:
     meta = json.loads((path / "training.json").read_text())
     cfg = meta["config"]
     ar = cfg["family"] == "ar"
-    flag = " ".join(f"--{k.replace('_', '-')} {cfg[k]}" for k in ("steps", "seed") if k in cfg)
-    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {path.as_posix()} {flag}"
+    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {path.as_posix()} {train_flags(cfg)}"
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
@@ -152,10 +183,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
                  f"{'/'.join(map(str, cfg['canvas']))} tokens (sampled per batch), EOS included in the loss. "
-                 "Half of the rows use LLaDA's independent masks; a quarter mask like semi-autoregressive "
-                 "decoding (revealed blocks, a partly masked block, a fully masked rest) and a quarter "
-                 "reveal EOS padding early as low-confidence decoding does, each weighted by canvas "
-                 "length over masked count (`dllm_decode/train.py: mask_canvas`).")
+                 + mix_sentence(cfg.get("mask_mix", (1.0, 0.0, 0.0))))
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")

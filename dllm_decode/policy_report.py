@@ -1,0 +1,122 @@
+"""Accuracy, forwards and seconds of every shipped policy against the baseline, measured side by
+side on the reference models.
+
+    python -m dllm_decode.policy_report                 # print the table
+    python -m dllm_decode.policy_report --write         # and replace the table in docs/policies.md
+
+Every entry decodes the same held-out problems; speedups are ratios against the first entry of
+the same model (the LLaDA baseline at one token per forward) in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dllm_decode.model_card import held_out, machine
+from dllm_decode.tasks import REFERENCE_MIX
+
+START, END = "<!-- policy-report:start -->", "<!-- policy-report:end -->"
+
+
+@dataclass(frozen=True)
+class Entry:
+    model: str                   # directory under models/
+    label: str
+    recipe: str                  # shipped recipe name
+    overrides: tuple[str, ...] = field(default=())
+
+
+ENTRIES = (
+    Entry("llada-reference", "baseline: llada, 1 token / forward", "llada"),
+    Entry("llada-reference", "llada, 4 tokens / forward", "llada", ("generation.steps=24",)),
+    Entry("llada-reference", "threshold 0.9", "threshold", ("generation.block_length=96",)),
+    Entry("llada-reference", "factor 1.0", "factor", ("generation.block_length=96",)),
+    Entry("llada-reference", "slowfast (code)", "slowfast"),
+    Entry("llada-reference", "slowfast (paper)", "slowfast", ("policy.variant=paper",)),
+    Entry("llada-reference", "slowfast spans + threshold 0.7 (slot swap)", "slowfast-threshold"),
+    Entry("llada-reference", "apd, R 0.7, verifier ar-reference", "apd"),
+    Entry("llada-reference", "apd, R 0.7, lookahead M 32", "apd", ("policy.max_lookahead=32",)),
+    Entry("llada-reference", "dream sampler, entropy, 96 steps", "dream"),
+    Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
+    Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),
+    Entry("dream-reference", "dream sampler, entropy, 24 steps", "dream", ("generation.steps=24",)),
+    Entry("dream-reference", "dream sampler, topk_margin, 24 steps", "dream",
+          ("generation.steps=24", "policy.alg=topk_margin")),
+    Entry("dream-reference", "dream-block (Fast-dLLM), threshold 0.9", "dream-block", ("generation.block_length=96",)),
+    Entry("dream-reference", "slowfast (code)", "slowfast"),
+)
+
+
+def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progress: bool = True) -> list[dict]:
+    from dllm_decode.config import load_recipe
+    from dllm_decode.evaluate import evaluate
+    from dllm_decode.models import load_model
+    from dllm_decode.recipes import find_recipe
+
+    problems = held_out(tasks, n, seed)
+    loaded: dict[str, tuple] = {}
+    rows = []
+    for e in entries:
+        if e.model not in loaded:
+            loaded[e.model] = load_model(models_dir / e.model)
+        model, tok = loaded[e.model]
+        recipe = load_recipe(find_recipe(e.recipe), overrides=list(e.overrides))
+        res = evaluate(model, tok, recipe, problems)
+        rows.append({"model": e.model, "label": e.label, "recipe": e.recipe, "overrides": list(e.overrides),
+                     "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
+                     "seconds_per_problem": res.seconds_per_problem})
+        if progress:
+            print(f"{e.model:16s} {e.label:45s} acc {res.accuracy:.3f} nfe {res.nfe:6.1f} "
+                  f"s/prob {res.seconds_per_problem:.4f}", flush=True)
+    return rows
+
+
+def render(rows: list[dict], tasks) -> str:
+    head = ("| model | policy | recipe | " + " | ".join(tasks) +
+            " | mean acc | NFE / problem | s / problem | NFE ratio | wall speedup |")
+    lines = [head, "|---|---|---|" + "---:|" * (len(tasks) + 5)]
+    base: dict[str, dict] = {}
+    for r in rows:
+        b = base.setdefault(r["model"], r)
+        recipe = f"`{r['recipe']}`" + "".join(f" `{o}`" for o in r["overrides"])
+        cells = [f"{r['tasks'][t]['accuracy']:.2f}" for t in tasks]
+        lines.append(f"| {r['model']} | {r['label']} | {recipe} | " + " | ".join(cells) +
+                     f" | {r['accuracy']:.3f} | {r['nfe']:.1f} | {r['seconds_per_problem']:.4f} | "
+                     f"{b['nfe'] / r['nfe']:.1f}x | {b['seconds_per_problem'] / r['seconds_per_problem']:.1f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Measure every shipped policy against the baseline.")
+    ap.add_argument("--models", default="models", help="directory holding the reference models")
+    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX))
+    ap.add_argument("--n", type=int, default=50, help="held-out problems per task")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--write", nargs="?", const="docs/policies.md", default=None,
+                    help="replace the table between the report markers of this file")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    tasks = a.tasks.split(",")
+    rows = measure(Path(a.models), tasks, a.n, a.seed)
+    cmd = "python -m dllm_decode.policy_report" + (f" --n {a.n}" if a.n != 50 else "") + " --write"
+    table = (f"{a.n} held-out problems per task (seed {a.seed}), generation length 96, T = 0. "
+             f"Machine: {machine()}.\n\n{render(rows, tasks)}\n\nReproduce: `{cmd}`")
+    print(table)
+    if a.write:
+        path = Path(a.write)
+        text = path.read_text()
+        if START not in text or END not in text:
+            raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
+        head, rest = text.split(START, 1)
+        path.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+        (path.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
