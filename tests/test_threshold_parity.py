@@ -86,3 +86,24 @@ def test_invariants(select):
     check_invariants(model, {"choose_span": "llada", "score": "llada", "cache_policy": "none",
                              "select_tokens": {"plugin": "threshold", **select},
                              "generation": {"gen_length": 16, "block_length": 8, "steps": 16}})
+
+
+@pytest.mark.parametrize("select", [SETTINGS[0], SETTINGS[5]], ids=["thr0.9", "factor1"])
+def test_matches_reference_on_llada_reference(select):
+    """The shipped llada-reference in float64 on held-out copy and case prompts, blocks of 32."""
+    from pathlib import Path
+
+    from dllm_decode.models import load_model
+    from dllm_decode.tasks import get_task
+
+    model, tok = load_model(Path(__file__).resolve().parents[1] / "models" / "llada-reference", dtype="float64")
+    prompts = [tok.encode(get_task(n).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
+               for n in ("copy", "case")]
+    out = Decoder(model, _recipe(96, 32, 2, **select)).generate(prompts)
+    for j, prompt in enumerate(prompts):
+        alone, nfe = fastdllm_generate(model, [prompt], mask_id=model.spec.mask_token_id, pad_id=model.spec.pad_token_id,
+                                       gen_length=96, block_length=32,
+                                       threshold=select.get("threshold") if select["mode"] == "threshold" else None,
+                                       factor=select.get("factor") if select["mode"] == "factor" else None)
+        assert out.tokens[j] == alone[0].tolist()
+        assert out.rows[j].nfe == nfe < 96
