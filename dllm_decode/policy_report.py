@@ -41,6 +41,7 @@ ENTRIES = (
     Entry("llada-reference", "slowfast spans + threshold 0.7 (slot swap)", "slowfast-threshold"),
     Entry("llada-reference", "apd, R 0.7, verifier ar-reference", "apd"),
     Entry("llada-reference", "apd, R 0.7, lookahead M 32", "apd", ("policy.max_lookahead=32",)),
+    Entry("llada-reference", "apd, R 0.7, KV window W 16", "apd", ("policy.kv_window=16",)),
     Entry("llada-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),

@@ -15,8 +15,10 @@ Algorithm 1; they differ only at T > 0:
   - the code takes the target as the plain argmax of the mixture; the paper perturbs it with
     the same Gumbel noise as the draft.
 
-Not here: the dLLM-side KV window ``kv_window`` (W) of the reference is an approximate cache and
-belongs with the cache plugins; every dLLM forward here recomputes the visible canvas.
+``kv_window`` (W) is the reference's dLLM-side KV cache: each forward recomputes only the
+window from ``t - W - n + 1`` (n: tokens accepted by the previous step) to the lookahead end and
+attends to the K/V the earlier forwards left for the positions before it (approximate: those
+were computed before later tokens were committed). ``None`` recomputes the whole visible canvas.
 The verifier is any ``AutoModelForCausalLM`` directory whose tokenizer agrees with the model's
 (checked when the recipe names ``model.path``), loaded once per decoder by this plugin.
 """
@@ -45,6 +47,9 @@ class Options(PluginOptions):
                                   "mixture R*dLLM + (1-R)*AR (higher: longer accepted prefixes).")
     max_lookahead: int | None = Field(None, ge=1, description="M: draft window after the first "
                                       "mask; the dLLM sees nothing beyond it. None: the whole canvas.")
+    kv_window: int | None = Field(None, ge=0, description="W: committed positions before the "
+                                  "first mask whose K/V are recomputed each forward (older ones come "
+                                  "from the previous forwards); None: no dLLM KV cache.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus filter of the draft.")
     top_k: int | None = Field(None, ge=1, description="Top-k filter of the draft.")
     variant: Literal["code", "paper"] = Field("code", description="Sampling details at T > 0 (see "
@@ -82,9 +87,9 @@ def check_recipe(recipe, options, slots):
                                 f"{ours.get(t)} in {recipe.model.path!r}); APD needs one vocabulary")
     if "select_tokens" in slots and "score" not in slots:
         problems.append("select_tokens: apd verifies the drafts of its own score hook; set `score: apd` too")
-    if options.max_lookahead is not None and "cache_policy" not in slots:
-        problems.append("max_lookahead needs `cache_policy: apd` (the plan that hides the canvas "
-                        "beyond the window from the model)")
+    for key in ("max_lookahead", "kv_window"):
+        if getattr(options, key) is not None and "cache_policy" not in slots:
+            problems.append(f"{key} needs `cache_policy: apd` (the plan that feeds the model APD's window)")
     return problems
 
 
@@ -116,30 +121,44 @@ def choose_span(state, options):
 
 
 @hookimpl
-def cache_policy(state, options):
-    if options.max_lookahead is None:
+def cache_policy(state, options, scratch):
+    if options.max_lookahead is None and options.kv_window is None:
         return None
     from dllm_decode.models import ComputePlan
 
-    return ComputePlan.lookahead(state.span[:, 1])
-
+    right = state.span[:, 1]                                                # (B,) lookahead end
+    if options.kv_window is None:
+        return ComputePlan.lookahead(right)
+    t = state.span[:, 0]
+    active = ~state.done
+    b = int(torch.where(active, right, 0).max())
+    if not scratch["primed"]:
+        # the first forward fills the store; columns past a row's own end hold K/V it cannot see
+        # yet, and every later forward rewrites them before its window reaches them
+        scratch.update(primed=True, fed_start=0)
+        return ComputePlan(end=b, write_kv=True, key_limit=right, name="apd-prefill")
+    left = (t - options.kv_window - scratch["accepted"] + 1).clamp(min=0)
+    a = int(torch.where(active, left, state.length).min())
+    scratch["fed_start"] = a
+    return ComputePlan(start=a, end=b, keys="store", key_end=b, write_window=torch.stack([left, right], 1),
+                       key_limit=right, name="apd-window")
 
 @hookimpl
 def on_request_start(state, scratch):
-    scratch.update(cache=None, verifier_forwards=0)
+    scratch.update(cache=None, verifier_forwards=0, primed=False, fed_start=0,
+                   accepted=torch.zeros(state.batch_size, dtype=torch.long, device=state.device))
 
 
 @hookimpl
-def score(state, logits, positions, options):
-    if logits.shape[1] != state.length:
-        raise ValueError("APD needs logits for the whole canvas (a cache plan returned a subset)")
+def score(state, logits, positions, options, scratch):
     active = ~state.done
     starts = torch.where(active, first_masked(state, state.in_span()), state.length)
     ends = torch.where(active, state.span[:, 1], 0)
     a, b = torch.stack([starts.min(), ends.max()]).tolist()                # the batch's draft window
     T = state.config.temperature
-    window = logits[:, a:b].to(torch.float64)                               # (B, w, V)
-    tokens = logits.argmax(-1)                                              # (B, L); only [a, b) is used
+    off = 0 if positions is None else scratch["fed_start"]                  # logits column 0 = canvas column off
+    window = logits[:, a - off:b - off].to(torch.float64)                   # (B, w, V)
+    tokens = logits.argmax(-1)                                              # (B, q); only [a, b) is used
     noise = None
     if T > 0:
         scaled = window / T
@@ -149,9 +168,9 @@ def score(state, logits, positions, options):
             scaled = top_k_filter(scaled, options.top_k)
         u = torch.rand(scaled.shape, dtype=torch.float64, device=scaled.device, generator=state.generator)
         noise = -torch.log(-torch.log(u.clamp_min(1e-300)))                 # Gumbel
-        tokens[:, a:b] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
+        tokens[:, a - off:b - off] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
     else:
-        tokens[:, a:b] = window.argmax(-1)
+        tokens[:, a - off:b - off] = window.argmax(-1)
     conf = torch.softmax(logits.to(torch.float64), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     return Candidates(tokens=tokens, confidence=conf, extra={"window": (a, b), "logits": window, "noise": noise})
 
@@ -202,6 +221,7 @@ def select_tokens(state, candidates, options, scratch):
     frontier = torch.where(~state.done & left.any(1), left.long().argmax(1), state.length)   # (B,)
     keep = frontier.min() - 1
     keep_prefix(scratch["cache"], int(keep))
+    scratch["accepted"] = commit.sum(1)
     return commit
 
 

@@ -1,24 +1,39 @@
-"""APD's ``apd_sample`` re-derived from ALGORITHMS.md §6.3 at T = 0 without any cache, one prompt
-at a time: the dLLM runs on the canvas cut at t + M, the verifier recomputes the whole prefix
+"""APD's ``apd_sample`` re-derived from ALGORITHMS.md §6.3 at T = 0, one prompt at a time: the
+dLLM runs on the canvas cut at t + M; with a KV window W it recomputes [t - W - n + 1, t + M)
+against the K/V earlier forwards left in its store (the model's own range-feed plan, playing
+the role of the reference's ``past_key_values`` crop); the verifier recomputes the whole prefix
 every step. Shares no code with the plugin. Mirrored engine rule: the mask token is never a
 candidate."""
 
 import torch
 
+from dllm_decode.models import ComputePlan
 
-def apd_generate(raw_logits, verifier, prompt, *, mask_id, eos_ids, gen_length, R, M=None, shift=False):
+
+def apd_generate(model, verifier, prompt, *, mask_id, eos_ids, gen_length, R, M=None, W=None):
     """-> (generated ids up to and including the first EOS, dLLM forwards, accepted per step)."""
     x = torch.tensor([list(prompt) + [mask_id] * gen_length])
     P, L = len(prompt), len(prompt) + gen_length
     t, nfe, accepted = P, 0, []
+    store, num_accept = None, 0
     while t < L:
         right = min(t + M, L) if M else L
-        logits = raw_logits(x[:, :right]).clone()
-        if shift:
+        if W is None:
+            left = 0
+            logits = model(x[:, :right], plan=ComputePlan(shift=False)).clone()     # (1, right, V)
+        else:
+            if store is None:
+                store, left = model.new_store(), 0
+                plan = ComputePlan(end=right, write_kv=True, shift=False)
+            else:
+                left = max(t - W - num_accept + 1, 0)
+                plan = ComputePlan(start=left, end=right, keys="store", key_end=right, shift=False)
+            logits = model(x, plan=plan, store=store).clone()                        # (1, right - left, V)
+        if model.spec.shift_logits:         # the reference shifts inside the window it fed
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         logits[..., mask_id] = float("-inf")
         nfe += 1
-        d_logits = logits[0, t:right].to(torch.float64)
+        d_logits = logits[0, t - left:right - left].to(torch.float64)
         draft = d_logits.argmax(-1)
         ar_in = x[:, :right].clone()
         ar_in[0, t:right] = draft
@@ -30,6 +45,7 @@ def apd_generate(raw_logits, verifier, prompt, *, mask_id, eos_ids, gen_length, 
             n += 1
         x[0, t:t + n] = draft[:n]
         t += n
+        num_accept = n
         accepted.append(n)
         if any(int(v) in eos_ids for v in x[0, P:]):
             break

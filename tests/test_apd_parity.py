@@ -48,12 +48,6 @@ def _recipe(verifier, gen, batch, **params):
                                             "eos": {"stop": True}}})
 
 
-def _raw(model):
-    if model.spec.shift_logits:
-        return lambda x: model(x, plan=ComputePlan(shift=False))
-    return lambda x: model(x)
-
-
 def _check(model, verifier_path, gen, batch, prompts=PROMPTS4, **params):
     from transformers import AutoModelForCausalLM
 
@@ -62,9 +56,9 @@ def _check(model, verifier_path, gen, batch, prompts=PROMPTS4, **params):
     eos = {model.spec.eos_token_id}
     steps = []
     for j in range(batch):
-        ref, nfe, acc = apd_generate(_raw(model), verifier, prompts[j], mask_id=model.spec.mask_token_id,
+        ref, nfe, acc = apd_generate(model, verifier, prompts[j], mask_id=model.spec.mask_token_id,
                                      eos_ids=eos, gen_length=gen, R=params.get("mixture_weight", 0.7),
-                                     M=params.get("max_lookahead"), shift=model.spec.shift_logits)
+                                     M=params.get("max_lookahead"), W=params.get("kv_window"))
         got = out.tokens[j][:len(ref)]
         assert got == ref, f"row {j}"
         if batch == 1:
@@ -74,7 +68,9 @@ def _check(model, verifier_path, gen, batch, prompts=PROMPTS4, **params):
 
 
 @pytest.mark.parametrize("params", [dict(mixture_weight=0.7), dict(mixture_weight=0.95),
-                                    dict(mixture_weight=0.3, max_lookahead=4), dict(mixture_weight=0.9, max_lookahead=3)],
+                                    dict(mixture_weight=0.3, max_lookahead=4), dict(mixture_weight=0.9, max_lookahead=3),
+                                    dict(mixture_weight=0.9, kv_window=2), dict(mixture_weight=0.95, kv_window=1,
+                                                                                max_lookahead=5)],
                          ids=lambda p: "-".join(f"{k}{v}" for k, v in p.items()))
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("batch", [1, 4])
@@ -110,11 +106,19 @@ def test_lookahead_plan_equals_cutting_the_canvas(models):
             torch.testing.assert_close(got[b, :int(limit[b])], want[0], rtol=1e-10, atol=1e-10)
 
 
-def test_invariants(models, verifier_dir):
-    check_invariants(models["llada"], {"policy": {"plugin": "apd", "verifier": str(verifier_dir),
-                                                  "max_lookahead": 5},
+@pytest.mark.parametrize("extra", [dict(max_lookahead=5), dict(kv_window=1, max_lookahead=4)])
+def test_invariants(models, verifier_dir, extra):
+    check_invariants(models["llada"], {"policy": {"plugin": "apd", "verifier": str(verifier_dir), **extra},
                                        "generation": {"gen_length": 12, "dtype": "float64"}},
                      prompts=[[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18]])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_window_over_the_whole_canvas_is_exact(models, verifier_dir, family):
+    """kv_window larger than the canvas recomputes everything each forward: the no-cache tokens."""
+    full = Decoder(models[family], _recipe(verifier_dir, 16, 4, mixture_weight=0.9)).generate(PROMPTS4)
+    windowed = Decoder(models[family], _recipe(verifier_dir, 16, 4, mixture_weight=0.9, kv_window=64)).generate(PROMPTS4)
+    assert windowed.tokens == full.tokens
 
 
 def test_bad_verifier_and_missing_plan_are_refused(models, verifier_dir, tmp_path):

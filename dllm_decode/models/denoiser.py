@@ -154,7 +154,9 @@ class Denoiser(nn.Module):
                 store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
                 # every layer writes K/V for at least the fed positions (feature reuse: for
                 # the recomputed set, which only ever holds positions already valid)
-                if not plan.reuse_features:
+                if plan.write_window is not None:
+                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | self._in_window(plan, s, e))
+                elif not plan.reuse_features:
                     fed.put(store.kv_valid, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
             if plan.write_features or plan.reuse_features:
                 store.ensure_features(a.n_layers, B, L, a.d_model, dtype, dev)
@@ -190,6 +192,13 @@ class Denoiser(nn.Module):
         return q, k, v
 
     @staticmethod
+    def _in_window(plan: ComputePlan, s: int, e: int) -> Tensor:
+        """(B, e - s) bool: fed columns of the range [s, e) inside each row's write window."""
+        w = plan.write_window
+        cols = torch.arange(s, e, device=w.device)[None, :]
+        return (cols >= w[:, :1]) & (cols < w[:, 1:])
+
+    @staticmethod
     def _mlp(p: BlockParts, h: Tensor) -> Tensor:
         return p.down(F.silu(p.gate(h)) * p.up(h))
 
@@ -205,6 +214,11 @@ class Denoiser(nn.Module):
             K, V = k, v
         else:
             # fresh K/V replace the stale ones in place; the others are reused as they are
+            if plan.write_window is not None:
+                s, e = plan.fed_range(store.k[i].shape[2])
+                keep = ~self._in_window(plan, s, e)[:, None, :, None]      # (B, 1, f, 1)
+                k = torch.where(keep, fed.take(store.k[i], 2), k)
+                v = torch.where(keep, fed.take(store.v[i], 2), v)
             fed.put(store.k[i], 2, k)
             fed.put(store.v[i], 2, v)
             K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]  # (B, Hkv, Lk, D)

@@ -86,6 +86,10 @@ class ComputePlan:
                     computed so the right shift stays exact.
     position_ids    (B, L) explicit RoPE positions for the whole canvas, overriding the ones
                     derived from the attention mask.
+    write_window    (B, 2) LongTensor, with keys='store': row b writes fresh K/V only for fed
+                    positions in [w0_b, w1_b); its other fed positions keep (and attend with)
+                    what the store holds. Lets one batched range feed give each row its own
+                    recompute window (APD's kv_window) exactly as if the row were alone.
     key_limit       (B,) LongTensor: row b attends only to canvas positions < key_limit[b], as if
                     the canvas were cut there (APD's lookahead M, per row). Positions keep their
                     RoPE index; logits at or after the limit are meaningless.
@@ -108,6 +112,7 @@ class ComputePlan:
     full_layers: tuple[int, ...] = ()
     out_start: int | None = None
     position_ids: Tensor | None = None
+    write_window: Tensor | None = None
     key_limit: Tensor | None = None
     shift: bool | None = None
     name: str = "full"
@@ -132,6 +137,9 @@ class ComputePlan:
                 raise ValueError(f"verify_rho must be in [0, 1], got {self.verify_rho}")
         elif self.recompute or self.verify is not None or self.full_layers:
             raise ValueError("recompute / verify / full_layers only make sense with reuse_features=True")
+        if self.write_window is not None and (self.keys != "store" or self.index is not None
+                                              or self.reuse_features):
+            raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
 
