@@ -127,8 +127,8 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     A row follows one of three schemes (probabilities `mix`):
       iid     LLaDA's: each answer position masked with probability t; weight 1/t.
       block   the state semi-autoregressive decoding visits: positions before a block boundary
-              (a multiple of 8 or 32) revealed, the block masked with probability t, everything
-              after it masked; weight G / #masked.
+              (a multiple of 8 or 32, in the answer text) revealed, the block masked with
+              probability t, everything after it masked; weight G / #masked.
       eos     the state low-confidence decoding visits, where the confident EOS padding is
               committed before the answer: answer masked with probability t, EOS padding with
               probability t * v (v ~ U(0, 1)); weight G / #masked.
@@ -150,11 +150,14 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     scheme = torch.multinomial(torch.tensor(mix, dtype=torch.float), B, replacement=True, generator=gen)    # (B,)
     col = torch.arange(G).unsqueeze(0)                                                    # (1, G)
     bs = torch.where(torch.rand(B, generator=gen) < 0.5, 8, 32)                          # (B,)
-    n_blocks = (G + bs - 1) // bs
+    # the block being decoded holds answer text (a block inside the EOS padding teaches only
+    # EOS, which iid and eos rows already do)
+    is_eos = ids[:, P:].cpu() == eos_id
+    answer_len = torch.where(is_eos.any(1), is_eos.long().argmax(1), G).clamp(min=1)     # (B,)
+    n_blocks = (answer_len + bs - 1) // bs
     start = (torch.rand(B, generator=gen) * n_blocks).long() * bs                         # (B,)
     in_block = (col >= start[:, None]) & (col < (start + bs)[:, None])
     block = (in_block & iid) | (col >= (start + bs)[:, None])
-    is_eos = ids[:, P:].cpu() == eos_id
     v = torch.rand(B, generator=gen)
     eos = torch.where(is_eos, draw < (t * v)[:, None], iid)
 

@@ -59,16 +59,19 @@ def test_matches_reference_on_stub_model(params, gen, block, sharpness):
 
 
 @pytest.fixture(scope="module")
-def tiny_llada():
-    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
+def tiny_models():
+    """Both families: SlowFast runs on LLaDA and (its Dream port) on Dream's shifted logits."""
+    return {fam: build_random_model(fam, vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
+                                    eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
+            for fam in ("llada", "dream")}
 
 
 @pytest.mark.parametrize("params", SETTINGS[:3], ids=_id)
 @pytest.mark.parametrize("batch", [1, 4])
-def test_matches_reference_on_tiny_llada(tiny_llada, params, batch):
-    _check(tiny_llada, 24, 24, batch, tau_min=0.05, **params) if "tau_min" not in params else \
-        _check(tiny_llada, 24, 24, batch, **params)
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_matches_reference_on_tiny_models(tiny_models, params, batch, family):
+    params = {"tau_min": 0.05, **params}
+    _check(tiny_models[family], 24, 24, batch, **params)
 
 
 @pytest.fixture(scope="module")
