@@ -34,7 +34,7 @@ from dllm_decode.hookspecs import hookimpl
 from dllm_decode.plugins import PluginMeta, PluginOptions
 from dllm_decode.sampling import gumbel_topk_keys, top_k_filter, top_p_filter, topk_mask
 from dllm_decode.state import Candidates
-from dllm_decode.policies.llada import current_block
+from dllm_decode.policies.llada import current_block, steps_per_block_problems
 from dllm_decode.policies.threshold import threshold_commit
 
 Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"]
@@ -65,11 +65,8 @@ def check_recipe(recipe, options, slots):
     gen = recipe.generation
     if "select_tokens" not in slots:
         return []
-    problems = []
-    if gen.total_steps % gen.blocks:
-        problems.append(f"generation.steps ({gen.total_steps}) must be a multiple of the number of blocks "
-                        f"({gen.blocks})")
-    elif options.first_token and options.alg != "confidence_threshold" and gen.total_steps // gen.blocks < 2:
+    problems = steps_per_block_problems(gen)
+    if not problems and options.first_token and options.alg != "confidence_threshold" and gen.total_steps // gen.blocks < 2:
         problems.append(f"first_token needs at least 2 steps per block (generation.steps {gen.total_steps}, "
                         f"{gen.blocks} blocks): the first only commits the block's first position")
     return problems

@@ -35,16 +35,21 @@ dllm_meta = PluginMeta(summary="LLaDA baseline: block span, probability/random s
                        "front-loaded fixed schedule", options=Options)
 
 
+def steps_per_block_problems(gen) -> list[str]:
+    """Schedules that split ``generation.steps`` evenly over the blocks need it to divide."""
+    if gen.total_steps % gen.blocks:
+        return [f"generation.steps ({gen.total_steps}) must be a multiple of the number of blocks "
+                f"({gen.blocks} = gen_length {gen.gen_length} / block_length {gen.block})"]
+    return []
+
+
 @hookimpl
 def check_recipe(recipe, slots):
     gen = recipe.generation
     if "select_tokens" not in slots:
         return []
-    problems = []
-    if gen.total_steps % gen.blocks:
-        problems.append(f"generation.steps ({gen.total_steps}) must be a multiple of the number of blocks "
-                        f"({gen.blocks} = gen_length {gen.gen_length} / block_length {gen.block})")
-    elif gen.total_steps // gen.blocks > gen.block:
+    problems = steps_per_block_problems(gen)
+    if not problems and gen.total_steps // gen.blocks > gen.block:
         problems.append(f"generation.steps ({gen.total_steps}) gives {gen.total_steps // gen.blocks} steps per "
                         f"block but a block has only {gen.block} positions; some steps would commit nothing")
     return problems

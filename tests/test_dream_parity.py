@@ -38,6 +38,12 @@ def tiny_dream():
 
 
 STUB = RandomLogitsModel(vocab_size=24, seed=11, sharpness=4.0)
+
+
+def _setup(which, tiny_dream, case):
+    """The model under test and a copy of the case to pop parameters from."""
+    return (STUB if which == "stub" else tiny_dream), dict(case)
+
 ORIGINAL = [dict(alg="entropy", steps=16), dict(alg="maskgit_plus", steps=8), dict(alg="topk_margin", steps=4),
             dict(alg="entropy", steps=8, top_p=0.9), dict(alg="maskgit_plus", steps=16, top_k=5)]
 
@@ -46,8 +52,7 @@ ORIGINAL = [dict(alg="entropy", steps=16), dict(alg="maskgit_plus", steps=8), di
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("which", ["stub", "dream"])
 def test_original_sampler_matches_reference(case, batch, which, tiny_dream):
-    model = STUB if which == "stub" else tiny_dream
-    case = dict(case)
+    model, case = _setup(which, tiny_dream, case)
     steps = case.pop("steps")
     out = _decode(model, 16, steps, batch, **case)
     for j in range(batch):
@@ -77,8 +82,7 @@ BLOCK = [dict(alg="entropy", steps=16, block=8), dict(alg="maskgit_plus", steps=
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("which", ["stub", "dream"])
 def test_fastdllm_block_sampler_matches_reference(case, batch, which, tiny_dream):
-    model = STUB if which == "stub" else tiny_dream
-    case = dict(case)
+    model, case = _setup(which, tiny_dream, case)
     steps, block = case.pop("steps"), case.pop("block")
     out = _decode(model, 16, steps, batch, block=block, first_token=True, **case)
     for j in range(batch):
