@@ -113,13 +113,17 @@ def main(argv: list[str] | None = None) -> None:
              f"Machine: {machine()}.\n\n{render(rows, tasks)}\n\nReproduce: `{cmd}`")
     print(table)
     if a.write:
-        path = Path(a.write)
-        text = path.read_text()
-        if START not in text or END not in text:
-            raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
-        head, rest = text.split(START, 1)
-        path.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
-        (path.with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
+        write_between_markers(Path(a.write), table)
+        Path(a.write).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def write_between_markers(path: Path, table: str) -> None:
+    """Replace what lies between the report markers of ``path``; the rest of the file stays."""
+    text = path.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
+    head, rest = text.split(START, 1)
+    path.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
 
 
 if __name__ == "__main__":

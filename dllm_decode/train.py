@@ -133,8 +133,9 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
               committed before the answer: answer masked with probability t, EOS padding with
               probability t * v (v ~ U(0, 1)); weight G / #masked.
     A small model trained on iid masks alone rarely sees these states and does worse in them
-    (semi-autoregressive blocks especially); the shipped reference models use iid alone, the
-    default, because the mixture did not train within the CPU budget (see the model cards).
+    (semi-autoregressive blocks especially). The mixture fixes blocks for copy and case, but in
+    CPU-budget runs at canvas 96-256 the free-choice digit tasks then failed to learn (the
+    llada-reference card records the runs), so the default stays iid alone.
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P

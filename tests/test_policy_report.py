@@ -1,0 +1,41 @@
+"""The policy report: measured rows, ratios against each model's first row, and the doc update."""
+
+from pathlib import Path
+
+import pytest
+
+from dllm_decode.policy_report import END, START, Entry, measure, render, write_between_markers
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_measure_two_policies_on_the_reference_model():
+    rows = measure(MODELS, ["copy"], 2, 0, entries=(Entry("llada-reference", "baseline", "llada"),
+                                                    Entry("llada-reference", "fast", "threshold",
+                                                          ("generation.block_length=96",))), progress=False)
+    assert [r["label"] for r in rows] == ["baseline", "fast"]
+    assert rows[0]["nfe"] == 96 and rows[1]["nfe"] < 96
+    assert rows[0]["tasks"]["copy"]["n"] == 2
+
+
+def _row(model, nfe, sec, acc=0.5):
+    return {"model": model, "label": f"{model}-{nfe}", "recipe": "r", "overrides": [], "tasks": {"t": {"accuracy": acc}},
+            "accuracy": acc, "nfe": nfe, "seconds_per_problem": sec}
+
+
+def test_ratios_are_against_the_first_row_of_each_model():
+    table = render([_row("a", 100, 1.0), _row("a", 25, 0.5), _row("b", 10, 2.0), _row("b", 5, 0.5)], ["t"])
+    lines = table.splitlines()[2:]
+    assert lines[1].endswith("| 4.0x | 2.0x |")
+    assert lines[2].endswith("| 1.0x | 1.0x |")
+    assert lines[3].endswith("| 2.0x | 4.0x |")
+
+
+def test_write_keeps_the_rest_of_the_doc(tmp_path):
+    doc = tmp_path / "p.md"
+    doc.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
+    write_between_markers(doc, "NEW")
+    assert doc.read_text() == f"intro\n{START}\nNEW\n{END}\noutro\n"
+    (tmp_path / "q.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        write_between_markers(tmp_path / "q.md", "NEW")
