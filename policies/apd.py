@@ -20,7 +20,9 @@ window from ``t - W - n + 1`` (n: tokens accepted by the previous step) to the l
 attends to the K/V the earlier forwards left for the positions before it (approximate: those
 were computed before later tokens were committed). ``None`` recomputes the whole visible canvas.
 The verifier is any ``AutoModelForCausalLM`` directory whose tokenizer agrees with the model's
-(checked when the recipe names ``model.path``), loaded once per decoder by this plugin.
+(checked when the recipe names ``model.path``), loaded once per decoder by this plugin. APD is
+sequential by design: each step reads a few integers (window bounds, the verifier cache length)
+to the host to slice the verifier's input.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def cache_policy(state, options, scratch):
     return ComputePlan(start=a, end=b, keys="store", key_end=b, write_window=torch.stack([left, right], 1),
                        key_limit=right, name="apd-window")
 
+
 @hookimpl
 def on_request_start(state, scratch):
     scratch.update(cache=None, verifier_forwards=0, primed=False, fed_start=0,
@@ -171,7 +174,11 @@ def score(state, logits, positions, options, scratch):
         tokens[:, a - off:b - off] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
     else:
         tokens[:, a - off:b - off] = window.argmax(-1)
-    conf = torch.softmax(logits.to(torch.float64), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # a confidence for plugins that might replace select_tokens: the draft's probability in the
+    # window, 0 elsewhere (computed on the window only: the canvas x vocabulary can be large)
+    conf = torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
+    draft = tokens[:, a - off:b - off]
+    conf[:, a - off:b - off] = torch.softmax(window, -1).gather(-1, draft.unsqueeze(-1)).squeeze(-1)
     return Candidates(tokens=tokens, confidence=conf, extra={"window": (a, b), "logits": window, "noise": noise})
 
 
