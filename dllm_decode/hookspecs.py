@@ -142,8 +142,10 @@ def select_tokens(state: DecodeState, candidates: Candidates, options: Any,
     :return: a ``BoolTensor (B, L)`` of positions to commit, or a
         :class:`dllm_decode.state.Selection` that may also re-mask committed positions (only
         for plugins whose ``dllm_meta.revocable`` is true; the engine records every re-mask).
-    :invariant: commits ⊆ eligible, and at least one commit in every unfinished row. The
-        engine checks both and raises an error naming this plugin and the step.
+    :invariant: commits ⊆ eligible, and at least one commit in every unfinished row (unless
+        the plugin declares ``dllm_meta.idle_steps``: a schedule that rounds a step's count to
+        zero, as Dream's does). The engine checks both and raises an error naming this plugin
+        and the step.
     """
 
 
