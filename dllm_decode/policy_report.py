@@ -35,6 +35,8 @@ class Entry:
 ENTRIES = (
     Entry("llada-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("llada-reference", "llada, 4 tokens / forward", "llada", ("generation.steps=24",)),
+    Entry("llada-reference", "llada, random remasking", "llada-random",
+          ("generation.gen_length=96", "generation.block_length=96", "generation.steps=96")),
     Entry("llada-reference", "threshold 0.9", "threshold", ("generation.block_length=96",)),
     Entry("llada-reference", "factor 1.0", "factor", ("generation.block_length=96",)),
     Entry("llada-reference", "slowfast (code)", "slowfast"),

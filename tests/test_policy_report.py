@@ -39,3 +39,15 @@ def test_write_keeps_the_rest_of_the_doc(tmp_path):
     (tmp_path / "q.md").write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         write_between_markers(tmp_path / "q.md", "NEW")
+
+
+def test_every_shipped_recipe_is_documented_and_measured():
+    from dllm_decode.policy_report import ENTRIES
+    from dllm_decode.recipes import shipped_recipes
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text()
+    measured = {e.recipe for e in ENTRIES}
+    for name in shipped_recipes():
+        assert f"`{name}`" in doc, name
+        assert name in measured, name
+    assert START in doc and "| llada-reference | baseline" in doc
