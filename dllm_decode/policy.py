@@ -39,15 +39,17 @@ class BoundPolicy:
         bound = self.slots.get(slot)
         return bound.plugin_name if bound else None
 
+    def _select_meta(self, flag: str) -> bool:
+        name = self.plugin_for("select_tokens")
+        return bool(name and getattr(self.metas[name], flag))
+
     @property
     def revocable(self) -> bool:
-        name = self.plugin_for("select_tokens")
-        return bool(name and self.metas[name].revocable)
+        return self._select_meta("revocable")
 
     @property
     def idle_steps(self) -> bool:
-        name = self.plugin_for("select_tokens")
-        return bool(name and self.metas[name].idle_steps)
+        return self._select_meta("idle_steps")
 
 
 def _where(recipe: Recipe) -> str:

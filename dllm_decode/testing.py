@@ -146,8 +146,7 @@ def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Se
     try:
         decoder = Decoder(model, rec_recipe, pm=base_pm)
         result = decoder.generate(prompts, keep_states=True)
-        _check_run(recorder.runs[-1], result.states[-1], decoder.policy.revocable, decoder,
-                   idle_ok=decoder.policy.idle_steps)
+        _check_run(recorder.runs[-1], result.states[-1], decoder)
         again = Decoder(model, rec_recipe, pm=base_pm).generate(prompts)
         if again.tokens != result.tokens:
             raise InvariantViolation("same recipe and seed gave different tokens on a second run")
@@ -163,7 +162,8 @@ def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Se
         base_pm.unregister(name=RECORDER)
 
 
-def _check_run(snaps: list[dict], final, revocable: bool, decoder: Decoder, idle_ok: bool = False) -> None:
+def _check_run(snaps: list[dict], final, decoder: Decoder) -> None:
+    revocable, idle_ok = decoder.policy.revocable, decoder.policy.idle_steps
     mask = final.mask_id
     P = final.gen_start
     x0 = snaps[0]["x"]

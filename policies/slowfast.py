@@ -78,17 +78,10 @@ dllm_meta = PluginMeta(summary="SlowFast sampling: exploratory / accelerated cyc
                        "convergence-based spans (code and paper variants)", options=Options)
 
 
-def _reset(scratch: dict, rows: torch.Tensor, block_len: int) -> None:
-    """Start a fresh cycle at the block start for ``rows`` (B,) bool."""
-    for key, value in (("last_len", 0), ("stage", EXPLORE), ("k", 0), ("hist_n", 0),
-                       ("cycle_len", block_len)):
-        scratch[key] = torch.where(rows, value, scratch[key])
-    scratch["determined"] = scratch["determined"] & ~rows
-
-
-def _start_cycle(scratch: dict, rows: torch.Tensor) -> None:
-    """The span of ``rows`` is decoded: the next cycle explores from its end."""
-    scratch["last_len"] = torch.where(rows, scratch["cycle_len"], scratch["last_len"])
+def _start_cycle(scratch: dict, rows: torch.Tensor, last_len: torch.Tensor | int) -> None:
+    """Begin a new exploratory stage for ``rows`` (B,) bool, from ``last_len`` columns after the
+    block start (0 in a new block, else the decoded span's end)."""
+    scratch["last_len"] = torch.where(rows, last_len, scratch["last_len"])
     for key, value in (("stage", EXPLORE), ("k", 0), ("hist_n", 0)):
         scratch[key] = torch.where(rows, value, scratch[key])
     scratch["determined"] = scratch["determined"] & ~rows
@@ -104,12 +97,11 @@ def on_request_start(state, scratch):
 
 @hookimpl
 def choose_span(state, options, scratch):
-    bl = state.config.block
     if scratch["hist"] is None:
         scratch["hist"] = torch.zeros(state.batch_size, options.window, dtype=torch.float64, device=state.device)
     block = current_block(state)                                            # (B, 2)
     b0 = block[:, 0]
-    _reset(scratch, b0 != scratch["block"], bl)
+    _start_cycle(scratch, b0 != scratch["block"], 0)
     scratch["block"] = b0
     # an accelerated span without masks (decoded, or already filled while exploring) ends the cycle
     cols = state.columns[None, :]
@@ -117,7 +109,7 @@ def choose_span(state, options, scratch):
     lo = b0 + scratch["last_len"]
     in_span = (cols >= lo[:, None]) & (cols < span_end[:, None])
     empty = (scratch["stage"] == ACCELERATE) & ~(state.masked & in_span).any(dim=1)
-    _start_cycle(scratch, empty)
+    _start_cycle(scratch, empty, scratch["cycle_len"])
     lo = b0 + scratch["last_len"]
     hi = torch.where(scratch["stage"] == EXPLORE, block[:, 1], b0 + scratch["cycle_len"])
     return torch.stack([lo, hi], dim=1)

@@ -148,14 +148,16 @@ class Denoiser(nn.Module):
                     raise ValueError(f"plan {plan.name!r}: range [{ra}, {rb}) is not inside the "
                                      f"fed range [{s}, {e})")
 
+        # APD's per-row windows: fed positions (B, f) whose stored K/V are kept, not rewritten
+        stale = None if plan.write_window is None else ~self._in_window(plan.write_window, s, e)
         if store is not None and plan.writes:
             store.check_canvas(B, L)
             if plan.keys == "store" or plan.write_kv:
                 store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
                 # every layer writes K/V for at least the fed positions (feature reuse: for
                 # the recomputed set, which only ever holds positions already valid)
-                if plan.write_window is not None:
-                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | self._in_window(plan, s, e))
+                if stale is not None:
+                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | ~stale)
                 elif not plan.reuse_features:
                     fed.put(store.kv_valid, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
             if plan.write_features or plan.reuse_features:
@@ -177,7 +179,7 @@ class Denoiser(nn.Module):
             if plan.reuse_features and i not in plan.full_layers:
                 x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end)
             else:
-                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end)
+                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end, stale)
 
         return self._logits(x, plan, fed, s, e, L)
 
@@ -192,9 +194,8 @@ class Denoiser(nn.Module):
         return q, k, v
 
     @staticmethod
-    def _in_window(plan: ComputePlan, s: int, e: int) -> Tensor:
-        """(B, e - s) bool: fed columns of the range [s, e) inside each row's write window."""
-        w = plan.write_window
+    def _in_window(w: Tensor, s: int, e: int) -> Tensor:
+        """(B, e - s) bool: columns of the range [s, e) inside each row's window w (B, 2)."""
         cols = torch.arange(s, e, device=w.device)[None, :]
         return (cols >= w[:, :1]) & (cols < w[:, 1:])
 
@@ -203,9 +204,10 @@ class Denoiser(nn.Module):
         return p.down(F.silu(p.gate(h)) * p.up(h))
 
     def _layer_full(self, i, p: BlockParts, x, plan: ComputePlan, store, fed: Sel,
-                    cos, sin, kmask, key_end) -> Tensor:
+                    cos, sin, kmask, key_end, stale: Tensor | None = None) -> Tensor:
         """Every fed position is recomputed. Plain forward, refresh, window, prefix/dual,
-        subset (dKV) and dLLM-Cache's always-full layers."""
+        subset (dKV) and dLLM-Cache's always-full layers. `stale` (B, f): fed positions whose
+        stored K/V stay as they are (a plan's write_window)."""
         q, k, v = self._qkv(p, p.attn_norm(x), cos, sin)
         if plan.keys == "fed":
             if plan.write_kv:
@@ -214,9 +216,8 @@ class Denoiser(nn.Module):
             K, V = k, v
         else:
             # fresh K/V replace the stale ones in place; the others are reused as they are
-            if plan.write_window is not None:
-                s, e = plan.fed_range(store.k[i].shape[2])
-                keep = ~self._in_window(plan, s, e)[:, None, :, None]      # (B, 1, f, 1)
+            if stale is not None:
+                keep = stale[:, None, :, None]                              # (B, 1, f, 1)
                 k = torch.where(keep, fed.take(store.k[i], 2), k)
                 v = torch.where(keep, fed.take(store.v[i], 2), v)
             fed.put(store.k[i], 2, k)
