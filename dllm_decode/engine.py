@@ -24,7 +24,7 @@ from dllm_decode.config import Recipe
 from dllm_decode.errors import DllmDecodeError, InputError, ModelOutputError, PluginError
 from dllm_decode.plugins import PluginManager, get_plugin_manager
 from dllm_decode.policy import BoundPolicy, resolve
-from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Selection, StepRecord
+from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Phase, Selection, StepRecord
 
 NEG_INF = float("-inf")
 
@@ -40,6 +40,7 @@ class RowResult:
     seconds: float                # wall time of that request
     commit_step: list[int]        # step at which each generated position was written
     text: str | None = None
+    flops: float = 0.0            # the request's computed matmul FLOPs / its rows (0: not counted)
 
     def as_dict(self) -> dict[str, Any]:
         return {"prompt_ids": self.prompt, "token_ids": self.tokens, "text": self.text,
@@ -90,6 +91,11 @@ class Decoder:
         if (self.gen.eos.ban or self.gen.eos.stop or self.gen.eos.deprioritize) and not self.eos_ids:
             raise InputError(f"{recipe.source or '<recipe>'}: generation.eos is enabled but the model "
                              "declares no EOS id; set generation.eos.ids")
+        for name in self.policy.plugin_names:
+            if "compute_plans" in self.policy.metas[name].requires and not callable(getattr(model, "new_store", None)):
+                raise InputError(f"{recipe.source or '<recipe>'}: plugin {name!r} builds compute plans, but "
+                                 f"{type(model).__name__} runs only plain forwards; use a dllm_decode "
+                                 "model (LLaDA or Dream family)")
         self.mask_id = int(self.spec.mask_token_id)
         pad = getattr(self.spec, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None and pad != self.mask_id else (self.eos_ids or [0])[0])
@@ -163,6 +169,7 @@ class Decoder:
         self._observe("on_request_end", state)
         state.scratch.clear()
         if state.store is not None and hasattr(state.store, "clear"):
+            state.counters["flops"] = getattr(state.store, "flops", 0.0)
             state.store.clear()
         return state
 
@@ -185,8 +192,9 @@ class Decoder:
         steps = state.commit_step[:, state.gen_start:].tolist()
         nfe = state.row_nfe.tolist()
         texts = self.decode_text(gen) if self.tokenizer is not None else [None] * len(gen)
+        flops = state.counters.get("flops", 0.0) / state.batch_size
         return [RowResult(prompt=list(p), tokens=g, nfe=n, steps=state.step,
-                          seconds=state.timings.get("seconds", 0.0), commit_step=c, text=t)
+                          seconds=state.timings.get("seconds", 0.0), commit_step=c, text=t, flops=flops)
                 for p, g, n, c, t in zip(prompts, gen, nfe, steps, texts)]
 
     def decode_text(self, token_rows: list[list[int]]) -> list[str]:
@@ -208,7 +216,12 @@ class Decoder:
             span = state.gen_span()
         self._check_tensor("choose_span", state, span, (B, 2), (torch.long, torch.int32, torch.int64))
         state.span = span.to(torch.long)
-        state.phase = self._call("decide_phase", state) if "decide_phase" in self.policy.slots else None
+        phase = self._call("decide_phase", state) if "decide_phase" in self.policy.slots else None
+        if isinstance(phase, Phase):
+            self._check_tensor("decide_phase", state, phase.rows, (B,), (torch.long,), what="per-row phases")
+            state.phase, state.phase_rows = phase.label, phase
+        else:
+            state.phase, state.phase_rows = phase, None
         plan = self._call("cache_policy", state) if "cache_policy" in self.policy.slots else None
 
         logits, positions = self._forward(state, plan)                  # (B, q, V), (B, q) | None
@@ -313,7 +326,8 @@ class Decoder:
             real_prompt = state.prompt_mask & attn
             x = torch.cat([x, torch.where(real_prompt, state.mask_id, x)])
             attn = torch.cat([attn, attn])
-        logits = self.model(x, attention_mask=attn, plan=plan, store=state.store)
+        run = plan if plan is None or cfg <= 0 else plan.repeat_rows(2)
+        logits = self.model(x, attention_mask=attn, plan=run, store=state.store)
         if cfg > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg + 1) * (cond - uncond)
@@ -325,8 +339,8 @@ class Decoder:
         return logits, positions
 
     def _new_store(self) -> Any:
-        if "cache_policy" not in self.policy.slots:
-            return None
+        # every request of a plan-executing model gets a store, so its FLOPs are counted too;
+        # nothing is allocated in it unless a plan writes
         factory = getattr(self.model, "new_store", None)
         if callable(factory):
             return factory()

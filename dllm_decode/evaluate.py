@@ -26,6 +26,7 @@ class ProblemRecord:
     correct: bool
     nfe: int
     tokens: int               # generated tokens up to and including the first EOS
+    flops: float = 0.0        # matmul FLOPs the model computed for this problem (its share of the batch)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -48,6 +49,15 @@ class EvalResult:
     @property
     def seconds_per_problem(self) -> float:
         return self.seconds / max(1, len(self.records))
+
+    @property
+    def flops_per_problem(self) -> float:
+        return sum(r.flops for r in self.records) / max(1, len(self.records))
+
+    @property
+    def flops_per_forward(self) -> float:
+        """Computed FLOPs per forward per row: what one step of one problem cost."""
+        return sum(r.flops for r in self.records) / max(1, sum(r.nfe for r in self.records))
 
 
 def _summarise(records: list[ProblemRecord], seconds_by_task: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -87,7 +97,7 @@ def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None, pol
         seconds[name] = time.perf_counter() - t0
         for p, row in zip(group, result.rows):
             records.append(ProblemRecord(name, p.index, p.prompt, row.text or "", task.score(p, row.text or ""),
-                                         row.nfe, _generated_tokens(row.tokens, eos)))
+                                         row.nfe, _generated_tokens(row.tokens, eos), row.flops))
     return EvalResult(records, sum(seconds.values()), _summarise(records, seconds))
 
 

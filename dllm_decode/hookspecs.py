@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     import torch
 
     from dllm_decode.config import Recipe
-    from dllm_decode.state import Candidates, DecodeState, Selection
+    from dllm_decode.state import Candidates, DecodeState, Phase, Selection
 
 PROJECT = "dllm_decode"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -86,13 +86,15 @@ def choose_span(state: DecodeState, options: Any, scratch: dict) -> torch.Tensor
 
 
 @hookspec(firstresult=True)
-def decide_phase(state: DecodeState, options: Any, scratch: dict) -> str | None:
+def decide_phase(state: DecodeState, options: Any, scratch: dict) -> str | Phase | None:
     """Label the current step with a phase (e.g. SlowFast's ``"explore"`` / ``"accelerate"``).
 
     Called after ``choose_span`` (``state.span`` holds this step's span).
 
     :return: a free-form label for the whole batch, recorded in ``state.phase`` and in the
-        step history (traces colour steps by it). ``None`` means no label.
+        step history (traces colour steps by it), or a :class:`dllm_decode.state.Phase` that
+        also gives each row its phase (``state.phase_rows``; rows of a batch may be in
+        different phases, and a cache may act on them). ``None`` means no label.
     :invariant: must not change tokens; the label is information for the other hooks.
     """
 

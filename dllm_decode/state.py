@@ -39,6 +39,22 @@ class Selection:
     remask: torch.Tensor | None = None    # (B, L) bool: committed positions to mask again
 
 
+@dataclass(frozen=True)
+class Phase:
+    """What ``decide_phase`` may return instead of a plain label: a phase per row.
+
+    ``rows[b]`` indexes ``names`` (SlowFast: 0 explore, 1 accelerate); ``label`` is the batch's
+    label for traces. Caches that act on a phase (``slowfast_tail``) read ``state.phase_rows``.
+    """
+
+    names: tuple[str, ...]
+    rows: torch.Tensor            # (B,) long index into names
+    label: str | None = None
+
+    def code(self, name: str) -> int:
+        return self.names.index(name)
+
+
 @dataclass
 class StepRecord:
     """What one step did; kept in ``DecodeState.history`` for plugins, traces and metrics."""
@@ -70,6 +86,7 @@ class DecodeState:
     commit_step: torch.Tensor = None  # (B, L) long, UNCOMMITTED until written
     span: torch.Tensor = None     # (B, 2) long, this step's span
     phase: str | None = None
+    phase_rows: Phase | None = None  # per-row phases, when decide_phase gives them
     step: int = 0                 # steps taken so far (== forwards, unless a plugin skips one)
     nfe: int = 0                  # model forward calls (a CFG pair counts once)
     row_nfe: torch.Tensor = None  # (B,) long: forwards while each row was unfinished

@@ -40,9 +40,11 @@ from pydantic import Field, model_validator
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.plugins import PluginMeta, PluginOptions
 from dllm_decode.sampling import topk_mask
+from dllm_decode.state import Phase
 from dllm_decode.policies.llada import current_block
 
 EXPLORE, ACCELERATE = 0, 1
+PHASES = ("explore", "accelerate")        # indexed by the stage codes above
 VARIANT_DEFAULTS = {"code": dict(explore_steps=6, tau_min=0.3, tau_high=0.9, min_parallel=2),
                     "paper": dict(explore_steps=8, tau_min=0.1, tau_high=0.85, min_parallel=1)}
 
@@ -117,11 +119,13 @@ def choose_span(state, options, scratch):
 
 @hookimpl
 def decide_phase(state, scratch):
-    # one small host read per step: the label is a string for traces and metrics
+    # one small host read per step: the label is a string for traces and metrics; the per-row
+    # stages go along as a tensor (the out-of-span cache acts on them)
     explore = ((scratch["stage"] == EXPLORE) & ~state.done).any()
     accelerate = ((scratch["stage"] == ACCELERATE) & ~state.done).any()
     e, a = torch.stack([explore, accelerate]).tolist()
-    return "explore+accelerate" if e and a else ("explore" if e else "accelerate")
+    label = "explore+accelerate" if e and a else ("explore" if e else "accelerate")
+    return Phase(names=PHASES, rows=scratch["stage"].clone(), label=label)
 
 
 @hookimpl

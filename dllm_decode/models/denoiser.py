@@ -64,6 +64,8 @@ class BlockParts(NamedTuple):
 
 
 _FULL = ComputePlan.full()
+#: V-verify similarity resolution per compute dtype (see Denoiser._layer_reuse)
+SIM_GRID = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
 class Denoiser(nn.Module):
@@ -127,9 +129,11 @@ class Denoiser(nn.Module):
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         pos = plan.position_ids if plan.position_ids is not None else \
             position_ids_from_mask(mask, B, L, dev)                         # (B, L)
+        cut = limit = None
         if plan.key_limit is not None:
             # positions were taken from the full mask above: cutting keys must not renumber them
-            cut = torch.arange(L, device=dev)[None, :] < plan.key_limit.to(dev)[:, None]   # (B, L)
+            limit = plan.key_limit.to(dev)                                  # (B,)
+            cut = torch.arange(L, device=dev)[None, :] < limit[:, None]     # (B, L)
             mask = cut if mask is None else mask & cut
 
         if plan.index is None:
@@ -148,17 +152,24 @@ class Denoiser(nn.Module):
                     raise ValueError(f"plan {plan.name!r}: range [{ra}, {rb}) is not inside the "
                                      f"fed range [{s}, {e})")
 
-        # APD's per-row windows: fed positions (B, f) whose stored K/V are kept, not rewritten
-        stale = None if plan.write_window is None else ~self._in_window(plan.write_window, s, e)
+        # fed positions (B, f) whose stored K/V and features stay as they are: outside the row's
+        # write window (APD), or at or past its key limit (a row cut shorter than the batch's
+        # feed writes nothing there, exactly as if it had been fed alone)
+        frozen = None if plan.write_window is None else ~self._in_window(plan.write_window, s, e)
+        if cut is not None:
+            beyond = ~fed.take(cut, 1)
+            frozen = beyond if frozen is None else frozen | beyond
         if store is not None and plan.writes:
             store.check_canvas(B, L)
             if plan.keys == "store" or plan.write_kv:
                 store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
                 # every layer writes K/V for at least the fed positions (feature reuse: for
                 # the recomputed set, which only ever holds positions already valid)
-                if stale is not None:
-                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | ~stale)
-                elif not plan.reuse_features:
+                if plan.reuse_features:
+                    pass
+                elif frozen is not None:
+                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | ~frozen)
+                else:
                     fed.put(store.kv_valid, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
             if plan.write_features or plan.reuse_features:
                 store.ensure_features(a.n_layers, B, L, a.d_model, dtype, dev)
@@ -175,13 +186,46 @@ class Denoiser(nn.Module):
         cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)      # (B, 1, f, D)
         x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
 
+        if store is not None:
+            store.flops += self._flops(plan, B, fed.n, s, e, key_end)
         for i, parts in enumerate(self.block_parts()):
             if plan.reuse_features and i not in plan.full_layers:
-                x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end)
+                x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end, limit)
             else:
-                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end, stale)
+                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end, frozen)
 
         return self._logits(x, plan, fed, s, e, L)
+
+    def _flops(self, plan: ComputePlan, B: int, f: int, s: int, e: int, key_end: int) -> float:
+        """Matmul FLOPs (2 per multiply-add) this plan computes for the whole batch: projections,
+        attention scores and mixing, FFN, V-verify's value projections, and the LM head.
+        Norms, RoPE and softmax are left out (linear in the tokens, small)."""
+        a = self.arch
+        hd = a.n_heads * a.head_dim
+        kvd = a.n_kv_heads * a.head_dim
+
+        def layer(n: int, n_keys: int) -> float:
+            return 2.0 * B * n * (a.d_model * (hd + 2 * kvd) + hd * a.d_model + 3 * a.d_model * a.mlp_hidden
+                                  + 2 * n_keys * hd)
+
+        full = layer(f, f if plan.keys == "fed" else key_end)
+        total = full * a.n_layers
+        if plan.reuse_features:
+            n = sum((e if rb == -1 else rb) - ra for ra, rb in plan.recompute)
+            verify = 0.0
+            if plan.verify is not None:
+                G = (e if plan.verify[1] == -1 else plan.verify[1]) - plan.verify[0]
+                n += int(plan.verify_rho * G)
+                verify = 2.0 * B * G * a.d_model * kvd
+            reuse_layers = a.n_layers - len(set(plan.full_layers) & set(range(a.n_layers)))
+            total += reuse_layers * (layer(n, key_end) + verify - full)
+        if plan.index is not None:
+            n_out = f
+        else:
+            o = s if plan.out_start is None else plan.out_start
+            # a shifted family also computes the raw logit just before out_start (see _logits)
+            n_out = e - o + (1 if self.spec.shift_logits and plan.shift is not False and o > s else 0)
+        return total + 2.0 * B * n_out * a.d_model * a.vocab_size
 
     def _qkv(self, p: BlockParts, h: Tensor, cos: Tensor, sin: Tensor):
         a = self.arch
@@ -204,47 +248,51 @@ class Denoiser(nn.Module):
         return p.down(F.silu(p.gate(h)) * p.up(h))
 
     def _layer_full(self, i, p: BlockParts, x, plan: ComputePlan, store, fed: Sel,
-                    cos, sin, kmask, key_end, stale: Tensor | None = None) -> Tensor:
+                    cos, sin, kmask, key_end, frozen: Tensor | None = None) -> Tensor:
         """Every fed position is recomputed. Plain forward, refresh, window, prefix/dual,
-        subset (dKV) and dLLM-Cache's always-full layers. `stale` (B, f): fed positions whose
-        stored K/V stay as they are (a plan's write_window)."""
+        subset (dKV) and dLLM-Cache's always-full layers. `frozen` (B, f): fed positions whose
+        stored K/V and features stay as they are (write window, key limit)."""
         q, k, v = self._qkv(p, p.attn_norm(x), cos, sin)
         if plan.keys == "fed":
             if plan.write_kv:
-                fed.put(store.k[i], 2, k)
-                fed.put(store.v[i], 2, v)
+                fed.put_unless(store.k[i], 2, k, frozen)
+                fed.put_unless(store.v[i], 2, v, frozen)
             K, V = k, v
         else:
-            # fresh K/V replace the stale ones in place; the others are reused as they are
-            if stale is not None:
-                keep = stale[:, None, :, None]                              # (B, 1, f, 1)
-                k = torch.where(keep, fed.take(store.k[i], 2), k)
-                v = torch.where(keep, fed.take(store.v[i], 2), v)
-            fed.put(store.k[i], 2, k)
-            fed.put(store.v[i], 2, v)
+            # fresh K/V replace the stale ones in place; frozen positions attend with what the
+            # store holds
+            fed.put_unless(store.k[i], 2, k, frozen)
+            fed.put_unless(store.v[i], 2, v, frozen)
             K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]  # (B, Hkv, Lk, D)
         att = p.o(attend(q, K, V, kmask))                                   # (B, f, d)
         if plan.write_features or plan.reuse_features:
-            fed.put(store.attn[i], 1, att)
+            fed.put_unless(store.attn[i], 1, att, frozen)
         x = x + att
         mlp = self._mlp(p, p.ffn_norm(x))                                   # (B, f, d)
         if plan.write_features or plan.reuse_features:
-            fed.put(store.ffn[i], 1, mlp)
+            fed.put_unless(store.ffn[i], 1, mlp, frozen)
         return x + mlp
 
     def _layer_reuse(self, i, p: BlockParts, x, plan: ComputePlan, store: CacheStore,
-                     pos, kmask, s, e, key_end) -> Tensor:
+                     pos, kmask, s, e, key_end, limit: Tensor | None = None) -> Tensor:
         """dLLM-Cache layer: recompute the static ranges plus the V-verify picks; every other
-        fed position adds its cached attention / FFN output to the current residual stream."""
+        fed position adds its cached attention / FFN output to the current residual stream.
+        `limit` (B,): the plan's key_limit. A row's positions at or past it are outside its
+        forward: never written, never verified, and its V-verify count is taken over its own
+        cut range, so a cut row in a batch computes what it would alone."""
         a = self.arch
         B = x.shape[0]
         dev = x.device
         h = p.attn_norm(x)                                                  # (B, f, d)
 
         parts: list[Tensor] = []
+        keeps: list[Tensor] = []            # per part (B, n) bool: recomputed but not written
         ranges = [(ra, e if rb == -1 else rb) for ra, rb in plan.recompute]
         for ra, rb in ranges:
-            parts.append(torch.arange(ra, rb, device=dev).unsqueeze(0).expand(B, -1))
+            cols = torch.arange(ra, rb, device=dev).unsqueeze(0).expand(B, -1)
+            parts.append(cols)
+            if limit is not None:
+                keeps.append(cols >= limit[:, None])
         v_new = None
         if plan.verify is not None:
             va, vb = plan.verify
@@ -255,11 +303,24 @@ class Denoiser(nn.Module):
             v_old = store.v[i][:, :, va:vb].transpose(1, 2).reshape(B, G, -1)
             ct = torch.promote_types(v_new.dtype, torch.float32)
             sim = F.cosine_similarity(v_new.to(ct), v_old.to(ct), dim=-1)   # (B, G)
+            # Unchanged inputs give cosine 1 up to rounding, and rounding differs between
+            # kernels and batch shapes: similarities are snapped to a grid (SIM_GRID) so that
+            # such near-ties become exact ties, which the stable sort breaks by position.
+            sim = torch.round(sim / SIM_GRID[ct]) * SIM_GRID[ct]
+            outside = None
+            if limit is not None:
+                outside = torch.arange(va, vb, device=dev)[None, :] >= limit[:, None]   # (B, G)
+                sim = sim.masked_fill(outside, float("inf"))
+                # each row recomputes floor(rho * its own range), as upstream's int(rho * G)
+                g_row = (limit.clamp(max=vb) - va).clamp(min=0)
+                n_row = torch.floor(plan.verify_rho * g_row.to(torch.float64)).long()  # (B,)
             if n_pick > 0:
                 # least similar first; a stable sort breaks exact ties by position, so the
                 # choice does not depend on the kernel (topk's tie order is unspecified)
                 pick = sim.argsort(dim=1, stable=True)[:, :n_pick] + va       # (B, k)
                 parts.append(pick)
+                if limit is not None:
+                    keeps.append(torch.arange(n_pick, device=dev)[None, :] >= n_row[:, None])
 
         if len(parts) == 1 and len(ranges) == 1:
             C = Sel(*ranges[0])
@@ -267,22 +328,26 @@ class Denoiser(nn.Module):
             C = Sel(idx=torch.cat(parts, dim=1))
         else:
             C = Sel(s, s)                                                   # nothing recomputed
+        keep = torch.cat(keeps, dim=1) if keeps else None                   # (B, c) | None
         slots = C.offset(s)                                                 # positions within x
 
         if C.n:
             q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(pos, 1), a.head_dim,
                                                                    a.rope_theta, h.dtype))
-            C.put(store.k[i], 2, k)
-            C.put(store.v[i], 2, v)
+            C.put_unless(store.k[i], 2, k, keep)
+            C.put_unless(store.v[i], 2, v, keep)
         if v_new is not None:
             # dLLM-Cache replaces the whole cached V of the verified range by the new values
-            store.v[i][:, :, va:vb] = v_new.view(B, G, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            v_new = v_new.view(B, G, a.n_kv_heads, a.head_dim).transpose(1, 2)
+            if outside is not None:
+                v_new = torch.where(outside[:, None, :, None], store.v[i][:, :, va:vb], v_new)
+            store.v[i][:, :, va:vb] = v_new
         if C.n:
             K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]
-            C.put(store.attn[i], 1, p.o(attend(q, K, V, kmask)))
+            C.put_unless(store.attn[i], 1, p.o(attend(q, K, V, kmask)), keep)
         x = x + store.attn[i][:, s:e]
         if C.n:
-            C.put(store.ffn[i], 1, self._mlp(p, p.ffn_norm(slots.take(x, 1))))
+            C.put_unless(store.ffn[i], 1, self._mlp(p, p.ffn_norm(slots.take(x, 1))), keep)
         return x + store.ffn[i][:, s:e]
 
     def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
@@ -300,6 +365,13 @@ class Denoiser(nn.Module):
             raw = head(x[:, lo - s: e - s])                                 # (B, e - lo, V)
             if not shift or raw.shape[1] == 0:
                 return raw
+            if plan.shift_from is not None:
+                # per row: position shift_from[b] keeps its own logit (the in-window shift of a
+                # row whose own feed would start there), every other one takes p - 1's
+                cols = torch.arange(o, e, device=raw.device)[None, :]       # (1, q)
+                own = (cols - 1 < lo) | (cols == plan.shift_from.to(raw.device)[:, None])
+                src = torch.where(own, cols, cols - 1) - lo                 # (B, q)
+                return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
             if lo < o:
                 return raw[:, :-1]        # position p gets the raw logit of p - 1
             # window start gets its own logit: the reference samplers' in-window shift

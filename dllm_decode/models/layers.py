@@ -123,3 +123,11 @@ class Sel:
             t.narrow(dim, self.a, self.b - self.a).copy_(src)
         else:
             t.scatter_(dim, self._expanded(t, dim), src.to(t.dtype))
+
+    def put_unless(self, t: Tensor, dim: int, src: Tensor, keep: Tensor | None) -> None:
+        """put(), except where `keep` (B, n) bool is True: there t keeps what it holds."""
+        if keep is not None:
+            shape = [keep.shape[0]] + [1] * (src.dim() - 1)
+            shape[dim] = keep.shape[1]
+            src = torch.where(keep.view(shape), self.take(t, dim).to(src.dtype), src)
+        self.put(t, dim, src)

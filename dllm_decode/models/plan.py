@@ -91,8 +91,14 @@ class ComputePlan:
                     what the store holds. Lets one batched range feed give each row its own
                     recompute window (APD's kv_window) exactly as if the row were alone.
     key_limit       (B,) LongTensor: row b attends only to canvas positions < key_limit[b], as if
-                    the canvas were cut there (APD's lookahead M, per row). Positions keep their
-                    RoPE index; logits at or after the limit are meaningless.
+                    the canvas were cut there (APD's lookahead M, SlowFast's cut fast phase, per
+                    row). Positions keep their RoPE index; logits at or after the limit are
+                    meaningless, and nothing is written to the store for them (with feature
+                    reuse, V-verify ranks and counts each row over its own cut range).
+    shift_from      (B,) LongTensor, Dream range feeds: position shift_from[b] keeps its own raw
+                    logit (the in-window shift the reference samplers apply at a window start),
+                    so a row whose window starts after the batch's feed start gets what it would
+                    get fed alone.
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
     name            Free-form label for tracing.
@@ -114,6 +120,7 @@ class ComputePlan:
     position_ids: Tensor | None = None
     write_window: Tensor | None = None
     key_limit: Tensor | None = None
+    shift_from: Tensor | None = None
     shift: bool | None = None
     name: str = "full"
 
@@ -140,6 +147,8 @@ class ComputePlan:
         if self.write_window is not None and (self.keys != "store" or self.index is not None
                                               or self.reuse_features):
             raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
+        if self.shift_from is not None and self.index is not None:
+            raise ValueError("shift_from applies to range feeds only")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
 
@@ -184,6 +193,14 @@ class ComputePlan:
 
     def with_(self, **changes) -> "ComputePlan":
         return replace(self, **changes)
+
+    def repeat_rows(self, n: int) -> "ComputePlan":
+        """The same plan for the batch stacked n times (classifier-free guidance runs the
+        conditional and unconditional canvases as one batch): per-row tensors are tiled."""
+        rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
+                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from")
+                if getattr(self, k) is not None}
+        return replace(self, **rows) if rows else self
 
     # ------------------------------------------------------------------ constructors
     @classmethod

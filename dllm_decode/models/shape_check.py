@@ -1,5 +1,6 @@
-"""Per-step latency of a full forward vs Fast-dLLM cached block steps, on a model of real shape
-with random weights (timing does not depend on the weights).
+"""Per-step latency of a full forward vs Fast-dLLM cached block steps and a dLLM-Cache step
+(response reused, V-verify recomputing a quarter of it, layer 0 in full), on a model of real
+shape with random weights (timing does not depend on the weights).
 
     python -m dllm_decode.models.shape_check                       # LLaDA-8B shape
     python -m dllm_decode.models.shape_check --layers 2 --d-model 256 --heads 4 --vocab 4096
@@ -99,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     model, n_params, need = _build(args, dtype, device)
     a = model.arch
     L_max = args.prompt + max(args.gen)
-    # K/V store of the cached steps, per layer (B, Hkv, L, D) x 2
+    # K/V store of the cached steps, per layer (B, Hkv, L, D) x 2, plus dLLM-Cache's attention
+    # and FFN outputs (B, L, d) x 2
     elem = torch.finfo(dtype).bits // 8
-    store_bytes = 2 * a.n_layers * args.batch * a.n_kv_heads * L_max * a.head_dim * elem
+    store_bytes = 2 * a.n_layers * args.batch * L_max * (a.n_kv_heads * a.head_dim + a.d_model) * elem
     avail = _available_bytes(device)
     print(f"# shape_check  family={args.family} layers={a.n_layers} d_model={a.d_model} "
           f"heads={a.n_heads}/{a.n_kv_heads} mlp={a.mlp_hidden} vocab={a.vocab_size} "
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 p.normal_(0.0, 0.02, generator=g)
 
-    print(f"{'gen':>6} {'L':>6} {'full_ms':>10} {'prefix_ms':>10} {'dual_ms':>10} {'full/dual':>10}")
+    print(f"{'gen':>6} {'L':>6} {'full_ms':>10} {'prefix_ms':>10} {'dual_ms':>10} {'dllm_ms':>10} "
+          f"{'full/dual':>10} {'full/dllm':>10}")
     for G in args.gen:
         L = args.prompt + G
         ids = torch.randint(0, a.vocab_size - 2, (args.batch, L), device=device, generator=g)
@@ -134,14 +137,16 @@ def main(argv: list[str] | None = None) -> int:
         s, e = args.prompt, args.prompt + min(args.block, G)
         store = CacheStore()
         with torch.inference_mode():
-            model(ids, plan=ComputePlan.refresh(), store=store)
+            model(ids, plan=ComputePlan.refresh(features=True), store=store)
         full = _time(lambda: model(ids), args.repeats, args.warmup, device)
         prefix = _time(lambda: model(ids, plan=ComputePlan.prefix_step(s), store=store),
                        args.repeats, args.warmup, device)
         dual = _time(lambda: model(ids, plan=ComputePlan.dual_step(s, e), store=store),
                      args.repeats, args.warmup, device)
+        feature = ComputePlan.feature_step(s, rho=0.25, full_layers=(0,))
+        dllm = _time(lambda: model(ids, plan=feature, store=store), args.repeats, args.warmup, device)
         print(f"{G:>6} {L:>6} {full * 1e3:>10.2f} {prefix * 1e3:>10.2f} {dual * 1e3:>10.2f} "
-              f"{full / dual:>10.2f}")
+              f"{dllm * 1e3:>10.2f} {full / dual:>10.2f} {full / dllm:>10.2f}")
         del store
     return 0
 

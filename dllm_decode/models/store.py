@@ -10,7 +10,7 @@ Layout, per transformer layer, indexed by absolute canvas position:
     attn   (B, L, d_model)  attention sub-layer output after the output projection
     ffn    (B, L, d_model)  FFN sub-layer output
 plus `kv_valid` (B, L): which positions hold K/V that were actually computed; attention over
-the store never uses a slot nobody wrote.
+the store never uses a slot nobody wrote, and `flops`: what the request's forwards computed.
 """
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class CacheStore:
         self.shape: tuple[int, int] | None = None
         # free space for the cache plugin that owns this store (step counters, refresh marks)
         self.meta: dict[str, Any] = {}
+        # matmul FLOPs the forwards of this request actually computed (executor's count)
+        self.flops: float = 0.0
 
     # ------------------------------------------------------------------ state
     @property

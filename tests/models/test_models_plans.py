@@ -192,6 +192,63 @@ def test_slowfast_truncated_over_dllm_cache(lib, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("refresh", [False, True])
+def test_per_row_cut_over_dllm_cache(lib, family, refresh):
+    """Rows cut at different ends in one batched feature step (SlowFast + dLLM-Cache, rows in
+    different cycles): each row computes, writes and verifies exactly what it would alone, and
+    nothing is written for a row past its cut."""
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(features=True), store)
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [[6, 8], [7, 12], [6, 9, 10]], seed=91)
+    ends = [10, L, 12]
+    limit = torch.tensor(ends)
+    before = {name: [t.clone() for t in getattr(store, name)] for name in ("k", "v", "attn", "ffn")}
+    plan = ComputePlan.feature_step(P, refresh_response=refresh, rho=0.5, full_layers=(0,))
+    got = _run(model, ids1, mask, plan.with_(key_limit=limit), store)
+    for b, e in enumerate(ends):
+        kw = dict(recompute=list(range(P, e))) if refresh else dict(recompute=[], verify=(P, e), rho=0.5)
+        raw = lib.naive_row(W, ids1[b], mask[b], list(range(e)), bank=banks[b], keys="bank", key_end=e,
+                            full_layers=(0,), **kw)
+        want = lib.align(raw, list(range(e)), model.spec.shift_logits)
+        torch.testing.assert_close(got[b, :e], want, **TIGHT)
+        for li in range(1, model.arch.n_layers):   # layer 0 is a full layer: it writes every fed row
+            for name in ("k", "v", "attn", "ffn"):
+                t, old = getattr(store, name)[li][b], before[name][li][b]
+                if name in ("k", "v"):
+                    t, old = t.transpose(0, 1), old.transpose(0, 1)      # (L, Hkv, D)
+                assert torch.equal(t[e:], old[e:]), (name, li, b)
+                torch.testing.assert_close(t[:e], banks[b][li][name][:e], **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_row_cut_refresh_writes_only_inside(lib, family):
+    model, W, ids0, mask = _setup(lib, family)
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(features=True), store)
+    k_before = [t.clone() for t in store.k]
+    ids1 = lib.commit(ids0, [7, 9], seed=92)
+    limit = torch.tensor([9, L, 11])
+    got = _run(model, ids1, mask, ComputePlan.refresh(features=True).with_(key_limit=limit), store)
+    for b, e in enumerate(limit.tolist()):
+        alone = _run(model, ids1[b:b + 1, :e], mask[b:b + 1, :e], None)
+        torch.testing.assert_close(got[b:b + 1, :e], alone, rtol=1e-12, atol=1e-12)
+        for li, t in enumerate(store.k):
+            assert torch.equal(t[b, :, e:], k_before[li][b, :, e:])
+
+
+def test_shift_from_gives_own_logit_per_row(lib):
+    model, _, ids, mask = _setup(lib, "dream")
+    raw = _run(model, ids, mask, ComputePlan.window(0, L).with_(shift=False))
+    got = _run(model, ids, mask, ComputePlan.window(0, L).with_(shift_from=torch.tensor([P, 9, 0])))
+    for b, own in enumerate((P, 9, 0)):
+        for p in range(L):
+            want = raw[b, p] if p in (own, 0) else raw[b, p - 1]
+            assert torch.equal(got[b, p], want), (b, p)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_v_verify_recomputes_only_least_similar(lib, family):
     """rho = 0 vs rho = 1 bracket the V-verify step; rho = 1 recomputes the whole response."""
     model, W, ids0, mask = _setup(lib, family)
@@ -304,3 +361,33 @@ def test_plan_validation():
         ComputePlan.window(5, 3)
     assert ComputePlan.window(2, 6).num_queries(10) == 4
     assert ComputePlan.dual_step(2, 6).query_positions(10, 3).shape == (3, 4)
+
+
+# ------------------------------------------------------------------ FLOPs
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flop_count_matches_torch_counter(lib, family):
+    """The executor's FLOP count equals torch's FlopCounterMode over the same forward (linear
+    layers, LM head) plus the attention matmuls, which torch does not count for the CPU SDPA
+    kernel: 4 * B * H * D * queries * keys per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _, ids, mask = _setup(lib, family)
+    a = model.arch
+    B = ids.shape[0]
+    hd = a.n_heads * a.head_dim
+    store = CacheStore()
+    # (plan, [(queries, keys)] per layer)
+    cases = [(None, [(L, L)] * 2),
+             (ComputePlan.refresh(features=True), [(L, L)] * 2),
+             (ComputePlan.prefix_step(8), [(L - 8, L)] * 2),
+             (ComputePlan.dual_step(8, 12), [(4, L)] * 2),
+             (ComputePlan.window(0, 10).with_(out_start=4), [(10, 10)] * 2),
+             (ComputePlan.feature_step(P, rho=0.25, full_layers=(0,)), [(L, L), (int(0.25 * G), L)]),
+             (ComputePlan.feature_step(P, refresh_prompt=True, rho=0.5), [(P + int(0.5 * G), L)] * 2),
+             (ComputePlan.feature_step(P, refresh_response=True, end=12), [(12 - P, 12)] * 2)]
+    for plan, per_layer in cases:
+        before = store.flops
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(ids, mask, plan=plan, store=store)
+        attention = sum(4 * B * hd * n * k for n, k in per_layer)
+        assert store.flops - before == counter.get_total_flops() + attention, plan and plan.name
