@@ -171,6 +171,11 @@ def describe_options(model: type[PluginOptions]) -> list[dict[str, Any]]:
             type_name = " | ".join(repr(a) for a in typing.get_args(ann))
         else:
             type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            # a nested options model reads as its keys, not as a dotted class path
+            for arg in typing.get_args(ann) or (ann,):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    keys = "{" + ", ".join(arg.model_fields) + "}"
+                    type_name = type_name.replace(f"{arg.__module__}.{arg.__qualname__}", keys)
         default = None if f.is_required() else f.get_default(call_default_factory=True)
         rows.append({"name": name, "type": type_name, "default": default, "required": f.is_required(),
                      "bounds": bounds, "description": f.description or ""})

@@ -56,7 +56,13 @@ ENTRIES = (
 )
 
 
-def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progress: bool = True) -> list[dict]:
+def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progress: bool = True,
+            max_length: int | None = None) -> list[dict]:
+    """Decode the held-out problems under every entry, one model load and warm-up per model.
+    ``max_length``: let the models take canvases this long (positions past what they were
+    trained on: a cost measurement, not an accuracy one)."""
+    import dataclasses
+
     from dllm_decode.config import load_recipe
     from dllm_decode.evaluate import evaluate
     from dllm_decode.models import load_model
@@ -69,13 +75,20 @@ def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progres
         recipe = load_recipe(find_recipe(e.recipe), overrides=list(e.overrides))
         if e.model not in loaded:
             loaded[e.model] = load_model(models_dir / e.model)
-            # warm-up (allocator, kernels) so that the first entry's timing is not penalised
-            evaluate(*loaded[e.model], recipe, problems[:: max(1, len(problems) // 8)])
+            if max_length is not None:
+                m = loaded[e.model][0]
+                m.spec = dataclasses.replace(m.spec, max_length=max(max_length, m.spec.max_length))
+            # warm-up (allocator, kernels) so that the first entry's timing is not penalised;
+            # short, so that long-canvas runs do not pay for it twice
+            warm = load_recipe(find_recipe("llada"), overrides=["generation.gen_length=64",
+                                                                "generation.block_length=64", "generation.steps=64"])
+            evaluate(*loaded[e.model], warm, problems[:: max(1, len(problems) // 4)])
         model, tok = loaded[e.model]
         res = evaluate(model, tok, recipe, problems)
         rows.append({"model": e.model, "label": e.label, "recipe": e.recipe, "overrides": list(e.overrides),
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
-                     "seconds_per_problem": res.seconds_per_problem})
+                     "seconds_per_problem": res.seconds_per_problem,
+                     "flops_per_problem": res.flops_per_problem, "flops_per_forward": res.flops_per_forward})
         if progress:
             print(f"{e.model:16s} {e.label:45s} acc {res.accuracy:.3f} nfe {res.nfe:6.1f} "
                   f"s/prob {res.seconds_per_problem:.4f}", flush=True)
@@ -119,13 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         Path(a.write).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
-def write_between_markers(path: Path, table: str) -> None:
+def write_between_markers(path: Path, table: str, start: str = START, end: str = END) -> None:
     """Replace what lies between the report markers of ``path``; the rest of the file stays."""
     text = path.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{path}: no {START} ... {END} markers to write the table between")
-    head, rest = text.split(START, 1)
-    path.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+    if start not in text or end not in text:
+        raise SystemExit(f"{path}: no {start} ... {end} markers to write the table between")
+    head, rest = text.split(start, 1)
+    path.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def slowfast_generate(model, prompt, *, mask_id, gen_length, block_length, variant="code", K=None,
                       tau_min=None, tau_high=None, W=2, stability=1.0, explore_threshold=None,
-                      min_parallel=None, select_threshold=None):
+                      min_parallel=None, select_threshold=None, tail=False, skip_idle=False):
     paper = variant == "paper"
     K = K if K is not None else (8 if paper else 6)
     tau_min = tau_min if tau_min is not None else (0.1 if paper else 0.3)
@@ -32,12 +32,17 @@ def slowfast_generate(model, prompt, *, mask_id, gen_length, block_length, varia
     P, bl = len(prompt), block_length
     nfe = idle = 0
 
-    def forward():
-        logits = model(x).clone()
+    def forward(cut=None, cached=None):
+        """cut: run the model on x[:, :cut] and take the positions after it from `cached`
+        (the out-of-span cache of the reference's fast stage)."""
+        logits = model(x if cut is None else x[:, :cut]).clone()
         logits[..., mask_id] = float("-inf")
         x0 = logits[0].argmax(dim=-1)
         p = F.softmax(logits[0].to(torch.float64), dim=-1)
-        return x0, p.gather(-1, x0[:, None])[:, 0].tolist()
+        conf = p.gather(-1, x0[:, None])[:, 0].tolist()
+        if cut is not None:
+            x0, conf = torch.cat([x0, cached[0][cut:]]), conf + cached[1][cut:]
+        return x0, conf
 
     def masked_in(a, b):
         return [j for j in range(a, b) if int(x[0, j]) == mask_id]
@@ -62,6 +67,8 @@ def slowfast_generate(model, prompt, *, mask_id, gen_length, block_length, varia
             s = b0 + last_len
             hist, determined, cycle_len = [], False, bl
             for k in range(K):
+                if skip_idle and not masked_in(s, b1):
+                    break       # the plugin's documented deviation: the next block starts at once
                 x0, conf = forward()
                 nfe += 1
                 cand = masked_in(s, b1)
@@ -88,8 +95,13 @@ def slowfast_generate(model, prompt, *, mask_id, gen_length, block_length, varia
             if not determined:
                 cycle_len = int(sum(hist) / len(hist)) if hist else bl // 2
             e = b0 + cycle_len
+            calls = 0
             while masked_in(s, e):
-                x0, conf = forward()
+                calls += 1
+                if tail and calls > 1:
+                    x0, conf = forward(cut=e, cached=first)
+                else:
+                    x0, conf = first = forward()
                 nfe += 1
                 commit(x0, conf, masked_in(s, e), tau_high, parallel_allowed=True)
             last_len = cycle_len

@@ -5,7 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dllm_decode.config import recipe_from_dict
-from dllm_decode.plugins import get_plugin_manager, list_plugins
+from dllm_decode.errors import InputError
+from dllm_decode.plugins import get_plugin_manager, list_plugins, meta_of
 from dllm_decode.testing import InvariantViolation, RandomLogitsModel, check_invariants, invariant_cases
 
 MODEL = RandomLogitsModel(vocab_size=48, seed=11)
@@ -66,7 +67,9 @@ def tiny_verifier(tmp_path_factory):
 #: what a plugin needs besides the slot under test: required parameters, and the slots its hooks
 #: depend on each other for (apd verifies the drafts of its own score hook)
 NEEDS = {"apd": lambda verifier, slot: {"params": {"verifier": verifier},
-                                        "with": {"score": "apd"} if slot == "select_tokens" else {}}}
+                                        "with": {"score": "apd"} if slot == "select_tokens" else {}},
+         # the out-of-span cache acts on SlowFast's per-row phases
+         "slowfast_tail": lambda verifier, slot: {"params": {}, "with": {"policy": "slowfast", "score": "llada"}}}
 
 
 @pytest.mark.parametrize("model", [MODEL, _tiny_llada()], ids=["random-logits", "tiny-llada"])
@@ -76,6 +79,10 @@ def test_every_registered_plugin_in_every_slot_it_fills(plugin, slot, model, tin
     entry = {"plugin": plugin, **need["params"]}
     recipe = {"policy": "llada", slot: entry, **{s: {"plugin": p, **need["params"]} for s, p in need["with"].items()},
               "generation": {"gen_length": 16, "block_length": 8, "steps": 16}}
+    if "compute_plans" in meta_of(get_plugin_manager().get_plugin(plugin)).requires and isinstance(model, RandomLogitsModel):
+        with pytest.raises(InputError, match=plugin):       # a clear refusal, before any forward
+            check_invariants(model, recipe)
+        return
     check_invariants(model, recipe)
     check_invariants(model, recipe, prompts=[[5, 6, 7]])
 

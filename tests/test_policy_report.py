@@ -42,12 +42,21 @@ def test_write_keeps_the_rest_of_the_doc(tmp_path):
 
 
 def test_every_shipped_recipe_is_documented_and_measured():
+    """Recipes without a cache belong to the policy report, recipes with one to the cache report."""
+    from dllm_decode import cache_report
+    from dllm_decode.config import load_recipe
     from dllm_decode.policy_report import ENTRIES
-    from dllm_decode.recipes import shipped_recipes
+    from dllm_decode.recipes import find_recipe, shipped_recipes
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text()
-    measured = {e.recipe for e in ENTRIES}
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    policies, caches = (docs / "policies.md").read_text(), (docs / "caches.md").read_text()
+    measured_policies = {e.recipe for e in ENTRIES}
+    measured_caches = {e.recipe for e in cache_report.entries(256)}
     for name in shipped_recipes():
-        assert f"`{name}`" in doc, name
-        assert name in measured, name
-    assert START in doc and "| llada-reference | baseline" in doc
+        cache = load_recipe(find_recipe(name)).cache_policy
+        if cache is None or cache.plugin == "none":
+            assert f"`{name}`" in policies and name in measured_policies, name
+        else:
+            assert f"`{name}`" in caches and name in measured_caches, name
+    assert START in policies and "| llada-reference | baseline" in policies
+    assert cache_report.START in caches and "| llada-reference | llada, 1 token" in caches

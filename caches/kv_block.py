@@ -1,0 +1,77 @@
+"""Fast-dLLM's block KV cache (NVlabs/Fast-dLLM ``generate_with_prefix_cache`` /
+``generate_with_dual_cache``; ALGORITHMS.md §3.3-3.5) as a ``cache_policy`` plugin.
+
+The block is the policy's span. When a row's span changes (a new block, or a new SlowFast
+cycle) the row gets a full forward that refreshes every layer's K/V in the store. Until its span
+changes again the row feeds only:
+
+- ``mode: prefix``: the span start to the canvas end, against the cached K/V before the span
+  (block and masked suffix recomputed every step);
+- ``mode: dual``: the span itself; the K/V before and after it are reused, the span's own K/V
+  are rewritten every step.
+
+The reused K/V were computed when the span began, so the result is approximate (the paper's
+argument: K/V of adjacent steps are nearly identical). Rows of a batch may sit in different
+blocks: one batched feed covers every row's window and each row rewrites K/V only inside its
+own (``ComputePlan.write_window``), so a row decodes exactly as it would alone.
+``refresh_interval`` adds periodic refreshes (1: every forward, the exact limit). Dream's
+in-window logit shift at the window start is kept per row (``shift_from``); Fast-dLLM's Dream
+sampler sidesteps it by committing the block's first token at the refresh step, which is the
+``dream`` policy's ``first_token: true``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.models.plan import ComputePlan
+from dllm_decode.plugins import PluginMeta, PluginOptions
+
+
+class Options(PluginOptions):
+    mode: Literal["dual", "prefix"] = Field(
+        "dual", description="dual: feed only the span, reuse K/V before and after it; prefix: feed "
+        "from the span start to the end, reuse K/V before it.")
+    refresh_interval: int | None = Field(
+        None, ge=1, le=1 << 20, description="Also refresh every row's K/V every this many forwards "
+        "(null: only when a span starts; 1: every forward, which gives exactly the no-cache tokens).")
+
+
+dllm_meta = PluginMeta(summary="Fast-dLLM block KV cache: refresh when a span starts, then feed the "
+                       "span (dual) or span + suffix (prefix) against cached K/V",
+                       options=Options, exact=False, requires=("compute_plans",))
+
+
+@hookimpl
+def on_request_start(scratch):
+    scratch.update(span=None, forwards=0)
+
+
+def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode: str) -> ComputePlan:
+    """The plan for one step: ``span`` (B, 2) this step's spans, ``prev`` (B, 2) the spans the
+    store was last built for (None: nothing cached yet)."""
+    if prev is None:
+        return ComputePlan.refresh()
+    fresh = (span != prev).any(dim=1)                                       # (B,) new span: refresh
+    lo = torch.where(fresh, 0, span[:, 0])                                  # (B,) rewritten window
+    hi = torch.where(fresh, length, span[:, 1] if mode == "dual" else length)
+    # one host read: the batched feed is a Python range
+    start, end, all_fresh = torch.stack([lo.min(), hi.max(), fresh.all().long()]).tolist()
+    if all_fresh:
+        return ComputePlan.refresh()
+    return ComputePlan(start=start, end=end, keys="store", write_window=torch.stack([lo, hi], dim=1),
+                       shift_from=lo, name=f"kv_block:{mode}")
+
+
+@hookimpl
+def cache_policy(state, options, scratch):
+    n = scratch["forwards"]
+    every = options.refresh_interval
+    prev = None if every is not None and n % every == 0 else scratch["span"]
+    plan = block_plan(state.span, prev, state.length, options.mode)
+    scratch.update(span=state.span.clone(), forwards=n + 1)
+    return plan
