@@ -5,13 +5,15 @@ generation lengths: accuracy, forwards, FLOPs actually computed, seconds, speedu
     python -m dllm_decode.cache_report --write          # and replace them in docs/caches.md
 
 Speedups are ratios against the first row of the same model and length (the LLaDA baseline,
-one token per forward, no cache), measured in the same run after a warm-up. FLOPs are the
+one token per forward, no cache), measured in the same run after a warm-up, every row of a
+model interleaved batch by batch with the others (``dllm_decode.bench.run_bench``). FLOPs are the
 executor's count of the matmuls each forward really ran (``CacheStore.flops``): a cached step
 shows what it saved even where this machine's wall clock does not.
 
 The reference models were trained on canvases of at most 256 generated positions. The
-``--long`` length (default 1024) lies past that, so its accuracy says nothing about the
-policies; those rows measure cost only.
+``--long`` length (default 1024) lies past that: the answers there are wrong and the
+policies' own step counts would mean nothing, so that table runs the baseline (a fixed number
+of forwards) with each cache and compares the cost of a forward.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dllm_decode.model_card import machine
-from dllm_decode.policy_report import Entry, measure, write_between_markers
+from dllm_decode.policy_report import Entry, write_between_markers
 from dllm_decode.tasks import REFERENCE_MIX
 
 START, END = "<!-- cache-report:start -->", "<!-- cache-report:end -->"
@@ -34,8 +36,10 @@ DLLM = "cache_policy={plugin: dllm_cache, prompt_interval: 100, response_interva
 TAIL = "cache_policy=slowfast_tail"
 
 
-def entries(gen: int, dream: bool = True) -> tuple[Entry, ...]:
-    """The rows for generation length ``gen``: (label, shipped recipe, extra overrides)."""
+def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry, ...]:
+    """The rows for generation length ``gen``: (label, shipped recipe, extra overrides).
+    ``policies=False``: only the baseline with each cache (a fixed number of forwards, so the
+    rows compare the cost of a forward)."""
     one_block = (f"generation.gen_length={gen}", f"generation.block_length={gen}")
     blocks = (f"generation.gen_length={gen}", "generation.block_length=32", f"generation.steps={gen}")
     llada = one_block + (f"generation.steps={gen}",)
@@ -54,7 +58,7 @@ def entries(gen: int, dream: bool = True) -> tuple[Entry, ...]:
         ("slowfast + slowfast_tail", "slowfast", one_block + (TAIL,)),
         ("slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)", "slowfast-dllm-cache", one_block),
     ]
-    out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows]
+    out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:
         # dream-reference was trained on whole-canvas masks only: it cannot decode in blocks
         # (accuracy 0 with blocks of 32), so its rows use one block over the canvas
@@ -65,6 +69,48 @@ def entries(gen: int, dream: bool = True) -> tuple[Entry, ...]:
                 Entry("dream-reference", "dream-block + dllm_cache (100, 7, 0.25), one block", "dream-block",
                       one + (DLLM,))]
     return tuple(out)
+
+
+def run(models_dir: Path, tasks, n: int, seed: int, gen: int, dream: bool = True, policies: bool = True,
+        max_length: int | None = None, progress: bool = True) -> list[dict]:
+    """Every entry for ``gen``, each model's entries interleaved batch by batch (bench.run_bench)."""
+    import dataclasses
+
+    from dllm_decode.bench import run_bench
+    from dllm_decode.config import load_recipe
+    from dllm_decode.model_card import held_out
+    from dllm_decode.models import load_model
+    from dllm_decode.recipes import find_recipe
+
+    problems = held_out(tasks, n, seed)
+    rows = []
+    todo = entries(gen, dream, policies)
+    for name in dict.fromkeys(e.model for e in todo):
+        mine = [e for e in todo if e.model == name]
+        model, tok = load_model(models_dir / name)
+        if max_length is not None:
+            model.spec = dataclasses.replace(model.spec, max_length=max(max_length, model.spec.max_length))
+        recipes = [(e.label, load_recipe(find_recipe(e.recipe), overrides=list(e.overrides))) for e in mine]
+        chunk = max(r.generation.batch_size for _, r in recipes)
+
+        def note(label: str, k: int) -> None:
+            if progress:
+                print(f"  {name} {label}: +{k}", flush=True)
+
+        runs = run_bench(model, tok, recipes, problems, chunk=chunk, progress=note)
+        for e, r in zip(mine, runs):
+            per_task = {t: {"n": sum(1 for p in r.records if p.task == t),
+                            "accuracy": sum(p.correct for p in r.records if p.task == t)
+                            / max(1, sum(1 for p in r.records if p.task == t))} for t in tasks}
+            flops = sum(p.flops for p in r.records)
+            rows.append({"model": name, "label": e.label, "recipe": e.recipe, "overrides": list(e.overrides),
+                         "tasks": per_task, "accuracy": r.accuracy, "nfe": r.nfe,
+                         "seconds_per_problem": r.seconds_per_problem,
+                         "flops_per_problem": flops / max(1, r.n),
+                         # a row's share of the batch's FLOPs over the batch's forwards
+                         "flops_per_forward": flops / max(1, sum(p.steps for p in r.records)),
+                         "problems": [p.as_dict() for p in r.records]})
+    return rows
 
 
 def render(rows: list[dict], tasks) -> str:
@@ -100,24 +146,32 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     models = Path(a.models)
     tasks = a.tasks.split(",")
-    rows = measure(models, tasks, a.n, a.seed, entries=entries(a.gen))
+    rows = run(models, tasks, a.n, a.seed, a.gen)
     parts = [f"### Generation length {a.gen}\n\n{a.n} held-out problems per task (seed {a.seed}), T = 0, "
-             f"batches of 4.\n\n{render(rows, tasks)}"]
+             f"batches of 4, every row of a model interleaved batch by batch.\n\n{render(rows, tasks)}"]
     record = {"machine": machine(), str(a.gen): rows}
+    cmd = "python -m dllm_decode.cache_report --write"
+
+    def publish() -> None:              # after each length, so a long run never loses the first
+        text = f"Machine: {machine()}.\n\n" + "\n\n".join(parts) + f"\n\nReproduce: `{cmd}`"
+        print(text, flush=True)
+        if a.write:
+            write_between_markers(Path(a.write), text, START, END)
+            Path(a.write).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+
+    publish()
     if a.long:
         long_tasks = a.long_tasks.split(",")
-        long_rows = measure(models, long_tasks, a.long_n, a.seed, entries=entries(a.long, dream=False),
-                            max_length=a.long + 256)
+        long_rows = run(models, long_tasks, a.long_n, a.seed, a.long, dream=False, policies=False,
+                        max_length=a.long + 256)
         record[str(a.long)] = long_rows
-        parts.append(f"### Generation length {a.long} (cost only)\n\n{a.long_n} held-out problem(s) of "
-                     f"{', '.join(long_tasks)}, one batch. Past the models' training length: the accuracy "
-                     f"columns are not a measurement of the policies.\n\n{render(long_rows, long_tasks)}")
-    cmd = "python -m dllm_decode.cache_report --write"
-    text = f"Machine: {machine()}.\n\n" + "\n\n".join(parts) + f"\n\nReproduce: `{cmd}`"
-    print(text)
-    if a.write:
-        write_between_markers(Path(a.write), text, START, END)
-        Path(a.write).with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        parts.append(f"### Generation length {a.long}: the cost of a forward\n\n{a.long_n} held-out "
+                     f"problem(s) of {', '.join(long_tasks)}, one batch, the baseline (one token per forward, "
+                     f"{a.long} forwards) with each cache. This length lies past the models' training "
+                     f"canvases (at most 256 generated positions), so the answers are wrong and the "
+                     f"policies' own step counts would mean nothing; with the number of forwards fixed, "
+                     f"the rows compare what a forward computes and costs.\n\n{render(long_rows, long_tasks)}")
+        publish()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Command line: ``dllm-decode generate`` and ``dllm-decode plugins``."""
+"""Command line: ``dllm-decode generate``, ``dllm-decode bench`` and ``dllm-decode plugins``."""
 
 from __future__ import annotations
 
@@ -42,6 +42,40 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object with every row")
     gen.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
+    bench = sub.add_parser("bench", help="measure several recipes side by side on held-out problems")
+    bench.add_argument("--model", required=True, help="checkpoint directory")
+    bench.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE",
+                       help="recipe files or shipped recipe names; the first is the speedup baseline")
+    bench.add_argument("--task", default="copy,repeat,case", metavar="NAME[,NAME]",
+                       help="tasks of the held-out problems (default copy,repeat,case)")
+    bench.add_argument("--n", type=int, default=8, help="problems per task (default 8)")
+    bench.add_argument("--task-seed", type=int, default=0, help="seed of the held-out stream")
+    bench.add_argument("--gen-length", type=int, help="generation length for every recipe (one-block "
+                       "recipes stay one block, one-token-per-forward schedules stay so)")
+    bench.add_argument("--batch-size", type=int, help="rows decoded together, for every recipe")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override applied to every recipe")
+    bench.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                       help="expand each recipe into one per value, e.g. select_tokens.threshold=0.5,0.9")
+    bench.add_argument("--ar-model", metavar="DIR", help="add greedy decoding of this AutoModelForCausalLM")
+    bench.add_argument("--json", metavar="PATH", help="write the table and per-problem records as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write accuracy vs throughput / NFE as a PNG")
+    bench.add_argument("--no-warmup", action="store_true", help="skip the warm-up decode")
+    bench.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    bench.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="block a plugin by name")
+
+    tr = sub.add_parser("trace", help="picture (and record) of the order in which a policy decoded one prompt")
+    tr.add_argument("prompt", nargs="?", help="text prompt (default: a held-out problem, see --task)")
+    tr.add_argument("--model", required=True, help="checkpoint directory")
+    tr.add_argument("--recipe", default="llada", help="recipe file or shipped recipe name")
+    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    tr.add_argument("--input-ids", type=_parse_ids, metavar="1,2,3", help="the prompt as token ids")
+    tr.add_argument("--task", default="copy", help="without a prompt: the task of the held-out problem")
+    tr.add_argument("--index", type=int, default=0, help="without a prompt: which held-out problem")
+    tr.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    tr.add_argument("--out", required=True, metavar="PNG", help="where to draw the picture")
+    tr.add_argument("--json", metavar="PATH", help="also write the per-step record")
+
     plug = sub.add_parser("plugins", help="list registered plugins, their slots and parameters")
     plug.add_argument("--json", action="store_true")
     plug.add_argument("--block", action="append", default=[], metavar="PLUGIN")
@@ -53,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return cmd_generate(args)
+        if args.command == "bench":
+            return cmd_bench(args)
+        if args.command == "trace":
+            return cmd_trace(args)
         return cmd_plugins(args)
     except DllmDecodeError as exc:
         print(f"dllm-decode: error: {exc}", file=sys.stderr)
@@ -122,6 +160,89 @@ def cmd_generate(args: argparse.Namespace) -> int:
             body = r.text if r.text is not None else " ".join(map(str, r.tokens))
             print(body)
             print(f"  [nfe {r.nfe}, steps {r.steps}, {r.seconds:.3f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dllm_decode import bench
+    from dllm_decode.models import load_model
+    from dllm_decode.plugins import get_plugin_manager
+
+    common = list(args.overrides)
+    if args.batch_size:
+        common.append(f"generation.batch_size={args.batch_size}")
+    named = [(Path(r).stem if r.endswith((".yaml", ".yml")) else r, r) for r in args.recipes]
+    pm = get_plugin_manager(block=args.block)
+    # every recipe error surfaces here, before any model loads
+    recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
+    if len({r.generation.dtype for _, r in recipes}) > 1:
+        raise DllmDecodeError("bench: the recipes ask for different generation.dtype; set one with --set")
+    problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
+    first = recipes[0][1]
+    model, tokenizer = load_model(args.model, dtype=first.generation.dtype, device=first.model.device)
+    if tokenizer is None:
+        raise DllmDecodeError(f"{args.model}: no tokenizer files; bench needs one")
+    ar = None
+    if args.ar_model:
+        from dllm_decode.evaluate import load_ar
+        ar = load_ar(args.ar_model, device=first.model.device)
+    chunk = max(r.generation.batch_size for _, r in recipes)
+    total = len(problems) * (len(recipes) + (ar is not None))
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="problem", file=sys.stderr)
+
+    def progress(label: str, n: int) -> None:
+        if bar is not None:
+            bar.set_description(label[:40])
+            bar.update(n)
+
+    try:
+        runs = bench.run_bench(model, tokenizer, recipes, problems, chunk=chunk, ar=ar, pm=pm,
+                               ar_tokens=max(r.generation.gen_length for _, r in recipes),
+                               warmup=not args.no_warmup, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    info = {**bench.machine_info(model, first), "model": str(args.model)}
+    print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "
+          f"gen {first.generation.gen_length}")
+    print(bench.render(runs, info))
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "no_progress")}
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.to_json(runs, info, settings), indent=1) + "\n")
+    if args.plot:
+        bench.plot(runs, args.plot, title=f"{Path(args.model).name}, {args.task}, gen {first.generation.gen_length}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from dllm_decode import trace
+    from dllm_decode.config import load_recipe
+    from dllm_decode.engine import Decoder
+    from dllm_decode.models import load_model
+
+    recipe = load_recipe(find_recipe(args.recipe), overrides=[*args.overrides, "generation.batch_size=1"])
+    model, tokenizer = load_model(args.model, dtype=recipe.generation.dtype, device=recipe.model.device)
+    if args.input_ids:
+        prompt = args.input_ids
+    else:
+        if tokenizer is None:
+            raise DllmDecodeError(f"{args.model}: no tokenizer files; pass --input-ids")
+        if args.prompt is None:
+            ns = argparse.Namespace(task=args.task, n=args.index + 1, task_seed=0)
+            text = _task_problems(ns)[args.index].prompt
+        else:
+            text = args.prompt
+        prompt = _encode(tokenizer, text, args.chat)
+    state = Decoder(model, recipe, tokenizer=tokenizer).generate([prompt], keep_states=True).states[0]
+    record = trace.trace_record(state, tokenizer)
+    name = Path(recipe.source).stem if recipe.source else "recipe"
+    trace.draw(record, args.out, title=f"{Path(args.model).name}, {name}: {len(record['steps'])} steps")
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"{len(record['steps'])} steps, NFE {record['nfe']}; picture in {args.out}")
     return 0
 
 

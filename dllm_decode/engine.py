@@ -170,6 +170,7 @@ class Decoder:
         state.scratch.clear()
         if state.store is not None and hasattr(state.store, "clear"):
             state.counters["flops"] = getattr(state.store, "flops", 0.0)
+            state.counters["store_bytes"] = state.store.nbytes() if hasattr(state.store, "nbytes") else 0
             state.store.clear()
         return state
 

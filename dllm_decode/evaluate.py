@@ -27,6 +27,7 @@ class ProblemRecord:
     nfe: int
     tokens: int               # generated tokens up to and including the first EOS
     flops: float = 0.0        # matmul FLOPs the model computed for this problem (its share of the batch)
+    steps: int = 0            # forwards of the request (batch) it was decoded in
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -56,8 +57,8 @@ class EvalResult:
 
     @property
     def flops_per_forward(self) -> float:
-        """Computed FLOPs per forward per row: what one step of one problem cost."""
-        return sum(r.flops for r in self.records) / max(1, sum(r.nfe for r in self.records))
+        """Computed FLOPs per forward per row: the batch's FLOPs over its forwards and rows."""
+        return sum(r.flops for r in self.records) / max(1, sum(r.steps for r in self.records))
 
 
 def _summarise(records: list[ProblemRecord], seconds_by_task: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -89,16 +90,23 @@ def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None, pol
     records: list[ProblemRecord] = []
     seconds: dict[str, float] = {}
     for name in dict.fromkeys(p.task for p in problems):
-        task = get_task(name)
         group = [p for p in problems if p.task == name]
         ids = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
         t0 = time.perf_counter()
         result = decoder.generate(ids, progress=progress)
         seconds[name] = time.perf_counter() - t0
-        for p, row in zip(group, result.rows):
-            records.append(ProblemRecord(name, p.index, p.prompt, row.text or "", task.score(p, row.text or ""),
-                                         row.nfe, _generated_tokens(row.tokens, eos), row.flops))
+        records += score_rows(group, result.rows, eos)
     return EvalResult(records, sum(seconds.values()), _summarise(records, seconds))
+
+
+def score_rows(problems: Sequence[Problem], rows, eos: set[int]) -> list[ProblemRecord]:
+    """Records of decoded rows (``RowResult``, decoded with a tokenizer) against their problems."""
+    out = []
+    for p, row in zip(problems, rows):
+        text = row.text or ""
+        out.append(ProblemRecord(p.task, p.index, p.prompt, text, get_task(p.task).score(p, text),
+                                 row.nfe, _generated_tokens(row.tokens, eos), row.flops, row.steps))
+    return out
 
 
 @torch.inference_mode()

@@ -1,0 +1,281 @@
+"""``dllm-decode bench``: several recipes (and an autoregressive baseline) on the same held-out
+problems, in one process, interleaved batch by batch after a warm-up, so that every row of the
+table saw the same machine state. The first recipe is the baseline of the speedup column.
+
+Everything in the result but the timings is deterministic for a fixed seed: the problems come
+from seeded generators and decoding draws only from each request's seeded generator.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dllm_decode.config import Recipe, load_recipe
+from dllm_decode.errors import RecipeError
+from dllm_decode.evaluate import ProblemRecord, score_rows
+from dllm_decode.recipes import find_recipe
+from dllm_decode.tasks import Problem
+
+
+@dataclass
+class BenchRun:
+    """One row of the table: a recipe (or the AR baseline) over every problem."""
+
+    label: str
+    kind: str                                   # 'diffusion' | 'autoregressive'
+    recipe: dict[str, Any] | None               # the resolved recipe, for the JSON
+    records: list[ProblemRecord] = field(default_factory=list)
+    seconds: float = 0.0                        # decoding wall time over all problems
+    peak_bytes: int = 0                         # peak accelerator memory, else peak cache store
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(r.correct for r in self.records) / max(1, self.n)
+
+    @property
+    def nfe(self) -> float:
+        return sum(r.nfe for r in self.records) / max(1, self.n)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.records)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.tokens / max(1, sum(r.nfe for r in self.records))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def seconds_per_problem(self) -> float:
+        return self.seconds / max(1, self.n)
+
+    def summary(self, baseline: "BenchRun | None" = None) -> dict[str, Any]:
+        out = {"label": self.label, "kind": self.kind, "n": self.n, "accuracy": self.accuracy,
+               "nfe_per_problem": self.nfe, "tokens_per_forward": self.tokens_per_forward,
+               "tokens_per_second": self.tokens_per_second, "seconds_per_problem": self.seconds_per_problem,
+               "peak_mib": self.peak_bytes / 2 ** 20}
+        if baseline is not None:
+            out["speedup"] = baseline.seconds_per_problem / self.seconds_per_problem if self.seconds else 0.0
+        return out
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def gen_length_overrides(path: str, gen_length: int, overrides: Sequence[str] = ()) -> list[str]:
+    """Overrides that move a recipe to ``gen_length``: a one-block recipe stays one block and a
+    one-token-per-forward schedule stays one token per forward; other block lengths and step
+    counts are kept (they must still divide)."""
+    gen = load_recipe(find_recipe(path), overrides=list(overrides)).generation
+    out = [f"generation.gen_length={gen_length}"]
+    if gen.block_length is not None and gen.block_length == gen.gen_length:
+        out.append(f"generation.block_length={gen_length}")
+    if gen.steps is not None and gen.steps == gen.gen_length:
+        out.append(f"generation.steps={gen_length}")
+    return out
+
+
+def expand_sweeps(named: Sequence[tuple[str, str]], overrides: Sequence[str], sweeps: Sequence[str],
+                  pm=None, gen_length: int | None = None) -> list[tuple[str, Recipe]]:
+    """Load each (label, recipe file or name) with the common overrides (and, with
+    ``gen_length``, :func:`gen_length_overrides`). Every sweep
+    ``slot.key=v1,v2`` turns each recipe that accepts the key (its plugin in that slot has such
+    an option) into one recipe per value, labelled ``label[key=v]``; recipes that do not accept
+    it stay as they are. A sweep no recipe accepts is an error."""
+    from dllm_decode.plugins import get_plugin_manager
+    from dllm_decode.policy import resolve
+
+    pm = pm or get_plugin_manager()
+
+    def load(over: list[str], path: str) -> Recipe:
+        recipe = load_recipe(find_recipe(path), overrides=over)
+        resolve(recipe, pm)
+        return recipe
+
+    out = [(label, list(overrides) + (gen_length_overrides(path, gen_length, overrides) if gen_length else []),
+            path) for label, path in named]
+    for sweep in sweeps:
+        key, _, raw = sweep.partition("=")
+        values = [v.strip() for v in raw.split(",") if v.strip()]
+        if not key.strip() or not values:
+            raise RecipeError(f"--sweep {sweep!r}: expected KEY=V1,V2,... e.g. select_tokens.threshold=0.5,0.9")
+        key = key.strip()
+        short = key.split(".")[-1]
+        expanded, first_error = [], None
+        for label, over, path in out:
+            try:
+                load(over + [f"{key}={values[0]}"], path)
+            except RecipeError as err:
+                first_error = first_error or err
+                expanded.append((label, over, path))
+                continue
+            expanded += [(f"{label}[{short}={v}]", over + [f"{key}={v}"], path) for v in values]
+        if len(expanded) == len(out) and first_error is not None:
+            raise RecipeError(f"--sweep {sweep!r} applies to none of the recipes: {first_error}")
+        out = expanded
+    return [(label, load(over, path)) for label, over, path in out]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems: Sequence[Problem], *,
+              chunk: int, ar: tuple[Any, Any] | None = None, ar_tokens: int = 96, pm=None,
+              warmup: bool = True, progress: Callable[[str, int], Any] | None = None) -> list[BenchRun]:
+    """Decode ``problems`` under every recipe, ``chunk`` problems at a time, recipes in turn
+    within each chunk (interleaved), after one warm-up chunk per recipe. ``ar``: an
+    (``AutoModelForCausalLM``, tokenizer) pair decoded greedily as an extra row."""
+    import time
+
+    from dllm_decode.engine import Decoder
+    from dllm_decode.evaluate import evaluate_ar
+
+    decoders = [Decoder(model, r, pm=pm, tokenizer=tokenizer) for _, r in recipes]
+    runs = [BenchRun(label, "diffusion", r.to_dict()) for label, r in recipes]
+    if ar is not None:
+        runs.append(BenchRun(f"autoregressive ({ar[0].config.model_type}, greedy, KV cache)", "autoregressive", None))
+    device = decoders[0]._device() if decoders else torch.device("cpu")
+    eos = {int(model.spec.eos_token_id)} | ({int(model.spec.eot_token_id)} if model.spec.eot_token_id is not None
+                                           else set())
+
+    def encode(group):
+        return [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
+
+    chunks = [list(problems[i:i + chunk]) for i in range(0, len(problems), chunk)]
+    if warmup and chunks:
+        for dec in decoders:
+            dec.generate(encode(chunks[0][:1]))
+        if ar is not None:
+            evaluate_ar(ar[0], ar[1], chunks[0][:1], max_new_tokens=ar_tokens)
+    for group in chunks:
+        ids = encode(group)
+        for run, dec in zip(runs, decoders):
+            _peak_reset(device)
+            t0 = time.perf_counter()
+            result = dec.generate(ids, keep_states=True)
+            run.seconds += time.perf_counter() - t0
+            run.records += score_rows(group, result.rows, eos)
+            run.peak_bytes = max(run.peak_bytes, _peak(device),
+                                 *(int(s.counters.get("store_bytes", 0)) for s in result.states))
+            if progress:
+                progress(run.label, len(group))
+        if ar is not None:
+            _peak_reset(device)
+            res = evaluate_ar(ar[0], ar[1], group, max_new_tokens=ar_tokens, batch_size=chunk)
+            runs[-1].seconds += res.seconds
+            runs[-1].records += res.records
+            runs[-1].peak_bytes = max(runs[-1].peak_bytes, _peak(device))
+            if progress:
+                progress(runs[-1].label, len(group))
+    return runs
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def machine_info(model=None, recipe: Recipe | None = None) -> dict[str, Any]:
+    dev = "cpu"
+    if model is not None:
+        try:
+            d = next(model.parameters()).device
+            dev = torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({platform.machine()})"
+        except StopIteration:
+            pass
+    return {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dtype": recipe.generation.dtype if recipe is not None else None, "python": platform.python_version()}
+
+
+def render(runs: Sequence[BenchRun], info: dict[str, Any]) -> str:
+    base = runs[0] if runs else None
+    lines = [f"device {info['device']} | torch {info['torch']} | {info['threads']} threads | dtype {info['dtype']}",
+             "",
+             "| recipe | acc | NFE / problem | tokens / forward | tokens / s | s / problem | speedup | peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for run in runs:
+        s = run.summary(base)
+        lines.append(f"| {run.label} | {s['accuracy']:.3f} | {s['nfe_per_problem']:.1f} | {s['tokens_per_forward']:.2f} | "
+                     f"{s['tokens_per_second']:.1f} | {s['seconds_per_problem']:.4f} | {s['speedup']:.2f}x | "
+                     f"{s['peak_mib']:.1f} |")
+    return "\n".join(lines)
+
+
+def to_json(runs: Sequence[BenchRun], info: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    base = runs[0] if runs else None
+    return {"machine": info, "settings": settings,
+            "rows": [{**run.summary(base), "recipe": run.recipe,
+                      "problems": [r.as_dict() for r in run.records]} for run in runs]}
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """For (x, y) points where larger is better on both axes: which no other point dominates."""
+    out = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def plot(runs: Sequence[BenchRun], path: str, title: str = "") -> None:
+    """Accuracy against throughput and against NFE, one numbered point per row (the key under
+    the panels names them, so labels never overlap), the Pareto front (higher accuracy and more
+    tokens / s; higher accuracy and fewer forwards) marked in red and joined by a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, (len(runs) + 1) // 2)
+    fig = plt.figure(figsize=(13, 5.2 + 0.28 * rows))
+    top = 1 - 0.6 / fig.get_figheight()
+    bottom = (0.35 + 0.28 * rows) / fig.get_figheight() + 0.08
+    axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.06, right=0.98, top=top - 0.04, bottom=bottom, wspace=0.18))
+    acc = [r.accuracy for r in runs]
+    panels = [("tokens / second (log scale)", [r.tokens_per_second for r in runs], 1),
+              ("forwards (NFE) per problem (log scale)", [r.nfe for r in runs], -1)]
+    for ax, (xlabel, xs, sign) in zip(axes, panels):
+        front = pareto([(sign * x, a) for x, a in zip(xs, acc)])
+        for i, (x, a, on, run) in enumerate(zip(xs, acc, front, runs)):
+            ax.scatter([x], [a], s=70, marker="*" if run.kind == "autoregressive" else "o",
+                       color="tab:red" if on else "tab:blue", zorder=3)
+            ax.annotate(str(i + 1), (x, a), textcoords="offset points", xytext=(4, 5), fontsize=9,
+                        fontweight="bold")
+        pts = sorted((x, a) for x, a, on in zip(xs, acc, front) if on)
+        if len(pts) > 1:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:red", lw=1, zorder=2,
+                    label="Pareto front")
+            ax.legend(loc="lower left", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("exact match")
+        lo = min(acc) if acc else 0.0
+        ax.set_ylim(max(-0.02, lo - 0.1), 1.04)
+        ax.grid(True, which="both", alpha=0.3)
+    key = [f"{i + 1}  {r.label}  (acc {r.accuracy:.2f}, {r.tokens_per_second:.0f} tok/s, NFE {r.nfe:.1f})"
+           for i, r in enumerate(runs)]
+    half = (len(key) + 1) // 2
+    for col, part in enumerate((key[:half], key[half:])):
+        fig.text(0.06 + 0.48 * col, (0.25 + 0.28 * rows) / fig.get_figheight(), "\n".join(part),
+                 fontsize=8, va="top", family="monospace")
+    fig.suptitle(title or "accuracy vs speed", y=top + 0.02)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -1,0 +1,96 @@
+"""`dllm-decode bench`: sweeps, interleaved runs on the same problems, deterministic records,
+the table, JSON, the plot and the autoregressive row."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dllm_decode.bench import BenchRun, expand_sweeps, pareto, render, run_bench
+from dllm_decode.cli import main
+from dllm_decode.errors import RecipeError
+from dllm_decode.evaluate import ProblemRecord
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "llada-reference"
+
+
+def test_sweep_expands_only_the_recipes_that_take_the_key():
+    recipes = expand_sweeps([("llada", "llada"), ("fast", "threshold")], [], ["select_tokens.threshold=0.5,0.9"],
+                            gen_length=64)
+    assert [label for label, _ in recipes] == ["llada", "fast[threshold=0.5]", "fast[threshold=0.9]"]
+    assert recipes[2][1].select_tokens.params["threshold"] == 0.9
+    # one block and one token per forward stay so; blocks of 32 stay 32
+    assert [(r.generation.gen_length, r.generation.block_length, r.generation.steps) for _, r in recipes] == \
+        [(64, 64, 64), (64, 32, 64), (64, 32, 64)]
+    two = expand_sweeps([("t", "threshold")], [], ["select_tokens.threshold=0.5,0.9", "generation.seed=1,2"])
+    assert [label for label, _ in two] == ["t[threshold=0.5][seed=1]", "t[threshold=0.5][seed=2]",
+                                          "t[threshold=0.9][seed=1]", "t[threshold=0.9][seed=2]"]
+    with pytest.raises(RecipeError, match="none of the recipes"):
+        expand_sweeps([("llada", "llada")], [], ["select_tokens.nope=1,2"])
+    with pytest.raises(RecipeError, match="expected KEY=V1,V2"):
+        expand_sweeps([("llada", "llada")], [], ["select_tokens.threshold="])
+
+
+def test_pareto_front():
+    pts = [(1.0, 0.5), (2.0, 0.4), (0.5, 0.9), (0.4, 0.8), (2.0, 0.5)]
+    assert pareto(pts) == [False, False, True, False, True]
+
+
+def _record(correct, nfe, tokens):
+    return ProblemRecord("copy", 0, "p", "c", correct, nfe, tokens)
+
+
+def test_table_columns_and_speedup_against_the_first_row():
+    a = BenchRun("base", "diffusion", None, [_record(True, 96, 40), _record(False, 96, 20)], seconds=2.0)
+    b = BenchRun("fast", "diffusion", None, [_record(True, 6, 40), _record(True, 4, 20)], seconds=0.5)
+    assert b.tokens_per_forward == 6.0 and b.tokens_per_second == 120.0 and b.accuracy == 1.0
+    table = render([a, b], {"device": "cpu", "torch": "x", "threads": 2, "dtype": "float32"})
+    assert "| fast | 1.000 | 5.0 | 6.00 | 120.0 | 0.2500 | 4.00x |" in table
+    assert "| base | 0.500 | 96.0 | 0.31 | 30.0 | 1.0000 | 1.00x |" in table
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from dllm_decode.models import load_model
+    return load_model(MODEL)
+
+
+def test_interleaved_runs_are_deterministic_but_for_timings(reference):
+    from dllm_decode.model_card import held_out
+
+    model, tok = reference
+    problems = held_out(["repeat", "case"], 3, 0)
+    recipes = expand_sweeps([("llada", "llada"), ("slowfast", "slowfast")], ["generation.batch_size=2"], [],
+                            gen_length=48)
+    first = run_bench(model, tok, recipes, problems, chunk=2)
+    again = run_bench(model, tok, recipes, problems, chunk=2, warmup=False)
+    assert [r.label for r in first] == ["llada", "slowfast"]
+    for x, y in zip(first, again):
+        assert [p.as_dict() for p in x.records] == [p.as_dict() for p in y.records]
+        assert x.n == len(problems) and x.seconds > 0
+    assert [p.index for p in first[0].records] == [p.index for p in problems]   # same problems, same order
+    assert first[1].nfe < first[0].nfe
+
+
+def test_cli_bench_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    rc = main(["bench", "--model", str(MODEL), "--recipes", "llada", "threshold", "--task", "case", "--n", "2",
+               "--gen-length", "48", "--set", "generation.block_length=48",
+               "--sweep", "select_tokens.threshold=0.5,0.9", "--ar-model", str(ROOT / "models" / "ar-reference"),
+               "--json", str(out_json), "--plot", str(out_png), "--no-progress"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| llada |" in text and "threshold[threshold=0.5]" in text and "autoregressive" in text
+    assert "torch" in text and "threads" in text
+    data = json.loads(out_json.read_text())
+    assert [r["label"] for r in data["rows"]][:3] == ["llada", "threshold[threshold=0.5]", "threshold[threshold=0.9]"]
+    assert data["rows"][0]["speedup"] == 1.0 and len(data["rows"][0]["problems"]) == 2
+    assert data["machine"]["dtype"] == "float32"
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_errors_name_the_recipe(capsys):
+    rc = main(["bench", "--model", str(MODEL), "--recipes", "no-such-recipe", "--no-progress"])
+    assert rc == 2
+    assert "no-such-recipe" in capsys.readouterr().err
