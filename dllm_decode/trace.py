@@ -64,8 +64,8 @@ def draw(record: dict[str, Any], path: str, title: str = "") -> None:
             order[i, pos] = 2 + phases.index(s["phase"] or "step")
         written[s["committed"]] = True
         conf[i] = [np.nan if c is None else c for c in s["confidence"]]
-    height = min(14.0, 2.5 + 0.09 * S)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10.0, 0.09 * G * 2 + 3), height), sharey=True)
+    height = max(4.5, min(14.0, 2.5 + 0.09 * S))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10.0, min(24.0, 0.12 * G + 4)), height), sharey=True)
     colours = ["#f2f2f2", "#bdbdbd"] + palette[:len(phases)]
     ax1.imshow(order, aspect="auto", interpolation="nearest", cmap=ListedColormap(colours), vmin=-0.5,
                vmax=len(colours) - 0.5,
