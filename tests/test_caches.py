@@ -264,3 +264,12 @@ def test_any_cache_with_any_policy(policy, cache):
         recipe = {**POLICIES[policy], "cache_policy": CACHES[cache],
                   "generation": {"gen_length": 16, "block_length": 8, "steps": 16, "dtype": "float64"}}
         check_invariants(_tiny(family, seed=6), recipe)
+
+
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_caches_under_classifier_free_guidance(cache):
+    """With cfg_scale > 0 the conditional and unconditional canvases run as one batch: the
+    per-row plan fields are tiled over both halves, and the invariants hold."""
+    recipe = {**POLICIES["threshold"], "cache_policy": CACHES[cache],
+              "generation": {"gen_length": 16, "block_length": 8, "steps": 16, "dtype": "float64", "cfg_scale": 1.0}}
+    check_invariants(_tiny("llada", seed=6), recipe)
