@@ -58,12 +58,6 @@ def feature_plan(options: Options, n: int, prompt_end: int, *, end: int | None =
 
 
 @hookimpl
-def on_request_start(scratch):
-    scratch["forwards"] = 0
-
-
-@hookimpl
-def cache_policy(state, options, scratch):
-    n = scratch["forwards"]
-    scratch["forwards"] = n + 1
-    return feature_plan(options, n, state.gen_start, out_start=state.gen_start)
+def cache_policy(state, options):
+    # state.nfe: the forwards this request has run so far, i.e. this forward's index
+    return feature_plan(options, state.nfe, state.gen_start, out_start=state.gen_start)

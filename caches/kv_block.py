@@ -48,7 +48,7 @@ dllm_meta = PluginMeta(summary="Fast-dLLM block KV cache: refresh when a span st
 
 @hookimpl
 def on_request_start(scratch):
-    scratch.update(span=None, forwards=0)
+    scratch["span"] = None
 
 
 def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode: str) -> ComputePlan:
@@ -69,9 +69,8 @@ def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode:
 
 @hookimpl
 def cache_policy(state, options, scratch):
-    n = scratch["forwards"]
-    every = options.refresh_interval
-    prev = None if every is not None and n % every == 0 else scratch["span"]
+    every = options.refresh_interval            # state.nfe: forwards so far in this request
+    prev = None if every is not None and state.nfe % every == 0 else scratch["span"]
     plan = block_plan(state.span, prev, state.length, options.mode)
-    scratch.update(span=state.span.clone(), forwards=n + 1)
+    scratch["span"] = state.span.clone()        # a span plugin may reuse its tensor in place
     return plan

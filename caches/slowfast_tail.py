@@ -52,7 +52,7 @@ def check_recipe(recipe):
 
 @hookimpl
 def on_request_start(scratch):
-    scratch.update(prev_span=None, prev_accel=None, forwards=0)
+    scratch.update(prev_span=None, prev_accel=None)
 
 
 def tail_limits(state, scratch) -> torch.Tensor:
@@ -68,7 +68,7 @@ def tail_limits(state, scratch) -> torch.Tensor:
         cut = torch.zeros_like(accel)
     else:
         cut = accel & scratch["prev_accel"] & (span == scratch["prev_span"]).all(dim=1)
-    scratch["prev_span"], scratch["prev_accel"] = span.clone(), accel.clone()
+    scratch["prev_span"], scratch["prev_accel"] = span.clone(), accel
     return torch.where(cut, span[:, 1], state.length)
 
 
@@ -79,8 +79,6 @@ def cache_policy(state, options, scratch):
     end, any_cut = torch.stack([limit.max(), (limit < state.length).any().long()]).tolist()
     key_limit = limit if any_cut else None
     if options.dllm_cache is not None:
-        n = scratch["forwards"]
-        scratch["forwards"] = n + 1
-        return feature_cache.feature_plan(options.dllm_cache, n, state.gen_start, end=end,
-                                       key_limit=key_limit, out_start=state.gen_start)
+        return feature_cache.feature_plan(options.dllm_cache, state.nfe, state.gen_start, end=end,
+                                          key_limit=key_limit, out_start=state.gen_start)
     return ComputePlan(end=end, key_limit=key_limit, out_start=state.gen_start, name="slowfast_tail")

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from dllm_decode.model_card import machine
-from dllm_decode.policy_report import Entry, write_between_markers
+from dllm_decode.policy_report import Column, Entry, ratio_table, write_between_markers
 from dllm_decode.tasks import REFERENCE_MIX
 
 START, END = "<!-- cache-report:start -->", "<!-- cache-report:end -->"
@@ -114,19 +114,15 @@ def run(models_dir: Path, tasks, n: int, seed: int, gen: int, dream: bool = True
 
 
 def render(rows: list[dict], tasks) -> str:
-    head = ("| model | recipe | " + " | ".join(tasks) + " | mean acc | NFE / problem | "
-            "GFLOP / problem | MFLOP / forward | s / problem | FLOP ratio | wall speedup |")
-    lines = [head, "|---|---|" + "---:|" * (len(tasks) + 7)]
-    base: dict[str, dict] = {}
-    for r in rows:
-        b = base.setdefault(r["model"], r)
-        cells = [f"{r['tasks'][t]['accuracy']:.2f}" for t in tasks]
-        lines.append(f"| {r['model']} | {r['label']} | " + " | ".join(cells) +
-                     f" | {r['accuracy']:.3f} | {r['nfe']:.1f} | {r['flops_per_problem'] / 1e9:.2f} | "
-                     f"{r['flops_per_forward'] / 1e6:.1f} | {r['seconds_per_problem']:.3f} | "
-                     f"{b['flops_per_problem'] / r['flops_per_problem']:.1f}x | "
-                     f"{b['seconds_per_problem'] / r['seconds_per_problem']:.2f}x |")
-    return "\n".join(lines)
+    lead: list[Column] = [("model", lambda r, b: r["model"]), ("recipe", lambda r, b: r["label"])]
+    tail: list[Column] = [("mean acc", lambda r, b: f"{r['accuracy']:.3f}"),
+                          ("NFE / problem", lambda r, b: f"{r['nfe']:.1f}"),
+                          ("GFLOP / problem", lambda r, b: f"{r['flops_per_problem'] / 1e9:.2f}"),
+                          ("MFLOP / forward", lambda r, b: f"{r['flops_per_forward'] / 1e6:.1f}"),
+                          ("s / problem", lambda r, b: f"{r['seconds_per_problem']:.3f}"),
+                          ("FLOP ratio", lambda r, b: f"{b['flops_per_problem'] / r['flops_per_problem']:.1f}x"),
+                          ("wall speedup", lambda r, b: f"{b['seconds_per_problem'] / r['seconds_per_problem']:.2f}x")]
+    return ratio_table(rows, tasks, lead, tail)
 
 
 def main(argv: list[str] | None = None) -> None:

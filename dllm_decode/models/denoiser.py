@@ -165,12 +165,10 @@ class Denoiser(nn.Module):
                 store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
                 # every layer writes K/V for at least the fed positions (feature reuse: for
                 # the recomputed set, which only ever holds positions already valid)
-                if plan.reuse_features:
-                    pass
-                elif frozen is not None:
-                    fed.put(store.kv_valid, 1, fed.take(store.kv_valid, 1) | ~frozen)
-                else:
-                    fed.put(store.kv_valid, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
+                if not plan.reuse_features:
+                    written = torch.ones(B, fed.n, dtype=torch.bool, device=dev) if frozen is None \
+                        else fed.take(store.kv_valid, 1) | ~frozen
+                    fed.put(store.kv_valid, 1, written)
             if plan.write_features or plan.reuse_features:
                 store.ensure_features(a.n_layers, B, L, a.d_model, dtype, dev)
 
