@@ -9,8 +9,12 @@ projections least similar by cosine to the cached ones) to recompute; the whole 
 response is replaced by the fresh one, as upstream does. Upstream always recomputes the first
 layer in full (``full_first_layer``). Approximate unless both intervals are 1.
 
-With classifier-free guidance the conditional and unconditional rows share the batch and the
-schedule; upstream's separate cached guidance residual is not offered.
+With classifier-free guidance (``generation.cfg_scale > 0``) the unconditional canvas runs as
+its own forward against a store of its own, with its own forward counter for K_p / K_r, as
+upstream's separate "cfg" cache namespace does. The guidance residual ``cond - uncond`` is
+recomputed in the first 5 forwards and every ``cfg_interval`` forwards; in between only the
+conditional forward runs and the kept residual is reused (logits ``cond + w * residual``).
+``cfg_interval: 1`` recomputes it every forward.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from pydantic import Field
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginMeta, PluginOptions
+from dllm_decode.state import Guided
+
+#: upstream recomputes the guidance residual in the first forwards whatever the interval
+CFG_WARMUP = 5
 
 
 class Options(PluginOptions):
@@ -32,6 +40,10 @@ class Options(PluginOptions):
                        "recomputed on the other forwards (upstream `transfer_ratio`; 0 turns it off).")
     full_first_layer: bool = Field(True, description="Recompute layer 0 in full every forward, as "
                                    "upstream's hooks do (the SlowFast fork does not).")
+    cfg_interval: int = Field(1, ge=1, le=1 << 20, description="With classifier-free guidance: "
+                              "recompute the unconditional forward and the guidance residual every "
+                              "cfg_interval forwards (and in the first 5); reuse the residual in "
+                              "between (upstream `cfg_interval_steps`).")
 
 
 dllm_meta = PluginMeta(summary="dLLM-Cache: prompt / response features refreshed every K_p / K_r "
@@ -57,7 +69,21 @@ def feature_plan(options: Options, n: int, prompt_end: int, *, end: int | None =
     return plan if key_limit is None else plan.with_(key_limit=key_limit)
 
 
+def guided(options: Options, state, n_cond: int, n_uncond: int, **cut) -> ComputePlan | Guided:
+    """The plan of conditional forward ``n_cond``; under guidance, a :class:`Guided` that
+    either reuses the guidance residual or runs unconditional forward ``n_uncond`` on its own
+    schedule."""
+    cond = feature_plan(options, n_cond, state.gen_start, **cut)
+    if state.config.cfg_scale <= 0 or options.cfg_interval == 1:
+        # every forward runs both halves on the same schedule: one batch of 2B rows does it
+        return cond
+    if n_cond >= CFG_WARMUP and n_cond % options.cfg_interval:
+        return Guided(cond=cond, reuse=True)
+    return Guided(cond=cond, uncond=feature_plan(options, n_uncond, state.gen_start, **cut))
+
+
 @hookimpl
 def cache_policy(state, options):
-    # state.nfe: the forwards this request has run so far, i.e. this forward's index
-    return feature_plan(options, state.nfe, state.gen_start, out_start=state.gen_start)
+    # state.nfe: the forwards this request has run so far, i.e. this forward's index;
+    # state.guide_nfe: the same for the unconditional canvas
+    return guided(options, state, state.nfe, state.guide_nfe, out_start=state.gen_start)

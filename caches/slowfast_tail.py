@@ -43,11 +43,17 @@ dllm_meta = PluginMeta(summary="SlowFast out-of-span cache: accelerated-stage fo
 
 
 @hookimpl
-def check_recipe(recipe):
+def check_recipe(recipe, options):
+    problems = []
     if recipe.decide_phase is None and recipe.policy is None:
-        return ["cache_policy: slowfast_tail cuts rows in the accelerated stage; the recipe needs a "
-                "decide_phase plugin that labels rows 'accelerate' (e.g. policy: slowfast)"]
-    return []
+        problems.append("cache_policy: slowfast_tail cuts rows in the accelerated stage; the recipe needs "
+                        "a decide_phase plugin that labels rows 'accelerate' (e.g. policy: slowfast)")
+    if options.dllm_cache is not None and options.dllm_cache.cfg_interval > 1 and recipe.generation.cfg_scale > 0:
+        # a residual kept from a cut forward is undefined past the cut, and a later uncut step
+        # would read it there
+        problems.append("cache_policy.dllm_cache.cfg_interval: the cached guidance residual is not "
+                        "available with slowfast_tail's cut forwards; use cfg_interval: 1")
+    return problems
 
 
 @hookimpl

@@ -24,7 +24,7 @@ from dllm_decode.config import Recipe
 from dllm_decode.errors import DllmDecodeError, InputError, ModelOutputError, PluginError
 from dllm_decode.plugins import PluginManager, get_plugin_manager
 from dllm_decode.policy import BoundPolicy, resolve
-from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Phase, Selection, StepRecord
+from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Guided, Phase, Selection, StepRecord
 
 NEG_INF = float("-inf")
 
@@ -168,10 +168,15 @@ class Decoder:
         state.timings["seconds"] = time.perf_counter() - t0
         self._observe("on_request_end", state)
         state.scratch.clear()
-        if state.store is not None and hasattr(state.store, "clear"):
-            state.counters["flops"] = getattr(state.store, "flops", 0.0)
-            state.counters["store_bytes"] = state.store.nbytes() if hasattr(state.store, "nbytes") else 0
-            state.store.clear()
+        stores = [s for s in (state.store, state.guide_store) if s is not None and hasattr(s, "clear")]
+        if stores:
+            state.counters["flops"] = sum(getattr(s, "flops", 0.0) for s in stores)
+            state.counters["store_bytes"] = sum(s.nbytes() if hasattr(s, "nbytes") else 0 for s in stores)
+            for s in stores:
+                s.clear()
+        if state.guide_nfe:
+            state.counters["guide_forwards"] = state.guide_nfe
+        state.guide_residual = None
         return state
 
     def _validate(self, prompts: Sequence[Sequence[int]]) -> None:
@@ -322,22 +327,57 @@ class Decoder:
     def _forward(self, state: DecodeState, plan: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, attn = state.x, state.attention_mask
         cfg = self.gen.cfg_scale
+        if isinstance(plan, Guided):
+            if cfg > 0:
+                return self._guided_forward(state, plan, cfg)
+            plan = plan.cond
         if cfg > 0:
             # Unconditional rows: the same canvas with every real prompt token masked (LLaDA).
-            real_prompt = state.prompt_mask & attn
-            x = torch.cat([x, torch.where(real_prompt, state.mask_id, x)])
+            x = torch.cat([x, self._uncond_canvas(state)])
             attn = torch.cat([attn, attn])
         run = plan if plan is None or cfg <= 0 else plan.repeat_rows(2)
         logits = self.model(x, attention_mask=attn, plan=run, store=state.store)
         if cfg > 0:
             cond, uncond = logits.chunk(2, dim=0)
             logits = uncond + (cfg + 1) * (cond - uncond)
-        positions = None
-        if plan is not None:
-            # Always scattered, even when a plan covers every column: checking for that would
-            # cost a host sync per step, the scatter does not.
-            positions = plan.query_positions(state.length, state.batch_size, device=state.device)
-        return logits, positions
+        return logits, self._positions(state, plan)
+
+    def _guided_forward(self, state: DecodeState, plan: Guided, cfg: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Guidance with separate forwards: the conditional one always, the unconditional one
+        only when the plan does not reuse the kept residual (then against its own store)."""
+        attn = state.attention_mask
+        cond = self.model(state.x, attention_mask=attn, plan=plan.cond, store=state.store)
+        if plan.reuse:
+            residual = state.guide_residual
+            if residual is None or residual.shape != cond.shape:
+                got = "none was kept yet" if residual is None else f"the kept one has shape {tuple(residual.shape)}"
+                raise self._error("cache_policy", state, f"asked to reuse the guidance residual for logits of "
+                                  f"shape {tuple(cond.shape)}, but {got}")
+        else:
+            if state.guide_store is None:
+                state.guide_store = self._new_store()
+            uncond = self.model(self._uncond_canvas(state), attention_mask=attn, plan=plan.uncond,
+                                store=state.guide_store)
+            if uncond.shape != cond.shape:
+                raise self._error("cache_policy", state, f"the unconditional plan returned logits of shape "
+                                  f"{tuple(uncond.shape)}, the conditional one {tuple(cond.shape)}")
+            state.guide_nfe += 1
+            residual = state.guide_residual = cond - uncond
+        # cond + w (cond - uncond): LLaDA's uncond + (w + 1)(cond - uncond), rearranged so the
+        # residual alone can be kept
+        return cond + cfg * residual, self._positions(state, plan.cond)
+
+    @staticmethod
+    def _uncond_canvas(state: DecodeState) -> torch.Tensor:
+        return torch.where(state.prompt_mask & state.attention_mask, state.mask_id, state.x)
+
+    @staticmethod
+    def _positions(state: DecodeState, plan: Any) -> torch.Tensor | None:
+        if plan is None:
+            return None
+        # Always scattered, even when a plan covers every column: checking for that would cost
+        # a host sync per step, the scatter does not.
+        return plan.query_positions(state.length, state.batch_size, device=state.device)
 
     def _new_store(self) -> Any:
         # every request of a plan-executing model gets a store, so its FLOPs are counted too;

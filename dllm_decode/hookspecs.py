@@ -108,6 +108,9 @@ def cache_policy(state: DecodeState, options: Any, scratch: dict) -> Any:
     :return: a compute plan (``dllm_decode.models.ComputePlan``) that the model executes
         against the request's cache store ``state.store``, or ``None`` for a plain forward of
         the whole canvas. The plan names the absolute query positions whose logits it returns.
+        Under classifier-free guidance a plan runs on both halves of the guided batch; a
+        :class:`dllm_decode.state.Guided` instead gives the unconditional canvas its own plan
+        and store, or (``reuse``) skips its forward and reuses the last guidance residual.
     :invariant: a cache that declares itself exact (``dllm_meta.exact = True``) must yield the
         same tokens as ``None`` would.
     """

@@ -55,6 +55,24 @@ class Phase:
         return self.names.index(name)
 
 
+@dataclass(frozen=True)
+class Guided:
+    """What ``cache_policy`` may return under classifier-free guidance (``cfg_scale > 0``)
+    instead of one plan for both halves of the guided batch.
+
+    ``cond`` is the plan of the conditional forward (``None``: a plain forward). With ``reuse``
+    the unconditional forward is skipped and the engine reuses the guidance residual
+    ``cond - uncond`` of the last step that ran it (dLLM-Cache's cached CFG residual); otherwise
+    the unconditional canvas runs on its own with ``uncond`` against a store of its own
+    (``state.guide_store``), so its cached features follow their own schedule. Both plans must
+    query the same positions. Without guidance the engine runs ``cond`` alone.
+    """
+
+    cond: Any = None              # ComputePlan | None
+    uncond: Any = None            # ComputePlan | None
+    reuse: bool = False
+
+
 @dataclass
 class StepRecord:
     """What one step did; kept in ``DecodeState.history`` for plugins, traces and metrics."""
@@ -89,6 +107,9 @@ class DecodeState:
     phase_rows: Phase | None = None  # per-row phases, when decide_phase gives them
     step: int = 0                 # steps taken so far (== forwards, unless a plugin skips one)
     nfe: int = 0                  # model forward calls (a CFG pair counts once)
+    guide_nfe: int = 0            # unconditional forwards run on their own (cache_policy -> Guided)
+    guide_store: Any = None       # the unconditional rows' cache store (Guided plans only)
+    guide_residual: torch.Tensor | None = None  # (B, q, V) last cond - uncond logits (Guided plans)
     row_nfe: torch.Tensor = None  # (B,) long: forwards while each row was unfinished
     done: torch.Tensor = None     # (B,) bool
     history: list[StepRecord] = field(default_factory=list)

@@ -45,6 +45,30 @@ class DllmCacheRow:
         return align(raw, fed, self.shift)[None]
 
 
+class GuidedCacheRow:
+    """dLLM-Cache's cached guidance residual (ALGORITHMS.md §5.3, CFG cache), batch 1: returns
+    guided logits ``cond + w * (cond - uncond)`` for the generated region's decisions. The
+    conditional and unconditional canvases each have their own dLLM-Cache (own forward
+    counter); the unconditional one runs, and the residual is refreshed, in the first 5
+    forwards and every ``cfg_interval``-th, otherwise the last residual is reused."""
+
+    def __init__(self, W, *, shift, prompt_len, mask_id, cfg_scale, cfg_interval, **cache):
+        self.cond = DllmCacheRow(W, shift=shift, prompt_len=prompt_len, **cache)
+        self.uncond = DllmCacheRow(W, shift=shift, prompt_len=prompt_len, **cache)
+        self.P, self.mask_id, self.w, self.every = prompt_len, mask_id, cfg_scale, cfg_interval
+        self.step, self.residual, self.uncond_forwards = 0, None, 0
+
+    def __call__(self, x, attention_mask=None):
+        cond = self.cond(x)
+        if self.step < 5 or self.step % self.every == 0:
+            blind = x.clone()
+            blind[:, :self.P] = self.mask_id
+            self.residual = cond - self.uncond(blind)
+            self.uncond_forwards += 1
+        self.step += 1
+        return cond + self.w * self.residual
+
+
 def fastdllm_cached_generate(W, prompt, *, mask_id, gen_length, block_length, threshold, mode,
                              shift=False, first_token=False):
     """Fast-dLLM's cached threshold decoding, batch 1: per block one full forward that rebuilds

@@ -16,7 +16,7 @@ from dllm_decode.models import build_random_model
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.policy import resolve
 from dllm_decode.testing import RandomLogitsModel, check_invariants
-from reference_caches import DllmCacheRow, fastdllm_cached_generate
+from reference_caches import DllmCacheRow, GuidedCacheRow, fastdllm_cached_generate
 from reference_forward import weights
 from reference_llada import llada_generate
 from reference_slowfast import slowfast_generate
@@ -119,6 +119,49 @@ def test_baseline_with_dllm_cache_matches_reference(name, settings, shipped):
         ref = llada_generate(row, [prompt], mask_id=model.spec.mask_token_id, pad_id=0, steps=gen,
                              gen_length=gen, block_length=block)
         assert out.tokens[j] == ref[0].tolist(), f"row {j}"
+
+
+CFG_SETTINGS = [dict(prompt_interval=100, response_interval=7, rho=0.25, cfg_interval=3),
+                dict(prompt_interval=3, response_interval=2, rho=0.5, cfg_interval=2),
+                dict(prompt_interval=4, response_interval=3, rho=0.0, cfg_interval=1)]
+
+
+@pytest.mark.parametrize("settings", CFG_SETTINGS, ids=_dllm_id)
+@pytest.mark.parametrize("name", ["tiny-llada", "llada-reference", "tiny-dream"])
+def test_dllm_cache_guidance_residual_matches_reference(name, settings, shipped):
+    """cfg_scale > 0: the unconditional canvas keeps its own feature cache and forward count,
+    and the guidance residual is reused between refreshes, as upstream's CFG cache does."""
+    model, prompts = MODELS[name](shipped)
+    gen, block, w = 16, 8, 1.5
+    data = {"choose_span": "llada", "score": "llada", "select_tokens": "llada",
+            "cache_policy": {"plugin": "dllm_cache", **settings},
+            "generation": {"gen_length": gen, "block_length": block, "steps": gen, "cfg_scale": w,
+                           "batch_size": len(prompts), "dtype": "float64"}}
+    out = Decoder(model, recipe_from_dict(data)).generate(prompts, keep_states=True)
+    W = weights(model)
+    for j, prompt in enumerate(prompts):
+        row = GuidedCacheRow(W, shift=model.spec.shift_logits, prompt_len=len(prompt),
+                             mask_id=model.spec.mask_token_id, cfg_scale=w, **settings)
+        ref = llada_generate(row, [prompt], mask_id=model.spec.mask_token_id, pad_id=0, steps=gen,
+                             gen_length=gen, block_length=block)
+        assert out.tokens[j] == ref[0].tolist(), f"row {j}"
+    if settings["cfg_interval"] > 1:   # the skipped unconditional forwards really are skipped
+        assert out.states[0].counters["guide_forwards"] == row.uncond_forwards < gen
+
+
+def test_guidance_residual_reuse_changes_tokens_and_refusals(tmp_path):
+    """Not vacuous: reusing the residual changes tokens on a tiny random model; the cut
+    forwards of slowfast_tail refuse it with an error naming the key."""
+    model = _tiny("llada", seed=9)
+    base = {"policy": "llada", "generation": {"gen_length": 24, "steps": 24, "cfg_scale": 2.0}}
+    cache = {"plugin": "dllm_cache", "prompt_interval": 1, "response_interval": 1, "rho": 0.0}
+    every = _decode(model, {**base, "cache_policy": cache}, RANDOM_PROMPTS).tokens
+    reused = _decode(model, {**base, "cache_policy": {**cache, "cfg_interval": 4}}, RANDOM_PROMPTS).tokens
+    assert reused != every
+    with pytest.raises(RecipeError, match="dllm_cache.cfg_interval"):
+        resolve(recipe_from_dict({"policy": "slowfast", "score": "llada", "generation": {"gen_length": 24, "steps": 24, "cfg_scale": 1.0},
+                                  "cache_policy": {"plugin": "slowfast_tail", "dllm_cache": {"cfg_interval": 2}}}),
+                get_plugin_manager())
 
 
 def test_dllm_cache_really_reuses_features():
