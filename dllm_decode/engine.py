@@ -157,7 +157,7 @@ class Decoder:
         while True:
             finished, n_committed = self.step(state)
             if on_commit is not None:
-                on_commit(n_committed)
+                on_commit(int(n_committed))
             if finished:
                 break
             if state.step >= max_steps:
@@ -213,15 +213,16 @@ class Decoder:
 
     # ------------------------------------------------------------------ one step
 
-    def step(self, state: DecodeState) -> tuple[bool, int]:
-        """Advance ``state`` by one step. Returns (every row finished, tokens committed)."""
+    def step(self, state: DecodeState) -> tuple[bool, torch.Tensor]:
+        """Advance ``state`` by one step. Returns (every row finished, tokens committed as a
+        0-d tensor: reading it is a host sync, left to callers that want it)."""
         B, L = state.x.shape
         active = ~state.done                                             # (B,)
         span = self._call("choose_span", state)
         if span is None:
             span = state.gen_span()
         self._check_tensor("choose_span", state, span, (B, 2), (torch.long, torch.int32, torch.int64))
-        state.span = span.to(torch.long)
+        state.span = span if span.dtype == torch.long else span.to(torch.long)
         phase = self._call("decide_phase", state) if "decide_phase" in self.policy.slots else None
         if isinstance(phase, Phase):
             self._check_tensor("decide_phase", state, phase.rows, (B,), (torch.long,), what="per-row phases")
@@ -232,13 +233,19 @@ class Decoder:
 
         logits, positions = self._forward(state, plan)                  # (B, q, V), (B, q) | None
         state.nfe += 1
-        state.row_nfe += active.long()
+        state.row_nfe += active
         # The mask token is never a candidate: committing it would leave the position masked.
         logits[..., self.mask_id] = NEG_INF
         if self.gen.eos.ban and self.eos_ids:
             logits[..., state.eos_ids] = NEG_INF
 
-        cand = self._call("score", state, logits=logits, positions=positions)
+        # Shadow queries (ComputePlan.shadow, WINO's verification block) come back as extra
+        # columns after the planned ones; score gets them apart (a Guided plan: its cond's)
+        shadow = getattr(getattr(plan, "cond", plan), "shadow", None)
+        shadow_logits = None
+        if shadow is not None:
+            logits, shadow_logits = logits[:, :-shadow.shape[1]], logits[:, -shadow.shape[1]:]
+        cand = self._call("score", state, logits=logits, positions=positions, shadow_logits=shadow_logits)
         if not isinstance(cand, Candidates):
             raise self._error("score", state, f"returned {type(cand).__name__}, expected Candidates")
         q = logits.shape[1]
@@ -248,8 +255,9 @@ class Decoder:
         if positions is not None:                                        # scatter onto the canvas
             tokens = state.x.clone().scatter_(1, positions, tokens)
             conf = torch.full((B, L), NEG_INF, dtype=conf.dtype, device=conf.device).scatter_(1, positions, conf)
-        in_span = state.in_span()
-        eligible = state.masked & in_span & active[:, None]              # (B, L)
+        masked = state.masked                                            # (B, L)
+        masked_in_span = masked & state.in_span()
+        eligible = masked_in_span & active[:, None]                      # (B, L)
         if positions is not None:
             queried = torch.zeros_like(eligible).scatter_(1, positions, True)
             eligible &= queried
@@ -261,20 +269,48 @@ class Decoder:
 
         chosen = self._call("select_tokens", state, candidates=full)
         commit, remask = (chosen.commit, chosen.remask) if isinstance(chosen, Selection) else (chosen, None)
+        finish = chosen.finish if isinstance(chosen, Selection) else None
         self._check_tensor("select_tokens", state, commit, (B, L), (torch.bool,), what="commit mask")
         if remask is not None:
             self._check_tensor("select_tokens", state, remask, (B, L), (torch.bool,), what="remask mask")
+        fill = None
+        if finish is not None:
+            # Early commit-all (Prophet): every mask left in a finished row takes this step's
+            # candidate, whatever the span; the row's recorded span widens to the whole generation
+            self._check_tensor("select_tokens", state, finish, (B,), (torch.bool,), what="finish rows")
+            fill = (finish & active)[:, None] & masked                      # (B, L)
 
         # One host sync per step: every contract and the loop condition in one transfer.
-        n_commit = commit.sum(dim=1)                                     # (B,)
-        bad_span = (span[:, 0] < state.gen_start) | (span[:, 1] > L) | (span[:, 0] > span[:, 1])
-        empty_span = active & ~(state.masked & in_span).any(dim=1)
+        written = commit if fill is None else commit | fill
+        n_commit = written.sum(dim=1)                                    # (B,)
+        # gen_start <= start <= end <= L, as one difference check over [gen_start, start, end, L]
+        ends = state._memo.get("ends")
+        if ends is None:
+            ends = state._memo["ends"] = (torch.full((B, 1), state.gen_start, device=span.device),
+                                          torch.full((B, 1), L, device=span.device))
+        bad_span = (torch.cat([ends[0], span, ends[1]], dim=1).diff(dim=1) < 0).any(dim=1)
+        empty_span = active > masked_in_span.any(dim=1)                  # bools: a > b is a & ~b
+        # the canvas after this step's writes, and the rows with a mask left on it (final
+        # unless re-masks or eos.stop change the canvas further, see below)
+        x = torch.where(written, tokens, state.x)                        # (B, L)
+        masked_after = x == state.mask_id
+        left = masked_after.any(dim=1)                                   # (B,)
+        no_rows = state._memo.get("no_rows")
+        if no_rows is None:
+            no_rows = state._memo["no_rows"] = torch.zeros(B, dtype=torch.bool, device=commit.device)
+        # every check reduced per row, then all at once; amax propagates NaN, so one pass over
+        # the logits finds any
         flags = torch.stack([
-            bad_span.any(), empty_span.any(), (commit & ~eligible).any(), (active & (n_commit == 0)).any(),
-            torch.isnan(logits).any(), (torch.isnan(conf) & eligible).any(),
-            remask.any() if remask is not None else torch.zeros((), dtype=torch.bool, device=commit.device),
-        ]).tolist()
-        f_bad_span, f_empty_span, f_outside, f_stall, f_nan_logits, f_nan_conf, f_remask = flags
+            bad_span, empty_span, (commit > eligible).any(dim=1), active & (n_commit == 0),
+            torch.isnan(logits.amax(dim=(1, 2))) if logits.shape[1] else no_rows,
+            torch.isnan(conf).any(dim=1),           # conf is -inf wherever not eligible
+            no_rows if remask is None else remask.any(dim=1),
+            # a fill needs a candidate at every mask: unqueried columns still hold the mask id
+            no_rows if fill is None else (fill & (tokens == state.mask_id)).any(dim=1),
+            left,
+        ]).any(dim=1).tolist()
+        (f_bad_span, f_empty_span, f_outside, f_stall, f_nan_logits, f_nan_conf, f_remask, f_bad_fill,
+         f_left) = flags
         if f_bad_span:
             raise self._error("choose_span", state, f"returned spans outside [gen_start={state.gen_start}, "
                               f"length={L}]: {span[bad_span].tolist()}")
@@ -294,8 +330,14 @@ class Decoder:
         if f_stall and not self.policy.idle_steps:
             rows = torch.nonzero(active & (n_commit == 0)).flatten().tolist()
             raise self._error("select_tokens", state, f"committed nothing in unfinished row(s) {rows}")
+        if f_bad_fill:
+            where = torch.nonzero(fill & (tokens == state.mask_id))[:5].tolist()
+            raise self._error("select_tokens", state, "finished rows whose masks have no candidate this step "
+                              f"(the plan did not query them) at (row, column): {where}")
+        if fill is not None:
+            commit = written
+            state.span = torch.where((finish & active)[:, None], state.gen_span(), state.span)
 
-        x = torch.where(commit, tokens, state.x)
         commit_step = torch.where(commit, state.step, state.commit_step)
         remasked = None
         if f_remask:
@@ -311,16 +353,20 @@ class Decoder:
             state.remask_log.append((state.step, torch.nonzero(remask)))
             remasked = remask
         state.x, state.commit_step = x, commit_step
-        if self.gen.eos.stop and self.eos_ids:
+        if not f_remask:
+            state._memo["x"], state._memo["masked"] = x, masked_after
+        eos_stop = self.gen.eos.stop and self.eos_ids
+        if eos_stop:
             self._stop_at_eos(state)
-        state.done = ~state.masked.any(dim=1)
+        exact = f_remask or eos_stop
+        state.done = ~state.masked.any(dim=1) if exact else ~left
         state.history.append(StepRecord(step=state.step, span=state.span, phase=state.phase,
                                         committed=commit, remasked=remasked,
                                         confidence=conf.to(torch.float32), active=active))
         state.step += 1
         self._observe("after_step", state)
-        finished, n = torch.stack([state.done.all().long(), n_commit.sum()]).tolist()
-        return bool(finished), int(n)
+        finished = bool(state.done.all()) if exact else not f_left
+        return finished, n_commit.sum()
 
     # ------------------------------------------------------------------ helpers
 

@@ -118,7 +118,7 @@ def cache_policy(state: DecodeState, options: Any, scratch: dict) -> Any:
 
 @hookspec(firstresult=True)
 def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | None,
-          options: Any, scratch: dict) -> Candidates | None:
+          options: Any, scratch: dict, shadow_logits: torch.Tensor | None) -> Candidates | None:
     """Turn logits into one candidate token and one confidence per queried position.
 
     :param logits: float tensor ``(B, q, V)``, aligned so that ``logits[:, j]`` predicts the
@@ -127,6 +127,10 @@ def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | No
         it, has already been combined; EOS logits are already banned when ``eos.ban`` is set.
     :param positions: ``LongTensor (B, q)`` of absolute canvas positions, or ``None`` when
         ``q == L`` and position ``j`` is column ``j``.
+    :param shadow_logits: float tensor ``(B, S, V)`` of the plan's shadow queries
+        (``ComputePlan.shadow``, WINO's verification block: column ``j`` predicts canvas
+        position ``plan.shadow[:, j]`` without seeing the token there), or ``None`` when the plan
+        has none. Guidance and the mask / EOS bans are applied to them as to ``logits``.
     :return: :class:`dllm_decode.state.Candidates` with ``tokens`` (long) and ``confidence``
         (float, higher means commit sooner) of shape ``(B, q)``. The engine scatters them onto
         the canvas and sets the confidence of every position that may not be committed this
@@ -146,7 +150,11 @@ def select_tokens(state: DecodeState, candidates: Candidates, options: Any,
         ``confidence`` is ``-inf`` everywhere else.
     :return: a ``BoolTensor (B, L)`` of positions to commit, or a
         :class:`dllm_decode.state.Selection` that may also re-mask committed positions (only
-        for plugins whose ``dllm_meta.revocable`` is true; the engine records every re-mask).
+        for plugins whose ``dllm_meta.revocable`` is true; the engine records every re-mask),
+        and may finish rows (``Selection.finish`` (B,) bool, Prophet's early commit-all): every
+        mask left in such a row is committed with its candidate, inside the span or not, and the
+        row's recorded span becomes its whole generated region. Every such mask must have a
+        candidate (a plan that queried it), or the engine raises.
     :invariant: commits ⊆ eligible, and at least one commit in every unfinished row (unless
         the plugin declares ``dllm_meta.idle_steps``: a schedule that rounds a step's count to
         zero, as Dream's does). The engine checks both and raises an error naming this plugin

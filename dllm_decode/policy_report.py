@@ -47,6 +47,8 @@ ENTRIES = (
     Entry("llada-reference", "apd, R 0.7, lookahead M 32", "apd", ("policy.max_lookahead=32",)),
     Entry("llada-reference", "apd, R 0.7, KV window W 16", "apd", ("policy.kv_window=16",)),
     Entry("llada-reference", "dream sampler, entropy, 96 steps", "dream"),
+    Entry("llada-reference", "wino, tau_in 0.7 / tau_out 0.9, blocks of 32", "wino"),
+    Entry("llada-reference", "prophet, gap 7.5 / 5.0 / 2.5, blocks of 32", "prophet"),
     Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("dream-reference", "dream sampler, entropy, 24 steps", "dream", ("generation.steps=24",)),

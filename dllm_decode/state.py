@@ -33,10 +33,17 @@ class Candidates:
 
 @dataclass
 class Selection:
-    """What ``select_tokens`` may return instead of a plain commit mask."""
+    """What ``select_tokens`` may return instead of a plain commit mask.
+
+    ``remask`` (revocable plugins only, WINO): committed positions to mask again.
+    ``finish`` (Prophet's early commit-all): rows whose every remaining mask, inside the span
+    or not, is committed now with this step's candidate; the engine widens those rows' recorded
+    span to the whole generated region and refuses masks the step's plan did not query.
+    """
 
     commit: torch.Tensor                  # (B, L) bool: positions to write
     remask: torch.Tensor | None = None    # (B, L) bool: committed positions to mask again
+    finish: torch.Tensor | None = None    # (B,) bool: rows to complete in this step
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,7 @@ class DecodeState:
     scratch: dict[str, dict] = field(default_factory=dict)  # plugin name -> private dict
     timings: dict[str, float] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=dict)  # plugin-reported, e.g. verifier forwards
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         B, L = self.x.shape
@@ -143,15 +151,25 @@ class DecodeState:
     def device(self) -> torch.device:
         return self.x.device
 
+    # The derived masks below are read several times per step by the engine and the plugins.
+    # They are memoised on the identity of the tensor they derive from: the engine replaces
+    # ``x`` and ``span`` with new tensors every step and nothing writes them in place.
+
     @property
     def masked(self) -> torch.Tensor:
         """(B, L) bool: positions still holding the mask token."""
-        return self.x == self.mask_id
+        memo = self._memo
+        if memo.get("x") is not self.x:
+            memo["x"], memo["masked"] = self.x, self.x == self.mask_id
+        return memo["masked"]
 
     @property
     def columns(self) -> torch.Tensor:
         """(L,) long: column indices, handy for span arithmetic."""
-        return torch.arange(self.length, device=self.device)
+        memo = self._memo
+        if "columns" not in memo:
+            memo["columns"] = torch.arange(self.length, device=self.device)
+        return memo["columns"]
 
     @property
     def last(self) -> StepRecord | None:
@@ -163,8 +181,13 @@ class DecodeState:
         return span.expand(self.batch_size, 2).clone()
 
     def in_span(self, span: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L) bool: columns inside each row's span."""
-        span = self.span if span is None else span
+        """(B, L) bool: columns inside each row's span (this step's span when none is given)."""
+        memo = self._memo
+        if span is None:
+            if memo.get("span") is self.span:
+                return memo["in_span"]
+            memo["span"], memo["in_span"] = self.span, self.in_span(self.span)
+            return memo["in_span"]
         cols = self.columns
         return (cols >= span[:, :1]) & (cols < span[:, 1:])
 

@@ -69,7 +69,13 @@ def tiny_verifier(tmp_path_factory):
 NEEDS = {"apd": lambda verifier, slot: {"params": {"verifier": verifier},
                                         "with": {"score": "apd"} if slot == "select_tokens" else {}},
          # the out-of-span cache acts on SlowFast's per-row phases
-         "slowfast_tail": lambda verifier, slot: {"params": {}, "with": {"policy": "slowfast", "score": "llada"}}}
+         "slowfast_tail": lambda verifier, slot: {"params": {}, "with": {"policy": "slowfast", "score": "llada"}},
+         # prophet decides on the gap its score measures; wino verifies with the shadow block its
+         # cache_policy adds and its score reads
+         "prophet": lambda verifier, slot: {"params": {}, "with": {"score": "prophet"} if slot == "select_tokens" else {}},
+         "wino": lambda verifier, slot: {"params": {}, "with": {"score": {"cache_policy": "wino"},
+                                                                "select_tokens": {"cache_policy": "wino", "score": "wino"}}
+                                         .get(slot, {})}}
 
 
 @pytest.mark.parametrize("model", [MODEL, _tiny_llada()], ids=["random-logits", "tiny-llada"])

@@ -73,7 +73,8 @@ class Denoiser(nn.Module):
 
     forward(input_ids (B, L), attention_mask (B, L) bool | None, plan, store) -> logits (B, q, V)
     where q = plan.num_queries(L) and logits[:, j] predicts canvas position
-    plan.query_positions(L)[:, j] (aligned for both families)."""
+    plan.query_positions(L)[:, j] (aligned for both families); a plan with `shadow` (B, S)
+    appends the S shadow queries' logits: (B, q + S, V)."""
 
     spec: ModelSpec
     arch: Arch
@@ -181,18 +182,48 @@ class Denoiser(nn.Module):
                 kmask = kmask & mask[:, :key_end]                           # (B, key_end)
 
         fpos = fed.take(pos, 1)                                             # (B, f)
-        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)      # (B, 1, f, D)
         x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
+        S = 0 if plan.shadow is None else plan.shadow.shape[1]
+        if S:
+            x, fpos, kmask = self._add_shadow(plan.shadow.to(dev), x, fpos, pos, kmask, fed)
+        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)      # (B, 1, f + S, D)
 
         if store is not None:
-            store.flops += self._flops(plan, B, fed.n, s, e, key_end)
+            store.flops += self._flops(plan, B, fed.n + S, s, e, key_end) + 2.0 * B * S * a.d_model * a.vocab_size
         for i, parts in enumerate(self.block_parts()):
             if plan.reuse_features and i not in plan.full_layers:
                 x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end, limit)
             else:
                 x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end, frozen)
 
+        if S:
+            # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
+            xs = self.final_norm()(x[:, -S:])
+            out = F.linear(xs, self.head_weight()) * self.arch.logit_scale
+            return torch.cat([self._logits(x[:, :-S], plan, fed, s, e, L), out], dim=1)
         return self._logits(x, plan, fed, s, e, L)
+
+    def _add_shadow(self, shadow: Tensor, x: Tensor, fpos: Tensor, pos: Tensor,
+                    kmask: Tensor | None, fed: Sel) -> tuple[Tensor, Tensor, Tensor]:
+        """WINO's shadow block (`plan.shadow` (B, S) canvas columns): append S MASK queries with
+        the RoPE positions of their columns to the fed stream x (B, f, d) / fpos (B, f), and turn
+        the key mask into a per-query one (B, f + S, f + S): fed queries see the fed keys as
+        before and no shadow; a shadow query sees every fed key but its own column, and every
+        shadow (itself included)."""
+        if self.spec.shift_logits:
+            raise ValueError("ComputePlan.shadow (WINO's verification block) needs a model whose logit i "
+                             f"predicts token i (LLaDA family); {self.spec.family} logits are shifted")
+        B, f = fpos.shape
+        S, dev = shadow.shape[1], fpos.device
+        xs = self.embed_weight()[self.spec.mask_token_id].to(x.dtype).expand(B, S, -1)
+        keys = torch.ones(B, f, dtype=torch.bool, device=dev) if kmask is None else kmask   # (B, f)
+        not_own = fed.index(B, dev)[:, None, :] != shadow[:, :, None]                     # (B, S, f)
+        top = torch.cat([keys[:, None, :].expand(B, f, f),
+                         torch.zeros(B, f, S, dtype=torch.bool, device=dev)], dim=2)      # (B, f, f + S)
+        bottom = torch.cat([keys[:, None, :] & not_own,
+                            torch.ones(B, S, S, dtype=torch.bool, device=dev)], dim=2)    # (B, S, f + S)
+        return (torch.cat([x, xs], dim=1), torch.cat([fpos, pos.gather(1, shadow)], dim=1),
+                torch.cat([top, bottom], dim=1))
 
     def _flops(self, plan: ComputePlan, B: int, f: int, s: int, e: int, key_end: int) -> float:
         """Matmul FLOPs (2 per multiply-add) this plan computes for the whole batch: projections,

@@ -63,14 +63,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> Ten
 
 def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     """Bidirectional attention. q (B, H, n, D); k, v (B, Hkv, Lk, D); key_mask (B, Lk) bool,
-    True = may be attended. Returns (B, n, H*D)."""
+    True = may be attended, or (B, n, Lk) for a mask per query (shadow queries). Returns
+    (B, n, H*D)."""
     B, H, n, D = q.shape
     m = None
     if key_mask is not None:
         # a row without any valid key (an all-padding row or window) would softmax over -inf
         # everywhere; let it attend to everything instead: its output is irrelevant but finite
         key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
-        m = key_mask[:, None, None, :]
+        m = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=k.shape[1] != H)
     return o.transpose(1, 2).reshape(B, n, H * D)
 

@@ -35,6 +35,7 @@ How the caches of ALGORITHMS.md map onto plans:
     dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
+    WINO verification block       ComputePlan.full().with_(shadow=cols)  extra MASK queries (below)
 """
 from __future__ import annotations
 
@@ -101,6 +102,14 @@ class ComputePlan:
                     get fed alone.
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
+    shadow          (B, S) LongTensor of canvas positions (WINO's "shadow block"): S extra
+                    queries, each a MASK token with the RoPE position of its canvas position,
+                    that attend to every fed key except the one at their own position, and to
+                    each other; no fed position attends to them, so the fed positions' logits are
+                    those of the plan without shadows. Their logits come after the fed ones:
+                    the forward returns (B, q + S, V) and the engine hands the last S columns to
+                    ``score`` as ``shadow_logits``. Needs keys='fed', a range feed and no store
+                    writes; LLaDA family only (a shifted family has no leave-one-out query).
     name            Free-form label for tracing.
     """
 
@@ -122,6 +131,7 @@ class ComputePlan:
     key_limit: Tensor | None = None
     shift_from: Tensor | None = None
     shift: bool | None = None
+    shadow: Tensor | None = None
     name: str = "full"
 
     def __post_init__(self) -> None:
@@ -151,6 +161,11 @@ class ComputePlan:
             raise ValueError("shift_from applies to range feeds only")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
+        if self.shadow is not None:
+            if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
+                raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
+            if self.keys != "fed" or self.writes or self.index is not None:
+                raise ValueError("shadow queries need a range feed with keys='fed' and no store writes")
 
     # ------------------------------------------------------------------ helpers for the executor
     @property
@@ -198,7 +213,7 @@ class ComputePlan:
         """The same plan for the batch stacked n times (classifier-free guidance runs the
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
         rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
-                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from")
+                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow")
                 if getattr(self, k) is not None}
         return replace(self, **rows) if rows else self
 
