@@ -1,8 +1,10 @@
-"""Command line: ``dllm-decode generate``, ``dllm-decode bench`` and ``dllm-decode plugins``."""
+"""Command line: ``dllm-decode generate``, ``dllm-decode bench``, ``dllm-decode plugins`` and
+``dllm-decode eval`` (lm-evaluation-harness, see :mod:`dllm_decode.harness.command`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -53,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gen-length", type=int, help="generation length for every recipe (one-block "
                        "recipes stay one block, one-token-per-forward schedules stay so)")
     bench.add_argument("--batch-size", type=int, help="rows decoded together, for every recipe")
+    bench.add_argument("--max-length", type=int, metavar="N", help="let the model take canvases of up "
+                       "to N positions for this run, past its declared max_sequence_length (to measure "
+                       "the cost of long generations on a model trained shorter: its answers there "
+                       "are not meaningful)")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override applied to every recipe")
     bench.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -76,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", required=True, metavar="PNG", help="where to draw the picture")
     tr.add_argument("--json", metavar="PATH", help="also write the per-step record")
 
+    # listed for --help only: main() hands `eval ...` to lm-eval's own parser untouched
+    sub.add_parser("eval", add_help=False, help="lm-evaluation-harness with the dllm_decode model registered "
+                   "(lm-eval's arguments: --model dllm_decode --model_args model=DIR,recipe=NAME --tasks ...)")
+
     plug = sub.add_parser("plugins", help="list registered plugins, their slots and parameters")
     plug.add_argument("--json", action="store_true")
     plug.add_argument("--block", action="append", default=[], metavar="PLUGIN")
@@ -83,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        from dllm_decode.harness.command import main as eval_main
+        try:
+            return eval_main(argv[1:])
+        except DllmDecodeError as exc:
+            print(f"dllm-decode eval: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
@@ -182,6 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=first.generation.dtype, device=first.model.device)
     if tokenizer is None:
         raise DllmDecodeError(f"{args.model}: no tokenizer files; bench needs one")
+    if args.max_length:
+        model.spec = dataclasses.replace(model.spec, max_length=max(args.max_length, model.spec.max_length))
     ar = None
     if args.ar_model:
         from dllm_decode.evaluate import load_ar

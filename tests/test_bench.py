@@ -94,3 +94,15 @@ def test_cli_bench_errors_name_the_recipe(capsys):
     rc = main(["bench", "--model", str(MODEL), "--recipes", "no-such-recipe", "--no-progress"])
     assert rc == 2
     assert "no-such-recipe" in capsys.readouterr().err
+
+
+def test_cli_bench_max_length_lifts_the_declared_limit_for_one_run(capsys):
+    """The reference model declares 1024 positions: gen 1024 plus a prompt is refused with the
+    limit named, and --max-length lets the run measure it anyway."""
+    args = ["bench", "--model", str(MODEL), "--recipes", "threshold", "--task", "copy", "--n", "1",
+            "--gen-length", "1024", "--set", "select_tokens.threshold=0.0",
+            "--no-warmup", "--no-progress"]
+    assert main(args) == 2
+    assert "allows 1024" in capsys.readouterr().err
+    assert main(args + ["--max-length", "1200"]) == 0
+    assert "gen 1024" in capsys.readouterr().out
