@@ -14,18 +14,30 @@ unfinished row gains a token every step; new tokens land only inside the step's 
 is left at the end; the same seed gives the same output; a left-padded batch gives each row the
 tokens it gets alone. :func:`invariant_cases` is a hypothesis strategy of prompts and canvas
 shapes for property tests.
+
+``check_parity`` compares the engine's tokens (and, if given, forward counts) row by row with a
+reference function the author writes from the paper or the original code::
+
+    def reference(model, prompt, recipe):          # one prompt, plain loops: list of gen ids
+        ...
+
+    check_parity(RandomLogitsModel(), "recipes/my-policy.yaml", reference)
+
+:class:`PluginKit` bundles both around one model and the plugins under test (registered
+directly, so a plugin can be tested before it is installed); ``dllm_decode.pytest_plugin``
+hands one out as the ``dllm_kit`` fixture. See docs/plugin-guide.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from dllm_decode.config import Recipe, load_recipe, recipe_from_dict
-from dllm_decode.engine import Decoder
+from dllm_decode.engine import Decoder, GenerationResult
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.plugins import PluginManager, get_plugin_manager
 from dllm_decode.state import UNCOMMITTED
@@ -225,3 +237,109 @@ def invariant_cases(vocab_size: int = 48, mask_id: int | None = None, max_prompt
         return draw(prompts), gen, block
 
     return cases()
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@dataclass
+class ReferenceOutput:
+    """What a reference function may return when it also counts its forwards."""
+
+    tokens: Sequence[int]         # the gen_length generated ids
+    nfe: int | None = None        # model forwards it needed for this prompt
+
+
+#: ``reference_fn(model, prompt, recipe)`` -> generated ids, or a :class:`ReferenceOutput`.
+ReferenceFn = Callable[[Any, list[int], Recipe], "Sequence[int] | ReferenceOutput"]
+
+
+class ParityMismatch(AssertionError):
+    pass
+
+
+def _as_ids(tokens: Any) -> list[int]:
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.flatten().tolist()
+    return [int(t) for t in tokens]
+
+
+def check_parity(model: Any, recipe: Recipe | str | Path | dict, reference_fn: ReferenceFn,
+                 prompts: Sequence[Sequence[int]] | None = None, pm: PluginManager | None = None,
+                 overrides: Sequence[str] = (), batched: bool = True) -> GenerationResult:
+    """Decode ``prompts`` under ``recipe`` and assert each row equals ``reference_fn``'s tokens.
+
+    :param reference_fn: called once per prompt as ``reference_fn(model, prompt, recipe)``
+        (``recipe`` with ``generation.batch_size`` set as decoded); returns the ``gen_length``
+        generated ids, or a :class:`ReferenceOutput` to compare the row's forward count too.
+        Write it independently of the plugin (plain per-row loops, from the specification),
+        and mirror the engine's one documented rule: the mask token's logit is ``-inf``.
+    :param batched: decode all prompts as one left-padded batch (default; also checks that
+        padding changes nothing), or each prompt alone.
+    :return: the engine's result, for further checks.
+    :raises ParityMismatch: naming the first differing row and generated position.
+    """
+    recipe = _as_recipe(recipe, overrides)
+    prompts = [list(p) for p in (prompts or default_prompts(model.spec.vocab_size, model.spec.mask_token_id))]
+    batch = len(prompts) if batched else 1
+    run = recipe_from_dict({**recipe.to_dict(), "generation": {**recipe.generation.model_dump(), "batch_size": batch}},
+                           source=recipe.source)
+    result = Decoder(model, run, pm=pm or get_plugin_manager()).generate(prompts)
+    for i, (prompt, row) in enumerate(zip(prompts, result.rows)):
+        ref = reference_fn(model, list(prompt), run)
+        ref_nfe = ref.nfe if isinstance(ref, ReferenceOutput) else None
+        expected = _as_ids(ref.tokens if isinstance(ref, ReferenceOutput) else ref)
+        where = f"row {i} (prompt {prompt}, {'batch of ' + str(batch) if batch > 1 else 'alone'})"
+        if len(expected) != len(row.tokens):
+            raise ParityMismatch(f"{where}: the reference returned {len(expected)} tokens, the engine "
+                                 f"generated {len(row.tokens)} (reference_fn must return the whole "
+                                 "generated region)")
+        if expected != row.tokens:
+            j = next(k for k, (a, b) in enumerate(zip(row.tokens, expected)) if a != b)
+            raise ParityMismatch(f"{where} differs from the reference at generated position {j}: engine "
+                                 f"{row.tokens[j]} (committed at step {row.commit_step[j]}), reference "
+                                 f"{expected[j]}\n  engine:    {row.tokens}\n  reference: {expected}")
+        if ref_nfe is not None and ref_nfe != row.nfe:
+            raise ParityMismatch(f"{where}: same tokens, but the engine used {row.nfe} forwards and the "
+                                 f"reference {ref_nfe}")
+    return result
+
+
+# ----------------------------------------------------------------------------- the kit
+
+
+@dataclass
+class PluginKit:
+    """The invariant suite and the parity check around one model and the plugins under test.
+
+    ``plugins`` maps recipe names to plugin objects (usually modules) registered directly, on
+    top of the installed entry points; a name given here replaces an installed plugin of the
+    same name, so the code under test is the working copy, not an older installed release.
+    """
+
+    model: Any = field(default_factory=RandomLogitsModel)
+    plugins: dict[str, Any] = field(default_factory=dict)
+
+    def register(self, name: str, plugin: Any) -> PluginKit:
+        self.plugins[name] = plugin
+        return self
+
+    def plugin_manager(self) -> PluginManager:
+        """A fresh manager: installed entry points plus this kit's plugins."""
+        pm = get_plugin_manager()
+        for name, plugin in self.plugins.items():
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+            pm.register(plugin, name=name)
+        return pm
+
+    def check_invariants(self, recipe: Recipe | str | Path | dict, prompts: Sequence[Sequence[int]] | None = None,
+                         model: Any = None, **kwargs: Any) -> None:
+        """:func:`check_invariants` on this kit's model (or ``model``) and plugins."""
+        check_invariants(model or self.model, recipe, prompts, pm=self.plugin_manager(), **kwargs)
+
+    def check_parity(self, recipe: Recipe | str | Path | dict, reference_fn: ReferenceFn,
+                     prompts: Sequence[Sequence[int]] | None = None, model: Any = None,
+                     **kwargs: Any) -> GenerationResult:
+        """:func:`check_parity` on this kit's model (or ``model``) and plugins."""
+        return check_parity(model or self.model, recipe, reference_fn, prompts, pm=self.plugin_manager(), **kwargs)

@@ -1,0 +1,2 @@
+# The dllm-decode testing kit's fixtures (dllm_kit, random_logits_model) for these tests.
+pytest_plugins = ["dllm_decode.pytest_plugin"]

@@ -1,0 +1,138 @@
+"""The documentation matches the code: the generated recipe reference is current, every hook and
+every built-in parameter is documented, every built-in has a paper section, and every relative
+link and image in the Markdown resolves (anchors included)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from dllm_decode import docs_reference
+from dllm_decode.plugins import PluginInfo, PluginMeta, get_plugin_manager, list_plugins
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.glob("*.md")),
+         ROOT / "examples" / "plugin-eb-sampler" / "README.md"]
+REGENERATE = "run `python -m dllm_decode.docs_reference --write` and commit docs/reference.md"
+
+
+@pytest.fixture(scope="module")
+def builtins():
+    return docs_reference.builtin_plugins(list_plugins(get_plugin_manager()))
+
+
+def _section(text, heading):
+    """The text under a Markdown heading, up to the next heading of the same or a higher level."""
+    level = heading.split(" ")[0]
+    start = text.index(heading + "\n")
+    nxt = re.search(rf"^#{{1,{len(level)}}} ", text[start + len(heading):], flags=re.M)
+    return text[start: start + len(heading) + (nxt.start() if nxt else len(text))]
+
+
+def test_reference_matches_the_code():
+    assert (DOCS / "reference.md").read_text() == docs_reference.render(), REGENERATE
+
+
+def test_every_hook_is_documented():
+    reference, concepts = (DOCS / "reference.md").read_text(), (DOCS / "concepts.md").read_text()
+    for name, fn in docs_reference.hook_specs():
+        assert (fn.__doc__ or "").strip(), f"hookspec {name} has no docstring"
+        assert f"### `{name}`" in reference, f"{name} missing from docs/reference.md; {REGENERATE}"
+        assert f"`{name}`" in concepts, f"hook {name} is not described in docs/concepts.md"
+
+
+def test_every_builtin_parameter_is_documented(builtins):
+    reference = (DOCS / "reference.md").read_text()
+    assert {i.name for i in builtins} >= {"llada", "threshold", "dream", "slowfast", "apd", "none",
+                                         "kv_block", "dllm_cache", "slowfast_tail"}
+    for info in builtins:
+        section = _section(reference, f"### `{info.name}`")
+        for row in docs_reference.parameter_rows(info.meta.options):
+            assert f"| `{row['name']}` |" in section, f"{info.name}.{row['name']} undocumented; {REGENERATE}"
+            assert row["description"], f"{info.name}.{row['name']} has no description"
+    generation = _section(reference, "### `generation`")
+    for row in docs_reference.parameter_rows(docs_reference.GenerationConfig):
+        assert f"| `{row['name']}` |" in generation, f"generation.{row['name']} undocumented; {REGENERATE}"
+
+
+def test_every_builtin_is_related_to_its_paper(builtins):
+    papers = (DOCS / "papers.md").read_text()
+    missing = [i.name for i in builtins if f"## `{i.name}`" not in papers]
+    assert not missing, f"docs/papers.md has no section for {missing}"
+
+
+def test_other_distributions_stay_out_of_the_reference():
+    fake = [PluginInfo(name="third_party", distribution="someone-elses-plugin", version="1.0", slots=("score",),
+                       observers=(), meta=PluginMeta(summary="not ours")),
+            PluginInfo(name="registered_directly", distribution=None, version=None, slots=("score",),
+                       observers=(), meta=PluginMeta())]
+    real = list_plugins(get_plugin_manager())
+    text = docs_reference.render(real + fake)
+    assert "third_party" not in text and "registered_directly" not in text
+    assert text == docs_reference.render(real)
+
+
+# ----------------------------------------------------------------------------- links
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(path):
+    seen, out = {}, set()
+    for line in _strip_fences(path.read_text()).splitlines():
+        m = re.match(r"#{1,6} (.+)", line)
+        if m:
+            slug = _slug(m.group(1))
+            out.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+            seen[slug] = seen.get(slug, 0) + 1
+    return out
+
+
+def _strip_fences(text):
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def _strip_code(text):
+    return re.sub(r"`[^`\n]*`", "", _strip_fences(text))         # and inline code
+
+
+def _links(path):
+    return re.findall(r"!?\[[^\]]*\]\(([^)\s]+)\)", _strip_code(path.read_text()))
+
+
+def _broken_links(page):
+    broken = []
+    for target in _links(page):
+        if re.match(r"[a-z]+:", target):                           # http:, https:, mailto:
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (page.parent / file).resolve() if file else page
+        if not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target} (no heading with anchor #{anchor})")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_links_resolve(page):
+    broken = _broken_links(page)
+    assert not broken, f"{page.relative_to(ROOT)}: broken links: {broken}"
+
+
+def test_the_link_check_can_fail(tmp_path):
+    (tmp_path / "other.md").write_text("# Title\n\n## A `code` heading\n")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](other.md#a-code-heading) [gone](missing.md) [bad](other.md#nope) "
+                    "![img](pic.png) `[code](ignored.md)` [web](https://example.org)\n")
+    assert _broken_links(page) == ["missing.md (no such file)", "other.md#nope (no heading with anchor #nope)",
+                                   "pic.png (no such file)"]
+
+
+def test_the_slug_rule():
+    assert _slug("`kv_block` (Fast-dLLM §3.3-3.5)") == "kv_block-fast-dllm-33-35"
+    assert _slug("Adding a policy or a cache") == "adding-a-policy-or-a-cache"
