@@ -14,6 +14,7 @@ from dllm_decode.errors import RecipeError
 from dllm_decode.models import ComputePlan, build_random_model
 from dllm_decode.testing import check_invariants
 from reference_apd import apd_generate
+from shipped import shipped_model_and_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
@@ -81,12 +82,7 @@ def test_matches_reference_on_tiny_models(models, verifier_dir, params, family, 
 def test_reference_models_accept_several_tokens_per_step():
     """llada-reference drafting, ar-reference verifying (float64): parity, and the point of APD:
     long agreeing prefixes, so far fewer dLLM forwards than tokens."""
-    from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
-
-    model, tok = load_model(ROOT / "models" / "llada-reference", dtype="float64")
-    prompts = [tok.encode(get_task(n).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
-               for n in ("copy", "repeat")]
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat"))
     out, steps = _check(model, ROOT / "models" / "ar-reference", 96, 2, prompts=prompts, mixture_weight=0.7)
     for j, acc in enumerate(steps):
         assert max(acc) >= 4 and len(acc) < sum(acc) / 2, acc

@@ -20,6 +20,7 @@ from reference_caches import DllmCacheRow, GuidedCacheRow, fastdllm_cached_gener
 from reference_forward import weights
 from reference_llada import llada_generate
 from reference_slowfast import slowfast_generate
+from shipped import shipped_model_and_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 RANDOM_PROMPTS = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
@@ -33,15 +34,9 @@ def _tiny(family, seed=4):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
-
     out = {}
     for family in ("llada", "dream"):
-        model, tok = load_model(ROOT / "models" / f"{family}-reference", dtype="float64")
-        prompts = [tok.encode(get_task(name).problems("test", 1, 3)[0].prompt, add_special_tokens=False)
-                   for name in ("copy", "repeat", "case", "repeat")]
-        out[family] = (model, prompts)
+        out[family] = shipped_model_and_prompts(family, ("copy", "repeat", "case", "repeat"), seed=3)
     return out
 
 

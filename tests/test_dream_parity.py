@@ -7,9 +7,11 @@ import torch
 
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
+from dllm_decode.models.loader import load_tokenizer
 from dllm_decode.models import ComputePlan, build_random_model
 from dllm_decode.testing import RandomLogitsModel, check_invariants
 from reference_dream import dream_block_generate, dream_generate
+from shipped import MODELS, shipped_model_and_prompts
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
 
@@ -125,14 +127,7 @@ def test_first_token_needs_two_steps_per_block():
                          ids=["entropy-48", "block32-first-token"])
 def test_matches_reference_on_dream_reference(case):
     """The shipped dream-reference in float64 on held-out copy and case prompts."""
-    from pathlib import Path
-
-    from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
-
-    model, tok = load_model(Path(__file__).resolve().parents[1] / "models" / "dream-reference", dtype="float64")
-    prompts = [tok.encode(get_task(n).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
-               for n in ("copy", "case")]
+    model, prompts = shipped_model_and_prompts("dream", ("copy", "case"))
     case = dict(case)
     steps, block = case.pop("steps"), case.pop("block", None)
     out = Decoder(model, _recipe(96, steps, 2, block, **case)).generate(prompts)
@@ -145,4 +140,5 @@ def test_matches_reference_on_dream_reference(case):
                                             steps=steps, block_length=block, alg=case["alg"], shift=True)
         assert out.tokens[j] == ref
         assert out.rows[j].nfe == nfe
+    tok = load_tokenizer(MODELS / "dream-reference")
     assert "####" in tok.decode(out.tokens[0])      # a trained model, not noise

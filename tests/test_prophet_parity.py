@@ -4,7 +4,6 @@ tiny random LLaDA and on the shipped llada-reference; the commit-all (``Selectio
 lands outside the current block only on the finishing step, and the engine refuses it when the
 plan left masks without a candidate."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,8 @@ from dllm_decode.errors import PluginError, RecipeError
 from dllm_decode.models import build_random_model
 from dllm_decode.testing import check_invariants
 from reference_prophet import prophet_generate
+from shipped import shipped_model_and_prompts
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
 
 
@@ -130,13 +129,9 @@ def test_shipped_recipe_keeps_the_invariants(tiny):
 def test_matches_reference_on_llada_reference():
     """The shipped recipe (gen 96, blocks of 32, the paper's thresholds) on the shipped model in
     float64, four held-out problems in one padded batch, each row against the reference alone."""
-    from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
-    from dllm_decode.tasks import get_task
 
-    model, tok = load_model(ROOT / "models" / "llada-reference", dtype="float64")
-    prompts = [tok.encode(get_task(n).problems("test", 1, 1)[0].prompt, add_special_tokens=False)
-               for n in ("copy", "repeat", "case", "repeat")]
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=1)
     recipe = load_recipe(find_recipe("prophet"), overrides=["generation.dtype=float64"])
     out = Decoder(model, recipe).generate(prompts)
     p = recipe.policy.params

@@ -2,7 +2,6 @@
 T = 0 (float64) against tests/reference_slowfast.py, alone and in a padded batch, keeps every
 engine invariant, and keeps its spans and phases when a recipe swaps its select_tokens slot."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,9 @@ from dllm_decode.engine import Decoder
 from dllm_decode.models import build_random_model
 from dllm_decode.testing import RandomLogitsModel, check_invariants
 from reference_slowfast import slowfast_generate
+from shipped import shipped_model_and_prompts
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
-REFERENCE = Path(__file__).resolve().parents[1] / "models" / "llada-reference"
 REF_KEYS = {"explore_steps": "K", "window": "W"}
 
 
@@ -77,13 +76,7 @@ def test_matches_reference_on_tiny_models(tiny_models, params, batch, family):
 @pytest.fixture(scope="module")
 def reference_llada64():
     """The shipped llada-reference in float64 with two held-out prompts (copy, repeat)."""
-    from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
-
-    model, tok = load_model(REFERENCE, dtype="float64")
-    prompts = [tok.encode(get_task(name).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
-               for name in ("copy", "repeat")]
-    return model, prompts
+    return shipped_model_and_prompts("llada", ("copy", "repeat"))
 
 
 @pytest.mark.parametrize("params", [dict(), dict(variant="paper")], ids=_id)

@@ -8,6 +8,7 @@ from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.testing import RandomLogitsModel, check_invariants
 from reference_fastdllm import _commit_count_factor, fastdllm_generate
+from shipped import shipped_model_and_prompts
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
 
@@ -91,14 +92,7 @@ def test_invariants(select):
 @pytest.mark.parametrize("select", [SETTINGS[0], SETTINGS[5]], ids=["thr0.9", "factor1"])
 def test_matches_reference_on_llada_reference(select):
     """The shipped llada-reference in float64 on held-out copy and case prompts, blocks of 32."""
-    from pathlib import Path
-
-    from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
-
-    model, tok = load_model(Path(__file__).resolve().parents[1] / "models" / "llada-reference", dtype="float64")
-    prompts = [tok.encode(get_task(n).problems("test", 1, 0)[0].prompt, add_special_tokens=False)
-               for n in ("copy", "case")]
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "case"))
     out = Decoder(model, _recipe(96, 32, 2, **select)).generate(prompts)
     for j, prompt in enumerate(prompts):
         alone, nfe = fastdllm_generate(model, [prompt], mask_id=model.spec.mask_token_id, pad_id=model.spec.pad_token_id,

@@ -16,6 +16,7 @@ from dllm_decode.models import ComputePlan, build_random_model
 from dllm_decode.testing import check_invariants
 from reference_forward import weights
 from reference_wino import shadow_forward, wino_generate
+from shipped import shipped_model_and_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
@@ -135,13 +136,9 @@ def test_recipe_checks():
 def test_matches_reference_on_llada_reference():
     """The shipped recipe (gen 96, blocks of 32, tau_in 0.7, tau_out 0.9) on the shipped model in
     float64, four held-out problems in one padded batch, each row against the reference alone."""
-    from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
-    from dllm_decode.tasks import get_task
 
-    model, tok = load_model(ROOT / "models" / "llada-reference", dtype="float64")
-    prompts = [tok.encode(get_task(n).problems("test", 1, 2)[0].prompt, add_special_tokens=False)
-               for n in ("copy", "repeat", "case", "repeat")]
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=2)
     recipe = load_recipe(find_recipe("wino"), overrides=["generation.dtype=float64"])
     out = Decoder(model, recipe).generate(prompts, keep_states=True)
     remasks = _remasks(out.states[0])
