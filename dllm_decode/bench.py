@@ -243,6 +243,7 @@ def plot(runs: Sequence[BenchRun], path: str, title: str = "") -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     rows = max(1, (len(runs) + 1) // 2)
     fig = plt.figure(figsize=(13, 5.2 + 0.28 * rows))
@@ -253,22 +254,30 @@ def plot(runs: Sequence[BenchRun], path: str, title: str = "") -> None:
     panels = [("tokens / second (log scale)", [r.tokens_per_second for r in runs], 1),
               ("forwards (NFE) per problem (log scale)", [r.nfe for r in runs], -1)]
     for ax, (xlabel, xs, sign) in zip(axes, panels):
+        # scales and limits first: the label placement below works in display coordinates
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())       # minor log labels collide
+        lo = min(acc) if acc else 0.0
+        ax.set_ylim(max(-0.02, lo - 0.1), 1.04)
+        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
         front = pareto([(sign * x, a) for x, a in zip(xs, acc)])
+        placed: list[tuple[float, float]] = []
         for i, (x, a, on, run) in enumerate(zip(xs, acc, front, runs)):
             ax.scatter([x], [a], s=70, marker="*" if run.kind == "autoregressive" else "o",
                        color="tab:red" if on else "tab:blue", zorder=3)
-            ax.annotate(str(i + 1), (x, a), textcoords="offset points", xytext=(4, 5), fontsize=9,
-                        fontweight="bold")
+            px, py = ax.transData.transform((x, a))
+            # points within a label's size of earlier ones stack their numbers upwards
+            crowd = sum(abs(px - qx) < 18 and abs(py - qy) < 12 for qx, qy in placed)
+            placed.append((px, py))
+            ax.annotate(str(i + 1), (x, a), textcoords="offset points", xytext=(4, 5 + 9 * crowd),
+                        fontsize=9, fontweight="bold")
         pts = sorted((x, a) for x, a, on in zip(xs, acc, front) if on)
         if len(pts) > 1:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:red", lw=1, zorder=2,
                     label="Pareto front")
             ax.legend(loc="lower left", fontsize=8)
-        ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("exact match")
-        lo = min(acc) if acc else 0.0
-        ax.set_ylim(max(-0.02, lo - 0.1), 1.04)
         ax.grid(True, which="both", alpha=0.3)
     key = [f"{i + 1}  {r.label}  (acc {r.accuracy:.2f}, {r.tokens_per_second:.0f} tok/s, NFE {r.nfe:.1f})"
            for i, r in enumerate(runs)]
