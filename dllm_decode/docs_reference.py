@@ -17,7 +17,6 @@ import argparse
 import inspect
 import re
 import sys
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from pydantic import BaseModel
 
 from dllm_decode import hookspecs
 from dllm_decode.config import GenerationConfig, ModelSection, Recipe
-from dllm_decode.plugins import PluginInfo, describe_options, get_plugin_manager, list_plugins
+from dllm_decode.plugins import PluginInfo, describe_options, get_plugin_manager, list_plugins, nested_models
 
 DISTRIBUTION = "dllm-decode"
 DEFAULT_PATH = "docs/reference.md"
@@ -73,17 +72,12 @@ def _bounds(bounds: dict[str, Any]) -> str:
     return ", ".join(f"{_BOUND[k]} {v}" for k, v in bounds.items())
 
 
-def _nested_models(model: type[BaseModel], name: str) -> list[type[BaseModel]]:
-    ann = model.model_fields[name].annotation
-    return [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-
-
 def parameter_rows(model: type[BaseModel], prefix: str = "") -> list[dict[str, Any]]:
     """Every parameter of an options model, nested models flattened as ``outer.inner``."""
     rows = []
     for row in describe_options(model):
         rows.append({**row, "name": prefix + row["name"]})
-        for inner in _nested_models(model, row["name"]):
+        for inner in nested_models(model.model_fields[row["name"]].annotation):
             rows.extend(parameter_rows(inner, prefix=f"{prefix}{row['name']}."))
     return rows
 
@@ -149,7 +143,7 @@ def render(infos: list[PluginInfo] | None = None) -> str:
         if f.exclude:
             continue
         if name in hookspecs.SLOTS:
-            desc = f"slot: a plugin name or `{{plugin: NAME, param: value, ...}}` (built-in: " + \
+            desc = "slot: a plugin name or `{plugin: NAME, param: value, ...}` (built-in: " + \
                    ", ".join(f"`{p}`" for p in fillers[name]) + ")"
         else:
             desc = f.description or {"name": "Recipe name (shown in benchmarks).",

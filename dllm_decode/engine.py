@@ -284,10 +284,8 @@ class Decoder:
         written = commit if fill is None else commit | fill
         n_commit = written.sum(dim=1)                                    # (B,)
         # gen_start <= start <= end <= L, as one difference check over [gen_start, start, end, L]
-        ends = state._memo.get("ends")
-        if ends is None:
-            ends = state._memo["ends"] = (torch.full((B, 1), state.gen_start, device=span.device),
-                                          torch.full((B, 1), L, device=span.device))
+        ends = state.constant("span_bounds", lambda: (torch.full((B, 1), state.gen_start, device=span.device),
+                                                      torch.full((B, 1), L, device=span.device)))
         bad_span = (torch.cat([ends[0], span, ends[1]], dim=1).diff(dim=1) < 0).any(dim=1)
         empty_span = active > masked_in_span.any(dim=1)                  # bools: a > b is a & ~b
         # the canvas after this step's writes, and the rows with a mask left on it (final
@@ -295,9 +293,7 @@ class Decoder:
         x = torch.where(written, tokens, state.x)                        # (B, L)
         masked_after = x == state.mask_id
         left = masked_after.any(dim=1)                                   # (B,)
-        no_rows = state._memo.get("no_rows")
-        if no_rows is None:
-            no_rows = state._memo["no_rows"] = torch.zeros(B, dtype=torch.bool, device=commit.device)
+        no_rows = state.constant("no_rows", lambda: torch.zeros(B, dtype=torch.bool, device=commit.device))
         # every check reduced per row, then all at once; amax propagates NaN, so one pass over
         # the logits finds any
         flags = torch.stack([
@@ -353,9 +349,9 @@ class Decoder:
             state.remask_log.append((state.step, torch.nonzero(remask)))
             remasked = remask
         state.x, state.commit_step = x, commit_step
-        if not f_remask:
+        if not f_remask:    # the new canvas's mask is computed already: hand it to state.masked
             state._memo["x"], state._memo["masked"] = x, masked_after
-        eos_stop = self.gen.eos.stop and self.eos_ids
+        eos_stop = bool(self.gen.eos.stop and self.eos_ids)
         if eos_stop:
             self._stop_at_eos(state)
         exact = f_remask or eos_stop

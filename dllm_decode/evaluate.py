@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -71,7 +71,9 @@ def _summarise(records: list[ProblemRecord], seconds_by_task: dict[str, float]) 
     return out
 
 
-def _generated_tokens(ids: Sequence[int], eos_ids: set[int]) -> int:
+def generated_tokens(ids: Sequence[int], eos_ids: Collection[int]) -> int:
+    """Generated tokens up to and including the first EOS (the throughput convention of bench
+    and of the lm-eval request logs)."""
     for i, t in enumerate(ids):
         if t in eos_ids:
             return i + 1
@@ -105,7 +107,7 @@ def score_rows(problems: Sequence[Problem], rows, eos: set[int]) -> list[Problem
     for p, row in zip(problems, rows):
         text = row.text or ""
         out.append(ProblemRecord(p.task, p.index, p.prompt, text, get_task(p.task).score(p, text),
-                                 row.nfe, _generated_tokens(row.tokens, eos), row.flops, row.steps))
+                                 row.nfe, generated_tokens(row.tokens, eos), row.flops, row.steps))
     return out
 
 
@@ -131,7 +133,7 @@ def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: i
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=pad)
             for p, gen in zip(chunk, out[:, P:].tolist()):
-                n = _generated_tokens(gen, {eos})
+                n = generated_tokens(gen, {eos})
                 text = tokenizer.decode(gen[:n], skip_special_tokens=True)
                 records.append(ProblemRecord(name, p.index, p.prompt, text, task.score(p, text), n, n))
         seconds[name] = time.perf_counter() - t0

@@ -157,6 +157,12 @@ class PluginInfo:
         }
 
 
+def nested_models(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an options field holds (``Options | None`` -> ``[Options]``)."""
+    return [a for a in (typing.get_args(annotation) or (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
 def describe_options(model: type[PluginOptions]) -> list[dict[str, Any]]:
     """Name, type, default, bounds and description of every parameter of an options model."""
     rows = []
@@ -172,10 +178,9 @@ def describe_options(model: type[PluginOptions]) -> list[dict[str, Any]]:
         else:
             type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
             # a nested options model reads as its keys, not as a dotted class path
-            for arg in typing.get_args(ann) or (ann,):
-                if isinstance(arg, type) and issubclass(arg, BaseModel):
-                    keys = "{" + ", ".join(arg.model_fields) + "}"
-                    type_name = type_name.replace(f"{arg.__module__}.{arg.__qualname__}", keys)
+            for arg in nested_models(ann):
+                keys = "{" + ", ".join(arg.model_fields) + "}"
+                type_name = type_name.replace(f"{arg.__module__}.{arg.__qualname__}", keys)
         default = None if f.is_required() else f.get_default(call_default_factory=True)
         rows.append({"name": name, "type": type_name, "default": default, "required": f.is_required(),
                      "bounds": bounds, "description": f.description or ""})

@@ -8,7 +8,7 @@ prompts are left-padded so that the generated region starts at the same column
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,13 +163,17 @@ class DecodeState:
             memo["x"], memo["masked"] = self.x, self.x == self.mask_id
         return memo["masked"]
 
+    def constant(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per request under ``key`` (tensors every step reuses)."""
+        memo = self._memo
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
     @property
     def columns(self) -> torch.Tensor:
         """(L,) long: column indices, handy for span arithmetic."""
-        memo = self._memo
-        if "columns" not in memo:
-            memo["columns"] = torch.arange(self.length, device=self.device)
-        return memo["columns"]
+        return self.constant("columns", lambda: torch.arange(self.length, device=self.device))
 
     @property
     def last(self) -> StepRecord | None:

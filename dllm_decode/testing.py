@@ -124,6 +124,13 @@ def _as_recipe(recipe: Recipe | str | Path | dict, overrides: Sequence[str]) -> 
     return load_recipe(recipe, overrides=list(overrides))
 
 
+def _with_batch_size(recipe: Recipe, batch_size: int, **sections: Any) -> Recipe:
+    """``recipe`` decoding ``batch_size`` rows at a time (and with ``sections`` replaced)."""
+    return recipe_from_dict({**recipe.to_dict(), **sections,
+                             "generation": {**recipe.generation.model_dump(), "batch_size": batch_size}},
+                            source=recipe.source)
+
+
 def default_prompts(vocab_size: int, mask_id: int, n: int = 4, seed: int = 0) -> list[list[int]]:
     """Prompts of different lengths (so batches are left-padded) avoiding the mask id."""
     g = torch.Generator().manual_seed(seed)
@@ -152,9 +159,7 @@ def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Se
     base_pm = pm or get_plugin_manager()
     base_pm.unregister(name=RECORDER)          # a stale one from an interrupted run
     base_pm.register(recorder, name=RECORDER)
-    rec_recipe = recipe_from_dict({**recipe.to_dict(), "observers": [*recipe.observers, RECORDER],
-                                   "generation": {**recipe.generation.model_dump(), "batch_size": len(prompts)}},
-                                  source=recipe.source)
+    rec_recipe = _with_batch_size(recipe, len(prompts), observers=[*recipe.observers, RECORDER])
     try:
         decoder = Decoder(model, rec_recipe, pm=base_pm)
         result = decoder.generate(prompts, keep_states=True)
@@ -163,9 +168,7 @@ def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Se
         if again.tokens != result.tokens:
             raise InvariantViolation("same recipe and seed gave different tokens on a second run")
         if check_batch_invariance and len(prompts) > 1:
-            alone = Decoder(model, recipe_from_dict(
-                {**rec_recipe.to_dict(), "generation": {**rec_recipe.generation.model_dump(), "batch_size": 1}},
-                source=recipe.source), pm=base_pm).generate(prompts)
+            alone = Decoder(model, _with_batch_size(rec_recipe, 1), pm=base_pm).generate(prompts)
             for i, (a, b) in enumerate(zip(result.tokens, alone.tokens)):
                 if a != b:
                     raise InvariantViolation(f"row {i} decoded in a padded batch differs from the row alone:\n"
@@ -282,8 +285,7 @@ def check_parity(model: Any, recipe: Recipe | str | Path | dict, reference_fn: R
     recipe = _as_recipe(recipe, overrides)
     prompts = [list(p) for p in (prompts or default_prompts(model.spec.vocab_size, model.spec.mask_token_id))]
     batch = len(prompts) if batched else 1
-    run = recipe_from_dict({**recipe.to_dict(), "generation": {**recipe.generation.model_dump(), "batch_size": batch}},
-                           source=recipe.source)
+    run = _with_batch_size(recipe, batch)
     result = Decoder(model, run, pm=pm or get_plugin_manager()).generate(prompts)
     for i, (prompt, row) in enumerate(zip(prompts, result.rows)):
         ref = reference_fn(model, list(prompt), run)

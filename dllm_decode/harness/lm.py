@@ -34,11 +34,12 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from dllm_decode.errors import InputError
+from dllm_decode.evaluate import generated_tokens
 from dllm_decode.harness.distributed import ProcessGroup
 from dllm_decode.harness.likelihood import is_greedy, mc_loglikelihood
 from dllm_decode.harness.options import HarnessOptions, parse_options
 from dllm_decode.harness.request_log import RequestLog, request_key, stable_hash
-from dllm_decode.harness.stops import answer_tokens, cut_at_stops, generated_count, stop_strings
+from dllm_decode.harness.stops import answer_tokens, cut_at_stops, stop_strings
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class DllmDecodeLM(LM):
                 text = self._answer(row.tokens, p.gen_kwargs)
                 out[p.index] = text
                 self.cache_hook.add_partial("generate_until", p.request.args, text)
-                n_tok = generated_count(row.tokens, self.eos_ids)
+                n_tok = generated_tokens(row.tokens, self.eos_ids)
                 records.append({"key": p.key, "method": "generate_until", "index": p.index,
                                 "doc_id": getattr(p.request, "doc_id", None),
                                 "task": getattr(p.request, "task_name", None),

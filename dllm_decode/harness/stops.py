@@ -33,11 +33,3 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     """``text`` up to (not including) the earliest occurrence of any stop string."""
     end = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
     return text[:end]
-
-
-def generated_count(tokens: Sequence[int], eos_ids: Collection[int]) -> int:
-    """Generated tokens up to and including the first EOS (the throughput convention of bench)."""
-    for i, t in enumerate(tokens):
-        if t in eos_ids:
-            return i + 1
-    return len(tokens)

@@ -198,9 +198,7 @@ class Denoiser(nn.Module):
 
         if S:
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
-            xs = self.final_norm()(x[:, -S:])
-            out = F.linear(xs, self.head_weight()) * self.arch.logit_scale
-            return torch.cat([self._logits(x[:, :-S], plan, fed, s, e, L), out], dim=1)
+            return torch.cat([self._logits(x[:, :-S], plan, fed, s, e, L), self._head(x[:, -S:])], dim=1)
         return self._logits(x, plan, fed, s, e, L)
 
     def _add_shadow(self, shadow: Tensor, x: Tensor, fpos: Tensor, pos: Tensor,
@@ -379,15 +377,15 @@ class Denoiser(nn.Module):
             C.put_unless(store.ffn[i], 1, self._mlp(p, p.ffn_norm(slots.take(x, 1))), keep)
         return x + store.ffn[i][:, s:e]
 
-    def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
-        norm, W = self.final_norm(), self.head_weight()
-        shift = self.spec.shift_logits and plan.shift is not False
+    def _head(self, h: Tensor) -> Tensor:
+        """Final norm and LM head: hidden states (B, n, d) -> raw logits (B, n, V)."""
+        out = F.linear(self.final_norm()(h), self.head_weight())
         scale = self.arch.logit_scale
+        return out if scale == 1.0 else out * scale
 
-        def head(h: Tensor) -> Tensor:
-            out = F.linear(norm(h), W)
-            return out if scale == 1.0 else out * scale
-
+    def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
+        head = self._head
+        shift = self.spec.shift_logits and plan.shift is not False
         if fed.is_range:
             o, e = plan.out_range(L)
             lo = o - 1 if (shift and o > s) else o
