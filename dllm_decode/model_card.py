@@ -118,7 +118,15 @@ disjoint: a prompt is held out when `crc32(prompt) % 5 == 0`.
 {train_cmd}
 ```
 
-{objective}
+{objective} {task_odds}
+
+Training is deterministic for a seed, a CPU and a thread count. To check that a machine
+reproduces this checkpoint without the whole run, rerun the command's first steps and compare
+the loss log with the one shipped here:
+
+```bash
+{check_cmd}
+```
 
 ## Held-out accuracy
 
@@ -145,7 +153,7 @@ def train_flags(cfg: dict) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key, value in cfg.items():
-        if key in ("family", "out", "device", "canvas_weights", "log_every"):
+        if key in ("family", "out", "device", "canvas_weights", "log_every", "stop_after"):
             continue
         if key in ("steps", "seed") or (key in default and _norm(default[key]) != _norm(value)):
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
@@ -168,11 +176,20 @@ def mix_sentence(mix) -> str:
 
 
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
-               args: str) -> str:
+               args: str, measured_on: str | None = None) -> str:
+    """Write README.md and eval.json of `path`. `measured_on`: the machine line of tables
+    measured earlier (re-rendering); by default this machine's."""
+    measured_on = measured_on or machine()
     meta = json.loads((path / "training.json").read_text())
     cfg = meta["config"]
     ar = cfg["family"] == "ar"
     train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {path.as_posix()} {train_flags(cfg)}"
+    check_cmd = (f"python -m dllm_decode.train --family {cfg['family']} --out runs/{path.name}-check "
+                 f"{train_flags(cfg)} --stop-after 100 --check {path.as_posix()}")
+    weights = cfg.get("task_weights") or [1.0] * len(cfg["tasks"])
+    task_odds = ("Each row's task is drawn with odds " +
+                 ", ".join(f"`{t}` {float(w) / sum(map(float, weights)):.2f}" for t, w in zip(cfg["tasks"], weights))
+                 + ".")
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
@@ -196,7 +213,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
         steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], seconds=meta["seconds"],
         threads=meta["threads"], task_lines=task_lines, train_cmd=train_cmd, objective=objective,
-        eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=machine(),
+        task_odds=task_odds, check_cmd=check_cmd,
+        eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
         rel=path.as_posix(), args=args)
     readme = path / "README.md"
@@ -204,10 +222,19 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     if KEEP in old:
         card += "\n" + old[old.index(KEEP):]    # hand-written notes survive a re-measure
     readme.write_text(card)
-    (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": machine(),
+    (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": measured_on,
                                                 "tables": [{"title": t, "rows": r} for t, r in tables]},
                                                indent=2) + "\n")
     return card
+
+
+def rerender(path: Path, tasks, ar: bool) -> None:
+    """Rewrite the card from its eval.json: same tables, same measuring machine, current text."""
+    stored = json.loads((path / "eval.json").read_text())
+    tables = [(t["title"], t["rows"]) for t in stored["tables"]]
+    n = [next(iter(rows[0]["tasks"].values()))["n"] for _, rows in tables]
+    args = f"--n {n[0]} " + ("" if ar else f"--grid-n {n[1] if len(n) > 1 else 0} ")
+    write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,10 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out stream")
     ap.add_argument("--write", action="store_true", help="rewrite the directory's README.md and eval.json")
+    ap.add_argument("--render", action="store_true", help="rewrite README.md from the tables already "
+                    "in eval.json, without decoding (after a change to the card's text)")
     a = ap.parse_args(argv)
     path, tasks = Path(a.model), tuple(a.tasks.split(","))
-    tables = []
     ar = is_ar_checkpoint(path)
+    if a.render:
+        rerender(path, tasks, ar)
+        return
+    tables = []
     if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))

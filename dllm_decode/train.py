@@ -44,6 +44,7 @@ class TrainConfig:
     family: str = "llada"             # llada | dream | ar
     out: str = "models/llada-reference"
     tasks: tuple[str, ...] = REFERENCE_MIX
+    task_weights: tuple[float, ...] = ()   # sampling odds of `tasks`; () draws them with equal odds
     steps: int = 1000
     batch_size: int = 64
     lr: float = 2e-3
@@ -62,6 +63,7 @@ class TrainConfig:
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
     log_every: int = 25
+    stop_after: int | None = None     # run only the first N steps of the schedule (reproduction check)
 
 
 def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
@@ -79,7 +81,9 @@ def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
 
 
 class Batcher:
-    """Seeded stream of training batches: prompts left-padded, answers (+ EOS padding) after."""
+    """Seeded stream of training batches: prompts left-padded, answers (+ EOS padding) after.
+    Each row's task is drawn with odds `task_weights` (equal odds draw as the first reference
+    models were trained, so their commands still reproduce them)."""
 
     def __init__(self, cfg: TrainConfig, tok) -> None:
         self.cfg = cfg
@@ -87,12 +91,19 @@ class Batcher:
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
         self.rng = random.Random(f"train/{cfg.seed}")
         self.streams = [get_task(n).stream("train", cfg.seed) for n in cfg.tasks]
+        if cfg.task_weights and len(cfg.task_weights) != len(cfg.tasks):
+            raise ValueError(f"task_weights has {len(cfg.task_weights)} entries for {len(cfg.tasks)} tasks "
+                             f"({', '.join(cfg.tasks)})")
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
 
     def _sample(self) -> tuple[list[int], list[int]]:
-        p = next(self.streams[self.rng.randrange(len(self.streams))])
+        w = self.cfg.task_weights
+        if not w or all(x == w[0] for x in w):
+            p = next(self.streams[self.rng.randrange(len(self.streams))])
+        else:
+            p = next(self.rng.choices(self.streams, weights=w)[0])
         return self._encode(p.prompt), self._encode(p.answer)
 
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
@@ -132,10 +143,9 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
       eos     the state low-confidence decoding visits, where the confident EOS padding is
               committed before the answer: answer masked with probability t, EOS padding with
               probability t * v (v ~ U(0, 1)); weight G / #masked.
-    A small model trained on iid masks alone rarely sees these states and does worse in them
-    (semi-autoregressive blocks especially). The mixture fixes blocks for copy and case, but in
-    CPU-budget runs at canvas 96-256 the free-choice digit tasks then failed to learn (the
-    llada-reference card records the runs), so the default stays iid alone.
+    A small model trained on iid masks alone rarely sees these states and does worse in them:
+    the first llada-reference, trained that way, failed semi-autoregressive blocks. The shipped
+    llada-reference is trained with (0.6, 0.2, 0.2); the default (1, 0, 0) is LLaDA's objective alone.
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P
@@ -144,7 +154,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     draw = torch.rand(B, G, generator=gen)                                                # (B, G)
     iid = draw < t[:, None]
     masked = torch.zeros(B, L, dtype=torch.bool)
-    if mix[1] == 0 and mix[2] == 0:           # LLaDA's objective alone (the default)
+    if mix[1] == 0 and mix[2] == 0:           # LLaDA's objective alone
         masked[:, P:] = iid
         return masked.to(ids.device), (1.0 / t).to(ids.device)
 
@@ -245,12 +255,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, desc=f"train {cfg.family}", unit="step")
+        bar = tqdm(total=cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after),
+                   desc=f"train {cfg.family}", unit="step")
     log_path = out / "loss_log.jsonl"
     log_file = log_path.open("w")     # written as it goes, so a long run can be watched
     t0 = time.perf_counter()
     running = None
-    for step in range(cfg.steps):
+    for step in range(cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)):
         if cfg.family == "ar":
             ids, att, P = batcher.next(None)
         else:
@@ -270,7 +281,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         opt.step()
         val = float(loss.detach())
         running = val if running is None else 0.95 * running + 0.05 * val
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:   # same lines whatever stop_after
             log_file.write(json.dumps({"step": step, "loss": round(val, 5), "smoothed": round(running, 5),
                                        "lr": round(lr_at(step), 7),
                                        "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
@@ -295,12 +306,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     return out
 
 
+def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | None]:
+    """Compare the loss log of `run` with the first lines of `shipped`'s -> (lines compared,
+    first mismatch or None). Losses must agree to `rel`: the same command on another CPU may
+    round differently (other kernels), but other data, masks or initialisation miss by far more."""
+    def lines(d: Path) -> list[dict]:
+        return [json.loads(x) for x in (Path(d) / "loss_log.jsonl").read_text().splitlines() if x.strip()]
+
+    ours, theirs = lines(run), lines(shipped)
+    for n, (a, b) in enumerate(zip(ours, theirs)):
+        if a["step"] != b["step"] or a["lr"] != b["lr"] or abs(a["loss"] - b["loss"]) > rel * abs(b["loss"]):
+            return n, (f"step {a['step']}: loss {a['loss']} lr {a['lr']} here, "
+                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {Path(shipped) / 'loss_log.jsonl'}")
+    return min(len(ours), len(theirs)), None
+
+
 def main(argv: list[str] | None = None) -> None:
     d = TrainConfig()
     ap = argparse.ArgumentParser(description="Train a reference model on the task suite.")
     ap.add_argument("--family", choices=("llada", "dream", "ar"), default=d.family)
     ap.add_argument("--out", required=True)
     ap.add_argument("--tasks", default=",".join(d.tasks))
+    ap.add_argument("--task-weights", default=None, help="sampling odds of the tasks, comma-separated "
+                    "(default: equal)")
     for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "seed",
                  "threads", "warmup"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -310,16 +338,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mask-mix", default=",".join(map(str, d.mask_mix)),
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--device", default=d.device)
+    ap.add_argument("--stop-after", type=int, default=None, metavar="N",
+                    help="stop after the first N steps of the schedule; its loss_log.jsonl must then "
+                         "match the first lines of a full run's (see --check)")
+    ap.add_argument("--check", metavar="DIR", help="after training, compare the loss log with DIR's "
+                    "(a shipped checkpoint trained by the same command); exit 1 on a mismatch")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     canvas = tuple(int(c) for c in a.canvas.split(","))
     weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
-    cfg = TrainConfig(family=a.family, out=a.out, tasks=tuple(a.tasks.split(",")), steps=a.steps,
+    tasks = tuple(a.tasks.split(","))
+    task_weights = tuple(float(w) for w in a.task_weights.split(",")) if a.task_weights else ()
+    cfg = TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
                       batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                       n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                       canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
-                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")))
-    print(train(cfg, progress=not a.no_progress))
+                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")), stop_after=a.stop_after)
+    out = train(cfg, progress=not a.no_progress)
+    print(out)
+    if a.check:
+        n, mismatch = check_log(out, Path(a.check))
+        if mismatch:
+            raise SystemExit(f"loss log differs from {a.check}'s: {mismatch}")
+        print(f"loss log matches {a.check}'s over its first {n} lines")
 
 
 if __name__ == "__main__":

@@ -101,4 +101,25 @@ def test_model_card_command_writes_the_table(tmp_path):
     assert out.returncode == 0, out.stderr
     text = (card / "README.md").read_text()
     assert "| 1 | full |" in text and "| 4 | full |" in text and "python -m dllm_decode.train --family llada" in text
+    assert "--stop-after 100 --check" in text     # the quick reproduction check
     assert json.loads((card / "eval.json").read_text())["tables"][0]["rows"][0]["tokens_per_step"] == 1
+
+
+def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
+    """--render rewrites README.md from the stored tables without decoding: the rows come from
+    eval.json (a changed number there shows up in the card) and the machine line is the stored one."""
+    import shutil
+
+    card = tmp_path / "dream-reference"
+    shutil.copytree(ROOT / "models" / "dream-reference", card)
+    stored = json.loads((card / "eval.json").read_text())
+    stored["tables"][0]["rows"][0]["tasks"]["copy"]["accuracy"] = 0.123
+    stored["machine"] = "elsewhere, 7 threads"
+    (card / "eval.json").write_text(json.dumps(stored))
+    (card / "README.md").unlink()
+    out = subprocess.run([sys.executable, "-m", "dllm_decode.model_card", str(card), "--render"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = (card / "README.md").read_text()
+    assert "| 0.123 |" in text and "Machine: elsewhere, 7 threads." in text
+    assert f"--check {card.as_posix()}" in text
