@@ -91,19 +91,20 @@ class Batcher:
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
         self.rng = random.Random(f"train/{cfg.seed}")
         self.streams = [get_task(n).stream("train", cfg.seed) for n in cfg.tasks]
-        if cfg.task_weights and len(cfg.task_weights) != len(cfg.tasks):
-            raise ValueError(f"task_weights has {len(cfg.task_weights)} entries for {len(cfg.tasks)} tasks "
+        w = cfg.task_weights
+        if w and len(w) != len(cfg.tasks):
+            raise ValueError(f"task_weights has {len(w)} entries for {len(cfg.tasks)} tasks "
                              f"({', '.join(cfg.tasks)})")
+        self.weights = w if w and any(x != w[0] for x in w) else None    # None: equal odds
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
 
     def _sample(self) -> tuple[list[int], list[int]]:
-        w = self.cfg.task_weights
-        if not w or all(x == w[0] for x in w):
+        if self.weights is None:
             p = next(self.streams[self.rng.randrange(len(self.streams))])
         else:
-            p = next(self.rng.choices(self.streams, weights=w)[0])
+            p = next(self.rng.choices(self.streams, weights=self.weights)[0])
         return self._encode(p.prompt), self._encode(p.answer)
 
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
@@ -252,16 +253,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+    n_steps = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after),
-                   desc=f"train {cfg.family}", unit="step")
+        bar = tqdm(total=n_steps, desc=f"train {cfg.family}", unit="step")
     log_path = out / "loss_log.jsonl"
     log_file = log_path.open("w")     # written as it goes, so a long run can be watched
     t0 = time.perf_counter()
     running = None
-    for step in range(cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)):
+    for step in range(n_steps):
         if cfg.family == "ar":
             ids, att, P = batcher.next(None)
         else:
