@@ -102,15 +102,15 @@ accuracy / speed trade-off to measure without any download. {format_line}
 | size | d_model {d_model}, {n_layers} layers, {n_heads} heads, MLP {mlp_hidden} |
 | tokenizer | `tokenizer.json`: one token per character, specials `<|pad|>` `<|startoftext|>` `<|endoftext|>` (EOS) `<|eot_id|>` `<|mdm_mask|>` (mask) |
 | tasks | {tasks} |
-| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds:.0f} s on {threads} CPU threads |
+| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds:.0f} s on {threads} |
 
 ## Tasks
 
 {task_lines}
 
-Prompts end in a newline; answers are a worked line and a final `#### ANSWER` line, scored by
-exact match of the final answer (validity for the free-choice tasks). Train and test prompts are
-disjoint: a prompt is held out when `crc32(prompt) % 5 == 0`.
+Prompts end in a newline; answers end in a final `#### ANSWER` line (after a worked line for
+`copy`), scored by exact match of the final answer (validity for the free-choice tasks). Train
+and test prompts are disjoint: a prompt is held out when `crc32(prompt) % 5 == 0`.
 
 ## Training
 
@@ -212,7 +212,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
         steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], seconds=meta["seconds"],
-        threads=meta["threads"], task_lines=task_lines, train_cmd=train_cmd, objective=objective,
+        threads=f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
+        task_lines=task_lines, train_cmd=train_cmd, objective=objective,
         task_odds=task_odds, check_cmd=check_cmd,
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),

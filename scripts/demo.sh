@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: decode held-out problems of the reference task suite with the shipped
 # llada-reference model under the LLaDA baseline recipe, and score them. Arguments, if any,
-# are decoded as text prompts instead (e.g. $'pick one of 3 5, 7 times\n').
+# are decoded as text prompts instead (e.g. $'pick one of 3 5, seven times\n').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -144,7 +144,7 @@ def test_request_log_makes_a_run_resumable(tmp_path):
 
 def test_loglikelihood_requests():
     lm = make_lm(mc_num=8, mc_batch=4)
-    pairs = [("copy: ab\n", "ab\n#### ab"), ("pick one of 1 2, 6 times\n", "pick 1"), ("", "abc")]
+    pairs = [("copy: ab\n", "ab\n#### ab"), ("pick one of 1 2, six times\n", "#### 111111"), ("", "abc")]
     reqs = [Instance("loglikelihood", {}, pair, i, ("t", i, 1)) for i, pair in enumerate(pairs)]
     out = lm.loglikelihood(reqs)
     assert all(isinstance(ll, float) and ll < 0 and isinstance(g, bool) for ll, g in out)

@@ -52,7 +52,7 @@ def llada():
 
 # Floors sit below the measured accuracy (model cards) and far above a broken model (0.0);
 # they catch regressions, the cards hold the numbers.
-LLADA_FLOOR = {"copy": 0.9, "repeat": 0.5, "case": 0.75}
+LLADA_FLOOR = {"copy": 0.95, "repeat": 0.75, "case": 0.9}
 
 
 def test_llada_reference_one_token_per_step(llada):
@@ -62,14 +62,25 @@ def test_llada_reference_one_token_per_step(llada):
     assert res.nfe == 96
 
 
+def test_four_tokens_per_forward_costs_the_free_choice_task(llada):
+    """The trade-off the parallel policies are measured on: four tokens per forward in blocks of
+    8 commits half a block of `case` letters together, each from its own marginal, and the case
+    splits; one token per forward keeps it. The control task loses nothing."""
+    problems = _problems(("copy", "case"), n=32)
+    one = evaluate(*llada, _recipe(1, 8), problems).per_task
+    four = evaluate(*llada, _recipe(4, 8), problems).per_task
+    assert four["copy"]["accuracy"] >= one["copy"]["accuracy"] - 0.05, (one, four)
+    assert four["case"]["accuracy"] <= one["case"]["accuracy"] - 0.15, (one, four)
+
+
 def test_llada_reference_in_semi_autoregressive_blocks(llada):
     """Blocks of 32 at two tokens per forward: the states semi-AR decoding visits were trained."""
     res = evaluate(*llada, _recipe(2, 32), _problems(("copy", "case"), n=16))
     assert res.per_task["copy"]["accuracy"] >= 0.9, res.per_task
-    assert res.per_task["case"]["accuracy"] >= 0.6, res.per_task
+    assert res.per_task["case"]["accuracy"] >= 0.9, res.per_task
 
 
-DREAM_FLOOR = {"copy": 0.9, "repeat": 0.7, "case": 0.6}
+DREAM_FLOOR = {"copy": 0.9, "repeat": 0.7, "case": 0.85}
 
 
 def test_dream_reference():

@@ -54,6 +54,14 @@ def test_repeat_checks_agreement_options_and_count():
     assert not task.score(p, f"#### {d * (n + 1)}")              # wrong count
 
 
+def test_repeat_prompts_hold_no_digit_but_the_options():
+    """The count is written as a word: a digit count lets a small model repeat a digit of the
+    count instead of an option, which is a reading error, not the dependency the task measures."""
+    for p in get_task("repeat").problems("test", 200):
+        assert sorted(c for c in p.prompt if c.isdigit()) == sorted(p.meta["options"])
+        assert len(extract_answer(p.answer)) == p.meta["n"]
+
+
 def test_case_checks_one_case_throughout():
     task = get_task("case")
     p = task.problems("test", 1)[0]

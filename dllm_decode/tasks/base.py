@@ -1,9 +1,9 @@
 """Problems with checkable answers: the `Problem` record, the `Task` base class, the answer
 extractor and the scorer.
 
-Answers follow GSM8K's shape: a worked line, then a final ``#### ANSWER`` line. The scorer is
-exact match on the final answer; tasks that accept several answers (a free choice among offered
-options) check validity instead of comparing with one reference string.
+Answers follow GSM8K's shape: a worked line where the task has one, then a final ``#### ANSWER``
+line. The scorer is exact match on the final answer; tasks that accept several answers (a free
+choice among offered options) check validity instead of comparing with one reference string.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class Problem:
     task: str
     index: int                      # position in its (task, split, seed) stream
     prompt: str
-    answer: str                     # one reference completion: worked line + final line
+    answer: str                     # one reference completion: [worked line +] final line
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
