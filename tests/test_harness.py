@@ -100,8 +100,10 @@ def test_batched_generation_equals_batch_size_one(tmp_path):
 
 
 def test_until_and_max_gen_toks_cut_the_answer():
-    lm = make_lm(batch_size=2)
-    ctx = get_task("repeat").problems("test", 1)[0].prompt
+    # copy writes a 32-letter worked line, then "\n#### ": a 48-position canvas holds the newline
+    lm = make_lm(batch_size=2, **{"generation.gen_length": 48, "generation.block_length": 48,
+                                  "generation.steps": 24})
+    ctx = get_task("copy").problems("test", 1)[0].prompt
     full = lm.generate_until([gen_request(ctx, until=[])])[0]
     assert "\n" in full
     cut, short, both = lm.generate_until([gen_request(ctx, 0, until=["\n"]), gen_request(ctx, 1, max_gen_toks=3),
@@ -151,8 +153,8 @@ def test_loglikelihood_requests():
     # each request seeds its own masks: order (and so rank and batching) does not matter
     assert lm.loglikelihood(reqs[::-1]) == out[::-1]
     # a good answer beats a wrong one
-    good, bad = lm.loglikelihood([Instance("loglikelihood", {}, ("copy: abcdef\n", "abcdef"), 0),
-                                  Instance("loglikelihood", {}, ("copy: abcdef\n", "zyxwvu"), 1)])
+    good, bad = lm.loglikelihood([Instance("loglikelihood", {}, ("copy: abcdef\n", "abcdef\n#### abcdef"), 0),
+                                  Instance("loglikelihood", {}, ("copy: abcdef\n", "zyxwvu\n#### zyxwvu"), 1)])
     assert good[0] > bad[0]
     # trailing context whitespace moves into the continuation
     ctx, cont = lm.encode_pair("copy: ab \n", "x")
