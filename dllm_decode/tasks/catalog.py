@@ -11,12 +11,12 @@
   one at a time, each new digit avoids those already written. Not in the reference mix yet.
 - ``case`` (dependency): copy a word entirely in upper or entirely in lower case, the choice
   free. A long answer whose every letter carries the same hidden bit.
+- ``add`` (arithmetic): two-digit addition with a worked column sum. Not in the reference
+  models' training mix: it does not learn within the CPU training budget at their size.
 
 The free-choice tasks have no worked line: a line that names the choice ("pick 7", "upper")
 settles it before the answer, so a well-trained model commits it alone and parallel decoding of
 the rest costs nothing; without it the choice lives in the answer's own positions.
-- ``add`` (arithmetic): two-digit addition with a worked column sum. Not in the reference
-  models' training mix: it does not learn within the CPU training budget at their size.
 """
 
 from __future__ import annotations
