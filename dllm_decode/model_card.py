@@ -104,6 +104,8 @@ accuracy / speed trade-off to measure without any download. {format_line}
 | tasks | {tasks} |
 | training | {steps} steps, batch {batch_size}, seed {seed}, {seconds:.0f} s on {threads} |
 
+{loading}
+
 ## Tasks
 
 {task_lines}
@@ -205,6 +207,13 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")
     task_lines = "\n".join(f"- `{t}` ({get_task(t).kind}): {get_task(t).description}." for t in tasks)
+    loading = (f"Load it with `AutoModelForCausalLM.from_pretrained(\"{path.as_posix()}\")` and "
+               f"`AutoTokenizer.from_pretrained(\"{path.as_posix()}\")`." if ar else
+               f"Load it with `dllm_decode.models.load_model(\"{path.as_posix()}\")`, which returns the model "
+               "and its tokenizer. `config.json` keeps the family's real `auto_map` (the Hub's "
+               "remote-code classes, not shipped here), so transformers asks whether to run remote "
+               "code unless told: load the tokenizer alone with "
+               f"`AutoTokenizer.from_pretrained(\"{path.as_posix()}\", trust_remote_code=False)`.")
     card = CARD.format(
         name=path.name, kind="small autoregressive model" if ar else f"small masked-diffusion model ({cfg['family']})",
         format_line=("It serves as APD's verifier and as the autoregressive baseline; it shares the "
@@ -213,7 +222,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
         steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], seconds=meta["seconds"],
         threads=f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
-        task_lines=task_lines, train_cmd=train_cmd, objective=objective,
+        loading=loading, task_lines=task_lines, train_cmd=train_cmd, objective=objective,
         task_odds=task_odds, check_cmd=check_cmd,
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),

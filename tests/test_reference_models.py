@@ -40,7 +40,9 @@ def test_shipped_directories_and_size_budget():
 def test_one_tokenizer_for_all_three():
     from transformers import AutoTokenizer
 
-    vocabs = [AutoTokenizer.from_pretrained(str(MODELS / n)).get_vocab()
+    # trust_remote_code=False as the cards advise: the diffusion configs keep their family's
+    # auto_map, and without it transformers would ask on a terminal whether to run remote code
+    vocabs = [AutoTokenizer.from_pretrained(str(MODELS / n), trust_remote_code=False).get_vocab()
               for n in ("llada-reference", "dream-reference", "ar-reference")]
     assert vocabs[0] == vocabs[1] == vocabs[2]
 
