@@ -185,9 +185,10 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     meta = json.loads((path / "training.json").read_text())
     cfg = meta["config"]
     ar = cfg["family"] == "ar"
-    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {path.as_posix()} {train_flags(cfg)}"
+    rel = path.as_posix()
+    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {rel} {train_flags(cfg)}"
     check_cmd = (f"python -m dllm_decode.train --family {cfg['family']} --out runs/{path.name}-check "
-                 f"{train_flags(cfg)} --stop-after 100 --check {path.as_posix()}")
+                 f"{train_flags(cfg)} --stop-after 100 --check {rel}")
     weights = cfg.get("task_weights") or [1.0] * len(cfg["tasks"])
     task_odds = ("Each row's task is drawn with odds " +
                  ", ".join(f"`{t}` {float(w) / sum(map(float, weights)):.2f}" for t, w in zip(cfg["tasks"], weights))
@@ -207,13 +208,13 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")
     task_lines = "\n".join(f"- `{t}` ({get_task(t).kind}): {get_task(t).description}." for t in tasks)
-    loading = (f"Load it with `AutoModelForCausalLM.from_pretrained(\"{path.as_posix()}\")` and "
-               f"`AutoTokenizer.from_pretrained(\"{path.as_posix()}\")`." if ar else
-               f"Load it with `dllm_decode.models.load_model(\"{path.as_posix()}\")`, which returns the model "
+    loading = (f"Load it with `AutoModelForCausalLM.from_pretrained(\"{rel}\")` and "
+               f"`AutoTokenizer.from_pretrained(\"{rel}\")`." if ar else
+               f"Load it with `dllm_decode.models.load_model(\"{rel}\")`, which returns the model "
                "and its tokenizer. `config.json` keeps the family's real `auto_map` (the Hub's "
                "remote-code classes, not shipped here), so transformers asks whether to run remote "
                "code unless told: load the tokenizer alone with "
-               f"`AutoTokenizer.from_pretrained(\"{path.as_posix()}\", trust_remote_code=False)`.")
+               f"`AutoTokenizer.from_pretrained(\"{rel}\", trust_remote_code=False)`.")
     card = CARD.format(
         name=path.name, kind="small autoregressive model" if ar else f"small masked-diffusion model ({cfg['family']})",
         format_line=("It serves as APD's verifier and as the autoregressive baseline; it shares the "
@@ -226,7 +227,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         task_odds=task_odds, check_cmd=check_cmd,
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
-        rel=path.as_posix(), args=args)
+        rel=rel, args=args)
     readme = path / "README.md"
     old = readme.read_text() if readme.exists() else ""
     if KEEP in old:

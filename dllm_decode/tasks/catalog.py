@@ -53,8 +53,6 @@ class Repeat(Task):
         d = rng.choice(options)
         # The count is a word, so the only digits in the prompt are the options: a digit count
         # taught the small models to repeat a digit of the count ("of 4 5, 10 times" -> 1111111111).
-        # No worked line: a line naming the choice would settle every later position, and the
-        # task is there to measure what committing positions of one free choice together costs.
         prompt = f"pick one of {' '.join(options)}, {COUNTS[n]} times\n"
         return prompt, f"{FINAL}{d * n}", {"options": options, "n": n}
 
