@@ -59,6 +59,7 @@ class TrainConfig:
     canvas_weights: tuple[float, ...] = (6.0, 2.5, 1.5)
     eps: float = 1e-3
     mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
+    full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -133,7 +134,7 @@ class Batcher:
 
 
 def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
-                mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> tuple[Tensor, Tensor]:
+                mix: tuple[float, float, float] = (1.0, 0.0, 0.0), full: float = 0.0) -> tuple[Tensor, Tensor]:
     """Choose the masked answer positions of each row -> masked (B, L) bool, weight (B,).
 
     A row follows one of three schemes (probabilities `mix`):
@@ -147,6 +148,10 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     A small model trained on iid masks alone rarely sees these states and does worse in them:
     the first llada-reference, trained that way, failed semi-autoregressive blocks. The shipped
     llada-reference is trained with (0.6, 0.2, 0.2); the default (1, 0, 0) is LLaDA's objective alone.
+    A share `full` of rows, whatever their scheme, instead masks the whole answer and the EOS
+    padding with probability v (weight G / #masked): the state of the first commit, where a
+    free choice (which option `repeat` repeats) is made. Off by default; the model cards record
+    what a run with 0.2 gained and lost.
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P
@@ -155,7 +160,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     draw = torch.rand(B, G, generator=gen)                                                # (B, G)
     iid = draw < t[:, None]
     masked = torch.zeros(B, L, dtype=torch.bool)
-    if mix[1] == 0 and mix[2] == 0:           # LLaDA's objective alone
+    if mix[1] == 0 and mix[2] == 0 and full == 0:     # LLaDA's objective alone
         masked[:, P:] = iid
         return masked.to(ids.device), (1.0 / t).to(ids.device)
 
@@ -174,18 +179,24 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     eos = torch.where(is_eos, draw < (t * v)[:, None], iid)
 
     gen_mask = torch.where((scheme == 0)[:, None], iid, torch.where((scheme == 1)[:, None], block, eos))
+    relative = scheme != 0
+    if full > 0:        # drawn last, so a run without full rows keeps every earlier draw
+        whole = torch.rand(B, generator=gen) < full                                       # (B,)
+        gen_mask = torch.where(whole[:, None], ~is_eos | (draw < v[:, None]), gen_mask)
+        relative = relative | whole
     n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
-    weight = torch.where(scheme == 0, 1.0 / t, G / n)
+    weight = torch.where(relative, G / n, 1.0 / t)
     masked[:, P:] = gen_mask
     return masked.to(ids.device), weight.to(ids.device)
 
 
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
-                   gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0)) -> Tensor:
+                   gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
+                   full: float = 0.0) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows)."""
     B, L = ids.shape
-    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix)
+    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy, attention_mask=att)                                  # (B, L, V)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
@@ -275,7 +286,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             loss = ar_loss(model, ids, att, P)
         else:
             loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
-                                  cfg.mask_mix)
+                                  cfg.mask_mix, cfg.full_mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -338,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="generation lengths to train at, sampled per batch")
     ap.add_argument("--mask-mix", default=",".join(map(str, d.mask_mix)),
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
+    ap.add_argument("--full-mask", type=float, default=d.full_mask,
+                    help="share of rows whose whole answer is masked (see mask_canvas)")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after the first N steps of the schedule; its loss_log.jsonl must then "
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
                       batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                       n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                       canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
-                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")), stop_after=a.stop_after)
+                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")), full_mask=a.full_mask,
+                      stop_after=a.stop_after)
     out = train(cfg, progress=not a.no_progress)
     print(out)
     if a.check:

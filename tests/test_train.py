@@ -133,3 +133,24 @@ def test_block_rows_mask_like_semi_autoregressive_decoding():
         assert not row[:start].any()
         assert row[start + 32:].all() or row[start + 8:].all()
         assert torch.isclose(w, torch.tensor(G / len(cols), dtype=w.dtype))
+
+
+def test_full_rows_mask_the_whole_answer_and_keep_the_other_draws():
+    """full=1: every row masks all of its answer and part of its EOS padding (the state the
+    first answer commit of low-confidence decoding sees); full=0 draws exactly as before."""
+    from dllm_decode.train import mask_canvas
+
+    P, G, eos = 5, 48, 2
+    ids = torch.full((64, P + G), 9)
+    ids[:, P + 20:] = eos                       # a 20-token answer, then EOS padding
+    masked, weight = mask_canvas(ids, P, eos_id=eos, eps=1e-3, gen=torch.Generator().manual_seed(0),
+                                 mix=(1, 0, 0), full=1.0)
+    assert not masked[:, :P].any() and masked[:, P:P + 20].all()
+    pad = masked[:, P + 20:].float().mean(1)
+    assert 0 < pad.mean() < 1 and pad.std() > 0     # the padding share varies by row
+    assert torch.allclose(weight, G / masked.sum(1).float())
+
+    def draw(full):
+        return mask_canvas(ids, P, eos, 1e-3, torch.Generator().manual_seed(3), (0.6, 0.2, 0.2), full)
+    a, b = draw(0.0), draw(1e-9)    # a share too small to pick any row changes nothing drawn before it
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
