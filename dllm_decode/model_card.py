@@ -203,7 +203,9 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
                  f"{'/'.join(map(str, cfg['canvas']))} tokens (sampled per batch), EOS included in the loss. "
-                 + mix_sentence(cfg.get("mask_mix", (1.0, 0.0, 0.0))))
+                 + mix_sentence(cfg.get("mask_mix", (1.0, 0.0, 0.0)))
+                 + (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part "
+                    "of the EOS padding, weighted the same way." if cfg.get("full_mask", 0) else ""))
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")

@@ -116,6 +116,9 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     stored["tables"][0]["rows"][0]["tasks"]["copy"]["accuracy"] = 0.123
     stored["machine"] = "elsewhere, 7 threads"
     (card / "eval.json").write_text(json.dumps(stored))
+    training = json.loads((card / "training.json").read_text())
+    training["config"]["full_mask"] = 0.1       # a non-default option reaches the command and the prose
+    (card / "training.json").write_text(json.dumps(training))
     (card / "README.md").unlink()
     out = subprocess.run([sys.executable, "-m", "dllm_decode.model_card", str(card), "--render"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
@@ -123,3 +126,4 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     text = (card / "README.md").read_text()
     assert "| 0.123 |" in text and "Machine: elsewhere, 7 threads." in text
     assert f"--check {card.as_posix()}" in text
+    assert "--full-mask 0.1" in text and "A share 0.10 of the rows instead mask the whole answer" in text
