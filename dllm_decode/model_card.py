@@ -102,7 +102,7 @@ accuracy / speed trade-off to measure without any download. {format_line}
 | size | d_model {d_model}, {n_layers} layers, {n_heads} heads, MLP {mlp_hidden} |
 | tokenizer | `tokenizer.json`: one token per character, specials `<|pad|>` `<|startoftext|>` `<|endoftext|>` (EOS) `<|eot_id|>` `<|mdm_mask|>` (mask) |
 | tasks | {tasks} |
-| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds:.0f} s on {threads} |
+| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds} s on {threads} |
 
 {loading}
 
@@ -120,11 +120,11 @@ and test prompts are disjoint: a prompt is held out when `crc32(prompt) % 5 == 0
 {train_cmd}
 ```
 
-{objective} {task_odds}
+{objective}
 
 Training is deterministic for a seed, a CPU and a thread count. To check that a machine
-reproduces this checkpoint without the whole run, rerun the command's first steps and compare
-the loss log with the one shipped here:
+reproduces this checkpoint without the whole run, rerun {check_what} and compare
+the loss log with the one shipped here{check_where}:
 
 ```bash
 {check_cmd}
@@ -155,12 +155,48 @@ def train_flags(cfg: dict) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key, value in cfg.items():
-        if key in ("family", "out", "device", "canvas_weights", "log_every", "stop_after"):
+        if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after"):
             continue
         if key in ("steps", "seed") or (key in default and _norm(default[key]) != _norm(value)):
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             flags.append(f"--{key.replace('_', '-')} {shown}")
     return " ".join(flags)
+
+
+def training_stages(meta: dict, out: str) -> list[tuple[str, dict]]:
+    """The stages of a checkpoint's training, first first: (directory it was written to, its
+    training.json). A stage trained with --init records the one it started from (train.py)."""
+    earlier = training_stages(meta["init"], meta["config"]["init"]) if meta.get("init") else []
+    return earlier + [(out, meta)]
+
+
+def train_command(out: str, cfg: dict) -> str:
+    init = f" --init {cfg['init']}" if cfg.get("init") else ""
+    return f"python -m dllm_decode.train --family {cfg['family']} --out {out}{init} {train_flags(cfg)}"
+
+
+def task_odds_sentence(cfg: dict) -> str:
+    weights = cfg.get("task_weights") or [1.0] * len(cfg["tasks"])
+    return ("Each row's task is drawn with odds " +
+            ", ".join(f"`{t}` {float(w) / sum(map(float, weights)):.2f}" for t, w in zip(cfg["tasks"], weights))
+            + ".")
+
+
+def full_mask_sentence(cfg: dict) -> str:
+    return (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part of the "
+            "EOS padding, weighted the same way." if cfg.get("full_mask", 0) else "")
+
+
+def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
+    """What the stage at index n (n >= 1) changes from the stage before it, in words."""
+    ordinal = ("second", "third", "fourth")[n - 1] if n <= 3 else f"stage {n + 1}"
+    mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
+    if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
+        mix += " " + task_odds_sentence(cfg)
+    return (f" The {ordinal} stage starts from the weights of the one before and trains {cfg['steps']} "
+            f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
+            f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
+            f"{mix}{full_mask_sentence(cfg)}")
 
 
 def _norm(value):
@@ -186,13 +222,11 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     cfg = meta["config"]
     ar = cfg["family"] == "ar"
     rel = path.as_posix()
-    train_cmd = f"python -m dllm_decode.train --family {cfg['family']} --out {rel} {train_flags(cfg)}"
-    check_cmd = (f"python -m dllm_decode.train --family {cfg['family']} --out runs/{path.name}-check "
-                 f"{train_flags(cfg)} --stop-after 100 --check {rel}")
-    weights = cfg.get("task_weights") or [1.0] * len(cfg["tasks"])
-    task_odds = ("Each row's task is drawn with odds " +
-                 ", ".join(f"`{t}` {float(w) / sum(map(float, weights)):.2f}" for t, w in zip(cfg["tasks"], weights))
-                 + ".")
+    stages = training_stages(meta, rel)          # [(out, training.json)], first stage first
+    first = stages[0][1]["config"]
+    train_cmd = "\n".join(train_command(out, m["config"]) for out, m in stages)
+    check_cmd = (f"python -m dllm_decode.train --family {first['family']} --out runs/{path.name}-check "
+                 f"{train_flags(first)} --stop-after 100 --check {rel}")
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
@@ -202,10 +236,10 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "LLaDA's supervised masked-diffusion objective: per row a mask ratio t ~ U(0.001, 1), "
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
-                 f"{'/'.join(map(str, cfg['canvas']))} tokens (sampled per batch), EOS included in the loss. "
-                 + mix_sentence(cfg.get("mask_mix", (1.0, 0.0, 0.0)))
-                 + (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part "
-                    "of the EOS padding, weighted the same way." if cfg.get("full_mask", 0) else ""))
+                 f"{'/'.join(map(str, first['canvas']))} tokens (sampled per batch), EOS included in the loss. "
+                 + mix_sentence(first.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(first))
+    objective += " " + task_odds_sentence(first) + "".join(
+        later_stage_sentence(n, m["config"], stages[n - 1][1]["config"]) for n, (_, m) in enumerate(stages) if n)
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")
@@ -223,10 +257,16 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                      "diffusion models' tokenizer." if ar else ""),
         format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
-        steps=cfg["steps"], batch_size=cfg["batch_size"], seed=cfg["seed"], seconds=meta["seconds"],
+        steps=" + ".join(str(m["config"]["steps"]) for _, m in stages),
+        batch_size=cfg["batch_size"], seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
+        seconds=" + ".join(f'{m["seconds"]:.0f}' for _, m in stages),
         threads=f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
         loading=loading, task_lines=task_lines, train_cmd=train_cmd, objective=objective,
-        task_odds=task_odds, check_cmd=check_cmd,
+        check_cmd=check_cmd,
+        check_what="the command's first steps" if len(stages) == 1 else "the first stage's first steps",
+        check_where="" if len(stages) == 1 else (" (`loss_log.stage1.jsonl` is the first stage's; a "
+                                                 "later stage checks the same way once the stage "
+                                                 "before it has run)"),
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
         rel=rel, args=args)

@@ -18,6 +18,11 @@ EOS (prompt tokens are not targets); it is APD's verifier and the autoregressive
 Training is deterministic for a given seed and thread count: problems come from the seeded
 ``train`` split, batches from a seeded generator, and the step count is fixed (no wall-clock
 schedule), so a rerun reproduces the checkpoint.
+
+``--init DIR`` starts a second stage from a checkpoint this script wrote (same family and size)
+with its own schedule, seed and masking; the new ``training.json`` keeps the first stage's
+record and loss log, so the model card can show both commands and ``--check`` can compare a
+rerun of either stage with the shipped logs.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class TrainConfig:
     device: str = "cpu"
     log_every: int = 25
     stop_after: int | None = None     # run only the first N steps of the schedule (reproduction check)
+    init: str | None = None           # checkpoint directory to start from instead of random weights
 
 
 def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
@@ -150,8 +156,10 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     llada-reference is trained with (0.6, 0.2, 0.2); the default (1, 0, 0) is LLaDA's objective alone.
     A share `full` of rows, whatever their scheme, instead masks the whole answer and the EOS
     padding with probability v (weight G / #masked): the state of the first commit, where a
-    free choice (which option `repeat` repeats) is made. Off by default; the model cards record
-    what a run with 0.2 gained and lost.
+    free choice (which option `repeat` repeats) is made, and which iid rows seldom show (all n
+    digits hidden with probability t^n). Off by default. The shipped diffusion models use 0.2 in
+    a short second stage (--init) after a first stage without it: from the start, the full rows
+    held back learning `case` and `copy` (the model cards give the numbers).
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P
@@ -237,8 +245,32 @@ def build(cfg: TrainConfig, tok):
                                    mlp_hidden=cfg.mlp_hidden, mask_token_id=tok.mask_token_id,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    eot_token_id=eot, max_length=1024, rope_theta=10000.0)
-    _init_weights_(model, cfg.seed, cfg.n_layers)
+    if cfg.init:
+        model.load_state_dict(_load_init(cfg).state_dict())
+    else:
+        _init_weights_(model, cfg.seed, cfg.n_layers)
     return model.to(cfg.device).train().requires_grad_(True)
+
+
+def _load_init(cfg: TrainConfig) -> torch.nn.Module:
+    """The checkpoint `cfg.init` names, checked against the family and size `cfg` asks for
+    (a mismatch would otherwise surface as a state-dict error naming parameters)."""
+    path = Path(cfg.init)
+    meta_path = path / "training.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"--init {path}: no training.json (a checkpoint written by this script)")
+    base = json.loads(meta_path.read_text())["config"]
+    for key in ("family", "d_model", "n_layers", "n_heads", "mlp_hidden"):
+        if base[key] != getattr(cfg, key):
+            raise ValueError(f"--init {path}: {meta_path} has {key} {base[key]!r}, this run asks for "
+                             f"{getattr(cfg, key)!r}")
+    if cfg.family == "ar":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(str(path))
+    from dllm_decode.models import load_model
+
+    return load_model(path, tokenizer=False)[0]
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -247,6 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_stages(Path(cfg.init), out) if cfg.init else None
     tok = save_char_tokenizer(out)
     model = build(cfg, tok)
     batcher = Batcher(cfg, tok)
@@ -314,22 +347,60 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     meta = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters())}
+    if earlier is not None:
+        meta["init"] = earlier
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
+
+
+def stage_log(n: int) -> str:
+    """File name of stage n's loss log (1 = the first) in a checkpoint trained in stages."""
+    return f"loss_log.stage{n}.jsonl"
+
+
+def _earlier_stages(base: Path, out: Path) -> dict:
+    """Keep in `out` what a later stage needs of the checkpoint `base` it starts from -> base's
+    training.json (itself holding any stage before it), recorded as this run's "init". Base's
+    loss logs are copied as loss_log.stage{n}.jsonl, so every earlier stage's command can be
+    checked against the shipped checkpoint although only the last stage's weights ship."""
+    record = json.loads((base / "training.json").read_text())
+    n = stage_depth(record) + 1                      # base is stage n
+    logs = {stage_log(k): (base / stage_log(k)).read_text() for k in range(1, n)}
+    logs[stage_log(n)] = (base / "loss_log.jsonl").read_text()
+    for name, text in logs.items():                  # read first: `out` may be `base`
+        (out / name).write_text(text)
+    return record
+
+
+def _read_log(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def stage_depth(meta: dict) -> int:
+    """How many stages came before the one `meta` (a training.json) records."""
+    return 0 if "init" not in meta else 1 + stage_depth(meta["init"])
 
 
 def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | None]:
     """Compare the loss log of `run` with the first lines of `shipped`'s -> (lines compared,
     first mismatch or None). Losses must agree to `rel`: the same command on another CPU may
-    round differently (other kernels), but other data, masks or initialisation miss by far more."""
-    def lines(d: Path) -> list[dict]:
-        return [json.loads(x) for x in (Path(d) / "loss_log.jsonl").read_text().splitlines() if x.strip()]
-
-    ours, theirs = lines(run), lines(shipped)
+    round differently (other kernels), but other data, masks or initialisation miss by far more.
+    When `shipped` was trained in stages, `run` is compared with the stage at its own depth: a
+    rerun of the first stage's command with the first stage's log."""
+    run, shipped = Path(run), Path(shipped)
+    ours = _read_log(run / "loss_log.jsonl")
+    meta = json.loads((shipped / "training.json").read_text())
+    ran = json.loads((run / "training.json").read_text()) if (run / "training.json").exists() else {}
+    skip = stage_depth(meta) - stage_depth(ran)
+    if skip < 0:
+        return 0, (f"{run} was trained in {stage_depth(ran) + 1} stages, {shipped} in "
+                   f"{stage_depth(meta) + 1}: no stage of {shipped} to compare with")
+    log = shipped / ("loss_log.jsonl" if skip == 0 else stage_log(stage_depth(ran) + 1))
+    theirs, where = _read_log(log), str(log)
     for n, (a, b) in enumerate(zip(ours, theirs)):
         if a["step"] != b["step"] or a["lr"] != b["lr"] or abs(a["loss"] - b["loss"]) > rel * abs(b["loss"]):
             return n, (f"step {a['step']}: loss {a['loss']} lr {a['lr']} here, "
-                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {Path(shipped) / 'loss_log.jsonl'}")
+                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {where}")
     return min(len(ours), len(theirs)), None
 
 
@@ -351,6 +422,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
                     help="share of rows whose whole answer is masked (see mask_canvas)")
+    ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same family and size, "
+                    "written by this script) instead of random weights: a second training stage")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after the first N steps of the schedule; its loss_log.jsonl must then "
@@ -368,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
                       n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                       canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                       mask_mix=tuple(float(m) for m in a.mask_mix.split(",")), full_mask=a.full_mask,
-                      stop_after=a.stop_after)
+                      stop_after=a.stop_after, init=a.init)
     out = train(cfg, progress=not a.no_progress)
     print(out)
     if a.check:

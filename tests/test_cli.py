@@ -127,3 +127,11 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     assert "| 0.123 |" in text and "Machine: elsewhere, 7 threads." in text
     assert f"--check {card.as_posix()}" in text
     assert "--full-mask 0.1" in text and "A share 0.10 of the rows instead mask the whole answer" in text
+    # a checkpoint trained in stages shows each stage's command, the first stage's flags in the
+    # reproduction check, and what the later stage changed
+    first = training["init"]["config"]
+    assert f"--out {training['config']['init']} --steps {first['steps']}" in text
+    assert f"--out {card.as_posix()} --init {training['config']['init']}" in text
+    check = text.split("--stop-after 100")[0].splitlines()[-1]
+    assert f"--steps {first['steps']}" in check and "--init" not in check
+    assert f"The second stage starts from the weights of the one before and trains {training['config']['steps']}" in text

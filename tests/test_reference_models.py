@@ -54,7 +54,7 @@ def llada():
 
 # Floors sit below the measured accuracy (model cards) and far above a broken model (0.0);
 # they catch regressions, the cards hold the numbers.
-LLADA_FLOOR = {"copy": 0.95, "repeat": 0.75, "case": 0.9}
+LLADA_FLOOR = {"copy": 0.95, "repeat": 0.9, "case": 0.9}
 
 
 def test_llada_reference_one_token_per_step(llada):
@@ -76,13 +76,14 @@ def test_four_tokens_per_forward_costs_the_free_choice_task(llada):
 
 
 def test_llada_reference_in_semi_autoregressive_blocks(llada):
-    """Blocks of 32 at two tokens per forward: the states semi-AR decoding visits were trained."""
-    res = evaluate(*llada, _recipe(2, 32), _problems(("copy", "case"), n=16))
+    """Blocks of 32 at one token per forward: the states semi-AR decoding visits were trained.
+    (Two tokens per forward already costs `case` a little: the model card's grid.)"""
+    res = evaluate(*llada, _recipe(1, 32), _problems(("copy", "case"), n=16))
     assert res.per_task["copy"]["accuracy"] >= 0.9, res.per_task
     assert res.per_task["case"]["accuracy"] >= 0.9, res.per_task
 
 
-DREAM_FLOOR = {"copy": 0.9, "repeat": 0.7, "case": 0.85}
+DREAM_FLOOR = {"copy": 0.9, "repeat": 0.85, "case": 0.85}
 
 
 def test_dream_reference():

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dllm_decode.char_tokenizer import build_char_tokenizer
-from dllm_decode.train import Batcher, TrainConfig, diffusion_loss, main, train
+from dllm_decode.train import Batcher, TrainConfig, diffusion_loss, main, stage_log, train
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -70,22 +70,28 @@ def test_same_seed_same_weights_other_seed_differs(tmp_path):
     assert (a / "loss_log.jsonl").read_text().count("\n") == 3
 
 
-def _log(d):
-    return [json.loads(line) for line in (Path(d) / "loss_log.jsonl").read_text().splitlines()]
+def _log(d, name="loss_log.jsonl"):
+    return [json.loads(line) for line in (Path(d) / name).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("name", ["llada-reference", "dream-reference", "ar-reference"])
 def test_shipped_training_command_reproduces_its_first_steps(tmp_path, name):
-    """The command that trained a shipped checkpoint, rerun for its first 26 steps, logs the
-    shipped losses: the same data, masks, initialisation and schedule. (The rerun of the whole
-    command, and its accuracy, are in the model card.)"""
+    """The command that trained a shipped checkpoint (its first stage, when it was trained in
+    stages), rerun for its first 26 steps, logs the shipped losses: the same data, masks,
+    initialisation and schedule. (The rerun of the whole command, and its accuracy, are in the
+    model card.)"""
     shipped = MODELS / name
-    cfg = json.loads((shipped / "training.json").read_text())["config"]
-    cfg.update(out=str(tmp_path / name), stop_after=26)
+    meta = json.loads((shipped / "training.json").read_text())
+    log = _log(shipped)
+    if "init" in meta:          # the first stage's command and log (train.py: _earlier_stages)
+        while "init" in meta:
+            meta = meta["init"]
+        log = _log(shipped, stage_log(1))
+    cfg = dict(meta["config"], out=str(tmp_path / name), stop_after=26)
     train(TrainConfig(**cfg), progress=False)
     ours = _log(tmp_path / name)
     assert [line["step"] for line in ours] == [0, 25]
-    for mine, theirs in zip(ours, _log(shipped)):
+    for mine, theirs in zip(ours, log):
         assert (mine["step"], mine["lr"]) == (theirs["step"], theirs["lr"])
         # another CPU may round differently; other data or masks would miss by far more
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3), (name, mine, theirs)
@@ -99,6 +105,51 @@ def test_check_flag_compares_loss_logs(tmp_path, capsys):
     assert "matches" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="differs"):
         main(flags + ["--out", str(tmp_path / "c"), "--seed", "1", "--check", str(tmp_path / "a")])
+
+
+def test_init_starts_from_the_checkpoint_and_keeps_its_record(tmp_path):
+    """A second stage begins at the first stage's weights (not a fresh initialisation), and its
+    training.json keeps the first stage's config and loss log."""
+    a = train(_tiny("llada", tmp_path / "a"), progress=False)
+    b = train(TrainConfig(**{**_tiny("llada", tmp_path / "b", seed=1, steps=0).__dict__, "init": str(a)}),
+              progress=False)
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    fresh = load_file(str(train(_tiny("llada", tmp_path / "c", steps=0), progress=False) / "model.safetensors"))
+    assert any(not torch.equal(wa[k], fresh[k]) for k in wa)     # three steps moved the weights
+    record = json.loads((b / "training.json").read_text())["init"]
+    assert record["config"] == json.loads((a / "training.json").read_text())["config"]
+    assert _log(b, stage_log(1)) == _log(a) and len(_log(a)) == 3
+    # a third stage carries both earlier logs
+    c = train(TrainConfig(**{**_tiny("llada", tmp_path / "c3", seed=2, steps=1).__dict__, "init": str(b)}),
+              progress=False)
+    assert _log(c, stage_log(1)) == _log(a) and _log(c, stage_log(2)) == _log(b)
+    assert json.loads((c / "training.json").read_text())["init"]["init"]["config"]["seed"] == 0
+
+
+def test_init_refuses_another_family_or_size(tmp_path):
+    a = train(_tiny("llada", tmp_path / "a", steps=1), progress=False)
+    with pytest.raises(ValueError, match="family 'llada'.*'dream'"):
+        train(TrainConfig(**{**_tiny("dream", tmp_path / "b").__dict__, "init": str(a)}), progress=False)
+    with pytest.raises(ValueError, match="d_model 16.*32"):
+        train(TrainConfig(**{**_tiny("llada", tmp_path / "c").__dict__, "d_model": 32, "init": str(a)}),
+              progress=False)
+
+
+def test_check_compares_a_first_stage_rerun_with_the_first_stage_log(tmp_path, capsys):
+    flags = ["--family", "llada", "--steps", "3", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+             "--n-heads", "2", "--mlp-hidden", "32", "--canvas", "80", "--warmup", "1", "--no-progress"]
+    main(flags + ["--out", str(tmp_path / "s1")])
+    main(flags + ["--out", str(tmp_path / "s2"), "--init", str(tmp_path / "s1"), "--seed", "1", "--lr", "1e-3"])
+    main(flags + ["--out", str(tmp_path / "r1"), "--stop-after", "2", "--check", str(tmp_path / "s2")])
+    assert "matches" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"loss_log\.stage1\.jsonl"):   # another seed misses stage 1's log
+        main(flags + ["--out", str(tmp_path / "r2"), "--seed", "2", "--check", str(tmp_path / "s2")])
+    main(flags + ["--out", str(tmp_path / "r3"), "--init", str(tmp_path / "s1"), "--seed", "1", "--lr", "1e-3",
+                  "--stop-after", "1", "--check", str(tmp_path / "s2")])
+    assert "matches" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no stage"):       # two stages cannot match a one-stage run
+        main(flags + ["--out", str(tmp_path / "r4"), "--init", str(tmp_path / "s1"), "--check", str(tmp_path / "s1")])
 
 
 def test_each_family_writes_a_loadable_checkpoint(tmp_path):
