@@ -391,16 +391,16 @@ def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | N
     ours = _read_log(run / "loss_log.jsonl")
     meta = json.loads((shipped / "training.json").read_text())
     ran = json.loads((run / "training.json").read_text()) if (run / "training.json").exists() else {}
-    skip = stage_depth(meta) - stage_depth(ran)
-    if skip < 0:
-        return 0, (f"{run} was trained in {stage_depth(ran) + 1} stages, {shipped} in "
-                   f"{stage_depth(meta) + 1}: no stage of {shipped} to compare with")
-    log = shipped / ("loss_log.jsonl" if skip == 0 else stage_log(stage_depth(ran) + 1))
-    theirs, where = _read_log(log), str(log)
+    depth, ran_depth = stage_depth(meta), stage_depth(ran)
+    if ran_depth > depth:
+        return 0, (f"{run} was trained in {ran_depth + 1} stages, {shipped} in "
+                   f"{depth + 1}: no stage of {shipped} to compare with")
+    log = shipped / ("loss_log.jsonl" if ran_depth == depth else stage_log(ran_depth + 1))
+    theirs = _read_log(log)
     for n, (a, b) in enumerate(zip(ours, theirs)):
         if a["step"] != b["step"] or a["lr"] != b["lr"] or abs(a["loss"] - b["loss"]) > rel * abs(b["loss"]):
             return n, (f"step {a['step']}: loss {a['loss']} lr {a['lr']} here, "
-                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {where}")
+                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {log}")
     return min(len(ours), len(theirs)), None
 
 

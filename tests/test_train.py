@@ -81,13 +81,11 @@ def test_shipped_training_command_reproduces_its_first_steps(tmp_path, name):
     initialisation and schedule. (The rerun of the whole command, and its accuracy, are in the
     model card.)"""
     shipped = MODELS / name
-    meta = json.loads((shipped / "training.json").read_text())
-    log = _log(shipped)
-    if "init" in meta:          # the first stage's command and log (train.py: _earlier_stages)
-        while "init" in meta:
-            meta = meta["init"]
-        log = _log(shipped, stage_log(1))
-    cfg = dict(meta["config"], out=str(tmp_path / name), stop_after=26)
+    meta = first = json.loads((shipped / "training.json").read_text())
+    while "init" in first:      # the first stage's command and log (train.py: _earlier_stages)
+        first = first["init"]
+    log = _log(shipped, "loss_log.jsonl" if first is meta else stage_log(1))
+    cfg = dict(first["config"], out=str(tmp_path / name), stop_after=26)
     train(TrainConfig(**cfg), progress=False)
     ours = _log(tmp_path / name)
     assert [line["step"] for line in ours] == [0, 25]
