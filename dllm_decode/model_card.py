@@ -146,8 +146,8 @@ python -m dllm_decode.model_card {rel} {args}--write
 
 
 def train_flags(cfg: dict) -> str:
-    """The command-line flags that reproduce `cfg` (steps and seed always, the rest when they
-    differ from the defaults)."""
+    """The command-line flags that reproduce `cfg`: steps, seed and threads always (the thread
+    count decides the order floats add in, so the weights), the rest when not the defaults."""
     from dataclasses import asdict
 
     from dllm_decode.train import TrainConfig
@@ -157,7 +157,7 @@ def train_flags(cfg: dict) -> str:
     for key, value in cfg.items():
         if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after"):
             continue
-        if key in ("steps", "seed") or (key in default and _norm(default[key]) != _norm(value)):
+        if key in ("steps", "seed", "threads") or (key in default and _norm(default[key]) != _norm(value)):
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             flags.append(f"--{key.replace('_', '-')} {shown}")
     return " ".join(flags)

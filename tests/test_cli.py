@@ -134,4 +134,5 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     assert f"--out {card.as_posix()} --init {training['config']['init']}" in text
     check = text.split("--stop-after 100")[0].splitlines()[-1]
     assert f"--steps {first['steps']}" in check and "--init" not in check
+    assert f"--threads {first['threads']}" in check     # the count the weights depend on
     assert f"The second stage starts from the weights of the one before and trains {training['config']['steps']}" in text

@@ -152,9 +152,12 @@ def test_loglikelihood_requests():
     assert all(isinstance(ll, float) and ll < 0 and isinstance(g, bool) for ll, g in out)
     # each request seeds its own masks: order (and so rank and batching) does not matter
     assert lm.loglikelihood(reqs[::-1]) == out[::-1]
-    # a good answer beats a wrong one
-    good, bad = lm.loglikelihood([Instance("loglikelihood", {}, ("copy: abcdef\n", "abcdef\n#### abcdef"), 0),
-                                  Instance("loglikelihood", {}, ("copy: abcdef\n", "zyxwvu\n#### zyxwvu"), 1)])
+    # on a held-out problem of the task the model learned, the right copy beats the same letters
+    # reversed (a toy prompt of another length is outside what it was trained on)
+    p = get_task("copy").problems("test", 1)[0]
+    wrong = p.answer.split("\n")[0][::-1]
+    good, bad = lm.loglikelihood([Instance("loglikelihood", {}, (p.prompt, p.answer), 0),
+                                  Instance("loglikelihood", {}, (p.prompt, f"{wrong}\n#### {wrong}"), 1)])
     assert good[0] > bad[0]
     # trailing context whitespace moves into the continuation
     ctx, cont = lm.encode_pair("copy: ab \n", "x")
