@@ -252,18 +252,25 @@ def build(cfg: TrainConfig, tok):
     return model.to(cfg.device).train().requires_grad_(True)
 
 
-def _load_init(cfg: TrainConfig) -> torch.nn.Module:
-    """The checkpoint `cfg.init` names, checked against the family and size `cfg` asks for
-    (a mismatch would otherwise surface as a state-dict error naming parameters)."""
+def _init_record(cfg: TrainConfig) -> dict:
+    """The training.json of the checkpoint `cfg.init` names, checked against the family and size
+    `cfg` asks for before anything is written (a mismatch would otherwise surface as a state-dict
+    error naming parameters)."""
     path = Path(cfg.init)
     meta_path = path / "training.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"--init {path}: no training.json (a checkpoint written by this script)")
-    base = json.loads(meta_path.read_text())["config"]
+    record = json.loads(meta_path.read_text())
     for key in ("family", "d_model", "n_layers", "n_heads", "mlp_hidden"):
-        if base[key] != getattr(cfg, key):
-            raise ValueError(f"--init {path}: {meta_path} has {key} {base[key]!r}, this run asks for "
-                             f"{getattr(cfg, key)!r}")
+        if record["config"][key] != getattr(cfg, key):
+            raise ValueError(f"--init {path}: {meta_path} has {key} {record['config'][key]!r}, this run "
+                             f"asks for {getattr(cfg, key)!r}")
+    return record
+
+
+def _load_init(cfg: TrainConfig) -> torch.nn.Module:
+    """The weights of the checkpoint `cfg.init` names (checked by `_init_record`)."""
+    path = Path(cfg.init)
     if cfg.family == "ar":
         from transformers import LlamaForCausalLM
 
@@ -277,9 +284,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    record = _init_record(cfg) if cfg.init else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier_stages(Path(cfg.init), out) if cfg.init else None
+    earlier = _earlier_stages(Path(cfg.init), record, out) if record else None
     tok = save_char_tokenizer(out)
     model = build(cfg, tok)
     batcher = Batcher(cfg, tok)
@@ -358,12 +366,11 @@ def stage_log(n: int) -> str:
     return f"loss_log.stage{n}.jsonl"
 
 
-def _earlier_stages(base: Path, out: Path) -> dict:
+def _earlier_stages(base: Path, record: dict, out: Path) -> dict:
     """Keep in `out` what a later stage needs of the checkpoint `base` it starts from -> base's
-    training.json (itself holding any stage before it), recorded as this run's "init". Base's
-    loss logs are copied as loss_log.stage{n}.jsonl, so every earlier stage's command can be
-    checked against the shipped checkpoint although only the last stage's weights ship."""
-    record = json.loads((base / "training.json").read_text())
+    training.json `record` (itself holding any stage before it), recorded as this run's "init".
+    Base's loss logs are copied as loss_log.stage{n}.jsonl, so every earlier stage's command can
+    be checked against the shipped checkpoint although only the last stage's weights ship."""
     n = stage_depth(record) + 1                      # base is stage n
     logs = {stage_log(k): (base / stage_log(k)).read_text() for k in range(1, n)}
     logs[stage_log(n)] = (base / "loss_log.jsonl").read_text()

@@ -132,6 +132,7 @@ def test_init_refuses_another_family_or_size(tmp_path):
     with pytest.raises(ValueError, match="d_model 16.*32"):
         train(TrainConfig(**{**_tiny("llada", tmp_path / "c").__dict__, "d_model": 32, "init": str(a)}),
               progress=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()   # refused before writing
 
 
 def test_check_compares_a_first_stage_rerun_with_the_first_stage_log(tmp_path, capsys):
