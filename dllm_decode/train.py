@@ -261,10 +261,11 @@ def _init_record(cfg: TrainConfig) -> dict:
     if not meta_path.exists():
         raise FileNotFoundError(f"--init {path}: no training.json (a checkpoint written by this script)")
     record = json.loads(meta_path.read_text())
+    base = record["config"]
     for key in ("family", "d_model", "n_layers", "n_heads", "mlp_hidden"):
-        if record["config"][key] != getattr(cfg, key):
-            raise ValueError(f"--init {path}: {meta_path} has {key} {record['config'][key]!r}, this run "
-                             f"asks for {getattr(cfg, key)!r}")
+        if base[key] != getattr(cfg, key):
+            raise ValueError(f"--init {path}: {meta_path} has {key} {base[key]!r}, this run asks for "
+                             f"{getattr(cfg, key)!r}")
     return record
 
 
@@ -287,7 +288,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     record = _init_record(cfg) if cfg.init else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _earlier_stages(Path(cfg.init), record, out) if record else None
+    earlier = _earlier_stages(Path(cfg.init), record, out) if record is not None else None
     tok = save_char_tokenizer(out)
     model = build(cfg, tok)
     batcher = Batcher(cfg, tok)
