@@ -182,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dllm_decode import bench
+    from dllm_decode.measure import bench
     from dllm_decode.models import load_model
     from dllm_decode.plugins import get_plugin_manager
 
@@ -204,7 +204,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model.spec = dataclasses.replace(model.spec, max_length=max(args.max_length, model.spec.max_length))
     ar = None
     if args.ar_model:
-        from dllm_decode.evaluate import load_ar
+        from dllm_decode.measure.evaluate import load_ar
         ar = load_ar(args.ar_model, device=first.model.device)
     chunk = max(r.generation.batch_size for _, r in recipes)
     total = len(problems) * (len(recipes) + (ar is not None))
@@ -238,7 +238,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from dllm_decode import trace
+    from dllm_decode.measure import trace
     from dllm_decode.config import load_recipe
     from dllm_decode.engine import Decoder
     from dllm_decode.models import load_model
@@ -267,7 +267,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _task_problems(args: argparse.Namespace) -> list:
-    from dllm_decode.tasks import get_task
+    from dllm_decode.measure.tasks import get_task
 
     problems = []
     for name in args.task.split(","):
@@ -280,7 +280,7 @@ def _task_problems(args: argparse.Namespace) -> list:
 
 
 def _decode_problems(model, tokenizer, recipe, pm, policy, problems, args) -> int:
-    from dllm_decode.evaluate import evaluate
+    from dllm_decode.measure.evaluate import evaluate
 
     res = evaluate(model, tokenizer, recipe, problems, pm=pm, policy=policy,
                    progress=not args.no_progress and sys.stderr.isatty())

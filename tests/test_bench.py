@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode.bench import BenchRun, expand_sweeps, pareto, render, run_bench
+from dllm_decode.measure.bench import BenchRun, expand_sweeps, pareto, render, run_bench
 from dllm_decode.cli import main
 from dllm_decode.errors import RecipeError
-from dllm_decode.evaluate import ProblemRecord
+from dllm_decode.measure.evaluate import ProblemRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "llada-reference"
@@ -57,7 +57,7 @@ def reference():
 
 
 def test_interleaved_runs_are_deterministic_but_for_timings(reference):
-    from dllm_decode.model_card import held_out
+    from dllm_decode.tools.reporting import held_out
 
     model, tok = reference
     problems = held_out(["repeat", "case"], 3, 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode.demo_model import make_demo_model
+from dllm_decode.tools.demo_model import make_demo_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("dllm-decode"))
@@ -96,11 +96,11 @@ def test_model_card_command_writes_the_table(tmp_path):
     card = tmp_path / "llada-reference"
     shutil.copytree(ROOT / "models" / "llada-reference", card)
     (card / "README.md").unlink()
-    out = subprocess.run([sys.executable, "-m", "dllm_decode.model_card", str(card), "--n", "2", "--grid-n", "0",
+    out = subprocess.run([sys.executable, "-m", "dllm_decode.tools.model_card", str(card), "--n", "2", "--grid-n", "0",
                           "--write"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     text = (card / "README.md").read_text()
-    assert "| 1 | full |" in text and "| 4 | full |" in text and "python -m dllm_decode.train --family llada" in text
+    assert "| 1 | full |" in text and "| 4 | full |" in text and "python -m dllm_decode.tools.train --family llada" in text
     assert "--stop-after 100 --check" in text     # the quick reproduction check
     assert json.loads((card / "eval.json").read_text())["tables"][0]["rows"][0]["tokens_per_step"] == 1
 
@@ -120,7 +120,7 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     training["config"]["full_mask"] = 0.1       # a non-default option reaches the command and the prose
     (card / "training.json").write_text(json.dumps(training))
     (card / "README.md").unlink()
-    out = subprocess.run([sys.executable, "-m", "dllm_decode.model_card", str(card), "--render"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "dllm_decode.tools.model_card", str(card), "--render"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     text = (card / "README.md").read_text()

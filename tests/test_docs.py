@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode import docs_reference
+from dllm_decode.tools import docs_reference
 from dllm_decode.plugins import PluginInfo, PluginMeta, get_plugin_manager, list_plugins
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted(DOCS.glob("*.md")),
          ROOT / "examples" / "plugin-eb-sampler" / "README.md"]
-REGENERATE = "run `python -m dllm_decode.docs_reference --write` and commit docs/reference.md"
+REGENERATE = "run `python -m dllm_decode.tools.docs_reference --write` and commit docs/reference.md"
 
 
 @pytest.fixture(scope="module")

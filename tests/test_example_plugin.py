@@ -83,7 +83,7 @@ def test_used_by_name_from_a_recipe(fresh_env):
 
 
 def test_left_out_of_the_builtin_reference(fresh_env):
-    out = _run([fresh_env["python"], "-m", "dllm_decode.docs_reference"], fresh_env["tmp"], fresh_env["env"])
+    out = _run([fresh_env["python"], "-m", "dllm_decode.tools.docs_reference"], fresh_env["tmp"], fresh_env["env"])
     assert "### `llada`" in out.stdout and "eb_sampler" not in out.stdout
 
 

@@ -17,7 +17,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from dllm_decode.errors import DllmDecodeError, InputError, RecipeError  # noqa: E402
 from dllm_decode.harness import TASKS_DIR, task_data  # noqa: E402
 from dllm_decode.harness.lm import DllmDecodeLM  # noqa: E402
-from dllm_decode.tasks import get_task  # noqa: E402
+from dllm_decode.measure.tasks import get_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = str(ROOT / "models" / "llada-reference")
@@ -194,7 +194,7 @@ def test_lm_eval_accuracy_equals_bench_on_the_same_problems():
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from dllm_decode.bench import run_bench
+    from dllm_decode.measure.bench import run_bench
 
     n = 3
     lm = make_lm(batch_size=2)

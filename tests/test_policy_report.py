@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode.policy_report import END, START, Entry, measure, render, write_between_markers
+from dllm_decode.tools.policy_report import END, START, Entry, measure, render
+from dllm_decode.tools.reporting import write_between_markers
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -34,18 +35,18 @@ def test_ratios_are_against_the_first_row_of_each_model():
 def test_write_keeps_the_rest_of_the_doc(tmp_path):
     doc = tmp_path / "p.md"
     doc.write_text(f"intro\n{START}\nold\n{END}\noutro\n")
-    write_between_markers(doc, "NEW")
+    write_between_markers(doc, "NEW", START, END)
     assert doc.read_text() == f"intro\n{START}\nNEW\n{END}\noutro\n"
     (tmp_path / "q.md").write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
-        write_between_markers(tmp_path / "q.md", "NEW")
+        write_between_markers(tmp_path / "q.md", "NEW", START, END)
 
 
 def test_every_shipped_recipe_is_documented_and_measured():
     """Recipes without a cache belong to the policy report, recipes with one to the cache report."""
-    from dllm_decode import cache_report
+    from dllm_decode.tools import cache_report
     from dllm_decode.config import load_recipe
-    from dllm_decode.policy_report import ENTRIES
+    from dllm_decode.tools.policy_report import ENTRIES
     from dllm_decode.recipes import find_recipe, shipped_recipes
 
     docs = Path(__file__).resolve().parents[1] / "docs"

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from dllm_decode.config import load_recipe
-from dllm_decode.evaluate import evaluate, evaluate_ar, load_ar
+from dllm_decode.measure.evaluate import evaluate, evaluate_ar, load_ar
 from dllm_decode.models import load_model
 from dllm_decode.recipes import find_recipe
-from dllm_decode.tasks import REFERENCE_MIX, get_task
+from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 N = 24      # held-out problems per task: enough for a floor, cheap enough for every run

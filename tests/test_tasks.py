@@ -4,7 +4,7 @@ import pytest
 
 from dllm_decode.config import load_recipe
 from dllm_decode.recipes import find_recipe
-from dllm_decode.tasks import REFERENCE_MIX, TASKS, extract_answer, get_task, split_of
+from dllm_decode.measure.tasks import REFERENCE_MIX, TASKS, extract_answer, get_task, split_of
 
 
 @pytest.mark.parametrize("name", list(TASKS))

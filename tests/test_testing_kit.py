@@ -1,4 +1,4 @@
-"""The plugin author's kit (dllm_decode.testing, dllm_decode.pytest_plugin) passes a correct
+"""The plugin author's kit (dllm_decode.testing, dllm_decode.testing.pytest_plugin) passes a correct
 plugin and fails a wrong one, with messages that say where."""
 
 import pytest
@@ -103,7 +103,7 @@ def test_the_kit_replaces_an_installed_plugin_of_the_same_name():
 
 
 def test_pytest_fixtures(pytester):
-    pytester.makeconftest('pytest_plugins = ["dllm_decode.pytest_plugin"]')
+    pytester.makeconftest('pytest_plugins = ["dllm_decode.testing.pytest_plugin"]')
     pytester.makepyfile("""
         from dllm_decode.hookspecs import hookimpl
         from dllm_decode.testing import PluginKit

@@ -43,7 +43,7 @@ def test_handwritten_loop_equals_the_engine():
     from dllm_decode.config import load_recipe
     from dllm_decode.engine import Decoder
     from dllm_decode.models import load_model
-    from dllm_decode.overhead import handwritten_llada
+    from dllm_decode.tools.overhead import handwritten_llada
     from dllm_decode.recipes import find_recipe
 
     model, tok = load_model(MODEL)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dllm_decode.char_tokenizer import build_char_tokenizer
-from dllm_decode.train import Batcher, TrainConfig, diffusion_loss, main, stage_log, train
+from dllm_decode.tools.char_tokenizer import build_char_tokenizer
+from dllm_decode.tools.train import Batcher, TrainConfig, diffusion_loss, main, stage_log, train
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -169,7 +169,7 @@ def test_each_family_writes_a_loadable_checkpoint(tmp_path):
 def test_block_rows_mask_like_semi_autoregressive_decoding():
     """mix (0, 1, 0): each row reveals a block-aligned prefix, partly masks one block and masks
     everything after it; the prompt never."""
-    from dllm_decode.train import mask_canvas
+    from dllm_decode.tools.train import mask_canvas
 
     P, G = 7, 64
     ids = torch.full((32, P + G), 9)
@@ -188,7 +188,7 @@ def test_block_rows_mask_like_semi_autoregressive_decoding():
 def test_full_rows_mask_the_whole_answer_and_keep_the_other_draws():
     """full=1: every row masks all of its answer and part of its EOS padding (the state the
     first answer commit of low-confidence decoding sees); full=0 draws exactly as before."""
-    from dllm_decode.train import mask_canvas
+    from dllm_decode.tools.train import mask_canvas
 
     P, G, eos = 5, 48, 2
     ids = torch.full((64, P + G), 9)

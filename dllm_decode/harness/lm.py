@@ -34,7 +34,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from dllm_decode.errors import InputError
-from dllm_decode.evaluate import generated_tokens
+from dllm_decode.measure.evaluate import generated_tokens
 from dllm_decode.harness.distributed import ProcessGroup
 from dllm_decode.harness.likelihood import is_greedy, mc_loglikelihood
 from dllm_decode.harness.options import HarnessOptions, parse_options

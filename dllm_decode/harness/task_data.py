@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dllm_decode.tasks import REFERENCE_MIX, get_task
+from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks" / "dllm_reference"
 PROBLEMS_PER_TASK = 200

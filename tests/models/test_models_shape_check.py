@@ -1,5 +1,5 @@
 """The shape check runs in seconds with small overrides and refuses what does not fit."""
-from dllm_decode.models import shape_check
+from dllm_decode.tools import shape_check
 
 
 def test_shape_check_small_overrides(capsys):

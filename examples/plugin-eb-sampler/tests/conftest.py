@@ -1,2 +1,2 @@
 # The dllm-decode testing kit's fixtures (dllm_kit, random_logits_model) for these tests.
-pytest_plugins = ["dllm_decode.pytest_plugin"]
+pytest_plugins = ["dllm_decode.testing.pytest_plugin"]

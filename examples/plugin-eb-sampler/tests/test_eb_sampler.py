@@ -89,7 +89,7 @@ def test_parity_on_llada_reference(kit):
     if path is None:
         pytest.skip("models/llada-reference not found (set DLLM_DECODE_REFERENCE_MODEL)")
     from dllm_decode.models import load_model
-    from dllm_decode.tasks import get_task
+    from dllm_decode.measure.tasks import get_task
 
     model, tok = load_model(path, dtype="float64")
     prompts = [tok.encode(get_task(name).problems("test", 1, 3)[0].prompt, add_special_tokens=False)

@@ -41,7 +41,7 @@ def doc_to_text(doc: dict[str, Any]) -> str:
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, int]:
-    from dllm_decode.tasks import Problem, get_task
+    from dllm_decode.measure.tasks import Problem, get_task
 
     problem = Problem(doc["task"], int(doc["index"]), doc["prompt"], doc["answer"], json.loads(doc["meta"]))
     return {"exact_match": int(get_task(doc["task"]).score(problem, results[0]))}

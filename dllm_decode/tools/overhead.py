@@ -1,8 +1,8 @@
 """Framework overhead: the engine against a hand-written loop of the same algorithm, on the same
 model and prompts, alternating step by step in one process.
 
-    python -m dllm_decode.overhead                    # llada-reference, gen 96, batch 4
-    python -m dllm_decode.overhead --gen 256 --repeats 5
+    python -m dllm_decode.tools.overhead                    # llada-reference, gen 96, batch 4
+    python -m dllm_decode.tools.overhead --gen 256 --repeats 5
 
 The algorithm is the LLaDA baseline at one token per forward over one block, T = 0: the
 commonest policy, and the one whose per-step model work is smallest relative to the engine's
@@ -111,7 +111,7 @@ def measure(model, tokenizer, problems, gen_length: int, batch_size: int, repeat
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dllm_decode.model_card import held_out, machine
+    from dllm_decode.tools.reporting import held_out, machine
     from dllm_decode.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 import string
 
-from dllm_decode.tasks.base import FINAL, Problem, Task
+from dllm_decode.measure.tasks.base import FINAL, Problem, Task
 
 COUNTS = {6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
 

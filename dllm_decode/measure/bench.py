@@ -16,9 +16,9 @@ import torch
 
 from dllm_decode.config import Recipe, load_recipe
 from dllm_decode.errors import RecipeError
-from dllm_decode.evaluate import ProblemRecord, score_rows
+from dllm_decode.measure.evaluate import ProblemRecord, score_rows
 from dllm_decode.recipes import find_recipe
-from dllm_decode.tasks import Problem
+from dllm_decode.measure.tasks import Problem
 
 
 @dataclass
@@ -148,7 +148,7 @@ def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems:
     import time
 
     from dllm_decode.engine import Decoder
-    from dllm_decode.evaluate import evaluate_ar
+    from dllm_decode.measure.evaluate import evaluate_ar
 
     decoders = [Decoder(model, r, pm=pm, tokenizer=tokenizer) for _, r in recipes]
     runs = [BenchRun(label, "diffusion", r.to_dict()) for label, r in recipes]

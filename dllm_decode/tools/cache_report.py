@@ -1,12 +1,12 @@
 """Every policy alone and with every cache, side by side on the reference models, at two
 generation lengths: accuracy, forwards, FLOPs actually computed, seconds, speedups.
 
-    python -m dllm_decode.cache_report                  # print the tables
-    python -m dllm_decode.cache_report --write          # and replace them in docs/caches.md
+    python -m dllm_decode.tools.cache_report                  # print the tables
+    python -m dllm_decode.tools.cache_report --write          # and replace them in docs/caches.md
 
 Speedups are ratios against the first row of the same model and length (the LLaDA baseline,
 one token per forward, no cache), measured in the same run after a warm-up, every row of a
-model interleaved batch by batch with the others (``dllm_decode.bench.run_bench``). FLOPs are the
+model interleaved batch by batch with the others (``dllm_decode.measure.bench.run_bench``). FLOPs are the
 executor's count of the matmuls each forward really ran (``CacheStore.flops``): a cached step
 shows what it saved even where this machine's wall clock does not.
 
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from dllm_decode.model_card import machine
-from dllm_decode.policy_report import Column, Entry, ratio_table, write_between_markers
-from dllm_decode.tasks import REFERENCE_MIX
+from dllm_decode.tools.policy_report import Entry
+from dllm_decode.tools.reporting import Column, held_out, machine, ratio_table, write_between_markers
+from dllm_decode.measure.tasks import REFERENCE_MIX
 
 START, END = "<!-- cache-report:start -->", "<!-- cache-report:end -->"
 
@@ -76,9 +76,8 @@ def run(models_dir: Path, tasks, n: int, seed: int, gen: int, dream: bool = True
     """Every entry for ``gen``, each model's entries interleaved batch by batch (bench.run_bench)."""
     import dataclasses
 
-    from dllm_decode.bench import run_bench
+    from dllm_decode.measure.bench import run_bench
     from dllm_decode.config import load_recipe
-    from dllm_decode.model_card import held_out
     from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
 
@@ -146,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     parts = [f"### Generation length {a.gen}\n\n{a.n} held-out problems per task (seed {a.seed}), T = 0, "
              f"batches of 4, every row of a model interleaved batch by batch.\n\n{render(rows, tasks)}"]
     record = {"machine": machine(), str(a.gen): rows}
-    cmd = "python -m dllm_decode.cache_report --write"
+    cmd = "python -m dllm_decode.tools.cache_report --write"
 
     def publish() -> None:              # after each length, so a long run never loses the first
         text = f"Machine: {machine()}.\n\n" + "\n\n".join(parts) + f"\n\nReproduce: `{cmd}`"

@@ -1,8 +1,8 @@
 """Accuracy, forwards and seconds of every shipped policy against the baseline, measured side by
 side on the reference models.
 
-    python -m dllm_decode.policy_report                 # print the table
-    python -m dllm_decode.policy_report --write         # and replace the table in docs/policies.md
+    python -m dllm_decode.tools.policy_report                 # print the table
+    python -m dllm_decode.tools.policy_report --write         # and replace the table in docs/policies.md
 
 Every entry decodes the same held-out problems; speedups are ratios against the first entry of
 the same model (the LLaDA baseline at one token per forward) in the same run, after a warm-up
@@ -15,12 +15,11 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from dllm_decode.model_card import held_out, machine
-from dllm_decode.tasks import REFERENCE_MIX
+from dllm_decode.measure.tasks import REFERENCE_MIX
+from dllm_decode.tools.reporting import Column, held_out, machine, ratio_table, write_between_markers
 
 START, END = "<!-- policy-report:start -->", "<!-- policy-report:end -->"
 
@@ -62,7 +61,7 @@ ENTRIES = (
 def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progress: bool = True) -> list[dict]:
     """Decode the held-out problems under every entry, one model load and warm-up per model."""
     from dllm_decode.config import load_recipe
-    from dllm_decode.evaluate import evaluate
+    from dllm_decode.measure.evaluate import evaluate
     from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
 
@@ -90,25 +89,6 @@ def measure(models_dir: Path, tasks, n: int, seed: int, entries=ENTRIES, progres
     return rows
 
 
-#: a table column: (header, cell of a row given the first row of the same model)
-Column = tuple[str, Callable[[dict, dict], str]]
-
-
-def ratio_table(rows: list[dict], tasks, lead: list[Column], tail: list[Column]) -> str:
-    """Markdown table of measured rows: the ``lead`` columns left-aligned, one accuracy column
-    per task and the ``tail`` columns right-aligned. Ratios in ``tail`` get the first row of the
-    row's model as their baseline."""
-    task_cols: list[Column] = [(t, lambda r, b, t=t: f"{r['tasks'][t]['accuracy']:.2f}") for t in tasks]
-    right = task_cols + tail
-    lines = ["| " + " | ".join(h for h, _ in lead + right) + " |",
-             "|" + "---|" * len(lead) + "---:|" * len(right)]
-    base: dict[str, dict] = {}
-    for r in rows:
-        b = base.setdefault(r["model"], r)
-        lines.append("| " + " | ".join(cell(r, b) for _, cell in lead + right) + " |")
-    return "\n".join(lines)
-
-
 def render(rows: list[dict], tasks) -> str:
     lead: list[Column] = [("model", lambda r, b: r["model"]), ("policy", lambda r, b: r["label"]),
                           ("recipe", lambda r, b: f"`{r['recipe']}`" + "".join(f" `{o}`" for o in r["overrides"]))]
@@ -133,22 +113,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     tasks = a.tasks.split(",")
     rows = measure(Path(a.models), tasks, a.n, a.seed)
-    cmd = "python -m dllm_decode.policy_report" + (f" --n {a.n}" if a.n != 50 else "") + " --write"
+    cmd = "python -m dllm_decode.tools.policy_report" + (f" --n {a.n}" if a.n != 50 else "") + " --write"
     table = (f"{a.n} held-out problems per task (seed {a.seed}), generation length 96, T = 0. "
              f"Machine: {machine()}.\n\n{render(rows, tasks)}\n\nReproduce: `{cmd}`")
     print(table)
     if a.write:
-        write_between_markers(Path(a.write), table)
+        write_between_markers(Path(a.write), table, START, END)
         Path(a.write).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-
-
-def write_between_markers(path: Path, table: str, start: str = START, end: str = END) -> None:
-    """Replace what lies between the report markers of ``path``; the rest of the file stays."""
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path}: no {start} ... {end} markers to write the table between")
-    head, rest = text.split(start, 1)
-    path.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

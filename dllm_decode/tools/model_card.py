@@ -1,7 +1,7 @@
 """Measure a reference model on the held-out problems and write its model card.
 
-    python -m dllm_decode.model_card models/llada-reference            # print the table
-    python -m dllm_decode.model_card models/llada-reference --write    # and rewrite README.md
+    python -m dllm_decode.tools.model_card models/llada-reference            # print the table
+    python -m dllm_decode.tools.model_card models/llada-reference --write    # and rewrite README.md
 
 A diffusion checkpoint is decoded with the LLaDA baseline recipe at 1, 2, 4 and 8 tokens per
 step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; an autoregressive
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 
-from dllm_decode.tasks import REFERENCE_MIX, get_task
+from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+from dllm_decode.tools.reporting import held_out, machine
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
 BLOCKS = (8, 32, None)          # None: one block over the whole canvas
@@ -34,14 +34,10 @@ def is_ar_checkpoint(path: Path) -> bool:
     return cfg.get("model_type") not in ("llada", "Dream")
 
 
-def held_out(tasks, n: int, seed: int):
-    return [p for name in tasks for p in get_task(name).problems("test", n, seed)]
-
-
 def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
                     grid=GRID, progress: bool = True) -> list[dict]:
     from dllm_decode.config import load_recipe
-    from dllm_decode.evaluate import evaluate
+    from dllm_decode.measure.evaluate import evaluate
     from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
 
@@ -64,7 +60,7 @@ def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int,
 
 
 def ar_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int) -> list[dict]:
-    from dllm_decode.evaluate import evaluate_ar, load_ar
+    from dllm_decode.measure.evaluate import evaluate_ar, load_ar
 
     model, tok = load_ar(str(path))
     res = evaluate_ar(model, tok, held_out(tasks, n, seed), max_new_tokens=gen_length, batch_size=batch_size)
@@ -83,11 +79,6 @@ def render(rows: list[dict], tasks) -> str:
             cells += [f"{v['accuracy']:.3f}", f"{v['nfe']:.1f}", f"{v['seconds_per_problem']:.4f}"]
         lines.append(f"| {r['tokens_per_step']} | {r['block_length']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def machine() -> str:
-    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"float32, batch decoding")
 
 
 CARD = """# {name}
@@ -140,7 +131,7 @@ Generation length {gen_length}, held-out problems of the test split (seed {eval_
 Reproduce these tables:
 
 ```bash
-python -m dllm_decode.model_card {rel} {args}--write
+python -m dllm_decode.tools.model_card {rel} {args}--write
 ```
 """
 
@@ -150,7 +141,7 @@ def train_flags(cfg: dict) -> str:
     count decides the order floats add in, so the weights), the rest when not the defaults."""
     from dataclasses import asdict
 
-    from dllm_decode.train import TrainConfig
+    from dllm_decode.tools.train import TrainConfig
 
     default = asdict(TrainConfig())
     flags = []
@@ -172,7 +163,7 @@ def training_stages(meta: dict, out: str) -> list[tuple[str, dict]]:
 
 def train_command(out: str, cfg: dict) -> str:
     init = f" --init {cfg['init']}" if cfg.get("init") else ""
-    return f"python -m dllm_decode.train --family {cfg['family']} --out {out}{init} {train_flags(cfg)}"
+    return f"python -m dllm_decode.tools.train --family {cfg['family']} --out {out}{init} {train_flags(cfg)}"
 
 
 def task_odds_sentence(cfg: dict) -> str:
@@ -206,11 +197,11 @@ def _norm(value):
 def mix_sentence(mix) -> str:
     iid, block, eos = (float(m) / sum(map(float, mix)) for m in mix)
     if block == 0 and eos == 0:
-        return "Every row uses LLaDA's independent masks (`dllm_decode/train.py: mask_canvas`)."
+        return "Every row uses LLaDA's independent masks (`dllm_decode/tools/train.py: mask_canvas`)."
     return (f"A fraction {iid:.2f} of the rows use LLaDA's independent masks, {block:.2f} mask like "
             "semi-autoregressive decoding (revealed blocks, a partly masked block, a fully masked rest) "
             f"and {eos:.2f} reveal EOS padding early as low-confidence decoding does; the last two are "
-            "weighted by canvas length over masked count (`dllm_decode/train.py: mask_canvas`).")
+            "weighted by canvas length over masked count (`dllm_decode/tools/train.py: mask_canvas`).")
 
 
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
@@ -225,7 +216,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     stages = training_stages(meta, rel)          # [(out, training.json)], first stage first
     first = stages[0][1]["config"]
     train_cmd = "\n".join(train_command(out, m["config"]) for out, m in stages)
-    check_cmd = (f"python -m dllm_decode.train --family {first['family']} --out runs/{path.name}-check "
+    check_cmd = (f"python -m dllm_decode.tools.train --family {first['family']} --out runs/{path.name}-check "
                  f"{train_flags(first)} --stop-after 100 --check {rel}")
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "

@@ -24,7 +24,7 @@ reference function the author writes from the paper or the original code::
     check_parity(RandomLogitsModel(), "recipes/my-policy.yaml", reference)
 
 :class:`PluginKit` bundles both around one model and the plugins under test (registered
-directly, so a plugin can be tested before it is installed); ``dllm_decode.pytest_plugin``
+directly, so a plugin can be tested before it is installed); ``dllm_decode.testing.pytest_plugin``
 hands one out as the ``dllm_kit`` fixture. See docs/plugin-guide.md.
 """
 

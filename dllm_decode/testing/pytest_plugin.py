@@ -2,9 +2,9 @@
 
 Enable them in your ``conftest.py``::
 
-    pytest_plugins = ["dllm_decode.pytest_plugin"]
+    pytest_plugins = ["dllm_decode.testing.pytest_plugin"]
 
-or on the command line with ``pytest -p dllm_decode.pytest_plugin``. Then::
+or on the command line with ``pytest -p dllm_decode.testing.pytest_plugin``. Then::
 
     def test_my_policy(dllm_kit):
         dllm_kit.check_invariants({"policy": "llada", "select_tokens": "my_policy"})

@@ -1,8 +1,8 @@
 """Train the reference models on the task suite.
 
-    python -m dllm_decode.train --family llada --out models/llada-reference
-    python -m dllm_decode.train --family dream --out models/dream-reference
-    python -m dllm_decode.train --family ar    --out models/ar-reference
+    python -m dllm_decode.tools.train --family llada --out models/llada-reference
+    python -m dllm_decode.tools.train --family dream --out models/dream-reference
+    python -m dllm_decode.tools.train --family ar    --out models/ar-reference
 
 ``llada`` / ``dream``: LLaDA's supervised masked-diffusion objective. Each row draws a mask
 ratio t ~ U(eps, 1) (stratified over the batch so every batch spans the range), masks each
@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dllm_decode.char_tokenizer import save_char_tokenizer
-from dllm_decode.tasks import REFERENCE_MIX, get_task
+from dllm_decode.tools.char_tokenizer import save_char_tokenizer
+from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
 
 
 @dataclass

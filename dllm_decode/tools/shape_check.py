@@ -2,8 +2,8 @@
 (response reused, V-verify recomputing a quarter of it, layer 0 in full), on a model of real
 shape with random weights (timing does not depend on the weights).
 
-    python -m dllm_decode.models.shape_check                       # LLaDA-8B shape
-    python -m dllm_decode.models.shape_check --layers 2 --d-model 256 --heads 4 --vocab 4096
+    python -m dllm_decode.tools.shape_check                       # LLaDA-8B shape
+    python -m dllm_decode.tools.shape_check --layers 2 --d-model 256 --heads 4 --vocab 4096
 
 The default shape needs ~16 GB (bf16) on the device; when the device lacks the memory the
 script says so and exits instead of faking a run (use the overrides on small machines).
@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from .dream import DreamConfig, DreamModel
-from .llada import LLaDAConfig, LLaDAModel
-from .loader import resolve_dtype
-from .plan import ComputePlan
-from .store import CacheStore
+from dllm_decode.models.dream import DreamConfig, DreamModel
+from dllm_decode.models.llada import LLaDAConfig, LLaDAModel
+from dllm_decode.models.loader import resolve_dtype
+from dllm_decode.models.plan import ComputePlan
+from dllm_decode.models.store import CacheStore
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -75,7 +75,7 @@ def _time(fn, repeats: int, warmup: int, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dllm_decode.models.shape_check",
+    ap = argparse.ArgumentParser(prog="python -m dllm_decode.tools.shape_check",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", choices=["llada", "dream"], default="llada")
     ap.add_argument("--layers", type=int, default=32)

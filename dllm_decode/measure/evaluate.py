@@ -14,7 +14,7 @@ from typing import Any, Collection, Sequence
 import torch
 
 from dllm_decode.models.loader import encode_prompts
-from dllm_decode.tasks import Problem, get_task
+from dllm_decode.measure.tasks import Problem, get_task
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Used by tests and by the demo until the trained reference models ship: it goes through the
 same loader path as a downloaded LLaDA or Dream checkpoint (config.json, safetensors,
-tokenizer.json). ``python -m dllm_decode.demo_model DIR [--family dream]`` writes one.
+tokenizer.json). ``python -m dllm_decode.tools.demo_model DIR [--family dream]`` writes one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dllm_decode.char_tokenizer import save_char_tokenizer
+from dllm_decode.tools.char_tokenizer import save_char_tokenizer
 
 
 def make_demo_model(directory: str | Path, family: str = "llada", d_model: int = 64, n_layers: int = 2,
@@ -29,7 +29,7 @@ def make_demo_model(directory: str | Path, family: str = "llada", d_model: int =
     (directory / "README.md").write_text(
         f"# tiny-random-{family}\n\nRandom weights (seed {seed}), {family} on-disk format, character tokenizer.\n"
         "It exercises the loading and decoding machinery; its text is meaningless.\n\n"
-        f"Made by `python -m dllm_decode.demo_model {directory.name} --family {family} --seed {seed}`.\n")
+        f"Made by `python -m dllm_decode.tools.demo_model {directory.name} --family {family} --seed {seed}`.\n")
     return directory
 
 

@@ -1,0 +1,1 @@
+"""Measuring decoders: held-out tasks, scoring, side-by-side benchmarks and step traces."""
