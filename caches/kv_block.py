@@ -1,5 +1,5 @@
 """Fast-dLLM's block KV cache (NVlabs/Fast-dLLM ``generate_with_prefix_cache`` /
-``generate_with_dual_cache``; ALGORITHMS.md §3.3-3.5) as a ``cache_policy`` plugin.
+``generate_with_dual_cache``) as a ``cache_policy`` plugin.
 
 The block is the policy's span. When a row's span changes (a new block, or a new SlowFast
 cycle) the row gets a full forward that refreshes every layer's K/V in the store. Until its span
@@ -63,8 +63,8 @@ def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode:
     start, end, all_fresh = torch.stack([lo.min(), hi.max(), fresh.all().long()]).tolist()
     if all_fresh:
         return ComputePlan.refresh()
-    return ComputePlan(start=start, end=end, keys="store", write_window=torch.stack([lo, hi], dim=1),
-                       shift_from=lo, name=f"kv_block:{mode}")
+    return ComputePlan.dual_step(start, end, write_window=torch.stack([lo, hi], dim=1), shift_from=lo,
+                                 name=f"kv_block:{mode}")
 
 
 @hookimpl

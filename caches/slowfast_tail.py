@@ -1,4 +1,4 @@
-"""SlowFast's out-of-span cache (LiangrunFlora/Slow-Fast-Sampling; ALGORITHMS.md §4.2-4.3) as a
+"""SlowFast's out-of-span cache (LiangrunFlora/Slow-Fast-Sampling) as a
 ``cache_policy`` plugin.
 
 In the accelerated stage the reference runs its first forward on the whole canvas and every
@@ -25,13 +25,13 @@ from dllm_decode.hookspecs import hookimpl
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginMeta, PluginOptions
 
-from . import dllm_cache as feature_cache
+from dllm_decode.feature_cache import FeatureCacheOptions, feature_plan
 
 ACCELERATE = "accelerate"
 
 
 class Options(PluginOptions):
-    dllm_cache: feature_cache.Options | None = Field(
+    dllm_cache: FeatureCacheOptions | None = Field(
         None, description="dLLM-Cache options (prompt_interval, response_interval, rho, "
         "full_first_layer) to reuse features in every forward as the SlowFast fork does; "
         "null: no feature cache.")
@@ -85,6 +85,6 @@ def cache_policy(state, options, scratch):
     end, any_cut = torch.stack([limit.max(), (limit < state.length).any().long()]).tolist()
     key_limit = limit if any_cut else None
     if options.dllm_cache is not None:
-        return feature_cache.feature_plan(options.dllm_cache, state.nfe, state.gen_start, end=end,
+        return feature_plan(options.dllm_cache, state.nfe, state.gen_start, end=end,
                                           key_limit=key_limit, out_start=state.gen_start)
-    return ComputePlan(end=end, key_limit=key_limit, out_start=state.gen_start, name="slowfast_tail")
+    return ComputePlan.window(0, end, key_limit=key_limit, out_start=state.gen_start, name="slowfast_tail")

@@ -22,7 +22,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from dllm_decode.errors import RecipeError
 from dllm_decode.hookspecs import SLOTS
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 class _Strict(BaseModel):
@@ -67,6 +66,10 @@ class GenerationConfig(_Strict):
     def _blocks_divide(self) -> GenerationConfig:
         if self.block_length is not None and self.gen_length % self.block_length:
             raise ValueError(f"block_length ({self.block_length}) must divide gen_length ({self.gen_length})")
+        if self.max_steps is not None and self.max_steps < self.total_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below the {self.total_steps} steps the "
+                             "recipe schedules (generation.steps, default gen_length); a request would fail "
+                             "before its schedule ends")
         return self
 
     @property
@@ -213,11 +216,14 @@ def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] 
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (``yaml.safe_load`` only) and validate its own sections.
+    """Read a YAML recipe file, or a shipped recipe by name (``"threshold"``), with
+    ``yaml.safe_load`` only, and validate its own sections.
 
     Plugin names and parameters are validated by :func:`dllm_decode.policy.resolve`.
     """
-    path = Path(path)
+    from dllm_decode.recipes import find_recipe
+
+    path = find_recipe(str(path))
     try:
         text = path.read_text()
     except OSError as exc:

@@ -21,6 +21,9 @@ implementation names). Shared arguments:
     A ``dict`` private to this plugin and this request: the place for state shared between a
     plugin's hooks (e.g. SlowFast's exploration history). It is created empty at request start
     and dropped at request end; there is no other place for mutable plugin state.
+``aux``
+    The auxiliary models the plugin declares (``dllm_meta.auxiliary``), by option name, loaded
+    once per decoder by the engine (e.g. APD's ``aux["verifier"]``); empty for most plugins.
 
 Shapes: ``B`` rows, ``L`` canvas length (left-padded prompt + ``gen_length``), ``q`` query
 positions computed by the model this step, ``V`` vocabulary.
@@ -73,7 +76,7 @@ def check_recipe(recipe: Recipe, options: Any, slots: tuple[str, ...]) -> list[s
 
 
 @hookspec(firstresult=True)
-def choose_span(state: DecodeState, options: Any, scratch: dict) -> torch.Tensor | None:
+def choose_span(state: DecodeState, options: Any, scratch: dict, aux: dict) -> torch.Tensor | None:
     """Choose the active region of every row for this step.
 
     :param state: the decoding state before this step's forward.
@@ -86,7 +89,7 @@ def choose_span(state: DecodeState, options: Any, scratch: dict) -> torch.Tensor
 
 
 @hookspec(firstresult=True)
-def decide_phase(state: DecodeState, options: Any, scratch: dict) -> str | Phase | None:
+def decide_phase(state: DecodeState, options: Any, scratch: dict, aux: dict) -> str | Phase | None:
     """Label the current step with a phase (e.g. SlowFast's ``"explore"`` / ``"accelerate"``).
 
     Called after ``choose_span`` (``state.span`` holds this step's span).
@@ -100,7 +103,7 @@ def decide_phase(state: DecodeState, options: Any, scratch: dict) -> str | Phase
 
 
 @hookspec(firstresult=True)
-def cache_policy(state: DecodeState, options: Any, scratch: dict) -> Any:
+def cache_policy(state: DecodeState, options: Any, scratch: dict, aux: dict) -> Any:
     """Decide what the model computes this step and what it reuses.
 
     Called after ``decide_phase``.
@@ -109,16 +112,18 @@ def cache_policy(state: DecodeState, options: Any, scratch: dict) -> Any:
         against the request's cache store ``state.store``, or ``None`` for a plain forward of
         the whole canvas. The plan names the absolute query positions whose logits it returns.
         Under classifier-free guidance a plan runs on both halves of the guided batch; a
-        :class:`dllm_decode.state.Guided` instead gives the unconditional canvas its own plan
+        :class:`dllm_decode.guidance.Guided` instead gives the unconditional canvas its own plan
         and store, or (``reuse``) skips its forward and reuses the last guidance residual.
     :invariant: a cache that declares itself exact (``dllm_meta.exact = True``) must yield the
-        same tokens as ``None`` would.
+        same tokens as ``None`` would. Anything but ``None``, a ``ComputePlan`` or a ``Guided``
+        pair of them is refused, naming the plugin; so is a plan for a model that runs only
+        plain forwards.
     """
 
 
 @hookspec(firstresult=True)
 def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | None,
-          options: Any, scratch: dict, shadow_logits: torch.Tensor | None) -> Candidates | None:
+          options: Any, scratch: dict, shadow_logits: torch.Tensor | None, aux: dict) -> Candidates | None:
     """Turn logits into one candidate token and one confidence per queried position.
 
     :param logits: float tensor ``(B, q, V)``, aligned so that ``logits[:, j]`` predicts the
@@ -132,9 +137,13 @@ def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | No
         position ``plan.shadow[:, j]`` without seeing the token there), or ``None`` when the plan
         has none. Guidance and the mask / EOS bans are applied to them as to ``logits``.
     :return: :class:`dllm_decode.state.Candidates` with ``tokens`` (long) and ``confidence``
-        (float, higher means commit sooner) of shape ``(B, q)``. The engine scatters them onto
-        the canvas and sets the confidence of every position that may not be committed this
-        step (not masked, outside the span, finished row) to ``-inf`` before selection.
+        (float, higher means commit sooner) of shape ``(B, q)``, and optionally further
+        per-position tensors ``(B, q, ...)`` in ``extra`` and anything else in ``info``. The
+        engine spreads tokens, confidence and ``extra`` onto the canvas and sets the confidence
+        of every position that may not be committed this step (not masked, outside the span,
+        finished row) to ``-inf`` before selection.
+    :invariant: committed tokens lie in ``[0, V)`` and are never the mask id; the engine checks
+        the committed ones and raises naming this plugin.
     :invariant: sampling randomness must come from ``state.generator`` so that a fixed seed
         reproduces the output.
     """
@@ -142,7 +151,7 @@ def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | No
 
 @hookspec(firstresult=True)
 def select_tokens(state: DecodeState, candidates: Candidates, options: Any,
-                  scratch: dict) -> torch.Tensor | Selection | None:
+                  scratch: dict, aux: dict) -> torch.Tensor | Selection | None:
     """Choose which positions to write now.
 
     :param candidates: canvas-wide :class:`Candidates` of shape ``(B, L)``; ``eligible`` marks
@@ -166,7 +175,7 @@ def select_tokens(state: DecodeState, candidates: Candidates, options: Any,
 
 
 @hookspec
-def on_request_start(state: DecodeState, options: Any, scratch: dict) -> None:
+def on_request_start(state: DecodeState, options: Any, scratch: dict, aux: dict) -> None:
     """A request (one batch of rows) is about to be decoded; ``scratch`` is fresh and empty.
 
     Use it to size per-row buffers. Return value ignored.
@@ -174,7 +183,7 @@ def on_request_start(state: DecodeState, options: Any, scratch: dict) -> None:
 
 
 @hookspec
-def after_step(state: DecodeState, options: Any, scratch: dict) -> None:
+def after_step(state: DecodeState, options: Any, scratch: dict, aux: dict) -> None:
     """A step has been committed.
 
     ``state.last`` holds the step record (span, phase, committed mask, confidences);
@@ -183,7 +192,7 @@ def after_step(state: DecodeState, options: Any, scratch: dict) -> None:
 
 
 @hookspec
-def on_request_end(state: DecodeState, options: Any, scratch: dict) -> None:
+def on_request_end(state: DecodeState, options: Any, scratch: dict, aux: dict) -> None:
     """Every row of the request is finished; ``state`` holds the final canvas.
 
     Return value ignored. ``scratch`` is dropped after this call.

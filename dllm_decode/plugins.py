@@ -52,6 +52,14 @@ class PluginMeta:
     schedule rounds a step's count down to zero (Dream) or draws it at random (Dream's
     ``origin``). The engine then skips its no-progress check; ``generation.max_steps`` still
     bounds the request.
+    ``pairs``: ``(slot, other)`` pairs: where the recipe gives this plugin ``slot``, it must give
+    it ``other`` too (e.g. ``("select_tokens", "score")``: its selection reads what its own
+    score computes). Checked when the recipe is resolved.
+    ``auxiliary``: names of options holding the directory of an autoregressive model
+    (``AutoModelForCausalLM``, e.g. APD's verifier); the engine loads each once per decoder, in
+    the recipe's dtype on the model's device, and hands it to every hook as ``aux[option]``.
+    ``families``: model families it supports (``ModelSpec.family``); empty: any. Checked when
+    the recipe meets the model.
     """
 
     summary: str = ""
@@ -60,6 +68,9 @@ class PluginMeta:
     exact: bool | None = None
     requires: tuple[str, ...] = ()
     idle_steps: bool = False
+    pairs: tuple[tuple[str, str], ...] = ()
+    auxiliary: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
 
 
 DEFAULT_META = PluginMeta()
@@ -153,6 +164,8 @@ class PluginInfo:
             "slots": list(self.slots), "observers": list(self.observers),
             "summary": self.meta.summary, "revocable": self.meta.revocable,
             "exact": self.meta.exact, "requires": list(self.meta.requires),
+            "pairs": [list(p) for p in self.meta.pairs], "auxiliary": list(self.meta.auxiliary),
+            "families": list(self.meta.families),
             "parameters": self.parameters,
         }
 

@@ -79,6 +79,36 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
 
     :raises RecipeError: naming the recipe file, the slot and the key at fault.
     """
+    entries, origin = _slot_entries(recipe, pm)
+    merged, key_origin, plugins = _merge_params(recipe, pm, entries, origin)
+    for name in recipe.observers:
+        plugins.setdefault(name, _lookup(pm, recipe, "observers", name))
+        merged.setdefault(name, {})
+    metas = {name: meta_of(plugin) for name, plugin in plugins.items()}
+    options = {name: _validate(recipe, name, metas[name], merged[name], entries, key_origin) for name in plugins}
+    slot_of: dict[str, tuple[str, ...]] = {
+        name: tuple(s for s in SLOTS if s in entries and entries[s].plugin == name) for name in plugins}
+    problems = _pairing_problems(recipe, metas, slot_of)
+    for name, plugin in plugins.items():
+        caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
+        for result in caller(recipe=recipe, options=options[name], slots=slot_of[name]):
+            problems.extend(f"{_where(recipe)}: [plugin {name!r}] {p}" for p in (result or []))
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+    slots = {slot: BoundSlot(slot, entry.plugin, _direct(pm.subset_hook_caller(slot, _others(pm, [plugins[entry.plugin]]))))
+             for slot, entry in entries.items()}
+    order = tuple(dict.fromkeys([entries[s].plugin for s in SLOTS if s in entries] + list(recipe.observers)))
+    # Observers are called plugin by plugin: each gets its own options and scratch.
+    observers = {hook: [(n, _direct(pm.subset_hook_caller(hook, _others(pm, [plugins[n]])))) for n in order
+                        if hook in {c.name for c in (pm.get_hookcallers(plugins[n]) or [])}]
+                 for hook in OBSERVERS}
+    return BoundPolicy(recipe=recipe, slots=slots, options=options, metas=metas,
+                       observers=observers, plugin_names=order)
+
+
+def _slot_entries(recipe: Recipe, pm: PluginManager) -> tuple[dict[str, SlotEntry], dict[str, str]]:
+    """Each slot's plugin and parameters, with ``policy:`` expanded; and where each came from."""
     entries: dict[str, SlotEntry] = {s: recipe.slot(s) for s in SLOTS if recipe.slot(s) is not None}
     origin: dict[str, str] = {s: s for s in entries}          # slot -> where its entry came from
     if recipe.policy is not None:
@@ -97,8 +127,11 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
         if slot not in entries and slot not in OPTIONAL_SLOTS:
             raise RecipeError(f"{_where(recipe)}: slot {slot!r} is empty; name a plugin for it "
                               f"(registered: {', '.join(_fillers(pm, slot)) or 'none'})")
+    return entries, origin
 
-    # Every slot of one plugin shares one options object: merge, refusing contradictions.
+
+def _merge_params(recipe: Recipe, pm: PluginManager, entries: dict[str, SlotEntry], origin: dict[str, str]):
+    """Every slot of one plugin shares one options object: merge, refusing contradictions."""
     merged: dict[str, dict[str, Any]] = {}
     key_origin: dict[tuple[str, str], str] = {}
     plugins: dict[str, Any] = {}
@@ -116,49 +149,47 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
                                   f"(both configure plugin {entry.plugin!r})")
             params[key] = value
             key_origin.setdefault((entry.plugin, key), origin[slot])
-    for name in recipe.observers:
-        plugins.setdefault(name, _lookup(pm, recipe, "observers", name))
-        merged.setdefault(name, {})
+    return merged, key_origin, plugins
 
-    options: dict[str, Any] = {}
-    metas: dict[str, PluginMeta] = {}
-    for name, plugin in plugins.items():
-        meta = metas[name] = meta_of(plugin)
-        try:
-            options[name] = meta.options.model_validate(merged[name])
-        except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                key = ".".join(str(p) for p in err["loc"]) or "(options)"
-                slot = key_origin.get((name, str(err["loc"][0]) if err["loc"] else ""),
-                                      next(s for s, e in entries.items() if e.plugin == name)
-                                      if any(e.plugin == name for e in entries.values()) else "observers")
-                msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-                got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
-                allowed = (f"; {name} takes: {', '.join(meta.options.model_fields) or 'no parameters'}"
-                           if err["type"] == "extra_forbidden" else "")
-                lines.append(f"{_where(recipe)}: {slot}.{key}: {msg}{got} [plugin {name!r}]{allowed}")
-            raise RecipeError("\n".join(lines)) from None
 
-    slot_of: dict[str, tuple[str, ...]] = {
-        name: tuple(s for s in SLOTS if s in entries and entries[s].plugin == name) for name in plugins}
-    problems: list[str] = []
-    for name, plugin in plugins.items():
-        caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
-        for result in caller(recipe=recipe, options=options[name], slots=slot_of[name]):
-            problems.extend(f"{_where(recipe)}: [plugin {name!r}] {p}" for p in (result or []))
-    if problems:
-        raise RecipeError("\n".join(problems))
+def _validate(recipe: Recipe, name: str, meta: PluginMeta, params: dict[str, Any],
+              entries: dict[str, SlotEntry], key_origin: dict[tuple[str, str], str]) -> Any:
+    try:
+        return meta.options.model_validate(params)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(options)"
+            slot = key_origin.get((name, str(err["loc"][0]) if err["loc"] else ""),
+                                  next((s for s, e in entries.items() if e.plugin == name), "observers"))
+            msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+            got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
+            allowed = (f"; {name} takes: {', '.join(meta.options.model_fields) or 'no parameters'}"
+                       if err["type"] == "extra_forbidden" else "")
+            lines.append(f"{_where(recipe)}: {slot}.{key}: {msg}{got} [plugin {name!r}]{allowed}")
+        raise RecipeError("\n".join(lines)) from None
 
-    slots = {slot: BoundSlot(slot, entry.plugin, _direct(pm.subset_hook_caller(slot, _others(pm, [plugins[entry.plugin]]))))
-             for slot, entry in entries.items()}
-    order = tuple(dict.fromkeys([entries[s].plugin for s in SLOTS if s in entries] + list(recipe.observers)))
-    # Observers are called plugin by plugin: each gets its own options and scratch.
-    observers = {hook: [(n, _direct(pm.subset_hook_caller(hook, _others(pm, [plugins[n]])))) for n in order
-                        if hook in {c.name for c in (pm.get_hookcallers(plugins[n]) or [])}]
-                 for hook in OBSERVERS}
-    return BoundPolicy(recipe=recipe, slots=slots, options=options, metas=metas,
-                       observers=observers, plugin_names=order)
+
+def _pairing_problems(recipe: Recipe, metas: dict[str, PluginMeta],
+                      slot_of: dict[str, tuple[str, ...]]) -> list[str]:
+    """``PluginMeta.pairs``: a slot of a plugin that needs another of the same plugin."""
+    problems = []
+    for name, meta in metas.items():
+        for slot, other in meta.pairs:
+            if slot in slot_of[name] and other not in slot_of[name]:
+                problems.append(f"{_where(recipe)}: {slot}: plugin {name!r} needs its own {other} hook; set "
+                                f"`{other}: {name}` too (or `policy: {name}`)")
+    return problems
+
+
+def load_auxiliary(policy: BoundPolicy, device: Any, dtype: str) -> dict[str, dict[str, Any]]:
+    """The auxiliary models the plugins declare (``PluginMeta.auxiliary``), loaded once:
+    plugin name -> option name -> model."""
+    from dllm_decode.models.loader import load_causal_lm
+
+    return {name: {key: load_causal_lm(getattr(policy.options[name], key), dtype, device)
+                   for key in policy.metas[name].auxiliary}
+            for name in policy.plugin_names if policy.metas[name].auxiliary}
 
 
 def _direct(caller: Any) -> Any:

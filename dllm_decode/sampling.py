@@ -84,6 +84,18 @@ def gumbel_topk_keys(scores: torch.Tensor, temperature: float, generator: torch.
     The Gumbel-top-k trick: batched, with a different n per row, and never short of candidates
     (``torch.multinomial`` refuses rows with fewer non-zero weights than samples). ``-inf``
     scores stay ``-inf``."""
-    u = torch.rand(scores.shape, dtype=torch.float64, device=scores.device, generator=generator)
-    g = -torch.log(-torch.log(u.clamp_min(1e-300)))
-    return scores.to(torch.float64) / temperature + g
+    return scores.to(torch.float64) / temperature + gumbel_noise(scores.shape, generator, scores.device)
+
+
+def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) confidences (-inf where not eligible) -> (B, L) bool: every entry >= threshold,
+    plus each row's best entry (Fast-dLLM's parallel decoding rule)."""
+    best = topk_mask(confidence, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
+    return best | ((confidence >= threshold) & (confidence > float("-inf")))
+
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log u)`` in float64 (u clamped away from 0)."""
+    u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
+    return -torch.log(-torch.log(u.clamp_min(1e-300)))

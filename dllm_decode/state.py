@@ -22,13 +22,17 @@ class Candidates:
 
     From ``score`` the shapes are ``(B, q)`` over the queried positions; the engine then builds
     the canvas-wide ``(B, L)`` version handed to ``select_tokens``, where ``eligible`` is set.
-    ``extra`` carries anything a plugin wants to pass along (e.g. probabilities for APD).
+    ``extra`` holds further per-position tensors (``(B, q, ...)``, e.g. an entropy per position),
+    which the engine spreads onto the canvas like ``tokens`` and ``confidence`` (``(B, L, ...)``,
+    zero where the forward queried nothing). ``info`` carries anything else unchanged (per-row
+    values, a window, logits kept for verification).
     """
 
     tokens: torch.Tensor          # (B, q|L) long
     confidence: torch.Tensor      # (B, q|L) float, higher = commit sooner
     eligible: torch.Tensor | None = None  # (B, L) bool, set by the engine
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # (B, q|L, ...) per position
+    info: dict[str, Any] = field(default_factory=dict)              # passed through as is
 
 
 @dataclass
@@ -60,24 +64,6 @@ class Phase:
 
     def code(self, name: str) -> int:
         return self.names.index(name)
-
-
-@dataclass(frozen=True)
-class Guided:
-    """What ``cache_policy`` may return under classifier-free guidance (``cfg_scale > 0``)
-    instead of one plan for both halves of the guided batch.
-
-    ``cond`` is the plan of the conditional forward (``None``: a plain forward). With ``reuse``
-    the unconditional forward is skipped and the engine reuses the guidance residual
-    ``cond - uncond`` of the last step that ran it (dLLM-Cache's cached CFG residual); otherwise
-    the unconditional canvas runs on its own with ``uncond`` against a store of its own
-    (``state.guide_store``), so its cached features follow their own schedule. Both plans must
-    query the same positions. Without guidance the engine runs ``cond`` alone.
-    """
-
-    cond: Any = None              # ComputePlan | None
-    uncond: Any = None            # ComputePlan | None
-    reuse: bool = False
 
 
 @dataclass
@@ -136,6 +122,26 @@ class DecodeState:
             self.row_nfe = torch.zeros(B, dtype=torch.long, device=self.x.device)
         if self.done is None:
             self.done = ~self.masked.any(dim=1)
+
+    # ------------------------------------------------------------------ engine writes
+
+    def set_canvas(self, x: torch.Tensor, commit_step: torch.Tensor, masked: torch.Tensor) -> None:
+        """The engine's write of a step's canvas, with its mask already computed."""
+        self.x, self.commit_step = x, commit_step
+        self._memo["x"], self._memo["masked"] = x, masked
+
+    def close(self) -> None:
+        """End of the request: drop the plugins' scratch; count, then free, the cache stores."""
+        self.scratch.clear()
+        stores = [s for s in (self.store, self.guide_store) if s is not None and hasattr(s, "clear")]
+        if stores:
+            self.counters["flops"] = sum(getattr(s, "flops", 0.0) for s in stores)
+            self.counters["store_bytes"] = sum(s.nbytes() if hasattr(s, "nbytes") else 0 for s in stores)
+            for s in stores:
+                s.clear()
+        if self.guide_nfe:
+            self.counters["guide_forwards"] = self.guide_nfe
+        self.guide_residual = None
 
     # ------------------------------------------------------------------ derived views
 

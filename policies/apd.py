@@ -1,5 +1,5 @@
 """Adaptive Parallel Decoding (arXiv 2506.00413; danielmisrael/apd ``dream/generation_utils.py
-apd_sample``; ALGORITHMS.md §6) as span / cache / score / selection plugins.
+apd_sample``) as span / cache / score / selection plugins.
 
 Left to right from each row's first mask ``t``: the dLLM drafts every position of the window
 ``[t, t + max_lookahead)`` from its marginals in one forward (the rest of the canvas hidden from
@@ -20,8 +20,8 @@ window from ``t - W - n + 1`` (n: tokens accepted by the previous step) to the l
 attends to the K/V the earlier forwards left for the positions before it (approximate: those
 were computed before later tokens were committed). ``None`` recomputes the whole visible canvas.
 The verifier is any ``AutoModelForCausalLM`` directory whose tokenizer agrees with the model's
-(checked when the recipe names ``model.path``), loaded once per decoder by this plugin. APD is
-sequential by design: each step reads a few integers (window bounds, the verifier cache length)
+(checked when the recipe names ``model.path``), declared in ``dllm_meta.auxiliary`` and loaded once
+per decoder by the engine. APD is sequential by design: each step reads a few integers (window bounds, the verifier cache length)
 to the host to slice the verifier's input.
 """
 
@@ -32,14 +32,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.sampling import top_k_filter, top_p_filter
-from dllm_decode.state import Candidates
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dllm_decode import Candidates, ComputePlan, PluginMeta, PluginOptions, hookimpl
+from dllm_decode.blocks import first_masked
+from dllm_decode.sampling import gumbel_noise, top_k_filter, top_p_filter
 
 
 class Options(PluginOptions):
@@ -56,11 +53,11 @@ class Options(PluginOptions):
     top_k: int | None = Field(None, ge=1, description="Top-k filter of the draft.")
     variant: Literal["code", "paper"] = Field("code", description="Sampling details at T > 0 (see "
                                               "the module doc); identical at T = 0.")
-    _loaded: dict = PrivateAttr(default_factory=dict)    # the verifier, once per decoder
 
 
 dllm_meta = PluginMeta(summary="APD: left-to-right drafts accepted against a dLLM x AR mixture "
-                       "(auxiliary verifier model)", options=Options)
+                       "(auxiliary verifier model)", options=Options,
+                       pairs=(("select_tokens", "score"),), auxiliary=("verifier",))
 
 
 def _vocab(path: Path) -> dict[str, int] | None:
@@ -87,31 +84,10 @@ def check_recipe(recipe, options, slots):
                 problems.append(f"verifier: the tokenizer of {options.verifier!r} differs from the model's "
                                 f"({len(diff)} tokens, e.g. {t!r} is id {theirs[t]} there and "
                                 f"{ours.get(t)} in {recipe.model.path!r}); APD needs one vocabulary")
-    if "select_tokens" in slots and "score" not in slots:
-        problems.append("select_tokens: apd verifies the drafts of its own score hook; set `score: apd` too")
     for key in ("max_lookahead", "kv_window"):
         if getattr(options, key) is not None and "cache_policy" not in slots:
             problems.append(f"{key} needs `cache_policy: apd` (the plan that feeds the model APD's window)")
     return problems
-
-
-def verifier_of(options: Options, device: torch.device, dtype: str):
-    key = (str(device), dtype)
-    if key not in options._loaded:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(options.verifier, trust_remote_code=False,
-                                                     dtype=DTYPES[dtype])
-        options._loaded.clear()
-        options._loaded[key] = model.to(device).eval()
-    return options._loaded[key]
-
-
-def first_masked(state, where: torch.Tensor | None = None) -> torch.Tensor:
-    """(B,) the first masked column of each row (within ``where`` (B, L) if given; the canvas
-    length when there is none)."""
-    masked = state.masked if where is None else state.masked & where
-    return torch.where(masked.any(1), masked.long().argmax(1), state.length)
 
 
 @hookimpl
@@ -126,8 +102,6 @@ def choose_span(state, options):
 def cache_policy(state, options, scratch):
     if options.max_lookahead is None and options.kv_window is None:
         return None
-    from dllm_decode.models import ComputePlan
-
     right = state.span[:, 1]                                                # (B,) lookahead end
     if options.kv_window is None:
         return ComputePlan.lookahead(right)
@@ -138,12 +112,12 @@ def cache_policy(state, options, scratch):
         # the first forward fills the store; columns past a row's own end hold K/V it cannot see
         # yet, and every later forward rewrites them before its window reaches them
         scratch.update(primed=True, fed_start=0)
-        return ComputePlan(end=b, write_kv=True, key_limit=right, name="apd-prefill")
+        return ComputePlan.refresh(end=b, key_limit=right, name="apd-prefill")
     left = (t - options.kv_window - scratch["accepted"] + 1).clamp(min=0)
     a = int(torch.where(active, left, state.length).min())
     scratch["fed_start"] = a
-    return ComputePlan(start=a, end=b, keys="store", key_end=b, write_window=torch.stack([left, right], 1),
-                       key_limit=right, name="apd-window")
+    return ComputePlan.cached_window(a, b, write_window=torch.stack([left, right], 1), key_limit=right,
+                                     name="apd-window")
 
 
 @hookimpl
@@ -169,8 +143,7 @@ def score(state, logits, positions, options, scratch):
             scaled = top_p_filter(scaled, options.top_p)
         if options.top_k is not None:
             scaled = top_k_filter(scaled, options.top_k)
-        u = torch.rand(scaled.shape, dtype=torch.float64, device=scaled.device, generator=state.generator)
-        noise = -torch.log(-torch.log(u.clamp_min(1e-300)))                 # Gumbel
+        noise = gumbel_noise(scaled.shape, state.generator, scaled.device)
         tokens[:, a - off:b - off] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
     else:
         tokens[:, a - off:b - off] = window.argmax(-1)
@@ -179,7 +152,7 @@ def score(state, logits, positions, options, scratch):
     conf = torch.zeros(tokens.shape, dtype=torch.float64, device=tokens.device)
     draft = tokens[:, a - off:b - off]
     conf[:, a - off:b - off] = torch.softmax(window, -1).gather(-1, draft.unsqueeze(-1)).squeeze(-1)
-    return Candidates(tokens=tokens, confidence=conf, extra={"window": (a, b), "logits": window, "noise": noise})
+    return Candidates(tokens=tokens, confidence=conf, info={"window": (a, b), "logits": window, "noise": noise})
 
 
 def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor, end: int) -> tuple[torch.Tensor, int]:
@@ -200,19 +173,18 @@ def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor
 
 
 @hookimpl
-def select_tokens(state, candidates, options, scratch):
-    a, b = candidates.extra["window"]
-    dl = candidates.extra["logits"]                                         # (B, b - a, V) float64
+def select_tokens(state, candidates, options, scratch, aux):
+    a, b = candidates.info["window"]
+    dl = candidates.info["logits"]                                         # (B, b - a, V) float64
     eligible = candidates.eligible                                          # (B, L): the drafts
     draft = torch.where(eligible, candidates.tokens, state.x)              # (B, L)
-    verifier = verifier_of(options, state.device, state.config.dtype)
-    ar, c = verifier_logits(verifier, scratch, draft, state.attention_mask, b)
+    ar, c = verifier_logits(aux["verifier"], scratch, draft, state.attention_mask, b)
     if c > a - 1:
         raise RuntimeError(f"verifier cache holds {c} columns, more than the committed prefix {a}")
     ar = ar[:, a - 1 - c: b - 1 - c].to(torch.float64)                      # (B, b - a, V): predicts [a, b)
     V = min(dl.shape[-1], ar.shape[-1])                                     # the shared vocabulary
     mix = options.mixture_weight * dl[..., :V] + (1 - options.mixture_weight) * ar[..., :V]
-    noise = candidates.extra["noise"]
+    noise = candidates.info["noise"]
     if options.variant == "paper" and noise is not None:
         mix = mix / state.config.temperature + noise[..., :V]
     target = mix.argmax(-1)                                                 # (B, b - a)

@@ -1,4 +1,4 @@
-"""Dream's ``diffusion_generate`` sampler (HKUNLP/Dream ``generation_utils.py``; ALGORITHMS.md §2)
+"""Dream's ``diffusion_generate`` sampler (HKUNLP/Dream ``generation_utils.py``)
 and Fast-dLLM's Dream block variant (``generation_utils_block.py``; §3.5) as plugins.
 
 - ``choose_span``: the current block of ``generation.block_length`` (one block, the whole
@@ -30,12 +30,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.sampling import gumbel_topk_keys, top_k_filter, top_p_filter, topk_mask
-from dllm_decode.state import Candidates
-from dllm_decode.policies.llada import current_block, steps_per_block_problems
-from dllm_decode.policies.threshold import threshold_commit
+from dllm_decode import Candidates, PluginMeta, PluginOptions, hookimpl
+from dllm_decode.blocks import current_block, steps_per_block_problems
+from dllm_decode.sampling import gumbel_topk_keys, threshold_commit, top_k_filter, top_p_filter, topk_mask
 
 Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"]
 

@@ -1,5 +1,5 @@
-"""Prophet's early commit-all (arXiv 2508.19982; pixeli99/Prophet ``generate_earlyexit.py``;
-ALGORITHMS.md §7) on top of LLaDA's block decoding, as span / score / selection plugins.
+"""Prophet's early commit-all (arXiv 2508.19982; pixeli99/Prophet ``generate_earlyexit.py``) on top
+of LLaDA's block decoding, as span / score / selection plugins.
 
 Decoding is LLaDA's (current block, low-confidence or random order, front-loaded schedule of
 ``steps / num_blocks`` steps per block). At every step ``score`` also measures how settled the
@@ -34,10 +34,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.policies import llada
-from dllm_decode.state import Selection
+from dllm_decode import PluginMeta, PluginOptions, Selection, hookimpl
+from dllm_decode.blocks import block_schedule_commit, block_schedule_problems, current_block, llada_candidates
 
 
 class Options(PluginOptions):
@@ -68,9 +66,10 @@ class Options(PluginOptions):
 
 
 dllm_meta = PluginMeta(summary="Prophet: LLaDA blocks plus early commit-all once the answer's "
-                       "top-2 logit gap is wide enough", options=Options)
+                       "top-2 logit gap is wide enough", options=Options,
+                       pairs=(("select_tokens", "score"),))
 
-GAP = "prophet_gap"        # Candidates.extra key: (B,) float64 mean gap, NaN without a window
+GAP = "prophet_gap"        # Candidates.info key: (B,) float64 mean gap, NaN without a window
 
 
 @hookimpl
@@ -78,10 +77,7 @@ def check_recipe(recipe, options, slots):
     gen = recipe.generation
     problems = []
     if "select_tokens" in slots:
-        problems += llada.check_recipe(recipe=recipe, slots=slots)
-        if "score" not in slots:
-            problems.append("select_tokens: prophet decides on the logit gap its own score hook "
-                            "measures; set `score: prophet` too")
+        problems += block_schedule_problems(gen)
     if "score" in slots and options.answer_start >= gen.gen_length:
         problems.append(f"answer_start ({options.answer_start}) must lie inside the generated region "
                         f"(gen_length {gen.gen_length})")
@@ -90,7 +86,7 @@ def check_recipe(recipe, options, slots):
 
 @hookimpl
 def choose_span(state):
-    return llada.current_block(state)
+    return current_block(state)
 
 
 def answer_gap(state, logits: torch.Tensor, positions: torch.Tensor | None, options: Options) -> torch.Tensor:
@@ -115,15 +111,15 @@ def answer_gap(state, logits: torch.Tensor, positions: torch.Tensor | None, opti
 
 @hookimpl
 def score(state, logits, positions, options):
-    cand = llada.score(state=state, logits=logits, options=options)
-    cand.extra[GAP] = answer_gap(state, logits, positions, options)
+    cand = llada_candidates(state, logits, options.remasking)
+    cand.info[GAP] = answer_gap(state, logits, positions, options)
     return cand
 
 
 @hookimpl
 def select_tokens(state, candidates, options, scratch):
-    commit = llada.select_tokens(state=state, candidates=candidates, scratch=scratch)
-    gap = candidates.extra.get(GAP)
+    commit = block_schedule_commit(state, candidates.confidence, scratch)
+    gap = candidates.info.get(GAP)
     if gap is None:
         return commit
     progress = (state.step + 1) / state.config.total_steps                 # the reference counts this step

@@ -1,4 +1,4 @@
-"""SlowFast sampling (arXiv 2506.10848; LiangrunFlora/Slow-Fast-Sampling; ALGORITHMS.md §4) as a
+"""SlowFast sampling (arXiv 2506.10848; LiangrunFlora/Slow-Fast-Sampling) as a
 span / phase / selection plugin.
 
 Decoding runs in cycles inside each block. A cycle starts at ``s`` (block start + the previous
@@ -37,11 +37,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
+from dllm_decode import Phase, PluginMeta, PluginOptions, hookimpl
+from dllm_decode.blocks import current_block
 from dllm_decode.sampling import topk_mask
-from dllm_decode.state import Phase
-from dllm_decode.policies.llada import current_block
 
 EXPLORE, ACCELERATE = 0, 1
 PHASES = ("explore", "accelerate")        # indexed by the stage codes above

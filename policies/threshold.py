@@ -1,5 +1,5 @@
-"""Fast-dLLM's confidence-aware parallel decoding (NVlabs/Fast-dLLM ``llada/generate.py``;
-ALGORITHMS.md §3.1-3.2) as a ``select_tokens`` plugin.
+"""Fast-dLLM's confidence-aware parallel decoding (NVlabs/Fast-dLLM ``llada/generate.py``) as a
+``select_tokens`` plugin.
 
 - ``mode: threshold`` (``get_transfer_index``): commit every eligible (masked, in-span) token
   whose confidence is at or above ``threshold``; when none is, the single most confident one,
@@ -20,9 +20,8 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.sampling import topk_mask
+from dllm_decode import PluginMeta, PluginOptions, hookimpl
+from dllm_decode.sampling import threshold_commit, topk_mask
 
 
 class Options(PluginOptions):
@@ -37,13 +36,6 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Fast-dLLM parallel decoding: commit above a confidence threshold "
                        "(or by the factor rule), always at least the best token", options=Options)
-
-
-def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, L) confidences (-inf where not eligible) -> (B, L) bool: every entry >= threshold,
-    plus each row's best entry."""
-    best = topk_mask(confidence, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
-    return best | ((confidence >= threshold) & (confidence > float("-inf")))
 
 
 def factor_count(confidence: torch.Tensor, factor: float) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """WINO, wide-in narrow-out revokable decoding (arXiv 2507.18578; Feng-Hong/WINO-DLLM
-``LLaDA/decoding.py decoding_wino``; ALGORITHMS.md §7), as span / cache / score / selection
+``LLaDA/decoding.py decoding_wino``), as span / cache / score / selection
 plugins.
 
 Blocks are decoded in order; a block is done when it holds no mask. Every forward also runs a
@@ -30,26 +30,22 @@ and deviations:
   canvas ones;
 - LLaDA family only: a shifted-logit (Dream) model has no leave-one-out query for a column (its
   prediction of column i comes from the query at i - 1), so the model refuses shadow plans and
-  ``check_recipe`` refuses a Dream checkpoint named in the recipe.
+  the engine refuses a Dream-family model when the recipe meets it (``dllm_meta.families``).
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 from pydantic import Field
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.policies import llada
+from dllm_decode import Candidates, ComputePlan, PluginMeta, PluginOptions, Selection, hookimpl
+from dllm_decode.blocks import current_block
 from dllm_decode.sampling import gumbel_perturb, token_probability, topk_mask
-from dllm_decode.state import UNCOMMITTED, Candidates, Selection
+from dllm_decode.state import UNCOMMITTED
 
 #: the reference's re-mask budget before a block's first step (its first step has nothing to verify)
 FIRST_LAST_ACCEPT = 30
-VERIFY = "wino_verify"     # Candidates.extra key: (B, L) float64 shadow probabilities, +inf if not verifiable
+VERIFY = "wino_verify"     # Candidates.extra key: (B, q) float64 shadow probabilities, +inf if not verifiable
 
 
 class Options(PluginOptions):
@@ -66,17 +62,8 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="WINO: wide-in threshold drafts verified by a shadow block in the "
                        "same forward; re-masks tokens that fail (revocable)", options=Options,
-                       revocable=True, requires=("compute_plans",))
-
-
-def _family(path: str) -> str | None:
-    from dllm_decode.models.loader import detect_family
-
-    file = Path(path) / "config.json"
-    try:
-        return detect_family(json.loads(file.read_text()), str(file))
-    except Exception:     # unreadable or unknown: the loader will say so
-        return None
+                       revocable=True, requires=("compute_plans",), families=("llada",),
+                       pairs=(("select_tokens", "score"), ("score", "cache_policy")))
 
 
 @hookimpl
@@ -84,15 +71,6 @@ def check_recipe(recipe, options, slots):
     problems = []
     if options.cap_max < options.cap_min:
         problems.append(f"cap_max ({options.cap_max}) must not be below cap_min ({options.cap_min})")
-    if "select_tokens" in slots and "score" not in slots:
-        problems.append("select_tokens: wino verifies with the shadow probabilities of its own score "
-                        "hook; set `score: wino` too")
-    if "score" in slots and "cache_policy" not in slots:
-        problems.append("score: wino reads the shadow block that `cache_policy: wino` adds to each "
-                        "forward; set it too")
-    if recipe.model.path and _family(recipe.model.path) == "dream":
-        problems.append(f"model.path {recipe.model.path!r} is a Dream (shifted-logit) model; WINO's "
-                        "shadow block is defined for the LLaDA family only")
     return problems
 
 
@@ -105,21 +83,19 @@ def on_request_start(state, scratch):
 
 @hookimpl
 def choose_span(state):
-    return llada.current_block(state)
+    return current_block(state)
 
 
 @hookimpl
 def cache_policy(state, scratch):
-    from dllm_decode.models import ComputePlan
-
     # one shadow query per column of the block, from the span start (the block for WINO's span)
     cols = state.span[:, :1] + torch.arange(state.config.block, device=state.device)    # (B, S)
     scratch["shadow"] = cols.clamp(max=state.length - 1)
-    return ComputePlan(shadow=scratch["shadow"], name="wino-shadow")
+    return ComputePlan.shadowed(scratch["shadow"], name="wino-shadow")
 
 
 @hookimpl
-def score(state, logits, shadow_logits, scratch):
+def score(state, logits, positions, shadow_logits, scratch):
     x0 = gumbel_perturb(logits, state.config.temperature, state.generator).argmax(dim=-1)   # (B, q)
     cand = Candidates(tokens=x0, confidence=token_probability(logits, x0))
     cols = scratch.get("shadow")
@@ -128,7 +104,9 @@ def score(state, logits, shadow_logits, scratch):
         verify = torch.full(state.x.shape, float("inf"), dtype=torch.float64, device=state.device)
         verify.scatter_(1, cols, p)
         decoded = state.in_span() & ~state.masked & (state.commit_step != UNCOMMITTED)
-        cand.extra[VERIFY] = torch.where(decoded, verify, float("inf"))     # (B, L)
+        verify = torch.where(decoded, verify, float("inf"))                 # (B, L)
+        # per queried position, as every extra is; the engine spreads it back onto the canvas
+        cand.extra[VERIFY] = verify if positions is None else verify.gather(1, positions)   # (B, q)
     return cand
 
 
@@ -152,7 +130,10 @@ def select_tokens(state, candidates, options, scratch):
     verify = candidates.extra.get(VERIFY)
     if verify is None:
         return commit
-    below = verify < options.tau_out                                        # (B, L); +inf never
+    # +inf never verifies; only decoded block positions are candidates for a re-mask (an
+    # unqueried column would read 0 after spreading)
+    decoded = state.in_span() & ~state.masked & (state.commit_step != UNCOMMITTED)
+    below = (verify < options.tau_out) & decoded                            # (B, L)
     lowest = topk_mask(-verify, (last - 1).clamp(min=0))                    # the last - 1 lowest
     remask = torch.where((below.sum(1) >= last)[:, None], lowest, below)
     remask &= ((accepted > 1) & active)[:, None]

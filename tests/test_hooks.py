@@ -26,13 +26,13 @@ def test_every_hook_is_documented():
     for name, fn in specs:
         doc = inspect.getdoc(fn) or ""
         assert len(doc) > 60, f"hook {name} lacks documentation"
-        params = [p for p in inspect.signature(fn).parameters if p not in ("options", "scratch", "state")]
+        params = [p for p in inspect.signature(fn).parameters if p not in ("options", "scratch", "state", "aux")]
         for p in params:  # shared arguments are documented once in the module docstring
             assert f":param {p}:" in doc, f"hook {name} does not document parameter {p!r}"
         assert ":return" in doc or "Return value ignored" in doc, f"hook {name} has no return contract"
         for p in inspect.signature(fn).parameters.values():
             assert p.annotation is not inspect.Parameter.empty, f"hook {name}.{p.name} is untyped"
-    for shared in ("``state``", "``options``", "``scratch``"):
+    for shared in ("``state``", "``options``", "``scratch``", "``aux``"):
         assert shared in hookspecs.__doc__
 
 

@@ -57,7 +57,8 @@ def test_shadow_queries_match_the_naive_forward(tiny):
     starts = torch.tensor([0, 8, 0, 8]) + state.gen_start
     shadow = starts[:, None] + torch.arange(8)
     with torch.inference_mode():
-        out = tiny(x, attention_mask=state.attention_mask, plan=ComputePlan(shadow=shadow))
+        res = tiny.execute(x, attention_mask=state.attention_mask, plan=ComputePlan.shadowed(shadow))
+        out = torch.cat([res.logits, res.shadow_logits], dim=1)        # canvas columns, then the shadows
         plain = tiny(x, attention_mask=state.attention_mask)
     L = state.length
     assert out.shape == (4, L + 8, tiny.spec.vocab_size)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Collection, Sequence
 
+from dllm_decode.eos import first_stop
+
 
 def stop_strings(gen_kwargs: dict[str, Any]) -> list[str]:
     until = gen_kwargs.get("until")
@@ -24,8 +26,7 @@ def stop_strings(gen_kwargs: dict[str, Any]) -> list[str]:
 
 def answer_tokens(tokens: Sequence[int], eos_ids: Collection[int], max_gen_toks: int | None) -> list[int]:
     """The generated ids before the first EOS id, at most ``max_gen_toks`` of them."""
-    cut = next((i for i, t in enumerate(tokens) if t in eos_ids), len(tokens))
-    kept = list(tokens[:cut])
+    kept = list(tokens[:first_stop(tokens, eos_ids)])
     return kept if max_gen_toks is None else kept[:max(0, int(max_gen_toks))]
 
 

@@ -13,6 +13,7 @@ from typing import Any, Collection, Sequence
 
 import torch
 
+from dllm_decode.eos import first_stop
 from dllm_decode.models.loader import encode_prompts
 from dllm_decode.measure.tasks import Problem, get_task
 
@@ -74,10 +75,7 @@ def _summarise(records: list[ProblemRecord], seconds_by_task: dict[str, float]) 
 def generated_tokens(ids: Sequence[int], eos_ids: Collection[int]) -> int:
     """Generated tokens up to and including the first EOS (the throughput convention of bench
     and of the lm-eval request logs)."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return i + 1
-    return len(ids)
+    return min(first_stop(ids, eos_ids) + 1, len(ids))
 
 
 def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None, policy=None,
@@ -142,8 +140,8 @@ def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: i
 
 def load_ar(path: str, device: str = "cpu"):
     """An ``AutoModelForCausalLM`` and its tokenizer from a local directory (no remote code)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False).to(device).eval()
-    return model, tok
+    from dllm_decode.models.loader import load_causal_lm
+
+    return load_causal_lm(path, device=device), AutoTokenizer.from_pretrained(path, trust_remote_code=False)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import RMSNorm, Sel, apply_rope, attend, position_ids_from_mask, rope_tables
+from .output import ForwardOutput
 from .plan import ComputePlan
 from .store import CacheStore
 
@@ -68,6 +69,45 @@ _FULL = ComputePlan.full()
 SIM_GRID = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
+@dataclass
+class Feed:
+    """What every layer of one forward shares; built once per forward by `Denoiser._feed`."""
+    plan: ComputePlan
+    store: CacheStore | None
+    fed: Sel                      # the fed positions
+    s: int                        # fed range [s, e) (index feeds: [0, L))
+    e: int
+    key_end: int                  # exclusive bound on store keys
+    pos: Tensor                   # (B, L) RoPE positions of the whole canvas
+    kmask: Tensor | None          # (B, f) | (B, key_end) | per-query (B, f + S, f + S) key mask
+    frozen: Tensor | None = None  # (B, f) fed positions whose stored K/V and features stay
+    limit: Tensor | None = None   # (B,) the plan's key_limit
+    cos: Tensor | None = None     # (B, 1, f + S, D) RoPE tables of the fed (and shadow) queries
+    sin: Tensor | None = None
+
+
+def _check_store(plan: ComputePlan, store: CacheStore | None) -> None:
+    if plan.writes and store is None:
+        raise ValueError(f"plan {plan.name!r} reads or writes the cache store, but store=None")
+    if plan.reads and not store.has_kv:
+        raise RuntimeError(f"plan {plan.name!r} reads cached K/V but the store is empty; "
+                           "run a refresh plan first")
+    if plan.reuse_features and not store.has_features:
+        raise RuntimeError(f"plan {plan.name!r} reuses cached features but none were written; "
+                           "run ComputePlan.refresh(features=True) first")
+
+
+def _check_ranges(plan: ComputePlan, s: int, e: int, key_end: int, L: int) -> None:
+    if plan.keys == "store" and plan.index is None and not e <= key_end <= L:
+        raise ValueError(f"key_end {key_end} must lie in [{e}, {L}] for the fed range [{s}, {e})")
+    if plan.reuse_features:
+        for ra, rb in plan.recompute + ((plan.verify,) if plan.verify else ()):
+            rb = e if rb == -1 else rb
+            if not s <= ra <= rb <= e:
+                raise ValueError(f"plan {plan.name!r}: range [{ra}, {rb}) is not inside the "
+                                 f"fed range [{s}, {e})")
+
+
 class Denoiser(nn.Module):
     """Base class of LLaDAModel and DreamModel.
 
@@ -112,21 +152,45 @@ class Denoiser(nn.Module):
     # ---- the executor ---------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 plan: ComputePlan | None = None, store: CacheStore | None = None) -> Tensor:
-        plan = _FULL if plan is None else plan
+        """Logits (B, q, V) of the plan's queries; `execute` also returns their positions and
+        the shadow queries' logits."""
+        return self.execute(input_ids, attention_mask, plan, store).logits
+
+    def execute(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                plan: ComputePlan | None = None, store: CacheStore | None = None) -> ForwardOutput:
+        """Run `plan` (None: a plain forward of the whole canvas) against `store`."""
+        run = _FULL if plan is None else plan
         a = self.arch
         B, L = input_ids.shape
+        feed = self._feed(input_ids, attention_mask, run, store)
+        fed = feed.fed
+        fpos = fed.take(feed.pos, 1)                                        # (B, f)
+        x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
+        S = 0 if run.shadow is None else run.shadow.shape[1]
+        if S:
+            x, fpos, feed.kmask = self._add_shadow(run.shadow.to(x.device), x, fpos, feed.pos, feed.kmask, fed)
+        feed.cos, feed.sin = rope_tables(fpos, a.head_dim, a.rope_theta, self.dtype)   # (B, 1, f + S, D)
+        if store is not None:
+            store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end) \
+                + 2.0 * B * S * a.d_model * a.vocab_size
+        for i, parts in enumerate(self.block_parts()):
+            reuse = run.reuse_features and i not in run.full_layers
+            x = (self._layer_reuse if reuse else self._layer_full)(i, parts, x, feed)
+        positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
+        if S:
+            # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
+            return ForwardOutput(self._logits(x[:, :-S], run, fed, feed.s, feed.e, L), positions,
+                                 self._head(x[:, -S:]))
+        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L), positions)
+
+    def _feed(self, input_ids: Tensor, attention_mask: Tensor | None, plan: ComputePlan,
+              store: CacheStore | None) -> "Feed":
+        """Check `plan` against the canvas and the store, and build what every layer shares:
+        the fed selection, RoPE positions, key mask, and the fed positions whose stored K/V and
+        features stay as they are."""
+        _check_store(plan, store)
+        B, L = input_ids.shape
         dev = input_ids.device
-        dtype = self.dtype
-
-        if plan.writes and store is None:
-            raise ValueError(f"plan {plan.name!r} reads or writes the cache store, but store=None")
-        if plan.reads and not store.has_kv:
-            raise RuntimeError(f"plan {plan.name!r} reads cached K/V but the store is empty; "
-                               "run a refresh plan first")
-        if plan.reuse_features and not store.has_features:
-            raise RuntimeError(f"plan {plan.name!r} reuses cached features but none were written; "
-                               "run ComputePlan.refresh(features=True) first")
-
         mask = None if attention_mask is None else attention_mask.to(torch.bool)
         pos = plan.position_ids if plan.position_ids is not None else \
             position_ids_from_mask(mask, B, L, dev)                         # (B, L)
@@ -136,7 +200,6 @@ class Denoiser(nn.Module):
             limit = plan.key_limit.to(dev)                                  # (B,)
             cut = torch.arange(L, device=dev)[None, :] < limit[:, None]     # (B, L)
             mask = cut if mask is None else mask & cut
-
         if plan.index is None:
             s, e = plan.fed_range(L)
             fed = Sel(s, e)
@@ -144,15 +207,7 @@ class Denoiser(nn.Module):
             s, e = 0, L
             fed = Sel(idx=plan.index.to(dev))
         key_end = L if plan.key_end is None else plan.key_end
-        if plan.keys == "store" and plan.index is None and not e <= key_end <= L:
-            raise ValueError(f"key_end {key_end} must lie in [{e}, {L}] for the fed range [{s}, {e})")
-        if plan.reuse_features:
-            for ra, rb in plan.recompute + ((plan.verify,) if plan.verify else ()):
-                rb = e if rb == -1 else rb
-                if not s <= ra <= rb <= e:
-                    raise ValueError(f"plan {plan.name!r}: range [{ra}, {rb}) is not inside the "
-                                     f"fed range [{s}, {e})")
-
+        _check_ranges(plan, s, e, key_end, L)
         # fed positions (B, f) whose stored K/V and features stay as they are: outside the row's
         # write window (APD), or at or past its key limit (a row cut shorter than the batch's
         # feed writes nothing there, exactly as if it had been fed alone)
@@ -161,18 +216,7 @@ class Denoiser(nn.Module):
             beyond = ~fed.take(cut, 1)
             frozen = beyond if frozen is None else frozen | beyond
         if store is not None and plan.writes:
-            store.check_canvas(B, L)
-            if plan.keys == "store" or plan.write_kv:
-                store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, dtype, dev)
-                # every layer writes K/V for at least the fed positions (feature reuse: for
-                # the recomputed set, which only ever holds positions already valid)
-                if not plan.reuse_features:
-                    written = torch.ones(B, fed.n, dtype=torch.bool, device=dev) if frozen is None \
-                        else fed.take(store.kv_valid, 1) | ~frozen
-                    fed.put(store.kv_valid, 1, written)
-            if plan.write_features or plan.reuse_features:
-                store.ensure_features(a.n_layers, B, L, a.d_model, dtype, dev)
-
+            self._prepare_store(store, plan, fed, frozen, B, L, dev)
         # key mask for attention over fed positions / over the store
         if plan.keys == "fed":
             kmask = None if mask is None else fed.take(mask, 1)             # (B, f)
@@ -180,26 +224,23 @@ class Denoiser(nn.Module):
             kmask = store.kv_valid[:, :key_end]
             if mask is not None:
                 kmask = kmask & mask[:, :key_end]                           # (B, key_end)
+        return Feed(plan=plan, store=store, fed=fed, s=s, e=e, key_end=key_end, pos=pos, kmask=kmask,
+                    frozen=frozen, limit=limit)
 
-        fpos = fed.take(pos, 1)                                             # (B, f)
-        x = F.embedding(fed.take(input_ids, 1), self.embed_weight())        # (B, f, d)
-        S = 0 if plan.shadow is None else plan.shadow.shape[1]
-        if S:
-            x, fpos, kmask = self._add_shadow(plan.shadow.to(dev), x, fpos, pos, kmask, fed)
-        cos, sin = rope_tables(fpos, a.head_dim, a.rope_theta, dtype)      # (B, 1, f + S, D)
-
-        if store is not None:
-            store.flops += self._flops(plan, B, fed.n + S, s, e, key_end) + 2.0 * B * S * a.d_model * a.vocab_size
-        for i, parts in enumerate(self.block_parts()):
-            if plan.reuse_features and i not in plan.full_layers:
-                x = self._layer_reuse(i, parts, x, plan, store, pos, kmask, s, e, key_end, limit)
-            else:
-                x = self._layer_full(i, parts, x, plan, store, fed, cos, sin, kmask, key_end, frozen)
-
-        if S:
-            # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
-            return torch.cat([self._logits(x[:, :-S], plan, fed, s, e, L), self._head(x[:, -S:])], dim=1)
-        return self._logits(x, plan, fed, s, e, L)
+    def _prepare_store(self, store: CacheStore, plan: ComputePlan, fed: Sel, frozen: Tensor | None,
+                       B: int, L: int, dev: torch.device) -> None:
+        a = self.arch
+        store.check_canvas(B, L)
+        if plan.keys == "store" or plan.write_kv:
+            store.ensure_kv(a.n_layers, B, a.n_kv_heads, L, a.head_dim, self.dtype, dev)
+            # every layer writes K/V for at least the fed positions (feature reuse: for the
+            # recomputed set, which only ever holds positions already valid)
+            if not plan.reuse_features:
+                written = torch.ones(B, fed.n, dtype=torch.bool, device=dev) if frozen is None \
+                    else fed.take(store.kv_valid, 1) | ~frozen
+                fed.put(store.kv_valid, 1, written)
+        if plan.write_features or plan.reuse_features:
+            store.ensure_features(a.n_layers, B, L, a.d_model, self.dtype, dev)
 
     def _add_shadow(self, shadow: Tensor, x: Tensor, fpos: Tensor, pos: Tensor,
                     kmask: Tensor | None, fed: Sel) -> tuple[Tensor, Tensor, Tensor]:
@@ -274,12 +315,12 @@ class Denoiser(nn.Module):
     def _mlp(p: BlockParts, h: Tensor) -> Tensor:
         return p.down(F.silu(p.gate(h)) * p.up(h))
 
-    def _layer_full(self, i, p: BlockParts, x, plan: ComputePlan, store, fed: Sel,
-                    cos, sin, kmask, key_end, frozen: Tensor | None = None) -> Tensor:
+    def _layer_full(self, i, p: BlockParts, x: Tensor, feed: Feed) -> Tensor:
         """Every fed position is recomputed. Plain forward, refresh, window, prefix/dual,
-        subset (dKV) and dLLM-Cache's always-full layers. `frozen` (B, f): fed positions whose
-        stored K/V and features stay as they are (write window, key limit)."""
-        q, k, v = self._qkv(p, p.attn_norm(x), cos, sin)
+        subset (dKV) and dLLM-Cache's always-full layers. `feed.frozen` (B, f): fed positions
+        whose stored K/V and features stay as they are (write window, key limit)."""
+        plan, store, fed, frozen = feed.plan, feed.store, feed.fed, feed.frozen
+        q, k, v = self._qkv(p, p.attn_norm(x), feed.cos, feed.sin)
         if plan.keys == "fed":
             if plan.write_kv:
                 fed.put_unless(store.k[i], 2, k, frozen)
@@ -290,8 +331,8 @@ class Denoiser(nn.Module):
             # store holds
             fed.put_unless(store.k[i], 2, k, frozen)
             fed.put_unless(store.v[i], 2, v, frozen)
-            K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]  # (B, Hkv, Lk, D)
-        att = p.o(attend(q, K, V, kmask))                                   # (B, f, d)
+            K, V = store.k[i][:, :, :feed.key_end], store.v[i][:, :, :feed.key_end]  # (B, Hkv, Lk, D)
+        att = p.o(attend(q, K, V, feed.kmask))                              # (B, f, d)
         if plan.write_features or plan.reuse_features:
             fed.put_unless(store.attn[i], 1, att, frozen)
         x = x + att
@@ -300,18 +341,16 @@ class Denoiser(nn.Module):
             fed.put_unless(store.ffn[i], 1, mlp, frozen)
         return x + mlp
 
-    def _layer_reuse(self, i, p: BlockParts, x, plan: ComputePlan, store: CacheStore,
-                     pos, kmask, s, e, key_end, limit: Tensor | None = None) -> Tensor:
+    def _layer_reuse(self, i, p: BlockParts, x: Tensor, feed: Feed) -> Tensor:
         """dLLM-Cache layer: recompute the static ranges plus the V-verify picks; every other
         fed position adds its cached attention / FFN output to the current residual stream.
-        `limit` (B,): the plan's key_limit. A row's positions at or past it are outside its
-        forward: never written, never verified, and its V-verify count is taken over its own
-        cut range, so a cut row in a batch computes what it would alone."""
+        `feed.limit` (B,): the plan's key_limit. A row's positions at or past it are outside
+        its forward: never written, never verified, and its V-verify count is taken over its
+        own cut range, so a cut row in a batch computes what it would alone."""
         a = self.arch
-        B = x.shape[0]
-        dev = x.device
+        plan, store, s, e, limit = feed.plan, feed.store, feed.s, feed.e, feed.limit
+        B, dev = x.shape[0], x.device
         h = p.attn_norm(x)                                                  # (B, f, d)
-
         parts: list[Tensor] = []
         keeps: list[Tensor] = []            # per part (B, n) bool: recomputed but not written
         ranges = [(ra, e if rb == -1 else rb) for ra, rb in plan.recompute]
@@ -320,35 +359,11 @@ class Denoiser(nn.Module):
             parts.append(cols)
             if limit is not None:
                 keeps.append(cols >= limit[:, None])
-        v_new = None
-        if plan.verify is not None:
-            va, vb = plan.verify
-            vb = e if vb == -1 else vb
-            G = vb - va
-            n_pick = int(plan.verify_rho * G)
-            v_new = p.v(h[:, va - s: vb - s])                               # (B, G, Hkv*D)
-            v_old = store.v[i][:, :, va:vb].transpose(1, 2).reshape(B, G, -1)
-            ct = torch.promote_types(v_new.dtype, torch.float32)
-            sim = F.cosine_similarity(v_new.to(ct), v_old.to(ct), dim=-1)   # (B, G)
-            # Unchanged inputs give cosine 1 up to rounding, and rounding differs between
-            # kernels and batch shapes: similarities are snapped to a grid (SIM_GRID) so that
-            # such near-ties become exact ties, which the stable sort breaks by position.
-            sim = torch.round(sim / SIM_GRID[ct]) * SIM_GRID[ct]
-            outside = None
+        verified = self._verify(i, p, h, feed) if plan.verify is not None else None
+        if verified is not None and verified[0] is not None:
+            parts.append(verified[0])
             if limit is not None:
-                outside = torch.arange(va, vb, device=dev)[None, :] >= limit[:, None]   # (B, G)
-                sim = sim.masked_fill(outside, float("inf"))
-                # each row recomputes floor(rho * its own range), as upstream's int(rho * G)
-                g_row = (limit.clamp(max=vb) - va).clamp(min=0)
-                n_row = torch.floor(plan.verify_rho * g_row.to(torch.float64)).long()  # (B,)
-            if n_pick > 0:
-                # least similar first; a stable sort breaks exact ties by position, so the
-                # choice does not depend on the kernel (topk's tie order is unspecified)
-                pick = sim.argsort(dim=1, stable=True)[:, :n_pick] + va       # (B, k)
-                parts.append(pick)
-                if limit is not None:
-                    keeps.append(torch.arange(n_pick, device=dev)[None, :] >= n_row[:, None])
-
+                keeps.append(verified[1])
         if len(parts) == 1 and len(ranges) == 1:
             C = Sel(*ranges[0])
         elif parts:
@@ -357,25 +372,59 @@ class Denoiser(nn.Module):
             C = Sel(s, s)                                                   # nothing recomputed
         keep = torch.cat(keeps, dim=1) if keeps else None                   # (B, c) | None
         slots = C.offset(s)                                                 # positions within x
-
         if C.n:
-            q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(pos, 1), a.head_dim,
+            q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(feed.pos, 1), a.head_dim,
                                                                    a.rope_theta, h.dtype))
             C.put_unless(store.k[i], 2, k, keep)
             C.put_unless(store.v[i], 2, v, keep)
-        if v_new is not None:
+        if verified is not None:
+            va, vb, v_new = verified[2]
             # dLLM-Cache replaces the whole cached V of the verified range by the new values
-            v_new = v_new.view(B, G, a.n_kv_heads, a.head_dim).transpose(1, 2)
-            if outside is not None:
-                v_new = torch.where(outside[:, None, :, None], store.v[i][:, :, va:vb], v_new)
             store.v[i][:, :, va:vb] = v_new
         if C.n:
-            K, V = store.k[i][:, :, :key_end], store.v[i][:, :, :key_end]
-            C.put_unless(store.attn[i], 1, p.o(attend(q, K, V, kmask)), keep)
+            K, V = store.k[i][:, :, :feed.key_end], store.v[i][:, :, :feed.key_end]
+            C.put_unless(store.attn[i], 1, p.o(attend(q, K, V, feed.kmask)), keep)
         x = x + store.attn[i][:, s:e]
         if C.n:
             C.put_unless(store.ffn[i], 1, self._mlp(p, p.ffn_norm(slots.take(x, 1))), keep)
         return x + store.ffn[i][:, s:e]
+
+    def _verify(self, i, p: BlockParts, h: Tensor, feed: Feed):
+        """dLLM-Cache's V-verify over the plan's verify range: -> (picked positions (B, k) or
+        None, their keep-mask (B, k) under a key limit, (va, vb, new V (B, Hkv, G, D)) to store).
+        The floor(rho * G) positions whose fresh V is least similar to the cached one are picked
+        (per row over its own cut range under a key limit)."""
+        a = self.arch
+        plan, store, s, limit = feed.plan, feed.store, feed.s, feed.limit
+        B, dev = h.shape[0], h.device
+        va, vb = plan.verify
+        vb = feed.e if vb == -1 else vb
+        G = vb - va
+        n_pick = int(plan.verify_rho * G)
+        v_new = p.v(h[:, va - s: vb - s])                                   # (B, G, Hkv*D)
+        v_old = store.v[i][:, :, va:vb].transpose(1, 2).reshape(B, G, -1)
+        ct = torch.promote_types(v_new.dtype, torch.float32)
+        sim = F.cosine_similarity(v_new.to(ct), v_old.to(ct), dim=-1)       # (B, G)
+        # Unchanged inputs give cosine 1 up to rounding, and rounding differs between kernels
+        # and batch shapes: similarities are snapped to a grid (SIM_GRID) so that such near-ties
+        # become exact ties, which the stable sort breaks by position.
+        sim = torch.round(sim / SIM_GRID[ct]) * SIM_GRID[ct]
+        v_new = v_new.view(B, G, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, G, D)
+        keep = None
+        if limit is not None:
+            outside = torch.arange(va, vb, device=dev)[None, :] >= limit[:, None]   # (B, G)
+            sim = sim.masked_fill(outside, float("inf"))
+            v_new = torch.where(outside[:, None, :, None], store.v[i][:, :, va:vb], v_new)
+            # each row recomputes floor(rho * its own range), as upstream's int(rho * G)
+            g_row = (limit.clamp(max=vb) - va).clamp(min=0)
+            n_row = torch.floor(plan.verify_rho * g_row.to(torch.float64)).long()  # (B,)
+            keep = torch.arange(n_pick, device=dev)[None, :] >= n_row[:, None]
+        pick = None
+        if n_pick > 0:
+            # least similar first; a stable sort breaks exact ties by position, so the choice
+            # does not depend on the kernel (topk's tie order is unspecified)
+            pick = sim.argsort(dim=1, stable=True)[:, :n_pick] + va          # (B, k)
+        return pick, keep, (va, vb, v_new)
 
     def _head(self, h: Tensor) -> Tensor:
         """Final norm and LM head: hidden states (B, n, d) -> raw logits (B, n, V)."""

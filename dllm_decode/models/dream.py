@@ -1,6 +1,6 @@
 """Dream family (Dream-v0-Base-7B / -Instruct-7B and relatives): Qwen2 layout with q/k/v
 biases (no o_proj bias), grouped-query attention, bidirectional. Adapted from an AR model, so
-its raw logit at i predicts token i+1; forward() re-aligns them (ALGORITHMS.md §0). Parameter
+its raw logit at i predicts token i+1; forward() re-aligns them. Parameter
 names are the checkpoint's own:
 
     model.embed_tokens.weight

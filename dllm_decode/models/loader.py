@@ -20,7 +20,7 @@ from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModel
 
 __all__ = ["detect_family", "load_model", "save_pretrained", "build_random_model",
-           "load_tokenizer", "encode_prompts", "resolve_dtype"]
+           "load_tokenizer", "encode_prompts", "resolve_dtype", "load_causal_lm"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
@@ -264,3 +264,13 @@ def build_random_model(family: str, vocab_size: int = 96, d_model: int = 32, n_l
         raise ValueError(f"unknown family {family!r}; use 'llada' or 'dream'")
     init_random_(model, seed)
     return model.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                   device: str | torch.device = "cpu"):
+    """An autoregressive model from a local Hugging Face directory (``AutoModelForCausalLM``,
+    no remote code), in eval mode: APD's verifier, the AR rows of bench and the model cards."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=resolve_dtype(dtype))
+    return model.to(device).eval()

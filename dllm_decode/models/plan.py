@@ -23,19 +23,22 @@ Execution model, per transformer layer (denoiser.py `Denoiser._layer_full` / `_l
 Padding: position ids are cumsum(attention_mask) - 1 clamped at 0 over the whole canvas (or
 `position_ids` when given); pads are never keys.
 
-How the caches of ALGORITHMS.md map onto plans:
+How the built-in caches and policies build their plans (the constructors below):
 
     plain forward                 ComputePlan.full()
     Fast-dLLM block start         ComputePlan.refresh()                 full forward, K/V -> store
-    Fast-dLLM prefix step         ComputePlan.prefix_step(s)            feed x[:, s:], keys = store
-    Fast-dLLM dual step           ComputePlan.dual_step(s, e)           feed x[:, s:e], keys = store
-    SlowFast fast phase           ComputePlan.window(0, e)              truncated canvas, no store
-    APD window (+dLLM KV cache)   ComputePlan.window(l, r)  /  ComputePlan.cached_window(l, r)
-    dLLM-Cache refresh            ComputePlan.refresh(features=True)
+    Fast-dLLM prefix / dual step  ComputePlan.dual_step(s, e, write_window=, shift_from=)
+                                  (prefix: e = L)                       feed x[:, s:e], keys = store
+    SlowFast cut fast phase       ComputePlan.window(0, e, key_limit=, out_start=)
+    APD lookahead                 ComputePlan.lookahead(key_limit)      rows cut at their window end
+    APD with its dLLM KV cache    ComputePlan.refresh(end=, key_limit=), then
+                                  ComputePlan.cached_window(a, b, write_window=, key_limit=)
+    dLLM-Cache refresh            ComputePlan.refresh(features=True, end=, out_start=)
     dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
-    WINO verification block       ComputePlan.full().with_(shadow=cols)  extra MASK queries (below)
+    WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
+    prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
 from __future__ import annotations
 
@@ -224,12 +227,13 @@ class ComputePlan:
         return cls(out_start=out_start, name="full")
 
     @classmethod
-    def refresh(cls, *, features: bool = False, out_start: int | None = None) -> "ComputePlan":
-        """Full forward that also writes every layer's K/V (and, with features=True, the
-        attention / FFN outputs) of all positions to the store. Same arithmetic as full(), so
-        the logits are bit-identical to a plain forward."""
-        return cls(write_kv=True, write_features=features, out_start=out_start,
-                   name="refresh+features" if features else "refresh")
+    def refresh(cls, *, features: bool = False, out_start: int | None = None, end: int | None = None,
+                key_limit: Tensor | None = None, name: str | None = None) -> "ComputePlan":
+        """Full forward (of [0, end), rows cut at key_limit (B,)) that also writes every layer's
+        K/V (and, with features=True, the attention / FFN outputs) of the fed positions to the
+        store. Same arithmetic as full(), so the logits are bit-identical to a plain forward."""
+        return cls(end=end, write_kv=True, write_features=features, out_start=out_start, key_limit=key_limit,
+                   name=name or ("refresh+features" if features else "refresh"))
 
     @classmethod
     def lookahead(cls, key_limit: Tensor) -> "ComputePlan":
@@ -238,11 +242,12 @@ class ComputePlan:
         return cls(key_limit=key_limit, name="lookahead")
 
     @classmethod
-    def window(cls, start: int, end: int) -> "ComputePlan":
-        """Feed only x[:, start:end] (SlowFast fast phase x[:, :end], APD lookahead window).
-        Attention is restricted to the window; no store needed. RoPE positions stay the
-        canvas positions."""
-        return cls(start=start, end=end, name="window")
+    def window(cls, start: int, end: int, *, key_limit: Tensor | None = None, out_start: int | None = None,
+               name: str = "window") -> "ComputePlan":
+        """Feed only x[:, start:end] (SlowFast's cut fast phase x[:, :end]), rows further cut at
+        key_limit (B,). Attention is restricted to the window; no store needed. RoPE positions
+        stay the canvas positions."""
+        return cls(start=start, end=end, key_limit=key_limit, out_start=out_start, name=name)
 
     @classmethod
     def prefix_step(cls, start: int, *, out_start: int | None = None) -> "ComputePlan":
@@ -250,16 +255,29 @@ class ComputePlan:
         return cls(start=start, keys="store", out_start=out_start, name="prefix")
 
     @classmethod
-    def dual_step(cls, start: int, end: int) -> "ComputePlan":
+    def dual_step(cls, start: int, end: int, *, write_window: Tensor | None = None,
+                  shift_from: Tensor | None = None, name: str = "dual") -> "ComputePlan":
         """Fast-dLLM DualCache step: feed x[:, start:end], write its K/V in place into the
-        full-length cached K/V and attend over the whole canvas (prefix and suffix stale)."""
-        return cls(start=start, end=end, keys="store", name="dual")
+        full-length cached K/V and attend over the whole canvas (prefix and suffix stale).
+        Per row, write_window (B, 2) narrows the fresh K/V to the row's own window and
+        shift_from (B,) is where its own feed would start (Dream's in-window shift)."""
+        return cls(start=start, end=end, keys="store", write_window=write_window, shift_from=shift_from,
+                   name=name)
 
     @classmethod
-    def cached_window(cls, start: int, end: int) -> "ComputePlan":
+    def cached_window(cls, start: int, end: int, *, write_window: Tensor | None = None,
+                      key_limit: Tensor | None = None, name: str = "cached_window") -> "ComputePlan":
         """APD with its dLLM KV cache: feed x[:, start:end], keys = cached [0, start) + fresh
-        window; nothing at or beyond `end` takes part. The window's K/V stay in the store."""
-        return cls(start=start, end=end, keys="store", key_end=end, name="cached_window")
+        window; nothing at or beyond `end` takes part. The window's K/V stay in the store. Per
+        row, write_window (B, 2) narrows the fresh K/V and key_limit (B,) cuts the canvas."""
+        return cls(start=start, end=end, keys="store", key_end=end, write_window=write_window,
+                   key_limit=key_limit, name=name)
+
+    @classmethod
+    def shadowed(cls, shadow: Tensor, *, name: str = "shadow") -> "ComputePlan":
+        """Plain forward plus S shadow queries (B, S) at canvas columns (WINO's verification
+        block): see the `shadow` field."""
+        return cls(shadow=shadow, name=name)
 
     @classmethod
     def feature_step(cls, prompt_end: int, *, refresh_prompt: bool = False,

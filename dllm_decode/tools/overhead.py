@@ -58,15 +58,11 @@ def handwritten_llada(model, prompts: list[list[int]], gen_length: int, pad_id: 
 
 
 def engine_steps(decoder, prompts: list[list[int]]):
-    """The engine's request loop (``Decoder.decode``) one step at a time: start, observers,
-    steps, end. Returns the generated rows."""
-    state = decoder.start(prompts)
-    decoder._observe("on_request_start", state)
-    finished = False
-    while not finished:
-        finished, _ = decoder.step(state)
+    """The engine's request loop through its public step iterator (``Decoder.steps``): start,
+    observers, steps, end. Yields once per step; returns the generated rows."""
+    state = None
+    for state in decoder.steps(prompts):
         yield
-    decoder._observe("on_request_end", state)
     return state.generated().tolist()
 
 
@@ -76,9 +72,8 @@ def measure(model, tokenizer, problems, gen_length: int, batch_size: int, repeat
     slow spell of the machine lands on both alike."""
     from dllm_decode.config import load_recipe
     from dllm_decode.engine import Decoder
-    from dllm_decode.recipes import find_recipe
 
-    recipe = load_recipe(find_recipe("llada"), overrides=[
+    recipe = load_recipe("llada", overrides=[
         f"generation.gen_length={gen_length}", f"generation.block_length={gen_length}",
         f"generation.steps={gen_length}", f"generation.batch_size={batch_size}"])
     decoder = Decoder(model, recipe)

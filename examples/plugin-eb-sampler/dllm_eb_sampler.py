@@ -12,8 +12,9 @@ mass beyond its single most uncertain member stays within the budget::
 
 The rule needs every position's entropy, which the core's ``Candidates`` does not carry. So
 this plugin fills two slots: ``score`` computes the candidates and puts the entropy in
-``Candidates.extra``; ``select_tokens`` reads it. A recipe that pairs this ``select_tokens``
-with another plugin's ``score`` is refused at load time (``check_recipe``), not mid-decode.
+``Candidates.extra`` (per queried position; the engine spreads it onto the canvas); and
+``select_tokens`` reads it. ``dllm_meta.pairs`` declares that pairing, so a recipe that gives
+this ``select_tokens`` another plugin's ``score`` is refused at load time, not mid-decode.
 The span comes from another plugin (``choose_span: llada`` for semi-autoregressive blocks).
 """
 
@@ -24,12 +25,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginMeta, PluginOptions
-from dllm_decode.sampling import gumbel_perturb, topk_mask
-from dllm_decode.state import Candidates
+from dllm_decode import Candidates, PluginMeta, PluginOptions, gumbel_perturb, hookimpl, topk_mask
 
-ENTROPY = "entropy"   # key of the (B, L) float64 entropy tensor in Candidates.extra
+ENTROPY = "entropy"   # key of the per-position float64 entropy in Candidates.extra
 
 
 class Options(PluginOptions):
@@ -44,15 +42,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="EB-Sampler: commit the longest low-entropy prefix whose entropy "
                        "mass beyond its maximum stays within gamma (example third-party plugin)",
-                       options=Options)
-
-
-@hookimpl
-def check_recipe(slots):
-    if "select_tokens" in slots and "score" not in slots:
-        return ["select_tokens: eb_sampler needs the per-position entropy that its own score hook "
-                "computes; set `score: eb_sampler` as well (or use `policy: eb_sampler`)"]
-    return []
+                       options=Options, pairs=(("select_tokens", "score"),))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -62,7 +52,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @hookimpl
-def score(state, logits, positions, options):
+def score(state, logits, options):
     # Candidate tokens as the LLaDA baseline draws them (greedy at T = 0, float64 Gumbel-max
     # otherwise); the entropy is that of the model's noise-free distribution.
     tokens = gumbel_perturb(logits, state.config.temperature, state.generator).argmax(dim=-1)  # (B, q)
@@ -72,10 +62,8 @@ def score(state, logits, positions, options):
     else:
         probs = torch.softmax(logits.to(torch.float64), dim=-1)
         conf = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    # select_tokens sees canvas-wide candidates, so the entropy goes canvas-wide too.
-    h_canvas = h if positions is None else torch.zeros(
-        state.x.shape, dtype=h.dtype, device=h.device).scatter_(1, positions, h)
-    return Candidates(tokens=tokens, confidence=conf, extra={ENTROPY: h_canvas})
+    # per queried position (B, q): the engine spreads it onto the canvas for select_tokens
+    return Candidates(tokens=tokens, confidence=conf, extra={ENTROPY: h})
 
 
 def eb_counts(confidence: torch.Tensor, h: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -100,7 +88,7 @@ def eb_counts(confidence: torch.Tensor, h: torch.Tensor, gamma: float) -> torch.
 @hookimpl
 def select_tokens(candidates, options):
     h = candidates.extra.get(ENTROPY)
-    if h is None:  # check_recipe refuses such recipes; this guards direct use of the hook
+    if h is None:  # the recipe loader refuses such recipes; this guards direct use of the hook
         raise ValueError("eb_sampler.select_tokens: candidates carry no entropy; use score: eb_sampler")
     k = eb_counts(candidates.confidence, h, options.gamma)
     return topk_mask(candidates.confidence, k)

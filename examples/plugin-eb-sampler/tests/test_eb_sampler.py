@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dllm_eb_sampler
-from dllm_decode.errors import RecipeError
+from dllm_decode import RecipeError
 from dllm_decode.testing import ParityMismatch
 from reference_eb import eb_reference
 
@@ -88,8 +88,7 @@ def test_parity_on_llada_reference(kit):
     path = _reference_model_dir()
     if path is None:
         pytest.skip("models/llada-reference not found (set DLLM_DECODE_REFERENCE_MODEL)")
-    from dllm_decode.models import load_model
-    from dllm_decode.measure.tasks import get_task
+    from dllm_decode import get_task, load_model
 
     model, tok = load_model(path, dtype="float64")
     prompts = [tok.encode(get_task(name).problems("test", 1, 3)[0].prompt, add_special_tokens=False)

@@ -1,0 +1,100 @@
+"""A request: the prompts of one batch checked and laid out on a canvas, and what decoding them
+returns (one :class:`RowResult` per prompt)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from dllm_decode.errors import InputError
+from dllm_decode.state import DecodeState
+
+
+@dataclass
+class RowResult:
+    """One decoded prompt."""
+
+    prompt: list[int]
+    tokens: list[int]             # the whole generated region (gen_length ids)
+    nfe: int                      # forwards while this row was unfinished
+    steps: int                    # steps of the request it was decoded in
+    seconds: float                # wall time of that request
+    commit_step: list[int]        # step at which each generated position was written
+    text: str | None = None
+    flops: float = 0.0            # the request's computed matmul FLOPs / its rows (0: not counted)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_ids": self.prompt, "token_ids": self.tokens, "text": self.text,
+                "nfe": self.nfe, "steps": self.steps, "seconds": round(self.seconds, 6)}
+
+
+@dataclass
+class GenerationResult:
+    rows: list[RowResult]
+    states: list[DecodeState] = field(default_factory=list)  # one per batch, kept for traces
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [r.tokens for r in self.rows]
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], spec: Any, gen_length: int, mask_id: int) -> None:
+    """Refuse prompts the model cannot decode, naming the prompt's index."""
+    if not prompts:
+        raise InputError("no prompts to decode")
+    limit, vocab = getattr(spec, "max_length", None), getattr(spec, "vocab_size", None)
+    for i, p in enumerate(prompts):
+        if limit is not None and len(p) + gen_length > limit:
+            raise InputError(f"prompt {i} has {len(p)} tokens; with gen_length {gen_length} the canvas needs "
+                             f"{len(p) + gen_length} positions but the model allows {limit}")
+        if mask_id in p:
+            raise InputError(f"prompt {i} contains the mask token id {mask_id}")
+        if vocab is not None and any(t < 0 or t >= vocab for t in p):
+            raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+
+
+def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_id: int, eos_ids: list[int],
+              device: torch.device, store: Any, plugins: Sequence[str]) -> DecodeState:
+    """The state of one request: canvas ``[pad * k | prompt | MASK * gen_length]`` per row."""
+    G = gen.gen_length
+    lengths = [len(p) for p in prompts]
+    P = max(lengths)
+    x = torch.full((len(prompts), P + G), mask_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), P + G), dtype=torch.bool)
+    for i, p in enumerate(prompts):        # building the request, not the hot loop
+        x[i, :P - len(p)] = pad_id
+        x[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):] = True
+    prompt_mask = torch.zeros_like(attn)
+    prompt_mask[:, :P] = True
+    generator = torch.Generator(device=device).manual_seed(gen.seed)
+    return DecodeState(x=x.to(device), attention_mask=attn.to(device), prompt_mask=prompt_mask.to(device),
+                       gen_start=P, gen_length=G, mask_id=mask_id,
+                       eos_ids=torch.tensor(eos_ids, dtype=torch.long, device=device),
+                       config=gen, generator=generator, store=store,
+                       prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+                       scratch={name: {} for name in plugins})
+
+
+def progress_bar(progress: bool | Callable[[int], Any], total: int) -> Any:
+    """None, a callback wrapper, or a tqdm bar on stderr counting committed tokens."""
+    if callable(progress) and not isinstance(progress, bool):
+        return _CallbackBar(progress)
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    # delay: short decodes print nothing; long ones get a bar on stderr.
+    return tqdm(total=total, unit="tok", desc="decoding", delay=1.0, leave=False)
+
+
+class _CallbackBar:
+    def __init__(self, fn: Callable[[int], Any]):
+        self.fn = fn
+
+    def update(self, n: int) -> None:
+        self.fn(n)
+
+    def close(self) -> None:
+        pass
