@@ -12,7 +12,7 @@ class RecipeError(DllmDecodeError, ValueError):
 
 
 class PluginError(DllmDecodeError, RuntimeError):
-    """A plugin raised, or broke a contract the engine enforces (DESIGN.md §3)."""
+    """A plugin raised, or broke a contract the engine enforces (docs/concepts.md, "What the engine enforces")."""
 
     def __init__(self, message: str, *, plugin: str | None = None, hook: str | None = None,
                  step: int | None = None):

@@ -136,3 +136,48 @@ def test_the_link_check_can_fail(tmp_path):
 def test_the_slug_rule():
     assert _slug("`kv_block` (Fast-dLLM §3.3-3.5)") == "kv_block-fast-dllm-33-35"
     assert _slug("Adding a policy or a cache") == "adding-a-policy-or-a-cache"
+
+
+# ----------------------------------------------------------------------------- file references
+
+# Files another change rewrites as a whole; each still names a file the repository does not hold.
+# The test below fails once that reference is gone, so the entry cannot outlive its reason.
+PENDING_REFERENCES = {"dllm_decode/engine.py": "DESIGN.md", "dllm_decode/models/plan.py": "ALGORITHMS.md"}
+PROJECT_DIRS = ("docs", "recipes", "models", "scripts", "tests", "examples", "policies", "caches", "dllm_decode")
+
+
+def _file_references(text):
+    """Relative file names a text mentions: any ``NAME.md``, and any path under one of the
+    repository's top-level folders. URLs, placeholders (``models/NAME``) and the reader's own
+    files (``my-recipe.yaml``) are not references."""
+    text = re.sub(r"https?://\S+", "", text)
+    refs = set(re.findall(r"(?<![\w/.-])((?:\.\./)*[\w./-]*\.md)\b", text))
+    refs |= set(re.findall(rf"(?<![\w/.-])((?:{'|'.join(PROJECT_DIRS)})/[\w./*-]*)", text))
+    return {r.rstrip(".") for r in refs
+            if not re.search(r"(^|/)my[-_]|(^|/)[A-Z]+(/|$)", r.rstrip("."))}
+
+
+def _dangling(path, text):
+    roots = [path.parent, ROOT, DOCS]
+    return sorted(r for r in _file_references(text)
+                  if not any(list(base.glob(r)) if "*" in r else (base / r).exists() for base in roots))
+
+
+REFERENCING = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "dllm_decode").rglob("*.py"))]
+
+
+@pytest.mark.parametrize("page", REFERENCING, ids=lambda p: str(p.relative_to(ROOT)))
+def test_file_references_exist(page):
+    rel = page.relative_to(ROOT).as_posix()
+    dangling = _dangling(page, page.read_text())
+    if rel in PENDING_REFERENCES:
+        assert PENDING_REFERENCES[rel] in dangling, f"{rel} is fixed: remove it from PENDING_REFERENCES"
+        dangling.remove(PENDING_REFERENCES[rel])
+    assert not dangling, f"{rel} names files the repository does not hold: {dangling}"
+
+
+def test_the_reference_check_can_fail(tmp_path):
+    page = tmp_path / "page.py"
+    text = ('"""See DESIGN.md §3, docs/nowhere.md, recipes/llada.yaml, README.md, tests/reference_*.py,\n'
+            'models/NAME, recipes/my-policy.yaml, https://example.org/X.md and docs/models.md."""\n')
+    assert _dangling(page, text) == ["DESIGN.md", "docs/nowhere.md"]
