@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dllm_decode.config import resolve_recipe
 from dllm_decode.errors import DllmDecodeError
 from dllm_decode.recipes import find_recipe
 
@@ -144,11 +145,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dllm_decode.config import load_recipe
     from dllm_decode.engine import Decoder
     from dllm_decode.plugins import get_plugin_manager
-    from dllm_decode.policy import resolve
-
     recipe = load_recipe(find_recipe(args.recipe), overrides=args.overrides)
     pm = get_plugin_manager(block=args.block)
-    policy = resolve(recipe, pm)            # every recipe error surfaces before the model loads
+    policy = resolve_recipe(recipe, pm)            # every recipe error surfaces before the model loads
     model_path = args.model or recipe.model.path
     if not model_path:
         raise DllmDecodeError("no model: pass --model DIR or set model.path in the recipe")

@@ -54,7 +54,7 @@ def test_generate_matches_the_library(model_dir):
 def test_recipe_errors_exit_2_and_name_the_key(model_dir):
     out = _run("generate", "--model", str(model_dir), "--input-ids", "5", "--set", "score.remaskin=x")
     assert out.returncode == 2
-    assert "llada.yaml: score.remaskin: unknown parameter" in out.stderr
+    assert "--set score.remaskin=x: score.remaskin: unknown parameter" in out.stderr
 
 
 def test_unknown_recipe_name():

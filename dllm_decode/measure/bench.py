@@ -93,14 +93,14 @@ def expand_sweeps(named: Sequence[tuple[str, str]], overrides: Sequence[str], sw
     ``slot.key=v1,v2`` turns each recipe that accepts the key (its plugin in that slot has such
     an option) into one recipe per value, labelled ``label[key=v]``; recipes that do not accept
     it stay as they are. A sweep no recipe accepts is an error."""
+    from dllm_decode.config import resolve_recipe
     from dllm_decode.plugins import get_plugin_manager
-    from dllm_decode.policy import resolve
 
     pm = pm or get_plugin_manager()
 
     def load(over: list[str], path: str) -> Recipe:
         recipe = load_recipe(find_recipe(path), overrides=over)
-        resolve(recipe, pm)
+        resolve_recipe(recipe, pm)
         return recipe
 
     out = [(label, list(overrides) + (gen_length_overrides(path, gen_length, overrides) if gen_length else []),
