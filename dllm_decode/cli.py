@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from dllm_decode.config import resolve_recipe
 from dllm_decode.errors import DllmDecodeError
+from dllm_decode.plugins import BrokenPluginWarning
 from dllm_decode.recipes import find_recipe
 
 
@@ -103,28 +105,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dllm-decode eval: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "trace":
-            return cmd_trace(args)
-        return cmd_plugins(args)
-    except DllmDecodeError as exc:
-        print(f"dllm-decode: error: {exc}", file=sys.stderr)
-        return 2
+    command = {"generate": cmd_generate, "bench": cmd_bench, "trace": cmd_trace, "plugins": cmd_plugins}
+    with warnings.catch_warnings():
+        # a broken installed plugin is reported in one line, not with warnings' source echo
+        warnings.filterwarnings("always", category=BrokenPluginWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return command[args.command](args)
+        except DllmDecodeError as exc:
+            print(f"dllm-decode: error: {exc}", file=sys.stderr)
+            return 2
+
+
+def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+    if issubclass(category, BrokenPluginWarning):
+        print(f"dllm-decode: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, *rest[:2]), end="", file=sys.stderr)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from dllm_decode.plugins import get_plugin_manager, list_plugins
+    from dllm_decode.plugins import broken_plugins, get_plugin_manager, list_plugins
 
-    infos = list_plugins(get_plugin_manager(block=args.block))
+    pm = get_plugin_manager(block=args.block)
+    infos = sorted(list_plugins(pm) + broken_plugins(pm), key=lambda i: i.name)
     if args.json:
         print(json.dumps([i.as_dict() for i in infos], indent=2, default=str))
         return 0
     for info in infos:
         origin = f"{info.distribution} {info.version}" if info.distribution else "(registered directly)"
+        if info.broken:
+            print(f"{info.name}  [{origin}]  (BROKEN)\n    {info.broken}")
+            continue
         flags = [f for f, on in (("revocable", info.meta.revocable),
                                  ("exact cache", info.meta.exact is True),
                                  ("approximate cache", info.meta.exact is False)) if on]
