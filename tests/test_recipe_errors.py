@@ -197,3 +197,15 @@ def test_set_keys_are_blamed_on_the_set_not_the_file(tmp_path, pm):
     with pytest.raises(RecipeError) as info:
         _load(tmp_path, GOOD.replace("steps: 16", "steps: -1"), ["generation.temperature=0.5"])
     assert f"{path}: generation.steps" in str(info.value)
+
+
+def test_shipped_recipes_hold_the_longest_reference_answer():
+    """A canvas shorter than an answer cuts it: every shipped recipe made for the reference models
+    (no model.path of its own) fits the longest answer of their tasks, with EOS after it."""
+    from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+    from dllm_decode.recipes import shipped_recipes
+
+    longest = max(get_task(name).max_answer_tokens for name in REFERENCE_MIX)
+    short = {name: load_recipe(path).generation.gen_length for name, path in shipped_recipes().items()
+             if load_recipe(path).generation.gen_length <= longest}
+    assert not short, f"shipped recipes with gen_length <= {longest}: {short}"
