@@ -183,6 +183,69 @@ def test_the_reference_check_can_fail(tmp_path):
     assert _dangling(page, text) == ["DESIGN.md", "docs/nowhere.md"]
 
 
+# ----------------------------------------------------------------------------- documented examples
+
+EXAMPLE_PAGES = [ROOT / "README.md", DOCS / "quickstart.md"]
+
+
+def _examples(text):
+    """(language, code, shown output) of every ```bash / ```python block followed directly by a
+    ```text block, and the files of ```yaml blocks whose first line is ``# NAME.yaml``."""
+    blocks = re.findall(r"^```(\w*)\n(.*?)^```\n", text, flags=re.M | re.S)
+    found, files = [], {}
+    for (lang, code), (next_lang, shown) in zip(blocks, blocks[1:] + [("", "")]):
+        if lang in ("bash", "python") and next_lang == "text":
+            found.append((lang, code, shown))
+        head = code.split("\n", 1)[0]
+        if lang == "yaml" and re.fullmatch(r"# [\w.-]+\.yaml", head):
+            files[head[2:]] = code
+    return found, files
+
+
+def _run_example(lang, code, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    cmd = ["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_documented_examples_print_what_they_show(page, tmp_path):
+    """Every example with shown output runs on the shipped model and prints exactly that, from a
+    directory holding the checkout's models, recipes and examples and the page's own files."""
+    examples, files = _examples(page.read_text())
+    for name in ("models", "recipes", "examples"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert examples, f"{page.name} shows no example output"
+    for lang, code, shown in examples:
+        out = _run_example(lang, code, tmp_path)
+        assert out.returncode == 0, f"{page.name}: {code}\n{out.stderr[-2000:]}"
+        assert out.stdout == shown, f"{page.name}: {code}\nprints:\n{out.stdout}\nshows:\n{shown}"
+
+
+@pytest.mark.parametrize("page", EXAMPLE_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_generate_example_shows_its_output(page):
+    """A `generate` command on a shipped model (not a synopsis) comes with its output."""
+    examples, _ = _examples(page.read_text())
+    shown = {code for _, code, _ in examples}
+    blocks = re.findall(r"^```(?:bash|python)\n(.*?)^```\n", page.read_text(), flags=re.M | re.S)
+    missing = [code for code in blocks if code not in shown and "pip install" not in code
+               and ("dllm-decode generate --model models/" in code or "load_model(" in code)]
+    assert not missing, f"{page.name}: examples without their output: {missing}"
+
+
+def test_the_example_check_can_fail(tmp_path):
+    text = "```bash\necho hello\n```\n\n```text\nhullo\n```\n"
+    (lang, code, shown), = _examples(text)[0]
+    assert _run_example(lang, code, tmp_path).stdout != shown
+
+
 # Where this implementation cannot match the official code by construction; users comparing
 # numbers with a paper read policies.md and papers.md, so both say each of these.
 DOCUMENTED_DIFFERENCES = {
