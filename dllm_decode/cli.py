@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -125,8 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return command[args.command](args)
         except DllmDecodeError as exc:
-            print(f"dllm-decode: error: {exc}", file=sys.stderr)
+            print(f"dllm-decode: error: {_as_typed(str(exc), args)}", file=sys.stderr)
             return 2
+
+
+def _as_typed(message: str, args: argparse.Namespace) -> str:
+    """Name the flag the user typed where an error blames the ``--set`` it was turned into."""
+    flags = {}
+    if getattr(args, "gen_length", None) is not None:
+        for key in ("gen_length", "block_length", "steps"):
+            flags[f"--set generation.{key}={args.gen_length}"] = f"--gen-length {args.gen_length}"
+    if getattr(args, "dtype", None):
+        flags[f"--set generation.dtype={args.dtype}"] = f"--dtype {args.dtype}"
+    if getattr(args, "device", None):
+        flags[f"--set model.device={json.dumps(args.device)}"] = f"--device {args.device}"
+    if getattr(args, "batch_size", None):
+        flags[f"--set generation.batch_size={args.batch_size}"] = f"--batch-size {args.batch_size}"
+    for made, typed in flags.items():
+        if made.removeprefix("--set ") not in getattr(args, "overrides", []):
+            message = message.replace(made, typed)
+    return re.sub(r"(--gen-length \d+)(, \1)+", r"\1", message)
 
 
 def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:

@@ -203,7 +203,10 @@ def test_gen_length_device_dtype_flags_and_the_default_model(capsys):
     # a recipe of several blocks keeps its block length, which must divide the new length
     assert main(["generate", "--recipe", "llada-random", "--gen-length", "48", "--input-ids", "5"]) == 2
     err = capsys.readouterr().err
-    assert "llada-random.yaml with --set generation.gen_length=48" in err and "must divide" in err
+    assert "llada-random.yaml with --gen-length 48: generation:" in err and "must divide" in err   # the flag typed
+    assert main(["generate", "--recipe", "llada", "--gen-length", "48", "--set", "generation.block_length=32",
+                 "--input-ids", "5"]) == 2
+    assert "with --set generation.block_length=32, --gen-length 48: generation:" in capsys.readouterr().err
 
 
 def test_outside_a_checkout_a_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
