@@ -2,6 +2,7 @@
 every built-in parameter is documented, every built-in has a paper section, and every relative
 link and image in the Markdown resolves (anchors included)."""
 
+import os
 import re
 from pathlib import Path
 
@@ -202,12 +203,25 @@ def _examples(text):
     return found, files
 
 
-def _run_example(lang, code, cwd):
-    import os
+def _example_plugin_site(root):
+    """The example third-party plugin as the docs install it (``pip install
+    examples/plugin-eb-sampler``), without pip: its module and its entry points on a path."""
+    from fake_dist import install_fake_distribution
+
+    example = ROOT / "examples" / "plugin-eb-sampler"
+    text = (example / "pyproject.toml").read_text()          # tomllib is Python 3.11+
+    name = re.search(r'^name = "([^"]+)"', text, flags=re.M).group(1)
+    section = text.split("[project.entry-points.dllm_decode]", 1)[1].split("\n[", 1)[0]
+    install_fake_distribution(root, name, dict(re.findall(r'^(\w+) = "([^"]+)"', section, flags=re.M)))
+    return f"{root}{os.pathsep}{example}"
+
+
+def _run_example(lang, code, cwd, pythonpath=""):
     import subprocess
     import sys
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "PYTHONPATH": pythonpath}
     cmd = ["bash", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
@@ -222,9 +236,10 @@ def test_documented_examples_print_what_they_show(page, tmp_path):
         (tmp_path / name).symlink_to(ROOT / name)
     for name, text in files.items():
         (tmp_path / name).write_text(text)
+    site = _example_plugin_site(tmp_path / "site")
     assert examples, f"{page.name} shows no example output"
     for lang, code, shown in examples:
-        out = _run_example(lang, code, tmp_path)
+        out = _run_example(lang, code, tmp_path, site)
         assert out.returncode == 0, f"{page.name}: {code}\n{out.stderr[-2000:]}"
         assert out.stdout == shown, f"{page.name}: {code}\nprints:\n{out.stdout}\nshows:\n{shown}"
 
@@ -235,7 +250,7 @@ def test_every_generate_example_shows_its_output(page):
     examples, _ = _examples(page.read_text())
     shown = {code for _, code, _ in examples}
     blocks = re.findall(r"^```(?:bash|python)\n(.*?)^```\n", page.read_text(), flags=re.M | re.S)
-    missing = [code for code in blocks if code not in shown and "pip install" not in code
+    missing = [code for code in blocks if code not in shown
                and ("dllm-decode generate --model models/" in code or "load_model(" in code)]
     assert not missing, f"{page.name}: examples without their output: {missing}"
 
