@@ -6,11 +6,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from dllm_decode.errors import DllmDecodeError
+from dllm_decode.config import DTYPES, resolve_recipe
+from dllm_decode.errors import DllmDecodeError, InputError
+from dllm_decode.plugins import BrokenPluginWarning
 from dllm_decode.recipes import find_recipe
 
 
@@ -21,46 +26,50 @@ def _parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--input-ids {text!r}: expected comma-separated integers") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dllm-decode", description="Decode masked-diffusion language "
-                                     "models under decoding policies composed from plugins.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _recipe_flags(p: argparse.ArgumentParser, model_help: str) -> None:
+    """The flags every decoding subcommand shares: model, device, dtype, generation length, --set."""
+    p.add_argument("--model", help=model_help + "; default: the recipe's model.path, else (in a checkout) "
+                   "the shipped models/llada-reference")
+    p.add_argument("--device", help="torch device, e.g. cpu or cuda (sets model.device)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute dtype (sets generation.dtype)")
+    p.add_argument("--gen-length", type=int, metavar="L", help="generation length (a one-block recipe stays "
+                   "one block, a one-token-per-forward schedule stays so)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. generation.steps=32 or select_tokens.threshold=0.8")
+    p.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="block a plugin by name")
 
+
+def _generate_parser(sub: Any) -> None:
     gen = sub.add_parser("generate", help="decode prompts with a model and a recipe")
     gen.add_argument("prompts", nargs="*", help="text prompts (tokenized with the model's tokenizer)")
     gen.add_argument("--input-ids", action="append", type=_parse_ids, default=[], metavar="1,2,3",
                      help="a prompt as token ids; repeat for several")
-    gen.add_argument("--model", help="checkpoint directory (overrides the recipe's model.path)")
     gen.add_argument("--recipe", default="llada", help="recipe file, or the name of a shipped recipe "
                      "(default: llada)")
-    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe value, e.g. generation.steps=32 or select_tokens.threshold=0.8")
-    gen.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="block a plugin by name")
+    _recipe_flags(gen, "checkpoint directory (overrides the recipe's model.path)")
     gen.add_argument("--task", metavar="NAME[,NAME]", help="decode held-out problems of these tasks "
-                     "(copy, repeat, case, add) and score them")
+                     "(copy, repeat, case, distinct, add) and score them")
     gen.add_argument("--n", type=int, default=1, help="with --task: problems per task (default 1)")
     gen.add_argument("--task-seed", type=int, default=0, help="with --task: seed of the held-out stream")
     gen.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with every row")
     gen.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
+
+def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="measure several recipes side by side on held-out problems")
-    bench.add_argument("--model", required=True, help="checkpoint directory")
     bench.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE",
                        help="recipe files or shipped recipe names; the first is the speedup baseline")
+    _recipe_flags(bench, "checkpoint directory")
     bench.add_argument("--task", default="copy,repeat,case", metavar="NAME[,NAME]",
                        help="tasks of the held-out problems (default copy,repeat,case)")
     bench.add_argument("--n", type=int, default=8, help="problems per task (default 8)")
     bench.add_argument("--task-seed", type=int, default=0, help="seed of the held-out stream")
-    bench.add_argument("--gen-length", type=int, help="generation length for every recipe (one-block "
-                       "recipes stay one block, one-token-per-forward schedules stay so)")
     bench.add_argument("--batch-size", type=int, help="rows decoded together, for every recipe")
     bench.add_argument("--max-length", type=int, metavar="N", help="let the model take canvases of up "
                        "to N positions for this run, past its declared max_sequence_length (to measure "
                        "the cost of long generations on a model trained shorter: its answers there "
                        "are not meaningful)")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override applied to every recipe")
     bench.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                        help="expand each recipe into one per value, e.g. select_tokens.threshold=0.5,0.9")
     bench.add_argument("--ar-model", metavar="DIR", help="add greedy decoding of this AutoModelForCausalLM")
@@ -68,24 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", metavar="PATH", help="write accuracy vs throughput / NFE as a PNG")
     bench.add_argument("--no-warmup", action="store_true", help="skip the warm-up decode")
     bench.add_argument("--no-progress", action="store_true", help="never show a progress bar")
-    bench.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="block a plugin by name")
 
+
+def _trace_parser(sub: Any) -> None:
     tr = sub.add_parser("trace", help="picture (and record) of the order in which a policy decoded one prompt")
     tr.add_argument("prompt", nargs="?", help="text prompt (default: a held-out problem, see --task)")
-    tr.add_argument("--model", required=True, help="checkpoint directory")
     tr.add_argument("--recipe", default="llada", help="recipe file or shipped recipe name")
-    tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _recipe_flags(tr, "checkpoint directory")
     tr.add_argument("--input-ids", type=_parse_ids, metavar="1,2,3", help="the prompt as token ids")
     tr.add_argument("--task", default="copy", help="without a prompt: the task of the held-out problem")
-    tr.add_argument("--index", type=int, default=0, help="without a prompt: which held-out problem")
+    tr.add_argument("--index", type=int, default=0, help="without a prompt: which held-out problem (from 0)")
     tr.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     tr.add_argument("--out", required=True, metavar="PNG", help="where to draw the picture")
     tr.add_argument("--json", metavar="PATH", help="also write the per-step record")
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dllm-decode", description="Decode masked-diffusion language "
+                                     "models under decoding policies composed from plugins.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _bench_parser(sub)
+    _trace_parser(sub)
     # listed for --help only: main() hands `eval ...` to lm-eval's own parser untouched
     sub.add_parser("eval", add_help=False, help="lm-evaluation-harness with the dllm_decode model registered "
                    "(lm-eval's arguments: --model dllm_decode --model_args model=DIR,recipe=NAME --tasks ...)")
-
     plug = sub.add_parser("plugins", help="list registered plugins, their slots and parameters")
     plug.add_argument("--json", action="store_true")
     plug.add_argument("--block", action="append", default=[], metavar="PLUGIN")
@@ -102,28 +118,56 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dllm-decode eval: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "generate":
-            return cmd_generate(args)
-        if args.command == "bench":
-            return cmd_bench(args)
-        if args.command == "trace":
-            return cmd_trace(args)
-        return cmd_plugins(args)
-    except DllmDecodeError as exc:
-        print(f"dllm-decode: error: {exc}", file=sys.stderr)
-        return 2
+    command = {"generate": cmd_generate, "bench": cmd_bench, "trace": cmd_trace, "plugins": cmd_plugins}
+    with warnings.catch_warnings():
+        # a broken installed plugin is reported in one line, not with warnings' source echo
+        warnings.filterwarnings("always", category=BrokenPluginWarning)
+        warnings.showwarning = _show_warning
+        try:
+            return command[args.command](args)
+        except DllmDecodeError as exc:
+            print(f"dllm-decode: error: {_as_typed(str(exc), args)}", file=sys.stderr)
+            return 2
+
+
+def _as_typed(message: str, args: argparse.Namespace) -> str:
+    """Name the flag the user typed where an error blames the ``--set`` it was turned into."""
+    flags = {}
+    if getattr(args, "gen_length", None) is not None:
+        for key in ("gen_length", "block_length", "steps"):
+            flags[f"--set generation.{key}={args.gen_length}"] = f"--gen-length {args.gen_length}"
+    if getattr(args, "dtype", None):
+        flags[f"--set generation.dtype={args.dtype}"] = f"--dtype {args.dtype}"
+    if getattr(args, "device", None):
+        flags[f"--set model.device={json.dumps(args.device)}"] = f"--device {args.device}"
+    if getattr(args, "batch_size", None):
+        flags[f"--set generation.batch_size={args.batch_size}"] = f"--batch-size {args.batch_size}"
+    for made, typed in flags.items():
+        if made.removeprefix("--set ") not in getattr(args, "overrides", []):
+            message = message.replace(made, typed)
+    return re.sub(r"(--gen-length \d+)(, \1)+", r"\1", message)
+
+
+def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
+    if issubclass(category, BrokenPluginWarning):
+        print(f"dllm-decode: warning: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, *rest[:2]), end="", file=sys.stderr)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from dllm_decode.plugins import get_plugin_manager, list_plugins
+    from dllm_decode.plugins import broken_plugins, get_plugin_manager, list_plugins
 
-    infos = list_plugins(get_plugin_manager(block=args.block))
+    pm = get_plugin_manager(block=args.block)
+    infos = sorted(list_plugins(pm) + broken_plugins(pm), key=lambda i: i.name)
     if args.json:
         print(json.dumps([i.as_dict() for i in infos], indent=2, default=str))
         return 0
     for info in infos:
         origin = f"{info.distribution} {info.version}" if info.distribution else "(registered directly)"
+        if info.broken:
+            print(f"{info.name}  [{origin}]  (BROKEN)\n    {info.broken}")
+            continue
         flags = [f for f, on in (("revocable", info.meta.revocable),
                                  ("exact cache", info.meta.exact is True),
                                  ("approximate cache", info.meta.exact is False)) if on]
@@ -141,23 +185,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from dllm_decode.config import load_recipe
     from dllm_decode.engine import Decoder
     from dllm_decode.plugins import get_plugin_manager
-    from dllm_decode.policy import resolve
 
-    recipe = load_recipe(find_recipe(args.recipe), overrides=args.overrides)
+    _check_counts(args)
+    recipe = _load_recipe(args, args.recipe)
     pm = get_plugin_manager(block=args.block)
-    policy = resolve(recipe, pm)            # every recipe error surfaces before the model loads
-    model_path = args.model or recipe.model.path
-    if not model_path:
-        raise DllmDecodeError("no model: pass --model DIR or set model.path in the recipe")
+    policy = resolve_recipe(recipe, pm)     # every recipe error surfaces before the model loads
     if not args.prompts and not args.input_ids and not args.task:
         raise DllmDecodeError("nothing to decode: give text prompts, --input-ids or --task")
     problems = _task_problems(args) if args.task else []
-    from dllm_decode.models import load_model
-
-    model, tokenizer = load_model(model_path, dtype=recipe.generation.dtype, device=recipe.model.device)
+    model_path = args.model = _model_path(args, recipe)
+    model, tokenizer = _load_model(model_path, recipe, args)
     if problems:
         if tokenizer is None:
             raise DllmDecodeError(f"{model_path}: no tokenizer files; --task needs one")
@@ -166,38 +205,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts:
         if tokenizer is None:
             raise DllmDecodeError(f"{model_path}: no tokenizer files; pass --input-ids instead of text")
-        prompts += [_encode(tokenizer, text, args.chat) for text in args.prompts]
+        prompts += [_encode(tokenizer, text, args.chat, f"prompt {i + 1}") for i, text in enumerate(args.prompts)]
     decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
     result = decoder.generate(prompts, progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         out: dict[str, Any] = {"model": str(model_path), "recipe": recipe.source,
                                "rows": [r.as_dict() for r in result.rows]}
         print(json.dumps(out, indent=2))
-    else:
-        for r in result.rows:
-            body = r.text if r.text is not None else " ".join(map(str, r.tokens))
-            print(body)
-            print(f"  [nfe {r.nfe}, steps {r.steps}, {r.seconds:.3f} s]", file=sys.stderr)
+        return 0
+    for r in result.rows:
+        print(r.text if r.text is not None else " ".join(map(str, r.tokens)))
+        print(f"  [nfe {r.nfe}, steps {r.steps}, {r.seconds:.3f} s]", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dllm_decode.measure import bench
-    from dllm_decode.models import load_model
     from dllm_decode.plugins import get_plugin_manager
 
-    common = list(args.overrides)
+    _check_counts(args)
+    common = [*args.overrides, *_device_dtype_overrides(args)]
     if args.batch_size:
         common.append(f"generation.batch_size={args.batch_size}")
-    named = [(Path(r).stem if r.endswith((".yaml", ".yml")) else r, r) for r in args.recipes]
+    named = [(_label(r), r) for r in args.recipes]
     pm = get_plugin_manager(block=args.block)
     # every recipe error surfaces here, before any model loads
     recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
     if len({r.generation.dtype for _, r in recipes}) > 1:
-        raise DllmDecodeError("bench: the recipes ask for different generation.dtype; set one with --set")
+        raise DllmDecodeError("bench: the recipes ask for different generation.dtype; set one with --dtype")
     problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
     first = recipes[0][1]
-    model, tokenizer = load_model(args.model, dtype=first.generation.dtype, device=first.model.device)
+    args.model = _model_path(args, first)
+    model, tokenizer = _load_model(args.model, first, args)
     if tokenizer is None:
         raise DllmDecodeError(f"{args.model}: no tokenizer files; bench needs one")
     if args.max_length:
@@ -206,25 +245,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.ar_model:
         from dllm_decode.measure.evaluate import load_ar
         ar = load_ar(args.ar_model, device=first.model.device)
-    chunk = max(r.generation.batch_size for _, r in recipes)
-    total = len(problems) * (len(recipes) + (ar is not None))
-    bar = None
-    if not args.no_progress and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=total, unit="problem", file=sys.stderr)
-
-    def progress(label: str, n: int) -> None:
-        if bar is not None:
-            bar.set_description(label[:40])
-            bar.update(n)
-
-    try:
-        runs = bench.run_bench(model, tokenizer, recipes, problems, chunk=chunk, ar=ar, pm=pm,
-                               ar_tokens=max(r.generation.gen_length for _, r in recipes),
-                               warmup=not args.no_warmup, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
+    runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args)
     info = {**bench.machine_info(model, first), "model": str(args.model)}
     print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "
           f"gen {first.generation.gen_length}")
@@ -237,33 +258,137 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
-    from dllm_decode.measure import trace
-    from dllm_decode.config import load_recipe
-    from dllm_decode.engine import Decoder
-    from dllm_decode.models import load_model
+def _run_bench(bench: Any, model: Any, tokenizer: Any, recipes: list, problems: list, ar: Any, pm: Any,
+               args: argparse.Namespace) -> list:
+    """bench.run_bench with a progress bar on a terminal."""
+    chunk = max(r.generation.batch_size for _, r in recipes)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=len(problems) * (len(recipes) + (ar is not None)), unit="problem", file=sys.stderr)
 
-    recipe = load_recipe(find_recipe(args.recipe), overrides=[*args.overrides, "generation.batch_size=1"])
-    model, tokenizer = load_model(args.model, dtype=recipe.generation.dtype, device=recipe.model.device)
+    def progress(label: str, n: int) -> None:
+        if bar is not None:
+            bar.set_description(label[:40])
+            bar.update(n)
+
+    try:
+        return bench.run_bench(model, tokenizer, recipes, problems, chunk=chunk, ar=ar, pm=pm,
+                               ar_tokens=max(r.generation.gen_length for _, r in recipes),
+                               warmup=not args.no_warmup, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from dllm_decode.engine import Decoder
+    from dllm_decode.measure import trace
+    from dllm_decode.plugins import get_plugin_manager
+
+    _check_counts(args)
+    recipe = _load_recipe(args, args.recipe, ["generation.batch_size=1"])
+    pm = get_plugin_manager(block=args.block)
+    policy = resolve_recipe(recipe, pm)
+    problem = None if args.prompt is not None or args.input_ids else _task_problems(
+        argparse.Namespace(task=args.task, n=args.index + 1, task_seed=0))[args.index]
+    args.model = _model_path(args, recipe)
+    model, tokenizer = _load_model(args.model, recipe, args)
     if args.input_ids:
         prompt = args.input_ids
+    elif tokenizer is None:
+        raise DllmDecodeError(f"{args.model}: no tokenizer files; pass --input-ids")
     else:
-        if tokenizer is None:
-            raise DllmDecodeError(f"{args.model}: no tokenizer files; pass --input-ids")
-        if args.prompt is None:
-            ns = argparse.Namespace(task=args.task, n=args.index + 1, task_seed=0)
-            text = _task_problems(ns)[args.index].prompt
-        else:
-            text = args.prompt
-        prompt = _encode(tokenizer, text, args.chat)
-    state = Decoder(model, recipe, tokenizer=tokenizer).generate([prompt], keep_states=True).states[0]
+        prompt = _encode(tokenizer, problem.prompt if problem else args.prompt, args.chat, "prompt")
+    decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
+    state = decoder.generate([prompt], keep_states=True).states[0]
     record = trace.trace_record(state, tokenizer)
-    name = Path(recipe.source).stem if recipe.source else "recipe"
+    name = recipe.name or (Path(recipe.source).stem if recipe.source else "recipe")
     trace.draw(record, args.out, title=f"{Path(args.model).name}, {name}: {len(record['steps'])} steps")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(f"{len(record['steps'])} steps, NFE {record['nfe']}; picture in {args.out}")
     return 0
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts the parser accepts as integers but nothing can use, refused by flag."""
+    for flag, least in (("n", 1), ("index", 0), ("gen_length", 1), ("batch_size", 1), ("max_length", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < least:
+            raise DllmDecodeError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")
+    ids = getattr(args, "input_ids", None)
+    rows = ids if args.command == "generate" else [] if ids is None else [ids]    # generate takes several
+    if any(not row for row in rows):
+        raise DllmDecodeError("--input-ids: empty prompt; give at least one token id")
+    texts = getattr(args, "prompts", None) or ([args.prompt] if getattr(args, "prompt", None) is not None else [])
+    for i, text in enumerate(texts):
+        if not text:
+            raise InputError(f"prompt {i + 1}: empty prompt; give some text (or --input-ids)")
+
+
+def _device_dtype_overrides(args: argparse.Namespace) -> list[str]:
+    out = [f"model.device={json.dumps(args.device)}"] if args.device else []
+    return out + ([f"generation.dtype={args.dtype}"] if args.dtype else [])
+
+
+def _load_recipe(args: argparse.Namespace, name: str, extra: list[str] = ()) -> Any:
+    """The recipe ``name`` with the --set overrides, then what --gen-length, --device and --dtype
+    set (as bench does: a one-block recipe stays one block)."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.measure.bench import gen_length_overrides
+
+    over = [*args.overrides, *extra, *_device_dtype_overrides(args)]
+    if args.gen_length is not None:
+        over += gen_length_overrides(name, args.gen_length, over)
+    return load_recipe(find_recipe(name), overrides=over)
+
+
+def _label(name: str) -> str:
+    """A bench row's label: the recipe's own ``name``, else its file name."""
+    from dllm_decode.config import load_recipe
+
+    stem = Path(name).stem if name.endswith((".yaml", ".yml")) else name
+    try:
+        return load_recipe(find_recipe(name)).name or stem
+    except DllmDecodeError:
+        return stem                 # expand_sweeps reports the error with the overrides applied
+
+
+def shipped_model() -> Path:
+    """models/llada-reference next to the package source: present in a checkout only."""
+    return Path(__file__).resolve().parents[1] / "models" / "llada-reference"
+
+
+def _model_path(args: argparse.Namespace, recipe: Any) -> str:
+    path = args.model or recipe.model.path
+    if path:
+        return str(path)
+    shipped = shipped_model()
+    if (shipped / "config.json").exists():
+        shown = os.path.relpath(shipped) if shipped.is_relative_to(Path.cwd()) else str(shipped)
+        print(f"dllm-decode: no --model given: using the shipped reference model {shown} "
+              "(it knows only the reference tasks' prompt formats)", file=sys.stderr)
+        return shown
+    raise DllmDecodeError("no model: pass --model DIR (a LLaDA or Dream checkpoint) or set model.path in the "
+                          "recipe (the shipped reference models come with a checkout of the repository)")
+
+
+def _load_model(path: str, recipe: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    from dllm_decode.models import load_model
+    from dllm_decode.models.loader import check_device
+
+    if args.device:
+        what = "--device"
+    elif any(o.split("=", 1)[0].strip() == "model.device" for o in args.overrides):
+        what = "--set model.device"
+    else:
+        what = f"{recipe.source or '<recipe>'}: model.device"
+    check_device(recipe.model.device, what)
+    return load_model(path, dtype=recipe.generation.dtype, device=recipe.model.device)
 
 
 def _task_problems(args: argparse.Namespace) -> list:
@@ -293,17 +418,38 @@ def _decode_problems(model, tokenizer, recipe, pm, policy, problems, args) -> in
         print(f"[{r.task} #{r.index}] {r.prompt.rstrip()}")
         print("  " + r.completion.replace("\n", "\n  "))
         print(f"  -> {'correct' if r.correct else 'wrong'} (nfe {r.nfe})")
-    print(f"exact match {res.accuracy:.3f} on {len(res.records)} held-out problem(s)", file=sys.stderr)
+    print(f"exact match {res.accuracy:.3f} on {len(res.records)} held-out problem(s)")
     return 0
 
 
-def _encode(tokenizer: Any, text: str, chat: bool) -> list[int]:
+def _encode(tokenizer: Any, text: str, chat: bool, where: str = "prompt") -> list[int]:
+    if not text:
+        raise InputError(f"{where}: empty prompt; give some text (or --input-ids)")
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DllmDecodeError("--chat: the tokenizer has no chat template")
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    _check_vocabulary(tokenizer, text, ids, where)
+    return ids
+
+
+def _check_vocabulary(tokenizer: Any, text: str, ids: list[int], where: str) -> None:
+    """Refuse text the tokenizer can only encode as its unknown token (the reference models'
+    is the pad token), naming the first such character and its position."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids:
+        return
+    spans = [None] * len(ids)
+    if getattr(tokenizer, "is_fast", False):
+        spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    for tid, span in zip(ids, spans):
+        if tid != unk or (span is not None and text[span[0]:span[1]] == tokenizer.unk_token):
+            continue
+        what = f"character {text[span[0]:span[1]]!r} at position {span[0]}" if span else "a character"
+        raise InputError(f"{where}: {what} is not in the tokenizer's vocabulary (it would be encoded as "
+                         f"{tokenizer.unk_token!r}, id {unk})")
 
 
 if __name__ == "__main__":  # pragma: no cover

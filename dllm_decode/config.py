@@ -14,10 +14,10 @@ plugin parameters are checked against the registered plugins by :func:`dllm_deco
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from dllm_decode.errors import RecipeError
 from dllm_decode.hookspecs import SLOTS
@@ -130,6 +130,12 @@ class Recipe(_Strict):
     select_tokens: SlotEntry | None = None
     observers: list[str] = Field(default_factory=list, description="Extra observer plugins.")
     source: str | None = Field(None, exclude=True, description="File the recipe came from.")
+    _overrides: list[str] = PrivateAttr(default_factory=list)   # the --set texts applied on top
+
+    @property
+    def overrides(self) -> list[str]:
+        """The ``--set KEY=VALUE`` texts applied on top of the file, for error messages."""
+        return list(self._overrides)
 
     def slot(self, name: str) -> SlotEntry | None:
         return getattr(self, name)
@@ -176,7 +182,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in path):
         raise RecipeError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = safe_load_unique(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {text!r}: value is not valid YAML: {exc}") from exc
     return path, value
@@ -210,14 +216,75 @@ def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] 
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
+        raise RecipeError(blame_overrides(format_validation_error(exc, source), source, overrides)) from None
     recipe.source = source
+    recipe._overrides = list(overrides)
     return recipe
 
 
+def blame_overrides(message: str, source: str | None, overrides: Sequence[str]) -> str:
+    """Rewrite the lines of an error message that blame ``source`` for a key a ``--set``
+    gave: ``r.yaml: score.remaskin: ...`` becomes ``--set score.remaskin=x: score.remaskin: ...``
+    (``r.yaml with --set ...`` where the faulty value holds the key set, e.g. a block length
+    that no longer divides a gen_length given with --set)."""
+    keys = [(text.split("=", 1)[0].strip(), text) for text in overrides if "=" in text]
+    lines = []
+    for line in message.splitlines():
+        head, sep, rest = line.partition(": ")
+        key = rest.split(":", 1)[0].split(" ", 1)[0] if sep and head == _where(source) else None
+        exact = [t for k, t in keys if key and (key == k or key.startswith(k + "."))]
+        inside = [t for k, t in keys if key and k.startswith(key + ".")]
+        if exact:
+            line = f"--set {exact[-1]}: {rest}"
+        elif inside:
+            line = f"{head} with " + ", ".join(f"--set {t}" for t in inside) + f": {rest}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def resolve_recipe(recipe: Recipe, pm: Any) -> Any:
+    """:func:`dllm_decode.policy.resolve`, with the errors about keys a ``--set`` gave blamed on
+    that ``--set`` rather than on the recipe file."""
+    from dllm_decode.policy import resolve
+
+    try:
+        return resolve(recipe, pm)
+    except RecipeError as exc:
+        raise RecipeError(blame_overrides(str(exc), recipe.source, recipe.overrides)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping: plain YAML loading keeps
+    the last value silently, so a recipe edited in two places would run with one of them."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(key, first[key], key_node.start_mark.line + 1)
+                    first[key] = key_node.start_mark.line + 1
+                except TypeError:                   # an unhashable key: the base class reports it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int):
+        super().__init__(f"duplicate key {key!r} on line {again} (first given on line {first})")
+        self.key, self.first, self.again = key, first, again
+
+
+def safe_load_unique(text: str) -> Any:
+    """``yaml.safe_load`` (no tags executed) refusing duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe file, or a shipped recipe by name (``"threshold"``), with
-    ``yaml.safe_load`` only, and validate its own sections.
+    """Read a YAML recipe file, or a shipped recipe by name (``"threshold"``), with safe loading
+    only (duplicate keys refused), and validate its own sections.
 
     Plugin names and parameters are validated by :func:`dllm_decode.policy.resolve`.
     """
@@ -229,7 +296,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror or exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_unique(text)
+    except DuplicateKeyError as exc:
+        raise RecipeError(f"{path}: line {exc.again}: duplicate key {exc.key!r} (first given on line "
+                          f"{exc.first}); a key may appear once per mapping") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: invalid YAML: {exc}") from exc
     return recipe_from_dict(data, source=str(path), overrides=overrides)

@@ -12,7 +12,7 @@ class RecipeError(DllmDecodeError, ValueError):
 
 
 class PluginError(DllmDecodeError, RuntimeError):
-    """A plugin raised, or broke a contract the engine enforces (DESIGN.md §3)."""
+    """A plugin raised, or broke a contract the engine enforces (docs/concepts.md, "What the engine enforces")."""
 
     def __init__(self, message: str, *, plugin: str | None = None, hook: str | None = None,
                  step: int | None = None):
@@ -28,3 +28,12 @@ class InputError(DllmDecodeError, ValueError):
 
 class ModelOutputError(DllmDecodeError, RuntimeError):
     """The model returned unusable logits (NaN or infinite everywhere)."""
+
+
+class CheckpointError(DllmDecodeError, ValueError):
+    """A checkpoint directory could not be loaded: config.json, the weights or the tokenizer
+    missing, corrupt or truncated, a model family dllm-decode does not run, a device torch lacks."""
+
+
+class CheckpointNotFoundError(DllmDecodeError, FileNotFoundError):
+    """The checkpoint directory or its config.json does not exist."""

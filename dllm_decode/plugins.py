@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Callable
@@ -85,46 +86,87 @@ def _env_list(name: str) -> list[str]:
     return [part.strip() for part in os.environ.get(name, "").split(",") if part.strip()]
 
 
+class BrokenPluginWarning(UserWarning):
+    """An installed plugin could not be imported or registered; it is skipped."""
+
+
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An entry point that failed to import or register: what ``dllm-decode plugins`` lists as
+    broken and what a recipe naming it is told."""
+
+    name: str
+    entry_point: str
+    distribution: str | None
+    version: str | None
+    error: str
+
+    def describe(self) -> str:
+        origin = f", distribution {self.distribution} {self.version}" if self.distribution else ""
+        return f"plugin {self.name!r} (entry point {self.entry_point!r}{origin}) failed to load: {self.error}"
+
+
 class PluginManager(pluggy.PluginManager):
-    """pluggy's manager plus the distribution each plugin came from."""
+    """pluggy's manager plus the distribution each plugin came from, and the installed plugins
+    that could not be loaded (skipped, so one broken package never takes the others down)."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT)
         self.add_hookspecs(hookspecs)
         self.distributions: dict[str, metadata.Distribution] = {}
+        self.broken: dict[str, BrokenPlugin] = {}
 
 
 def get_plugin_manager(block: list[str] | tuple[str, ...] = (), load_entrypoints: bool = True,
                        extra_plugins: dict[str, Any] | None = None) -> PluginManager:
     """A fresh plugin manager (never a module-level singleton: two decoders never interfere).
 
+    An installed plugin that fails to import or to register is skipped with a
+    :class:`BrokenPluginWarning` and recorded in ``pm.broken``.
+
     :param block: plugin names to block, on top of ``DLLM_DECODE_BLOCK``.
     :param extra_plugins: name -> plugin object registered directly (tests, notebooks).
-    :raises PluginError: a plugin failed to import or implements a hook no spec defines.
+    :raises PluginError: a plugin given in ``extra_plugins`` is not valid.
     """
     pm = PluginManager()
     for name in [*_env_list(BLOCK_ENV), *block]:
         pm.set_blocked(name)
     if load_entrypoints:
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None:
-                continue
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # a broken third-party package must name itself
-                raise PluginError(f"plugin {ep.name!r} (entry point {ep.value!r}) failed to import: "
-                                  f"{type(exc).__name__}: {exc}", plugin=ep.name) from exc
-            _register(pm, plugin, ep.name, dist=ep.dist)
+            if not (pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None or ep.name in pm.broken):
+                _load_entry_point(pm, ep)
     for name, plugin in (extra_plugins or {}).items():
         if not pm.is_blocked(name):
             _register(pm, plugin, name, dist=None)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r} is not valid: {exc}") from exc
+            _check_pending(pm, name)
     if os.environ.get(TRACE_ENV, "") not in ("", "0"):
         enable_tracing(pm)
     return pm
+
+
+def _load_entry_point(pm: PluginManager, ep: metadata.EntryPoint) -> None:
+    """Import and register one installed plugin; a failure is recorded and warned about."""
+    try:
+        plugin = ep.load()
+        _register(pm, plugin, ep.name, dist=ep.dist)
+        _check_pending(pm, ep.name)
+    except Exception as exc:  # any error of a third-party import: report it, keep the others
+        if pm.get_plugin(ep.name) is not None:
+            pm.unregister(name=ep.name)
+        pm.distributions.pop(ep.name, None)
+        dist = ep.dist
+        error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        pm.broken[ep.name] = BrokenPlugin(ep.name, ep.value, dist.metadata["Name"] if dist else None,
+                                          dist.version if dist else None, error)
+        warnings.warn(f"{pm.broken[ep.name].describe()}; skipped", BrokenPluginWarning, stacklevel=3)
+
+
+def _check_pending(pm: PluginManager, name: str) -> None:
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=name)
+        raise PluginError(f"plugin {name!r} is not valid: {exc}", plugin=name) from exc
 
 
 def _register(pm: PluginManager, plugin: Any, name: str, dist: Any) -> None:
@@ -157,10 +199,12 @@ class PluginInfo:
     observers: tuple[str, ...]
     meta: PluginMeta
     parameters: list[dict[str, Any]] = field(default_factory=list)
+    broken: str | None = None           # why an installed plugin could not be loaded
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "distribution": self.distribution, "version": self.version,
+            "broken": self.broken,
             "slots": list(self.slots), "observers": list(self.observers),
             "summary": self.meta.summary, "revocable": self.meta.revocable,
             "exact": self.meta.exact, "requires": list(self.meta.requires),
@@ -217,3 +261,10 @@ def list_plugins(pm: PluginManager) -> list[PluginInfo]:
             observers=tuple(o for o in hookspecs.OBSERVERS if o in callers),
             meta=meta, parameters=describe_options(meta.options)))
     return sorted(infos, key=lambda i: i.name)
+
+
+def broken_plugins(pm: PluginManager) -> list[PluginInfo]:
+    """The installed plugins that could not be loaded, as rows marked broken, sorted by name."""
+    return [PluginInfo(name=b.name, distribution=b.distribution, version=b.version, slots=(), observers=(),
+                       meta=DEFAULT_META, broken=f"entry point {b.entry_point!r}: {b.error}")
+            for b in sorted(pm.broken.values(), key=lambda b: b.name)]

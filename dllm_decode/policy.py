@@ -64,6 +64,9 @@ def _fillers(pm: PluginManager, slot: str) -> list[str]:
 def _lookup(pm: PluginManager, recipe: Recipe, slot: str, name: str) -> Any:
     plugin = pm.get_plugin(name)
     if plugin is None:
+        broken = getattr(pm, "broken", {}).get(name)
+        if broken is not None:
+            raise RecipeError(f"{_where(recipe)}: {slot}: {broken.describe()} (see `dllm-decode plugins`)")
         if pm.is_blocked(name):
             raise RecipeError(f"{_where(recipe)}: {slot}: plugin {name!r} is blocked "
                               "(DLLM_DECODE_BLOCK or --block)")

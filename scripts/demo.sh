@@ -6,7 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ "$#" -gt 0 ]; then
-    exec .venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml "$@"
+    .venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml "$@"
+    echo "next: source .venv/bin/activate (or call .venv/bin/dllm-decode), then e.g. dllm-decode generate --help" >&2
+    exit 0
 fi
-exec .venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml \
+.venv/bin/dllm-decode generate --model models/llada-reference --recipe recipes/llada.yaml \
     --task copy,repeat,case --n 1
+# the console script lives in the environment the demo made, not on PATH
+echo "next: source .venv/bin/activate (or call .venv/bin/dllm-decode), then e.g. dllm-decode generate --help" >&2

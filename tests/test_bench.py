@@ -106,3 +106,27 @@ def test_cli_bench_max_length_lifts_the_declared_limit_for_one_run(capsys):
     assert "allows 1024" in capsys.readouterr().err
     assert main(args + ["--max-length", "1200"]) == 0
     assert "gen 1024" in capsys.readouterr().out
+
+
+def test_the_plot_numbers_every_point_apart_and_explains_the_colours():
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from dllm_decode.measure.bench import figure
+
+    # eight rows crowded at one accuracy and nearly one speed: a front of a single point
+    runs = [BenchRun(f"r{i}", "diffusion", None, [_record(True, 10 + i % 3, 40)], seconds=1.0 + 0.01 * i)
+            for i in range(8)]
+    fig = figure(runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        numbers = [t for t in ax.texts if t.get_text().isdigit()]
+        assert sorted(int(t.get_text()) for t in numbers) == list(range(1, 9))
+        texts = [Text.get_window_extent(t, renderer) for t in numbers]       # the numbers, not their leaders
+        assert not any(a.overlaps(b) for i, a in enumerate(texts) for b in texts[i + 1:])
+        frame = ax.get_window_extent(renderer)
+        assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in texts)
+    legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    assert "Pareto-optimal" in legend and "dominated" in legend      # a lone red point is explained
+    plt.close(fig)

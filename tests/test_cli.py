@@ -54,7 +54,7 @@ def test_generate_matches_the_library(model_dir):
 def test_recipe_errors_exit_2_and_name_the_key(model_dir):
     out = _run("generate", "--model", str(model_dir), "--input-ids", "5", "--set", "score.remaskin=x")
     assert out.returncode == 2
-    assert "llada.yaml: score.remaskin: unknown parameter" in out.stderr
+    assert "--set score.remaskin=x: score.remaskin: unknown parameter" in out.stderr
 
 
 def test_unknown_recipe_name():
@@ -136,3 +136,91 @@ def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     assert f"--steps {first['steps']}" in check and "--init" not in check
     assert f"--threads {first['threads']}" in check     # the count the weights depend on
     assert f"The second stage starts from the weights of the one before and trains {training['config']['steps']}" in text
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _one_line_error(capsys, args, *needles):
+    """The CLI refuses ``args`` with exit code 2 and one error line naming ``needles``, no traceback."""
+    from dllm_decode.cli import main
+
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dllm-decode: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_broken_checkpoints_are_one_line_naming_the_file(tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ROOT / "models" / "llada-reference", bad)
+    (bad / "config.json").write_text('{"model_type": "llada", ')
+    _one_line_error(capsys, ["generate", "--model", str(bad), "--task", "copy"], str(bad / "config.json"))
+    shutil.copy(ROOT / "models" / "llada-reference" / "config.json", bad / "config.json")
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    _one_line_error(capsys, ["generate", "--model", str(bad), "--task", "copy"], str(bad / "model.safetensors"),
+                    "truncated")
+    _one_line_error(capsys, ["generate", "--model", "models/ar-reference", "--task", "copy"],
+                    "models/ar-reference/config.json", "LlamaForCausalLM", "--ar-model")
+
+
+def test_bad_flags_are_one_line_naming_the_flag(tmp_path, capsys):
+    import torch
+
+    png = str(tmp_path / "t.png")
+    _one_line_error(capsys, ["generate", "--task", "copy", "--n", "-2"], "--n -2")
+    _one_line_error(capsys, ["bench", "--recipes", "llada", "--n", "0"], "--n 0", "at least 1")
+    _one_line_error(capsys, ["trace", "--index", "-1", "--out", png], "--index -1")
+    _one_line_error(capsys, ["generate", "--input-ids", ""], "--input-ids", "empty")
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, ["generate", "--task", "copy", "--device", "cuda"], "--device 'cuda'", "no CUDA")
+        _one_line_error(capsys, ["generate", "--task", "copy", "--set", "model.device=cuda"], "--set model.device")
+
+
+def test_prompts_outside_the_vocabulary_and_empty_prompts_are_refused(capsys):
+    _one_line_error(capsys, ["generate", "--model", "models/llada-reference", "copy: ab\\c\n"],
+                    "prompt 1", "character '\\\\' at position 8", "vocabulary")
+    _one_line_error(capsys, ["generate", "--model", "models/llada-reference", "copy: abc\n", "é"],
+                    "prompt 2", "character 'é' at position 0")
+    _one_line_error(capsys, ["generate", "--model", "models/llada-reference", ""], "prompt 1: empty prompt")
+
+
+def test_gen_length_device_dtype_flags_and_the_default_model(capsys):
+    from dllm_decode.cli import main
+
+    assert main(["generate", "--gen-length", "32", "--dtype", "float64", "--device", "cpu", "--json",
+                 "pick one of 3 5, seven times\n"]) == 0
+    out = capsys.readouterr()
+    row = json.loads(out.out)["rows"][0]
+    assert len(row["token_ids"]) == 32 and row["nfe"] == 32         # one block, one token per forward
+    assert "using the shipped reference model models/llada-reference" in out.err
+    # a recipe of several blocks keeps its block length, which must divide the new length
+    assert main(["generate", "--recipe", "llada-random", "--gen-length", "48", "--input-ids", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "llada-random.yaml with --gen-length 48: generation:" in err and "must divide" in err   # the flag typed
+    assert main(["generate", "--recipe", "llada", "--gen-length", "48", "--set", "generation.block_length=32",
+                 "--input-ids", "5"]) == 2
+    assert "with --set generation.block_length=32, --gen-length 48: generation:" in capsys.readouterr().err
+
+
+def test_outside_a_checkout_a_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    from dllm_decode import cli
+
+    monkeypatch.setattr(cli, "shipped_model", lambda: tmp_path / "no-checkout")
+    _one_line_error(capsys, ["generate", "--input-ids", "5"], "no model: pass --model DIR")
+
+
+def test_task_summary_goes_to_stdout_and_bench_labels_rows_by_recipe_name(tmp_path):
+    out = _run("generate", "--model", "models/llada-reference", "--task", "repeat", "--gen-length", "32")
+    assert out.returncode == 0 and "exact match" in out.stdout and "exact match" not in out.stderr
+    recipe = tmp_path / "my-file.yaml"
+    recipe.write_text("name: my-policy\npolicy: llada\ngeneration: {gen_length: 32, block_length: 32, steps: 32}\n")
+    out = _run("bench", "--recipes", str(recipe), "--task", "repeat", "--n", "1", "--no-warmup")
+    assert out.returncode == 0, out.stderr
+    assert "| my-policy |" in out.stdout and "my-file" not in out.stdout

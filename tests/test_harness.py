@@ -3,6 +3,7 @@ generate_until against batch size 1, stop strings, the likelihood requests, resu
 the shipped offline task, and accuracy parity with `dllm-decode bench` on the same problems."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -113,9 +114,10 @@ def test_until_and_max_gen_toks_cut_the_answer():
     assert both == full[:9].split("####")[0]
 
 
-def test_request_log_makes_a_run_resumable(tmp_path):
+def test_request_log_makes_a_run_resumable(tmp_path, capsys):
     reqs = [gen_request(p, i) for i, p in enumerate(prompts(2))]
     first = make_lm(log_dir=str(tmp_path), batch_size=2).generate_until(reqs)
+    assert "answered from the log" not in capsys.readouterr().err     # a fresh directory: nothing to say
     log = tmp_path / "rank0.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(records) == len(reqs)
@@ -133,7 +135,11 @@ def test_request_log_makes_a_run_resumable(tmp_path):
     assert decoded == [2]                       # only the two lost requests were decoded again
     assert lm.generate_until(reqs) == first and decoded == [2]
     # another recipe must not reuse these answers
+    capsys.readouterr()
     other = make_lm(log_dir=str(tmp_path), **{"generation.steps": 32})
+    said = capsys.readouterr().err        # a reused directory is announced
+    assert re.search(rf"log_dir {re.escape(str(tmp_path))} already holds \d+ answered request", said), said
+    assert "answered from the log" in said
     seen = []
     real_other = other.decoder.generate
     other.decoder.generate = lambda ids, **kw: seen.append(len(ids)) or real_other(ids, **kw)

@@ -153,3 +153,56 @@ def test_two_decoders_do_not_share_state():
                 d.step(s)
     assert s1.generated().tolist() == alone
     assert s1.scratch["llada"] is not s2.scratch["llada"]
+
+
+BROKEN_PACKAGE = {"broken_policy": "raise ImportError('needs torch 9')",
+                  "odd_policy": "from dllm_decode.hookspecs import hookimpl\n\n@hookimpl\ndef no_such_hook(state):\n    pass\n"}
+
+
+@pytest.fixture
+def broken_install(tmp_path, monkeypatch):
+    from fake_dist import install_fake_distribution
+
+    root = install_fake_distribution(tmp_path / "site", "someone-elses-plugins",
+                                      {"broken_one": "broken_policy", "odd_one": "odd_policy"}, BROKEN_PACKAGE)
+    monkeypatch.syspath_prepend(str(root))
+    return root
+
+
+def test_a_broken_installed_plugin_is_reported_and_skipped(broken_install):
+    from dllm_decode.plugins import BrokenPluginWarning, broken_plugins
+
+    with pytest.warns(BrokenPluginWarning) as caught:
+        pm = get_plugin_manager()
+    text = "\n".join(str(w.message) for w in caught)
+    assert "plugin 'broken_one' (entry point 'broken_policy', distribution someone-elses-plugins 1.0)" in text
+    assert "ImportError: needs torch 9" in text and "'odd_one'" in text and "no_such_hook" in text
+    assert pm.get_plugin("llada") is not None and pm.get_plugin("odd_one") is None   # built-ins stay
+    rows = {i.name: i for i in broken_plugins(pm)}
+    assert set(rows) == {"broken_one", "odd_one"} and "needs torch 9" in rows["broken_one"].broken
+    recipe = recipe_from_dict({"policy": "llada", "select_tokens": "broken_one"}, source="r.yaml")
+    from dllm_decode.errors import RecipeError
+    from dllm_decode.policy import resolve
+
+    with pytest.raises(RecipeError, match=r"r.yaml: select_tokens: plugin 'broken_one' .*failed to load: "
+                                          r"ImportError: needs torch 9"):
+        resolve(recipe, pm)
+    assert resolve(recipe_from_dict({"policy": "llada"}), pm).plugin_for("select_tokens") == "llada"
+
+
+def test_a_broken_plugin_shows_in_the_plugins_command(broken_install):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).with_name("dllm-decode"))
+    env = {**os.environ, "PYTHONPATH": str(broken_install)}
+    out = subprocess.run([cli, "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "broken_one  [someone-elses-plugins 1.0]  (BROKEN)" in out.stdout and "needs torch 9" in out.stdout
+    assert "dllm-decode: warning: plugin 'broken_one'" in out.stderr and "Traceback" not in out.stderr
+    rows = {r["name"]: r for r in json.loads(subprocess.run([cli, "plugins", "--json"], capture_output=True,
+                                                            text=True, env=env, timeout=120).stdout)}
+    assert "needs torch 9" in rows["broken_one"]["broken"] and rows["llada"]["broken"] is None

@@ -37,8 +37,22 @@ def test_sampling_is_reproducible_for_a_seed(case, temperature, seed):
 
 
 def _plugin_slot_pairs():
+    """This distribution's own plugins: an installed third-party plugin is its author's to test."""
     pm = get_plugin_manager()
-    return [(info.name, slot) for info in list_plugins(pm) for slot in info.slots]
+    return [(info.name, slot) for info in list_plugins(pm) if info.distribution == "dllm-decode"
+            for slot in info.slots]
+
+
+def test_only_this_distributions_plugins_are_collected(tmp_path, monkeypatch):
+    from fake_dist import install_fake_distribution
+
+    plugin = "from dllm_decode.hookspecs import hookimpl\n\n@hookimpl\ndef select_tokens(state, candidates):\n" \
+             "    return candidates.eligible\n"
+    monkeypatch.syspath_prepend(str(install_fake_distribution(tmp_path, "someone-elses-plugins",
+                                                              {"theirs": "their_policy"}, {"their_policy": plugin})))
+    assert get_plugin_manager().get_plugin("theirs") is not None
+    pairs = _plugin_slot_pairs()
+    assert ("llada", "select_tokens") in pairs and not any(name == "theirs" for name, _ in pairs)
 
 
 def _tiny_llada():

@@ -134,12 +134,12 @@ def test_set_overrides(tmp_path, pm):
 
 
 def test_set_override_errors_name_the_key(tmp_path, pm):
-    msg = _error(tmp_path, pm, GOOD, ["select_tokens.treshold=0.9"])
-    assert "select_tokens.treshold: unknown parameter" in msg
+    with pytest.raises(RecipeError, match="select_tokens.treshold: unknown parameter"):
+        resolve(_load(tmp_path, GOOD, ["select_tokens.treshold=0.9"])[1], pm)
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         _load(tmp_path, GOOD, ["generation.steps"])
-    msg = _error(tmp_path, pm, GOOD, ["generation.temperature=-1"])
-    assert "generation.temperature" in msg
+    with pytest.raises(RecipeError, match="--set generation.temperature=-1: generation.temperature"):
+        _load(tmp_path, GOOD, ["generation.temperature=-1"])
 
 
 def test_policy_shorthand_fills_the_plugins_slots(pm):
@@ -163,3 +163,49 @@ def test_shipped_recipes_resolve(pm):
     assert "llada" in shipped
     for path in shipped.values():
         resolve(load_recipe(path), pm)
+
+
+def test_duplicate_keys_are_refused_with_file_key_and_line(tmp_path):
+    text = "generation:\n  gen_length: 16\n  steps: 16\n  steps: 8\nchoose_span: llada\n"
+    with pytest.raises(RecipeError) as info:
+        _load(tmp_path, text)
+    msg = str(info.value)
+    assert str(tmp_path / "r.yaml") in msg and "line 4" in msg and "'steps'" in msg and "line 3" in msg
+    with pytest.raises(RecipeError, match="line 2: duplicate key 'score'"):
+        _load(tmp_path, "score: llada\nscore: {plugin: llada}\n")
+    with pytest.raises(RecipeError, match=r"--set.*duplicate key 'plugin'"):
+        _load(tmp_path, GOOD, ["score={plugin: llada, plugin: threshold}"])
+
+
+def test_set_keys_are_blamed_on_the_set_not_the_file(tmp_path, pm):
+    from dllm_decode.config import resolve_recipe
+
+    path = str(tmp_path / "r.yaml")
+    for over, needle in [("select_tokens.treshold=0.9", "--set select_tokens.treshold=0.9: select_tokens.treshold: "
+                                                        "unknown parameter"),
+                         ("score=nosuch", "--set score=nosuch: score: unknown plugin 'nosuch'"),
+                         ("generation.temperature=-1", "--set generation.temperature=-1: generation.temperature:"),
+                         ("score.remasking=sideways", "--set score.remasking=sideways: score.remasking:")]:
+        with pytest.raises(RecipeError) as info:
+            resolve_recipe(_load(tmp_path, GOOD, [over])[1], pm)
+        assert needle in str(info.value) and f"{path}: " not in str(info.value), str(info.value)
+    # a value of the file that a --set made invalid: both are named
+    with pytest.raises(RecipeError) as info:
+        _load(tmp_path, GOOD, ["generation.gen_length=12"])
+    assert f"{path} with --set generation.gen_length=12: generation:" in str(info.value)
+    # keys the --set did not touch stay the file's
+    with pytest.raises(RecipeError) as info:
+        _load(tmp_path, GOOD.replace("steps: 16", "steps: -1"), ["generation.temperature=0.5"])
+    assert f"{path}: generation.steps" in str(info.value)
+
+
+def test_shipped_recipes_hold_the_longest_reference_answer():
+    """A canvas shorter than an answer cuts it: every shipped recipe made for the reference models
+    (no model.path of its own) fits the longest answer of their tasks, with EOS after it."""
+    from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+    from dllm_decode.recipes import shipped_recipes
+
+    longest = max(get_task(name).max_answer_tokens for name in REFERENCE_MIX)
+    short = {name: load_recipe(path).generation.gen_length for name, path in shipped_recipes().items()
+             if load_recipe(path).generation.gen_length <= longest}
+    assert not short, f"shipped recipes with gen_length <= {longest}: {short}"

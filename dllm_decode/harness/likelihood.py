@@ -1,7 +1,8 @@
 """Log-likelihood of a continuation under a masked-diffusion model, as LLaDA estimates it.
 
 A masked-diffusion model gives no exact sequence probability; LLaDA scores a continuation by a
-Monte-Carlo estimate of its ELBO (ALGORITHMS.md §8, ANCHORS.md §2):
+Monte-Carlo estimate of its ELBO (LLaDA paper, arXiv 2502.09992;
+ML-GSAI/LLaDA ``get_log_likelihood.py``):
 
     log p(y | c)  >=  E_{l ~ U{1..T}} E_{M: |M| = l} [ (T / l) * sum_{i in M} log p(y_i | c, y with M masked) ]
 

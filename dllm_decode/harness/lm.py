@@ -22,6 +22,7 @@ arguments to lm-eval's command line. Options: :mod:`dllm_decode.harness.options`
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -88,6 +89,11 @@ class DllmDecodeLM(LM):
         self.mask_id = int(self.model.spec.mask_token_id)
         self.eos_ids = set(self.decoder.eos_ids)
         self.log = RequestLog(opts.log_dir, self.group.rank)
+        if len(self.log) and self.group.rank == 0:
+            # every rank reads the same files; one line says it, before any request is answered
+            print(f"dllm_decode: log_dir {opts.log_dir} already holds {len(self.log)} answered request(s): "
+                  "requests logged there with the same model and recipe are answered from the log, not "
+                  "decoded again (give a new log_dir to decode everything)", file=sys.stderr)
         self._rank, self._world_size, self._device = self.group.rank, self.group.world_size, self.group.device
         self._warned: set[str] = set()
 

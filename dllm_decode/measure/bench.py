@@ -93,14 +93,14 @@ def expand_sweeps(named: Sequence[tuple[str, str]], overrides: Sequence[str], sw
     ``slot.key=v1,v2`` turns each recipe that accepts the key (its plugin in that slot has such
     an option) into one recipe per value, labelled ``label[key=v]``; recipes that do not accept
     it stay as they are. A sweep no recipe accepts is an error."""
+    from dllm_decode.config import resolve_recipe
     from dllm_decode.plugins import get_plugin_manager
-    from dllm_decode.policy import resolve
 
     pm = pm or get_plugin_manager()
 
     def load(over: list[str], path: str) -> Recipe:
         recipe = load_recipe(find_recipe(path), overrides=over)
-        resolve(recipe, pm)
+        resolve_recipe(recipe, pm)
         return recipe
 
     out = [(label, list(overrides) + (gen_length_overrides(path, gen_length, overrides) if gen_length else []),
@@ -236,55 +236,111 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 
 def plot(runs: Sequence[BenchRun], path: str, title: str = "") -> None:
+    """Write :func:`figure` of ``runs`` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, title)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def figure(runs: Sequence[BenchRun], title: str = ""):
     """Accuracy against throughput and against NFE, one numbered point per row (the key under
-    the panels names them, so labels never overlap), the Pareto front (higher accuracy and more
-    tokens / s; higher accuracy and fewer forwards) marked in red and joined by a dashed line."""
+    the panels names them; numbers are moved apart until none overlaps another or a point), the
+    Pareto-optimal rows in red (joined by a dashed line when there are several), and a legend
+    saying what the colours mean."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
-    rows = max(1, (len(runs) + 1) // 2)
-    fig = plt.figure(figsize=(13, 5.2 + 0.28 * rows))
-    top = 1 - 0.6 / fig.get_figheight()
-    bottom = (0.35 + 0.28 * rows) / fig.get_figheight() + 0.08
-    axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.06, right=0.98, top=top - 0.04, bottom=bottom, wspace=0.18))
+    key_lines = 0.16 * max(1, (len(runs) + 1) // 2)      # inches the key under the panels takes
+    fig = plt.figure(figsize=(13, 5.2 + key_lines))
+    height = fig.get_figheight()
+    bottom = (1.3 + key_lines) / height
+    axes = fig.subplots(1, 2, gridspec_kw=dict(left=0.06, right=0.98, top=1 - 0.9 / height, bottom=bottom,
+                                               wspace=0.18))
     acc = [r.accuracy for r in runs]
-    panels = [("tokens / second (log scale)", [r.tokens_per_second for r in runs], 1),
-              ("forwards (NFE) per problem (log scale)", [r.nfe for r in runs], -1)]
-    for ax, (xlabel, xs, sign) in zip(axes, panels):
-        # scales and limits first: the label placement below works in display coordinates
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())       # minor log labels collide
-        lo = min(acc) if acc else 0.0
-        ax.set_ylim(max(-0.02, lo - 0.1), 1.04)
-        ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
-        front = pareto([(sign * x, a) for x, a in zip(xs, acc)])
-        placed: list[tuple[float, float]] = []
-        for i, (x, a, on, run) in enumerate(zip(xs, acc, front, runs)):
-            ax.scatter([x], [a], s=70, marker="*" if run.kind == "autoregressive" else "o",
-                       color="tab:red" if on else "tab:blue", zorder=3)
-            px, py = ax.transData.transform((x, a))
-            # points within a label's size of earlier ones stack their numbers upwards
-            crowd = sum(abs(px - qx) < 18 and abs(py - qy) < 12 for qx, qy in placed)
-            placed.append((px, py))
-            ax.annotate(str(i + 1), (x, a), textcoords="offset points", xytext=(4, 5 + 9 * crowd),
-                        fontsize=9, fontweight="bold")
-        pts = sorted((x, a) for x, a, on in zip(xs, acc, front) if on)
-        if len(pts) > 1:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:red", lw=1, zorder=2,
-                    label="Pareto front")
-            ax.legend(loc="lower left", fontsize=8)
+    panels = [("tokens / second (log scale)", [r.tokens_per_second for r in runs], 1, "faster"),
+              ("forwards (NFE) per problem (log scale)", [r.nfe for r in runs], -1, "fewer forwards")]
+    renderer = fig.canvas.get_renderer()
+    for ax, (xlabel, xs, sign, better) in zip(axes, panels):
+        _panel(ax, runs, xs, acc, sign, renderer)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("exact match")
         ax.grid(True, which="both", alpha=0.3)
+    fig.legend(handles=_legend_handles(runs), loc="upper left", bbox_to_anchor=(0.05, (0.6 + key_lines) / height),
+               ncol=4, fontsize=8, frameon=False)
     key = [f"{i + 1}  {r.label}  (acc {r.accuracy:.2f}, {r.tokens_per_second:.0f} tok/s, NFE {r.nfe:.1f})"
            for i, r in enumerate(runs)]
     half = (len(key) + 1) // 2
     for col, part in enumerate((key[:half], key[half:])):
-        fig.text(0.06 + 0.48 * col, (0.25 + 0.28 * rows) / fig.get_figheight(), "\n".join(part),
+        fig.text(0.06 + 0.48 * col, (0.2 + key_lines) / height, "\n".join(part),
                  fontsize=8, va="top", family="monospace")
-    fig.suptitle(title or "accuracy vs speed", y=top + 0.02)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    fig.suptitle(title or "accuracy vs speed", y=1 - 0.25 / height)
+    return fig
+
+
+def _legend_handles(runs: Sequence[BenchRun]) -> list:
+    from matplotlib.lines import Line2D
+
+    dot = dict(marker="o", linestyle="", markersize=8)
+    handles = [Line2D([], [], color="tab:red", label="Pareto-optimal in its panel: no other row is as "
+                      "accurate and better on that x axis", **dot),
+               Line2D([], [], color="tab:blue", label="dominated by a red row", **dot),
+               Line2D([], [], color="tab:red", linestyle="--", label="Pareto front (two or more red rows)")]
+    if any(r.kind == "autoregressive" for r in runs):
+        handles.append(Line2D([], [], color="grey", marker="*", linestyle="", markersize=10,
+                              label="autoregressive baseline"))
+    return handles
+
+
+def _panel(ax, runs: Sequence[BenchRun], xs: list[float], acc: list[float], sign: int, renderer) -> None:
+    """One panel's points, numbers and front (larger x is better when sign is 1, smaller when -1)."""
+    from matplotlib.ticker import NullFormatter
+
+    # scales and limits first: the label placement below works in display coordinates
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())       # minor log labels collide
+    lo = min(acc) if acc else 0.0
+    ax.set_ylim(max(-0.02, lo - 0.1), 1.04)
+    ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+    front = pareto([(sign * x, a) for x, a in zip(xs, acc)])
+    for x, a, on, run in zip(xs, acc, front, runs):
+        star = run.kind == "autoregressive"             # drawn over a diffusion row at the same spot
+        ax.scatter([x], [a], s=200 if star else 70, marker="*" if star else "o", color="tab:red" if on else "tab:blue",
+                   edgecolor="black" if star else "none", linewidths=0.6, zorder=4 if star else 3)
+    _place_numbers(ax, xs, acc, renderer)
+    pts = sorted((x, a) for x, a, on in zip(xs, acc, front) if on)
+    if len(pts) > 1:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "--", color="tab:red", lw=1, zorder=2)
+
+
+def _place_numbers(ax, xs: list[float], acc: list[float], renderer) -> None:
+    """Number each point, trying offsets around it (then further out, with a leader line) until
+    the number overlaps no number placed before and no point."""
+    from matplotlib.text import Text
+    from matplotlib.transforms import Bbox
+
+    frame = ax.get_window_extent(renderer)                                     # numbers stay inside
+    points = [ax.transData.transform((x, a)) for x, a in zip(xs, acc)]
+    taken = [Bbox.from_bounds(px - 6, py - 6, 12, 12) for px, py in points]     # the markers
+    around = [(5, 5), (5, -14), (-14, 5), (-14, -14), (-4, 9), (-4, -18)]
+    for i, (x, a) in enumerate(zip(xs, acc)):
+        for ring in range(8):
+            spread = 1 + 1.4 * ring
+            for dx, dy in around:
+                note = ax.annotate(str(i + 1), (x, a), textcoords="offset points", fontsize=9, fontweight="bold",
+                                   xytext=(dx * spread, dy * spread),
+                                   arrowprops=dict(arrowstyle="-", color="grey", lw=0.6) if ring else None)
+                # the number's own box (an Annotation's includes its leader line), with a gap
+                note.update_positions(renderer)
+                box = Text.get_window_extent(note, renderer).padded(3)
+                inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+                if inside and not any(box.overlaps(b) for b in taken):
+                    taken.append(box)
+                    break
+                note.remove()
+            else:
+                continue
+            break

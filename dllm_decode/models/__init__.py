@@ -1,5 +1,5 @@
 """Denoiser models (LLaDA family, Dream family), checkpoint loading, compute plans and the
-per-request cache store (docs/models.md)."""
+per-request cache store. See docs/models.md."""
 from .denoiser import Denoiser, ModelSpec
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModel

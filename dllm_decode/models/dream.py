@@ -1,7 +1,7 @@
 """Dream family (Dream-v0-Base-7B / -Instruct-7B and relatives): Qwen2 layout with q/k/v
 biases (no o_proj bias), grouped-query attention, bidirectional. Adapted from an AR model, so
-its raw logit at i predicts token i+1; forward() re-aligns them. Parameter
-names are the checkpoint's own:
+its raw logit at i predicts token i+1; forward() re-aligns them, as HKUNLP/Dream's
+``generation_utils.py`` does. Parameter names are the checkpoint's own:
 
     model.embed_tokens.weight
     model.layers.{i}.input_layernorm.weight          self_attn.{q,k,v}_proj.{weight,bias}

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import CheckpointError, CheckpointNotFoundError, DllmDecodeError
 from .denoiser import Denoiser, init_random_
 from .dream import DreamConfig, DreamModel
 from .llada import LLaDAConfig, LLaDAModel
 
 __all__ = ["detect_family", "load_model", "save_pretrained", "build_random_model",
-           "load_tokenizer", "encode_prompts", "resolve_dtype", "load_causal_lm"]
+           "load_tokenizer", "encode_prompts", "resolve_dtype", "check_device", "load_causal_lm"]
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
@@ -51,70 +52,120 @@ def detect_family(config: dict, source: str = "config.json") -> str:
         return "llada"
     if "DreamModel" in archs or (mt_l == "dream" and not archs):
         return "dream"
-    raise ValueError(
-        f"{source}: unsupported model family model_type={mt!r}, architectures={archs!r}; "
+    hint = ""
+    if any(str(a).endswith("ForCausalLM") for a in archs):
+        hint = " (an autoregressive model: bench takes it as --ar-model, apd as its verifier)"
+    raise CheckpointError(
+        f"{source}: unsupported model family model_type={mt!r}, architectures={archs!r}{hint}; "
         "dllm-decode loads LLaDA (model_type 'llada', LLaDAModelLM) and Dream "
         "(model_type 'Dream', DreamModel) checkpoints")
 
 
 def _config_for(family: str, d: dict, source: str):
     cfg_cls, _ = _FAMILIES[family]
-    return cfg_cls.from_dict(d, source)
+    try:
+        return cfg_cls.from_dict(d, source)
+    except (ValueError, TypeError, KeyError) as exc:
+        if isinstance(exc, DllmDecodeError):
+            raise
+        msg = str(exc) if str(exc).startswith(source) else f"{source}: {type(exc).__name__}: {exc}"
+        raise CheckpointError(msg) from None
+
+
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from ``file``; anything else is one error naming the file."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: cannot read the {what}: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: the {what} must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _shard_files(path: Path) -> list[Path]:
     index = path / _SAFE_INDEX
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index, "shard index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
         return [path / f for f in dict.fromkeys(weight_map.values())]  # ordered, unique
     if (path / _SAFE_SINGLE).exists():
         return [path / _SAFE_SINGLE]
     found = sorted(path.glob("*.safetensors"))
     if found:
         return found
-    raise FileNotFoundError(f"{path}: no {_SAFE_INDEX}, {_SAFE_SINGLE} or *.safetensors found")
+    raise CheckpointNotFoundError(f"{path}: no {_SAFE_INDEX}, {_SAFE_SINGLE} or *.safetensors found")
+
+
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a torch.device, refused in one line when torch cannot use it here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{what} {str(device)!r}: not a torch device ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"{what} {str(device)!r}: this torch ({torch.__version__}) sees no CUDA device; "
+                              "use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise CheckpointError(f"{what} {str(device)!r}: MPS is not available here; use cpu")
+    return dev
 
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", *, tokenizer: bool = True):
-    """Load a LLaDA or Dream checkpoint directory -> (Denoiser, tokenizer or None)."""
-    from safetensors import safe_open
+    """Load a LLaDA or Dream checkpoint directory -> (Denoiser, tokenizer or None).
 
+    :raises CheckpointError: naming the file at fault (config.json, a safetensors shard, the
+        tokenizer), or the device; :class:`CheckpointNotFoundError` without a config.json.
+    """
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.exists():
-        raise FileNotFoundError(f"{path}: no config.json (is --model a checkpoint directory?)")
-    raw = json.loads(cfg_path.read_text())
+        raise CheckpointNotFoundError(f"{path}: no config.json (is --model a checkpoint directory?)")
+    raw = _read_json(cfg_path, "model config")
     family = detect_family(raw, str(cfg_path))
     cfg = _config_for(family, raw, str(cfg_path))
+    dt, dev = resolve_dtype(dtype), check_device(device)
     tok = load_tokenizer(path, family) if tokenizer else None
     if tok is not None and cfg.eot_token_id is None:
         cfg.eot_token_id = _token_id(tok, _EOT_TOKENS[family])
-
-    dt, dev = resolve_dtype(dtype), torch.device(device)
     with torch.device("meta"):
         model = _FAMILIES[family][1](cfg)
     expected = set(model.state_dict().keys())
     seen: set[str] = set()
     for shard in _shard_files(path):
-        # safe_open memory-maps the file; each tensor is read, converted and assigned on its
-        # own, so the peak is the model plus one tensor in transit
-        with safe_open(str(shard), framework="pt", device=str(dev) if dev.type == "cuda" else "cpu") as f:
-            part: dict[str, Tensor] = {}
-            for name in f.keys():
-                if name not in expected:
-                    if name.endswith("rotary_emb.inv_freq"):
-                        continue  # buffer some exporters save; RoPE tables are recomputed
-                    raise ValueError(f"{shard}: unexpected parameter {name!r} for a {family} model")
-                part[name] = f.get_tensor(name).to(device=dev, dtype=dt)
-            model.load_state_dict(part, strict=False, assign=True)
-            seen.update(part)
-            del part
+        try:
+            seen.update(_load_shard(model, shard, expected, family, dt, dev))
+        except DllmDecodeError:
+            raise
+        except Exception as exc:  # safetensors' own errors name no file; this one does
+            raise CheckpointError(f"{shard}: cannot read the weights ({type(exc).__name__}: {exc}); "
+                                  "the file may be truncated or corrupt") from None
     missing = sorted(expected - seen)
     if missing:
-        raise ValueError(f"{path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def _load_shard(model, shard: Path, expected: set[str], family: str, dt: torch.dtype,
+                dev: torch.device) -> set[str]:
+    """Assign one safetensors file's tensors to ``model``; -> the names it held."""
+    from safetensors import safe_open
+
+    # safe_open memory-maps the file; each tensor is read, converted and assigned on its own, so
+    # the peak is the model plus one tensor in transit
+    with safe_open(str(shard), framework="pt", device=str(dev) if dev.type == "cuda" else "cpu") as f:
+        part: dict[str, Tensor] = {}
+        for name in f.keys():
+            if name not in expected:
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # buffer some exporters save; RoPE tables are recomputed
+                raise CheckpointError(f"{shard}: unexpected parameter {name!r} for a {family} model")
+            part[name] = f.get_tensor(name).to(device=dev, dtype=dt)
+        model.load_state_dict(part, strict=False, assign=True)
+    return set(part)
 
 
 def _token_id(tok, token: str) -> int | None:
@@ -147,11 +198,11 @@ def load_tokenizer(path: str | os.PathLike, family: str | None = None):
             try:
                 # never remote code (and never transformers' interactive "run custom code?")
                 return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-            except (ValueError, OSError, KeyError, AttributeError) as err:
+            except Exception as err:  # tokenizers raises bare Exception on a corrupt tokenizer.json
                 if family == "dream" and (path / "vocab.json").exists() and (path / "merges.txt").exists():
                     from transformers import Qwen2TokenizerFast
                     return Qwen2TokenizerFast.from_pretrained(str(path))
-                raise ValueError(f"{path}: could not load the tokenizer: {err}") from err
+                raise CheckpointError(f"{path}: could not load the tokenizer: {err}") from None
     finally:
         hf_logging.set_verbosity(level)
 
