@@ -207,7 +207,8 @@ def test_columns_worked_lines_compute_the_answer():
                 digits.append(int(m.group(1)))
                 continue
             if op == "+":
-                x, y, c, s, w, k = map(int, re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d+) write (\d) carry (\d)", line).groups())
+                m = re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d+) write (\d) carry (\d)", line)
+                x, y, c, s, w, k = map(int, m.groups())
                 assert s == x + y + c and w == s % 10 and k == s // 10
             else:
                 m = re.fullmatch(r"(\d)(\+10)?-(\d)-(\d)=(\d) write (\d) borrow (\d)", line)
