@@ -324,3 +324,21 @@ def test_init_from_an_ar_checkpoint_carries_its_weights(tmp_path, family):
         got = model(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert json.loads((out / "training.json").read_text())["init"]["config"]["family"] == "ar"
+
+
+def test_model_card_flags_rebuild_a_workload_config():
+    """The command a model card prints for a run with the new options parses back to the run's
+    configuration (switches named bare, canvas odds kept; checkpoint cadence left out)."""
+    from dataclasses import asdict
+
+    from dllm_decode.measure.tasks import WORKLOAD_MIX
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import _config, _parser
+
+    cfg = TrainConfig(family="dream", out="x", tasks=WORKLOAD_MIX, batch_by_task=True, batch_tokens=4096,
+                      autocast="bf16", max_length=2048, n_kv_heads=6, canvas=(256, 1024),
+                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100)
+    flags = train_flags(asdict(cfg)).split()
+    again = _config(_parser().parse_args(["--family", "dream", "--out", "x"] + flags))
+    assert asdict(again) == asdict(cfg)
+    assert "--checkpoint-minutes" not in train_flags(asdict(TrainConfig(checkpoint_minutes=10)))
