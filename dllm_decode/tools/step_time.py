@@ -7,7 +7,10 @@ training run to a time budget.
 A size is ``D_MODELxN_LAYERSxMLP_HIDDEN`` (heads: d_model / 64). Each row is a batch of
 ``tokens // length`` random sequences of `length` tokens through the very model and loss
 ``train`` uses; the step is timed `repeats` times after one warm-up and the minimum is reported,
-since other processes sharing the CPU only ever make a step slower.
+since other processes sharing the CPU only ever make a step slower. The process's CPU seconds per
+step, divided by the thread count, are reported beside it: what the wall time would be with the
+cores to itself, less swayed by other load than the wall clock (waiting threads that spin still
+count, so it too can only overstate).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class Timing:
     batch: int
     autocast: str
     seconds: float          # minimum over the repeats
+    cpu_seconds: float      # minimum CPU seconds per step / threads
 
     @property
     def tokens_per_second(self) -> float:
@@ -51,8 +55,9 @@ def non_embedding_parameters(model: torch.nn.Module, vocab: int) -> int:
     return sum(p.numel() for p in model.parameters() if vocab not in p.shape)
 
 
-def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple[int, float, int]:
-    """-> (batch rows, minimum seconds per step, non-embedding parameters)."""
+def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple[int, float, float, int]:
+    """-> (batch rows, minimum wall seconds per step, minimum CPU seconds per step / threads,
+    non-embedding parameters)."""
     tok = build_char_tokenizer()
     model = build(cfg, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -61,9 +66,9 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
     ids = torch.randint(10, len(tok) - 5, (B, length), generator=g)       # (B, L) ordinary characters
     att = torch.ones(B, length, dtype=torch.bool)
     P = 32                                                                # a prompt; the rest is answer
-    best = float("inf")
+    best = best_cpu = float("inf")
     for i in range(repeats + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
             if cfg.family == "ar":
                 loss = ar_loss(model, ids, att, P)
@@ -75,7 +80,8 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
         opt.step()
         if i:                                                             # the first is a warm-up
             best = min(best, time.perf_counter() - t)
-    return B, best, non_embedding_parameters(model, len(tok))
+            best_cpu = min(best_cpu, (time.process_time() - c) / torch.get_num_threads())
+    return B, best, best_cpu, non_embedding_parameters(model, len(tok))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,17 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.tokens} tokens per step, "
           f"minimum of {a.repeats}")
-    print("| size | non-embedding params | family | length | batch | autocast | s/step | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | non-embedding params | family | length | batch | autocast | s/step | CPU s/step / threads | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
         d, n, m = parse_size(size)
         for length in (int(x) for x in a.lengths.split(",")):
             for ac in a.autocast.split(","):
                 cfg = TrainConfig(family=a.family, out="unused", d_model=d, n_layers=n, n_heads=d // 64,
                                   mlp_hidden=m, max_length=max(1024, length), autocast=ac, threads=a.threads)
-                B, s, ne = time_step(cfg, length, a.tokens, a.repeats)
-                t = Timing(size, ne, a.family, length, B, ac, s)
-                print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {s:.2f} | "
+                B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
+                t = Timing(size, ne, a.family, length, B, ac, s, cpu)
+                print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {s:.2f} | {cpu:.2f} | "
                       f"{t.tokens_per_second:.0f} |", flush=True)
 
 
