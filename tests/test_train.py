@@ -342,3 +342,35 @@ def test_model_card_flags_rebuild_a_workload_config():
     again = _config(_parser().parse_args(["--family", "dream", "--out", "x"] + flags))
     assert asdict(again) == asdict(cfg)
     assert "--checkpoint-minutes" not in train_flags(asdict(TrainConfig(checkpoint_minutes=10)))
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
+    """A run killed with SIGTERM (what `kill PID` sends) checkpoints the step it was at and
+    exits; resumed, it reaches the weights of a run never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dllm_decode.tools.train import resume
+
+    flags = ["--family", "llada", "--steps", "5000", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+             "--n-heads", "2", "--mlp-hidden", "32", "--canvas", "80", "--warmup", "1", "--log-every", "1",
+             "--no-progress"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dllm_decode.tools.train", *flags, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = run / "loss_log.jsonl"
+    deadline = time.monotonic() + 120
+    while (not log.exists() or log.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert 3 <= step < 5000 and not (run / "model.safetensors").exists()
+    resume(run, stop_after=step + 2, progress=False)
+    main(flags + ["--out", str(tmp_path / "whole"), "--stop-after", str(step + 2)])
+    ours, whole = _weights(run), _weights(tmp_path / "whole")
+    assert all(torch.equal(v, ours[k]) for k, v in whole.items())
+    assert _same_log(run, tmp_path / "whole")
