@@ -2,12 +2,14 @@
 are reproducible from the seed, and every family writes a checkpoint its loader reads."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dllm_decode.measure.tasks import get_task
 from dllm_decode.tools.char_tokenizer import build_char_tokenizer
 from dllm_decode.tools.train import Batcher, TrainConfig, diffusion_loss, main, stage_log, train
 
@@ -204,3 +206,171 @@ def test_full_rows_mask_the_whole_answer_and_keep_the_other_draws():
         return mask_canvas(ids, P, eos, 1e-3, torch.Generator().manual_seed(3), (0.6, 0.2, 0.2), full)
     a, b = draw(0.0), draw(1e-9)    # a share too small to pick any row changes nothing drawn before it
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _weights(d):
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def _same_log(a, b):
+    """Loss logs equal but for the wall-clock seconds."""
+    strip = [{k: v for k, v in x.items() if k != "seconds"} for x in _log(a)]
+    return strip == [{k: v for k, v in x.items() if k != "seconds"} for x in _log(b)]
+
+
+@pytest.mark.parametrize("family", ["llada", "ar"])
+def test_resumed_run_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, family):
+    """Stopped by --stop-after and resumed, or resumed from a periodic checkpoint, a run ends at
+    exactly the weights and loss log of the same run left alone."""
+    from dllm_decode.tools.train import resume
+
+    cfg = {**_tiny(family, tmp_path / "whole", steps=7).__dict__, "checkpoint_every": 2}
+    whole = train(TrainConfig(**cfg), progress=False)
+    assert torch.load(whole / "checkpoint.pt", weights_only=True)["progress"]["step"] == 6   # the last periodic one
+    stopped = train(TrainConfig(**{**cfg, "out": str(tmp_path / "stopped"), "stop_after": 3}), progress=False)
+    assert torch.load(stopped / "checkpoint.pt", weights_only=True)["progress"]["step"] == 3
+    assert any(not torch.equal(v, _weights(whole)[k]) for k, v in _weights(stopped).items())
+    resume(stopped, progress=False)
+    shutil.copytree(whole, tmp_path / "again")      # resume the whole run from its step-6 checkpoint
+    (tmp_path / "again" / "model.safetensors").unlink()
+    resume(tmp_path / "again", progress=False)
+    for other in (stopped, tmp_path / "again"):
+        ours = _weights(other)
+        assert all(torch.equal(v, ours[k]) for k, v in _weights(whole).items())
+        assert _same_log(whole, other) and len(_log(other)) == 7
+
+
+def test_resume_in_stages_and_a_different_seed_differs(tmp_path):
+    """Two interruptions in a row still land on the same weights; the check can fail: the same
+    resume path with another seed does not."""
+    from dllm_decode.tools.train import resume
+
+    cfg = _tiny("llada", tmp_path / "whole", steps=5).__dict__
+    whole = _weights(train(TrainConfig(**cfg), progress=False))
+    run = train(TrainConfig(**{**cfg, "out": str(tmp_path / "r"), "stop_after": 1}), progress=False)
+    resume(run, stop_after=3, progress=False)
+    with pytest.raises(ValueError, match="already at step 3"):
+        resume(run, stop_after=2, progress=False)
+    resume(run, progress=False)
+    assert all(torch.equal(v, _weights(run)[k]) for k, v in whole.items())
+    other = train(TrainConfig(**{**cfg, "out": str(tmp_path / "o"), "seed": 1, "stop_after": 2}), progress=False)
+    resume(other, progress=False)
+    assert any(not torch.equal(v, _weights(other)[k]) for k, v in whole.items())
+
+
+def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        main(["--resume", str(tmp_path), "--no-progress"])
+
+
+def test_workload_batches_hold_one_task_and_fill_the_token_budget():
+    """--batch-by-task: every row of a batch is one task; --batch-tokens sizes the batch from the
+    task's longest prompt and canvas; the canvas is one the task's longest answer fits."""
+    tok = build_char_tokenizer()
+    cfg = TrainConfig(family="llada", out="unused", tasks=("echo", "series"), batch_by_task=True,
+                      batch_tokens=4096, canvas=(256, 1024), canvas_weights=(1.0, 1.0))
+    b, rng = Batcher(cfg, tok), __import__("random").Random(0)
+    seen = set()
+    for _ in range(12):
+        ids, att, P = b.task_batch(rng)
+        text = tok.decode(ids[0, :P].tolist(), skip_special_tokens=True)
+        task, prefix = ("echo", "echo: ") if text.startswith("echo") else ("series", "from ")
+        seen.add((task, ids.shape[1] - P))
+        assert all(tok.decode(r[:P].tolist(), skip_special_tokens=True).startswith(prefix) for r in ids)
+        width = get_task(task).max_prompt_tokens + ids.shape[1] - P
+        assert ids.shape[0] == 4096 // width
+    assert {g for t, g in seen if t == "series"} == {1024}          # 900-token answers: only 1024 fits
+    assert {g for t, g in seen if t == "echo"} == {256, 1024}
+    with pytest.raises(ValueError, match="--canvas 256 is too short for task 'series'"):
+        Batcher(TrainConfig(**{**cfg.__dict__, "canvas": (256,), "canvas_weights": (1.0,)}), tok)
+
+
+def test_bf16_autocast_trains_deterministically_and_differs_from_float32(tmp_path):
+    cfg = {**_tiny("ar", tmp_path / "a").__dict__, "tasks": ("echo", "chain"), "batch_by_task": True,
+           "max_length": 2048}
+    a = _weights(train(TrainConfig(**{**cfg, "autocast": "bf16"}), progress=False))
+    b = _weights(train(TrainConfig(**{**cfg, "autocast": "bf16", "out": str(tmp_path / "b")}), progress=False))
+    c = _weights(train(TrainConfig(**{**cfg, "out": str(tmp_path / "c")}), progress=False))
+    assert all(v.dtype == torch.float32 for v in a.values())         # master weights stay float32
+    assert all(torch.equal(v, b[k]) for k, v in a.items())
+    assert any(not torch.equal(v, c[k]) for k, v in a.items())
+
+
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_init_from_an_ar_checkpoint_carries_its_weights(tmp_path, family):
+    """A diffusion model started from an AR checkpoint holds every AR tensor (under its own
+    names; Dream's q/k/v biases at zero) and, on one token, where attention cannot see further,
+    gives the AR model's logits (Dream's shifted logit at the first position is its own)."""
+    from transformers import LlamaForCausalLM
+
+    from dllm_decode.models import load_model
+    from dllm_decode.tools.adapt import _rename
+
+    ar = train(_tiny("ar", tmp_path / "ar", steps=2), progress=False)
+    cfg = {**_tiny(family, tmp_path / family, steps=0).__dict__, "init": str(ar)}
+    if family == "dream":
+        with pytest.raises(ValueError, match="--n-kv-heads 2"):      # Dream's default is n_heads // 2
+            train(TrainConfig(**cfg), progress=False)
+        cfg["n_kv_heads"] = 2
+    out = train(TrainConfig(**cfg), progress=False)
+    arw, ours = _weights(ar), _weights(out)
+    assert all(torch.equal(v, ours[_rename(k, family)]) for k, v in arw.items())
+    assert all(not v.any() for k, v in ours.items() if k.endswith("_proj.bias"))
+    model, _ = load_model(out)
+    ar_model = LlamaForCausalLM.from_pretrained(str(ar)).eval()
+    x = torch.tensor([[7], [30]])
+    with torch.no_grad():
+        want = ar_model(input_ids=x).logits
+        got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "training.json").read_text())["init"]["config"]["family"] == "ar"
+
+
+def test_model_card_flags_rebuild_a_workload_config():
+    """The command a model card prints for a run with the new options parses back to the run's
+    configuration (switches named bare, canvas odds kept; checkpoint cadence left out)."""
+    from dataclasses import asdict
+
+    from dllm_decode.measure.tasks import WORKLOAD_MIX
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import _config, _parser
+
+    cfg = TrainConfig(family="dream", out="x", tasks=WORKLOAD_MIX, batch_by_task=True, batch_tokens=4096,
+                      autocast="bf16", max_length=2048, n_kv_heads=6, canvas=(256, 1024),
+                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100)
+    flags = train_flags(asdict(cfg)).split()
+    again = _config(_parser().parse_args(["--family", "dream", "--out", "x"] + flags))
+    assert asdict(again) == asdict(cfg)
+    assert "--checkpoint-minutes" not in train_flags(asdict(TrainConfig(checkpoint_minutes=10)))
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
+    """A run killed with SIGTERM (what `kill PID` sends) checkpoints the step it was at and
+    exits; resumed, it reaches the weights of a run never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dllm_decode.tools.train import resume
+
+    flags = ["--family", "llada", "--steps", "5000", "--batch-size", "4", "--d-model", "16", "--n-layers", "1",
+             "--n-heads", "2", "--mlp-hidden", "32", "--canvas", "80", "--warmup", "1", "--log-every", "1",
+             "--no-progress"]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "dllm_decode.tools.train", *flags, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = run / "loss_log.jsonl"
+    deadline = time.monotonic() + 120
+    while (not log.exists() or log.read_text().count("\n") < 3) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    step = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert 3 <= step < 5000 and not (run / "model.safetensors").exists()
+    resume(run, stop_after=step + 2, progress=False)
+    main(flags + ["--out", str(tmp_path / "whole"), "--stop-after", str(step + 2)])
+    ours, whole = _weights(run), _weights(tmp_path / "whole")
+    assert all(torch.equal(v, ours[k]) for k, v in whole.items())
+    assert _same_log(run, tmp_path / "whole")

@@ -146,11 +146,20 @@ def train_flags(cfg: dict) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key, value in cfg.items():
-        if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after"):
+        # checkpoint cadence and logging do not change the weights
+        if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after",
+                   "checkpoint_every", "checkpoint_minutes"):
             continue
         if key in ("steps", "seed", "threads") or (key in default and _norm(default[key]) != _norm(value)):
+            if isinstance(value, bool):         # a switch: named when on
+                flags += [f"--{key.replace('_', '-')}"] if value else []
+                continue
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             flags.append(f"--{key.replace('_', '-')} {shown}")
+    equal = [1.0] * len(cfg.get("canvas", []))
+    if "canvas_weights" in cfg and _norm(cfg["canvas"]) != _norm(default["canvas"]) \
+            and _norm(cfg["canvas_weights"]) != _norm(equal):
+        flags.append("--canvas-weights " + ",".join(map(str, cfg["canvas_weights"])))
     return " ".join(flags)
 
 

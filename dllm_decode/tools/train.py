@@ -22,7 +22,19 @@ schedule), so a rerun reproduces the checkpoint.
 ``--init DIR`` starts a second stage from a checkpoint this script wrote (same family and size)
 with its own schedule, seed and masking; the new ``training.json`` keeps the first stage's
 record and loss log, so the model card can show both commands and ``--check`` can compare a
-rerun of either stage with the shipped logs.
+rerun of either stage with the shipped logs. A diffusion run may also start from an AR
+checkpoint (``--family dream --init AR_DIR``, as Dream-7B was adapted from Qwen2.5; see adapt.py).
+
+Long runs checkpoint into their folder (``--checkpoint-every N`` steps, ``--checkpoint-minutes
+M``, on SIGTERM / Ctrl-C, and when ``--stop-after`` ends a run early): weights, optimizer, schedule
+position, every random state and the task streams' positions (train_state.py). ``--resume DIR``
+continues such a run to the same weights, bit for bit, that it would have reached uninterrupted.
+
+The workload models (``--tasks workload``) add what their longer answers need: ``--batch-by-task``
+draws one task per batch (so a batch pads to its own task's lengths, and a diffusion batch gets a
+canvas drawn among those its task fits), ``--batch-tokens`` sizes each batch to a token budget,
+``--max-length`` declares positions beyond 1024, ``--autocast bf16`` runs the forward in bfloat16
+(master weights and optimizer stay float32). None of these changes what the other flags compute.
 """
 
 from __future__ import annotations
@@ -32,16 +44,19 @@ import json
 import math
 import random
 import re
+import signal
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dllm_decode.measure.tasks import MIXES, REFERENCE_MIX, get_task
 from dllm_decode.tools.char_tokenizer import save_char_tokenizer
-from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, save_checkpoint
 
 
 @dataclass
@@ -71,6 +86,18 @@ class TrainConfig:
     log_every: int = 25
     stop_after: int | None = None     # run only the first N steps of the schedule (reproduction check)
     init: str | None = None           # checkpoint directory to start from instead of random weights
+    n_kv_heads: int = 0               # 0: the family's default (llada, ar: n_heads; dream: n_heads // 2)
+    max_length: int = 1024            # positions the model declares (prompt + canvas must fit)
+    autocast: str = "none"            # none | bf16: the forward and loss under bfloat16 autocast
+    batch_by_task: bool = False       # one task per batch (drawn with task_weights), see Batcher
+    batch_tokens: int = 0             # with batch_by_task: rows per batch fill this many padded tokens
+    checkpoint_every: int = 0         # write checkpoint.pt every N steps (0: never by count)
+    checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
+
+    def kv_heads(self) -> int:
+        if self.n_kv_heads:
+            return self.n_kv_heads
+        return self.n_heads // 2 if self.family == "dream" else self.n_heads
 
 
 def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
@@ -90,19 +117,33 @@ def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
 class Batcher:
     """Seeded stream of training batches: prompts left-padded, answers (+ EOS padding) after.
     Each row's task is drawn with odds `task_weights` (equal odds draw as the first reference
-    models were trained, so their commands still reproduce them)."""
+    models were trained, so their commands still reproduce them). With `batch_by_task` the task
+    is drawn once per batch instead (see `task_batch`)."""
 
     def __init__(self, cfg: TrainConfig, tok) -> None:
         self.cfg = cfg
         self.vocab = tok.get_vocab()
         self.eos, self.pad = tok.eos_token_id, tok.pad_token_id
         self.rng = random.Random(f"train/{cfg.seed}")
-        self.streams = [get_task(n).stream("train", cfg.seed) for n in cfg.tasks]
+        self.tasks = [get_task(n) for n in cfg.tasks]
+        self.streams = [t.stream("train", cfg.seed) for t in self.tasks]
         w = cfg.task_weights
         if w and len(w) != len(cfg.tasks):
             raise ValueError(f"task_weights has {len(w)} entries for {len(cfg.tasks)} tasks "
                              f"({', '.join(cfg.tasks)})")
         self.weights = w if w and any(x != w[0] for x in w) else None    # None: equal odds
+        if cfg.batch_by_task:
+            self._check_fit()
+
+    def _check_fit(self) -> None:
+        """Every task's longest answer (+ EOS) fits the largest canvas, and batch_tokens can be
+        sized from its declared lengths: refused here, not at the first long batch hours in."""
+        for t in self.tasks:
+            if self.cfg.family != "ar" and t.max_answer_tokens + 1 > max(self.cfg.canvas):
+                raise ValueError(f"--canvas {max(self.cfg.canvas)} is too short for task {t.name!r}, whose "
+                                 f"answers run to {t.max_answer_tokens} tokens (+ EOS)")
+            if self.cfg.batch_tokens and not t.max_prompt_tokens:
+                raise ValueError(f"--batch-tokens needs task {t.name!r} to declare max_prompt_tokens")
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
@@ -117,12 +158,37 @@ class Batcher:
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
         """-> ids (B, P + G) long, attention mask (B, P + G) bool, prompt width P. With
         `canvas` None (AR) the answer gets one EOS and rows are right-padded instead."""
-        rows = [self._sample() for _ in range(self.cfg.batch_size)]
+        return self.layout([self._sample() for _ in range(self.cfg.batch_size)], canvas)
+
+    def task_batch(self, canvas_rng: random.Random) -> tuple[Tensor, Tensor, int]:
+        """One batch of a single task (drawn with the task odds) -> as `next`. A diffusion batch's
+        canvas is drawn among the listed canvases its task's longest answer fits; with
+        batch_tokens the row count fills that budget at the task's longest prompt and canvas (the
+        AR family: longest prompt + answer + EOS), so a step costs about the same on every task."""
+        cfg = self.cfg
+        i = self.rng.choices(range(len(self.tasks)), weights=self.weights or None)[0]
+        task = self.tasks[i]
+        canvas = None
+        if cfg.family != "ar":
+            fits = [(c, w) for c, w in zip(cfg.canvas, cfg.canvas_weights) if c > task.max_answer_tokens]
+            canvas = canvas_rng.choices([c for c, _ in fits], weights=[w for _, w in fits])[0]
+        n = cfg.batch_size
+        if cfg.batch_tokens:
+            width = task.max_prompt_tokens + (canvas or task.max_answer_tokens + 1)
+            n = max(1, cfg.batch_tokens // width)
+        rows = []
+        for _ in range(n):
+            p = next(self.streams[i])
+            rows.append((self._encode(p.prompt), self._encode(p.answer)))
+        return self.layout(rows, canvas)
+
+    def layout(self, rows: list[tuple[list[int], list[int]]], canvas: int | None) -> tuple[Tensor, Tensor, int]:
+        """Rows of (prompt ids, answer ids) -> ids (B, P + G), attention mask (B, P + G), P."""
         P = max(len(p) for p, _ in rows)
-        if canvas is None:
-            G = max(len(a) for _, a in rows) + 1
-        else:
-            G = canvas
+        G = max(len(a) for _, a in rows) + 1 if canvas is None else canvas
+        if G < max(len(a) for _, a in rows):
+            raise ValueError(f"an answer of {max(len(a) for _, a in rows)} tokens does not fit canvas {G} "
+                             "(--canvas)")
         ids = torch.full((len(rows), P + G), self.pad, dtype=torch.long)
         att = torch.zeros(len(rows), P + G, dtype=torch.bool)
         for b, (p, a) in enumerate(rows):
@@ -224,14 +290,16 @@ def ar_loss(model, ids: Tensor, att: Tensor, P: int) -> Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
 
 
-def build(cfg: TrainConfig, tok):
+def build(cfg: TrainConfig, tok, base: dict | None = None, load_init: bool = True):
+    """The model of `cfg`: random weights, or `cfg.init`'s (`base` is its training.json; with
+    `load_init` False only its shape, for a resumed run whose checkpoint holds the weights)."""
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     if cfg.family == "ar":
         from transformers import LlamaConfig, LlamaForCausalLM
 
         hf = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.mlp_hidden,
                          num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                         num_key_value_heads=cfg.n_heads, max_position_embeddings=1024,
+                         num_key_value_heads=cfg.kv_heads(), max_position_embeddings=cfg.max_length,
                          rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id, attention_bias=False, mlp_bias=False)
@@ -239,15 +307,16 @@ def build(cfg: TrainConfig, tok):
     else:
         from dllm_decode.models import build_random_model
 
+        adapt = base is not None and base["config"]["family"] == "ar"
         model = build_random_model(cfg.family, vocab_size=len(tok), d_model=cfg.d_model,
-                                   n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                                   n_kv_heads=cfg.n_heads if cfg.family == "llada" else cfg.n_heads // 2,
+                                   n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.kv_heads(),
                                    mlp_hidden=cfg.mlp_hidden, mask_token_id=tok.mask_token_id,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                   eot_token_id=eot, max_length=1024, rope_theta=10000.0)
-    if cfg.init:
-        model.load_state_dict(_load_init(cfg).state_dict())
-    else:
+                                   eot_token_id=eot, max_length=cfg.max_length, rope_theta=10000.0,
+                                   norm_eps=1e-5 if adapt else None)   # the AR model's RMSNorm eps
+    if cfg.init and load_init:
+        _load_init_(model, cfg, base)
+    elif not cfg.init:
         _init_weights_(model, cfg.seed, cfg.n_layers)
     return model.to(cfg.device).train().requires_grad_(True)
 
@@ -255,111 +324,243 @@ def build(cfg: TrainConfig, tok):
 def _init_record(cfg: TrainConfig) -> dict:
     """The training.json of the checkpoint `cfg.init` names, checked against the family and size
     `cfg` asks for before anything is written (a mismatch would otherwise surface as a state-dict
-    error naming parameters)."""
+    error naming parameters). A diffusion run may start from an AR checkpoint (adapt.py)."""
     path = Path(cfg.init)
     meta_path = path / "training.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"--init {path}: no training.json (a checkpoint written by this script)")
     record = json.loads(meta_path.read_text())
     base = record["config"]
+    adapt = base["family"] == "ar" and cfg.family != "ar"
     for key in ("family", "d_model", "n_layers", "n_heads", "mlp_hidden"):
-        if base[key] != getattr(cfg, key):
+        if base[key] != getattr(cfg, key) and not (adapt and key == "family"):
             raise ValueError(f"--init {path}: {meta_path} has {key} {base[key]!r}, this run asks for "
                              f"{getattr(cfg, key)!r}")
+    theirs = TrainConfig(**{k: v for k, v in base.items() if k in TrainConfig.__dataclass_fields__})
+    if theirs.kv_heads() != cfg.kv_heads():
+        raise ValueError(f"--init {path}: {meta_path} has {theirs.kv_heads()} key/value heads, this run "
+                         f"{cfg.kv_heads()} (set --n-kv-heads {theirs.kv_heads()})")
     return record
 
 
-def _load_init(cfg: TrainConfig) -> torch.nn.Module:
-    """The weights of the checkpoint `cfg.init` names (checked by `_init_record`)."""
+def _load_init_(model: torch.nn.Module, cfg: TrainConfig, base: dict) -> None:
+    """Load the weights of the checkpoint `cfg.init` names (checked by `_init_record`) into `model`."""
     path = Path(cfg.init)
     if cfg.family == "ar":
         from transformers import LlamaForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(str(path))
-    from dllm_decode.models import load_model
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(str(path)).state_dict())
+    elif base["config"]["family"] == "ar":
+        from safetensors.torch import load_file
 
-    return load_model(path, tokenizer=False)[0]
+        from dllm_decode.tools.adapt import load_ar_weights_
+
+        load_ar_weights_(model, load_file(str(path / "model.safetensors")), cfg.family, str(path))
+    else:
+        from dllm_decode.models import load_model
+
+        model.load_state_dict(load_model(path, tokenizer=False)[0].state_dict())
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@dataclass
+class Run:
+    """A training run's live objects."""
+    cfg: TrainConfig
+    out: Path
+    tok: object
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    batcher: Batcher
+    gen: torch.Generator
+    canvas_rng: random.Random
+    progress: Progress = field(default_factory=Progress)
+    earlier: dict | None = None         # the --init checkpoint's record, kept in training.json
+
+    def checkpoint(self) -> Path:
+        return save_checkpoint(self.out, {**asdict(self.cfg), "stop_after": None}, self.progress,
+                               self.model, self.opt, self.batcher, self.gen, self.canvas_rng,
+                               extra={"init": self.earlier})
+
+
+def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
+    """Build a run from scratch, or (with a checkpoint dict `state`) as that checkpoint left it.
+    The order of seeding and construction is the order the first reference models were trained in."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.autocast not in ("none", "bf16"):
+        raise ValueError(f"--autocast {cfg.autocast!r}: use 'none' or 'bf16'")
     torch.manual_seed(cfg.seed)
-    record = _init_record(cfg) if cfg.init else None
+    resumed = state is not None
+    record = _init_record(cfg) if cfg.init and not resumed else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_stages(Path(cfg.init), record, out) if record is not None else None
+    if resumed:     # the checkpoint holds the weights; --init need not exist any more
+        earlier = record = state["extra"]["init"]
     tok = save_char_tokenizer(out)
-    model = build(cfg, tok)
+    model = build(cfg, tok, record, load_init=not resumed)
     batcher = Batcher(cfg, tok)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     canvas_rng = random.Random(f"canvas/{cfg.seed}")
-
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    run = Run(cfg, out, tok, model, opt, batcher, gen, canvas_rng, earlier=earlier)
+    if resumed:
+        run.progress = restore(state, model, opt, batcher, gen, canvas_rng)
+    return run
 
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
+def _next_batch(run: Run) -> tuple[Tensor, Tensor, int]:
+    cfg = run.cfg
+    if cfg.batch_by_task:
+        return run.batcher.task_batch(run.canvas_rng)
+    if cfg.family == "ar":
+        return run.batcher.next(None)
+    G = run.canvas_rng.choices(cfg.canvas, weights=cfg.canvas_weights)[0]
+    return run.batcher.next(G)
+
+
+def _step(run: Run, step: int) -> float:
+    """One optimizer step of the schedule -> its loss."""
+    cfg, tok = run.cfg, run.tok
+    ids, att, P = _next_batch(run)
+    ids, att = ids.to(cfg.device), att.to(cfg.device)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        if cfg.family == "ar":
+            loss = ar_loss(run.model, ids, att, P)
+        else:
+            loss = diffusion_loss(run.model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
+                                  run.gen, cfg.mask_mix, cfg.full_mask)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.opt.step()
+    return float(loss.detach())
+
+
+def _open_log(run: Run):
+    """loss_log.jsonl, written as it goes so a long run can be watched; a resumed run keeps the
+    lines of the steps its checkpoint covers and drops any logged after it."""
+    path = run.out / "loss_log.jsonl"
+    if run.progress.step == 0:
+        return path.open("w")
+    kept = [x for x in _read_log(path) if x["step"] < run.progress.step] if path.exists() else []
+    path.write_text("".join(json.dumps(x) + "\n" for x in kept))
+    return path.open("a")
+
+
+class _Interrupt:
+    """SIGTERM / SIGINT set a flag the loop reads after the current step, so an interrupted run
+    writes a checkpoint instead of losing the steps since the last one."""
+
+    def __init__(self) -> None:
+        self.hit = False
+        self.saved = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _loop(run: Run, progress: bool) -> None:
+    """Run the schedule from the run's position to its end or `stop_after`; a run that stops
+    before the end of its schedule (stop_after, a signal) writes a checkpoint."""
+    cfg, p = run.cfg, run.progress
     n_steps = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=n_steps, desc=f"train {cfg.family}", unit="step")
-    log_path = out / "loss_log.jsonl"
-    log_file = log_path.open("w")     # written as it goes, so a long run can be watched
-    t0 = time.perf_counter()
-    running = None
-    for step in range(n_steps):
-        if cfg.family == "ar":
-            ids, att, P = batcher.next(None)
-        else:
-            G = canvas_rng.choices(cfg.canvas, weights=cfg.canvas_weights)[0]
-            ids, att, P = batcher.next(G)
-        ids, att = ids.to(cfg.device), att.to(cfg.device)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        if cfg.family == "ar":
-            loss = ar_loss(model, ids, att, P)
-        else:
-            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
-                                  cfg.mask_mix, cfg.full_mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        val = float(loss.detach())
-        running = val if running is None else 0.95 * running + 0.05 * val
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:   # same lines whatever stop_after
-            log_file.write(json.dumps({"step": step, "loss": round(val, 5), "smoothed": round(running, 5),
-                                       "lr": round(lr_at(step), 7),
-                                       "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
-            log_file.flush()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
+        bar = tqdm(total=n_steps, initial=p.step, desc=f"train {cfg.family}", unit="step")
+    t0 = last_save = time.perf_counter()
+    with _open_log(run) as log_file, _Interrupt() as interrupt:
+        while p.step < n_steps and not interrupt.hit:
+            step = p.step
+            val = _step(run, step)
+            p.running = val if p.running is None else 0.95 * p.running + 0.05 * val
+            p.step += 1
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:   # same lines whatever stop_after
+                log_file.write(json.dumps({"step": step, "loss": round(val, 5), "smoothed": round(p.running, 5),
+                                           "lr": round(lr_at(cfg, step), 7),
+                                           "seconds": round(p.elapsed + time.perf_counter() - t0, 1)}) + "\n")
+                log_file.flush()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{p.running:.4f}")
+            due = (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0) or \
+                (cfg.checkpoint_minutes and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes)
+            if due and p.step < cfg.steps:
+                p.elapsed, t0 = p.elapsed + time.perf_counter() - t0, time.perf_counter()
+                run.checkpoint()
+                last_save = time.perf_counter()
     if bar is not None:
         bar.close()
-    log_file.close()
+    p.elapsed += time.perf_counter() - t0
+    if p.step < cfg.steps:
+        run.checkpoint()
 
+
+def _save_final(run: Run) -> None:
+    model, out, cfg = run.model, run.out, run.cfg
     model.eval().requires_grad_(False)
     if cfg.family == "ar":
         model.save_pretrained(str(out))
     else:
         from dllm_decode.models import save_pretrained
         save_pretrained(model, out)
-    meta = {"config": asdict(cfg), "seconds": round(time.perf_counter() - t0, 1),
+    meta = {"config": asdict(cfg), "seconds": round(run.progress.elapsed, 1),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters())}
-    if earlier is not None:
-        meta["init"] = earlier
+    if run.earlier is not None:
+        meta["init"] = run.earlier
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train from scratch (or from `cfg.init`) -> the output folder. A run stopped early by
+    `stop_after` also writes its weights and training.json, as a finished one does."""
+    return _finish(_start(cfg), progress)
+
+
+def resume(out: str | Path, stop_after: int | None = None, progress: bool = True) -> Path:
+    """Continue the run whose checkpoint.pt is in `out` (its own config, seed and threads) to the
+    end of its schedule, or to step `stop_after` -> the output folder."""
+    state = read_checkpoint(Path(out))
+    cfg = TrainConfig(**{**state["config"], "out": str(out), "stop_after": stop_after})
+    run = _start(cfg, state)
+    if stop_after is not None and stop_after < run.progress.step:
+        raise ValueError(f"--stop-after {stop_after}: {out} is already at step {run.progress.step}")
+    return _finish(run, progress)
+
+
+def _finish(run: Run, progress: bool) -> Path:
+    """Run the loop; weights and training.json once the schedule (or stop_after) is reached,
+    not when a signal stopped it (its checkpoint is then the run's record)."""
+    cfg = run.cfg
+    _loop(run, progress)
+    if run.progress.step == min(cfg.steps, cfg.stop_after or cfg.steps):
+        _save_final(run)
+    return run.out
 
 
 def stage_log(n: int) -> str:
@@ -412,45 +613,86 @@ def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | N
     return min(len(ours), len(theirs)), None
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(description="Train a reference model on the task suite.")
     ap.add_argument("--family", choices=("llada", "dream", "ar"), default=d.family)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--tasks", default=",".join(d.tasks))
+    ap.add_argument("--out", help="output folder (required unless --resume)")
+    ap.add_argument("--tasks", default=",".join(d.tasks), help="task names, comma-separated, or a "
+                    f"named mix ({', '.join(MIXES)})")
     ap.add_argument("--task-weights", default=None, help="sampling odds of the tasks, comma-separated "
                     "(default: equal)")
     for name in ("steps", "batch_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "seed",
-                 "threads", "warmup"):
+                 "threads", "warmup", "n_kv_heads", "max_length", "batch_tokens", "checkpoint_every",
+                 "log_every"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--canvas", default=",".join(map(str, d.canvas)),
                     help="generation lengths to train at, sampled per batch")
+    ap.add_argument("--canvas-weights", default=None, help="sampling odds of the canvases (default: "
+                    "6,2.5,1.5 for the default canvases, else equal)")
     ap.add_argument("--mask-mix", default=",".join(map(str, d.mask_mix)),
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
                     help="share of rows whose whole answer is masked (see mask_canvas)")
-    ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same family and size, "
-                    "written by this script) instead of random weights: a second training stage")
+    ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
+                    "this script; same family, or an AR one for llada/dream) instead of random weights")
+    ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
+                    help="run forward and loss under bfloat16 autocast (weights stay float32)")
+    ap.add_argument("--batch-by-task", action="store_true", help="draw one task per batch")
+    ap.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
+                    help="also write checkpoint.pt every M minutes")
+    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt, "
+                    "with its own configuration (flags other than --stop-after, --check and "
+                    "--no-progress are not used)")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
-                    help="stop after the first N steps of the schedule; its loss_log.jsonl must then "
-                         "match the first lines of a full run's (see --check)")
+                    help="stop after the first N steps of the schedule (writing a checkpoint to "
+                         "--resume from); its loss_log.jsonl must then match the first lines of a "
+                         "full run's (see --check)")
     ap.add_argument("--check", metavar="DIR", help="after training, compare the loss log with DIR's "
                     "(a shipped checkpoint trained by the same command); exit 1 on a mismatch")
     ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    canvas = tuple(int(c) for c in a.canvas.split(","))
-    weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
-    tasks = tuple(a.tasks.split(","))
-    task_weights = tuple(float(w) for w in a.task_weights.split(",")) if a.task_weights else ()
-    cfg = TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
-                      batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
-                      n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
-                      canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
-                      mask_mix=tuple(float(m) for m in a.mask_mix.split(",")), full_mask=a.full_mask,
-                      stop_after=a.stop_after, init=a.init)
-    out = train(cfg, progress=not a.no_progress)
+    return ap
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _config(a: argparse.Namespace) -> TrainConfig:
+    d = TrainConfig()
+    canvas = tuple(int(c) for c in _floats(a.canvas, "--canvas"))
+    if a.canvas_weights:
+        weights = _floats(a.canvas_weights, "--canvas-weights")
+        if len(weights) != len(canvas):
+            raise SystemExit(f"--canvas-weights has {len(weights)} entries for {len(canvas)} canvases")
+    else:
+        weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
+    tasks = MIXES[a.tasks] if a.tasks in MIXES else tuple(a.tasks.split(","))
+    task_weights = _floats(a.task_weights, "--task-weights") if a.task_weights else ()
+    return TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
+                       batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
+                       n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
+                       canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
+                       mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
+                       stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
+                       max_length=a.max_length, autocast=a.autocast, batch_by_task=a.batch_by_task,
+                       batch_tokens=a.batch_tokens, checkpoint_every=a.checkpoint_every,
+                       checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every)
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = _parser().parse_args(argv)
+    if a.resume:
+        out = resume(a.resume, stop_after=a.stop_after, progress=not a.no_progress)
+    elif not a.out:
+        raise SystemExit("train: --out DIR is required (or --resume DIR)")
+    else:
+        out = train(_config(a), progress=not a.no_progress)
     print(out)
     if a.check:
         n, mismatch = check_log(out, Path(a.check))

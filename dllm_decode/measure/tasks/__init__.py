@@ -7,11 +7,16 @@
 
 from __future__ import annotations
 
-from dllm_decode.measure.tasks.base import Problem, Task, extract_answer, split_of
+from dllm_decode.measure.tasks.base import Problem, ProblemStream, Task, extract_answer, split_of
 from dllm_decode.measure.tasks.catalog import Add, Case, Copy, Distinct, Repeat
+from dllm_decode.measure.tasks.workload import Chain, Columns, Echo, ListOps, Series
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (Copy, Repeat, Distinct, Case, Add)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (Copy, Repeat, Distinct, Case, Add,
+                                                    Echo, Chain, Columns, ListOps, Series)}
 REFERENCE_MIX = ("copy", "repeat", "case")     # what the shipped reference models learned
+# what the workload models learn: multi-step worked traces, one long answer, and a copy control
+WORKLOAD_MIX = ("echo", "chain", "columns", "listops", "series")
+MIXES: dict[str, tuple[str, ...]] = {"reference": REFERENCE_MIX, "workload": WORKLOAD_MIX}
 
 
 def get_task(name: str) -> Task:
@@ -21,4 +26,13 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
 
 
-__all__ = ["Problem", "Task", "TASKS", "REFERENCE_MIX", "get_task", "extract_answer", "split_of"]
+def get_mix(name: str) -> tuple[str, ...]:
+    """The task names of a named mix ('reference', 'workload')."""
+    try:
+        return MIXES[name]
+    except KeyError:
+        raise KeyError(f"unknown task mix {name!r}; known: {', '.join(MIXES)}") from None
+
+
+__all__ = ["Problem", "ProblemStream", "Task", "TASKS", "REFERENCE_MIX", "WORKLOAD_MIX", "MIXES",
+           "get_task", "get_mix", "extract_answer", "split_of"]

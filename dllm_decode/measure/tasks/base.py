@@ -55,25 +55,18 @@ class Task:
     `sample(rng) -> (prompt, answer, meta)`; multi-answer tasks override `is_valid`."""
 
     name: str = ""
-    kind: str = ""              # 'control' | 'dependency' | 'arithmetic'
+    kind: str = ""              # 'control' | 'dependency' | 'arithmetic' | 'long'
     description: str = ""
     max_answer_tokens: int = 0  # longest reference answer, in characters (= tokens)
+    max_prompt_tokens: int = 0  # longest prompt, in characters (sizes token-budget batches)
 
     def sample(self, rng: random.Random) -> tuple[str, str, dict[str, Any]]:
         raise NotImplementedError
 
-    def stream(self, split: str, seed: int = 0) -> Iterator[Problem]:
+    def stream(self, split: str, seed: int = 0) -> "ProblemStream":
         """The endless, deterministic stream of `split` problems for `seed` (training reads it
         batch by batch; evaluation takes a prefix with `problems`)."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        rng = random.Random(f"{self.name}/{split}/{seed}")
-        index = 0
-        while True:
-            prompt, answer, meta = self.sample(rng)
-            if split_of(prompt) == split:
-                yield Problem(self.name, index, prompt, answer, meta)
-                index += 1
+        return ProblemStream(self, split, seed)
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
         """The first `n` problems of the `split` stream for `seed`."""
@@ -86,3 +79,37 @@ class Task:
         """Exact match of the extracted final answer (validity for multi-answer tasks)."""
         final = extract_answer(completion)
         return final is not None and self.is_valid(problem, final)
+
+
+class ProblemStream(Iterator[Problem]):
+    """An endless iterator over one task's problems whose position can be saved and restored
+    (`state_dict` / `load_state_dict`), so an interrupted training run resumes on the very
+    problem it would have drawn next."""
+
+    def __init__(self, task: Task, split: str, seed: int = 0) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.task, self.split, self.seed = task, split, seed
+        self.rng = random.Random(f"{task.name}/{split}/{seed}")
+        self.index = 0
+
+    def __next__(self) -> Problem:
+        while True:
+            prompt, answer, meta = self.task.sample(self.rng)
+            if split_of(prompt) == self.split:
+                problem = Problem(self.task.name, self.index, prompt, answer, meta)
+                self.index += 1
+                return problem
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"task": self.task.name, "split": self.split, "seed": self.seed,
+                "index": self.index, "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = (self.task.name, self.split, self.seed)
+        theirs = (state["task"], state["split"], state["seed"])
+        if mine != theirs:
+            raise ValueError(f"stream state is for task/split/seed {theirs}, this stream is {mine}")
+        self.index = state["index"]
+        rng = state["rng"]      # a list after a round trip through some serialisers
+        self.rng.setstate((rng[0], tuple(rng[1]), rng[2]))

@@ -35,6 +35,7 @@ class Copy(Task):
     description = "copy a 32-letter string (deterministic; parallel decoding cannot hurt)"
     length = 32
     max_answer_tokens = 2 * 32 + 1 + len(FINAL)
+    max_prompt_tokens = len("copy: \n") + 32
 
     def sample(self, rng: random.Random):
         s = "".join(rng.choice(string.ascii_lowercase) for _ in range(self.length))
@@ -46,6 +47,7 @@ class Repeat(Task):
     kind = "dependency"
     description = "pick one of 2-3 offered digits and write it n times (all positions must agree)"
     max_answer_tokens = len(FINAL) + 10
+    max_prompt_tokens = len("pick one of 0 1 2, seven times\n")
 
     def sample(self, rng: random.Random):
         options = rng.sample(string.digits, rng.choice((2, 3)))
@@ -66,6 +68,7 @@ class Distinct(Task):
     kind = "dependency"
     description = "name three different digits among 4-5 offered (no digit may repeat)"
     max_answer_tokens = len(FINAL) + 3
+    max_prompt_tokens = len("three different of 0 1 2 3 4\n")
 
     def sample(self, rng: random.Random):
         options = rng.sample(string.digits, rng.choice((4, 5)))
@@ -82,6 +85,7 @@ class Case(Task):
     description = "write a word entirely in upper or entirely in lower case (free choice)"
     length = 20
     max_answer_tokens = len(FINAL) + 20
+    max_prompt_tokens = len("upper or lower: \n") + 20
 
     def sample(self, rng: random.Random):
         w = "".join(rng.choice(string.ascii_lowercase) for _ in range(self.length))
@@ -98,6 +102,7 @@ class Add(Task):
     kind = "arithmetic"
     description = "two-digit addition with a worked column sum"
     max_answer_tokens = len("7+5=12 carry 1, 4+8+1=13\n") + len(FINAL) + 3
+    max_prompt_tokens = len("add 99+99\n")
 
     def sample(self, rng: random.Random):
         a, b = rng.randint(10, 99), rng.randint(10, 99)

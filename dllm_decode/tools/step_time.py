@@ -1,0 +1,115 @@
+"""Time one training step (forward, backward, clipping, AdamW) of candidate model sizes, to size a
+training run to a time budget.
+
+    python -m dllm_decode.tools.step_time --family ar --sizes 384x6x1024,256x12x704 \
+        --lengths 256,1024 --tokens 8192 --autocast none,bf16 --repeats 3
+
+A size is ``D_MODELxN_LAYERSxMLP_HIDDEN`` (heads: d_model / 64). Each row is a batch of
+``tokens // length`` random sequences of `length` tokens through the very model and loss
+``train`` uses; the step is timed `repeats` times after one warm-up and the minimum is reported,
+since other processes sharing the CPU only ever make a step slower. The process's CPU seconds per
+step, divided by the thread count, are reported beside it: what the wall time would be with the
+cores to itself, less swayed by other load than the wall clock (waiting threads that spin still
+count, so it too can only overstate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dllm_decode.tools.char_tokenizer import build_char_tokenizer
+from dllm_decode.tools.train import TrainConfig, ar_loss, build, diffusion_loss
+
+
+@dataclass
+class Timing:
+    size: str
+    non_embedding: int      # parameters outside the embedding and the LM head
+    family: str
+    length: int
+    batch: int
+    autocast: str
+    seconds: float          # minimum over the repeats
+    cpu_seconds: float      # minimum CPU seconds per step / threads
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch * self.length / self.seconds
+
+
+def parse_size(text: str) -> tuple[int, int, int]:
+    try:
+        d, n, m = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--sizes {text!r}: expected D_MODELxN_LAYERSxMLP_HIDDEN, e.g. 384x6x1024") from None
+    if d % 64:
+        raise SystemExit(f"--sizes {text!r}: d_model must be a multiple of 64 (heads of 64)")
+    return d, n, m
+
+
+def non_embedding_parameters(model: torch.nn.Module, vocab: int) -> int:
+    return sum(p.numel() for p in model.parameters() if vocab not in p.shape)
+
+
+def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple[int, float, float, int]:
+    """-> (batch rows, minimum wall seconds per step, minimum CPU seconds per step / threads,
+    non-embedding parameters)."""
+    tok = build_char_tokenizer()
+    model = build(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    B = max(1, tokens // length)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, len(tok) - 5, (B, length), generator=g)       # (B, L) ordinary characters
+    att = torch.ones(B, length, dtype=torch.bool)
+    P = 32                                                                # a prompt; the rest is answer
+    best = best_cpu = float("inf")
+    for i in range(repeats + 1):
+        t, c = time.perf_counter(), time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+            if cfg.family == "ar":
+                loss = ar_loss(model, ids, att, P)
+            else:
+                loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, 1e-3, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if i:                                                             # the first is a warm-up
+            best = min(best, time.perf_counter() - t)
+            best_cpu = min(best_cpu, (time.process_time() - c) / torch.get_num_threads())
+    return B, best, best_cpu, non_embedding_parameters(model, len(tok))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Time a training step of candidate model sizes.")
+    ap.add_argument("--family", choices=("ar", "llada", "dream"), default="ar")
+    ap.add_argument("--sizes", required=True, help="comma-separated D_MODELxN_LAYERSxMLP_HIDDEN")
+    ap.add_argument("--lengths", default="256,1024", help="sequence lengths (prompt + answer / canvas)")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per step (rows = tokens // length)")
+    ap.add_argument("--autocast", default="none,bf16", help="comma-separated: none, bf16")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.tokens} tokens per step, "
+          f"minimum of {a.repeats}")
+    print("| size | non-embedding params | family | length | batch | autocast | s/step | CPU s/step / threads | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in a.sizes.split(","):
+        d, n, m = parse_size(size)
+        for length in (int(x) for x in a.lengths.split(",")):
+            for ac in a.autocast.split(","):
+                cfg = TrainConfig(family=a.family, out="unused", d_model=d, n_layers=n, n_heads=d // 64,
+                                  mlp_hidden=m, max_length=max(1024, length), autocast=ac, threads=a.threads)
+                B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
+                t = Timing(size, ne, a.family, length, B, ac, s, cpu)
+                print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {s:.2f} | {cpu:.2f} | "
+                      f"{t.tokens_per_second:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
