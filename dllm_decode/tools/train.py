@@ -94,6 +94,10 @@ class TrainConfig:
     checkpoint_every: int = 0         # write checkpoint.pt every N steps (0: never by count)
     checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
 
+    def last_step(self) -> int:
+        """Where this session of the run ends: the schedule's end, or stop_after."""
+        return self.steps if self.stop_after is None else min(self.steps, self.stop_after)
+
     def kv_heads(self) -> int:
         if self.n_kv_heads:
             return self.n_kv_heads
@@ -487,7 +491,7 @@ def _loop(run: Run, progress: bool) -> None:
     """Run the schedule from the run's position to its end or `stop_after`; a run that stops
     before the end of its schedule (stop_after, a signal) writes a checkpoint."""
     cfg, p = run.cfg, run.progress
-    n_steps = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    n_steps = cfg.last_step()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -558,7 +562,7 @@ def _finish(run: Run, progress: bool) -> Path:
     not when a signal stopped it (its checkpoint is then the run's record)."""
     cfg = run.cfg
     _loop(run, progress)
-    if run.progress.step == min(cfg.steps, cfg.stop_after or cfg.steps):
+    if run.progress.step == cfg.last_step():
         _save_final(run)
     return run.out
 
