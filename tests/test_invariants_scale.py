@@ -30,15 +30,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, Phase, assume, event, given, settings
 from hypothesis import strategies as st
 
 from dllm_decode.config import load_recipe, recipe_from_dict
 from dllm_decode.engine import Decoder
-from dllm_decode.errors import DllmDecodeError
+from dllm_decode.errors import DllmDecodeError, RecipeError
+from dllm_decode.hookspecs import hookimpl
 from dllm_decode.models import build_random_model
 from dllm_decode.plugins import get_plugin_manager, list_plugins
-from dllm_decode.testing import RandomLogitsModel, check_invariants
+from dllm_decode.testing import InvariantViolation, RandomLogitsModel, check_invariants
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, MASK, EOS = 48, 47, 1
@@ -125,8 +126,9 @@ def _plugins():
 
 PLUGINS = _plugins()
 SHIPPED = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
-#: the documented policy x cache pairs (docs/caches.md, dllm_decode/tools/cache_report.py) that
-#: no shipped recipe spells out: (policy slots, cache plugin, fixed cache options)
+#: the documented policy x cache pairs (docs/caches.md, dllm_decode/tools/cache_report.py), with
+#: the policy's and the cache's options drawn (the shipped recipes fix them):
+#: (policy slots, cache plugin, fixed cache options)
 PAIRS = {
     "llada+kv_block-dual": ({"policy": "llada"}, "kv_block", {"mode": "dual"}),
     "llada+kv_block-prefix": ({"policy": "llada"}, "kv_block", {"mode": "prefix"}),
@@ -329,3 +331,69 @@ def test_invariants_sample(composition, data):
 @given(data=st.data())
 def test_invariants_at_scale(composition, data):
     check_case(*data.draw(recipe_cases(composition), label="case"))
+
+
+# ----------------------------------------------------------------------------- the check can fail
+
+
+class BatchSized:
+    """Commits as many tokens per step as the batch has rows: fine alone, wrong in a batch."""
+
+    @hookimpl
+    def select_tokens(self, state, candidates):
+        conf = candidates.confidence.masked_fill(~candidates.eligible, float("-inf"))    # (B, L)
+        k = min(state.batch_size, conf.shape[1])
+        top = conf.topk(k, dim=1).indices
+        return torch.zeros_like(candidates.eligible).scatter(1, top, True) & candidates.eligible
+
+
+class GlobalRandom:
+    """Picks a position with the process-wide generator instead of ``state.generator``."""
+
+    @hookimpl
+    def select_tokens(self, candidates):
+        noise = torch.rand(candidates.eligible.shape, dtype=torch.float64)             # (B, L)
+        pick = noise.masked_fill(~candidates.eligible, -1.0).argmax(dim=1, keepdim=True)
+        return torch.zeros_like(candidates.eligible).scatter(1, pick, True) & candidates.eligible
+
+
+class OutOfSpan:
+    """Commits the last masked column of the canvas, wherever the span is."""
+
+    @hookimpl
+    def select_tokens(self, state, candidates):
+        masked = state.x == state.mask_id                                               # (B, L)
+        cols = torch.arange(masked.shape[1], device=masked.device)
+        last = torch.where(masked, cols, -1).max(dim=1, keepdim=True).values.clamp(min=0)
+        return torch.zeros_like(masked).scatter(1, last, True) & masked
+
+
+BROKEN = {"batch_sized": (BatchSized, InvariantViolation, "differs from the row alone"),
+          "global_random": (GlobalRandom, InvariantViolation, "second run|differs from the row alone"),
+          "out_of_span": (OutOfSpan, DllmDecodeError, "out_of_span")}
+
+
+@pytest.mark.parametrize("broken", list(BROKEN))
+def test_the_strategy_catches_a_broken_plugin(broken):
+    """The same strategy and check, with a broken selection plugin in the select_tokens slot of
+    the drawn recipes: hypothesis must find a recipe where it fails."""
+    plugin, error, match = BROKEN[broken]
+    pm = get_plugin_manager(extra_plugins={broken: plugin()})
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(case=recipe_cases("recipe:llada"))
+    def run(case):
+        kind, data, prompts = case
+        check_case(kind, {**data, "select_tokens": broken}, prompts, pm=pm)
+
+    with pytest.raises(error, match=match):
+        run()
+
+
+def test_wino_refuses_a_dream_model_cleanly():
+    """The strategy's family rule, shown once outside hypothesis: WINO is LLaDA-family only."""
+    data = {"policy": "wino", "generation": {"gen_length": 8, "block_length": 4, "steps": 8, "dtype": "float64"}}
+    with pytest.raises(RecipeError, match="wino"):
+        Decoder(model("dream"), recipe_from_dict(data))
+    check_invariants(model("llada"), data, [[5, 6, 7], [8]])
