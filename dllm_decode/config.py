@@ -24,6 +24,10 @@ from dllm_decode.hookspecs import SLOTS
 
 
 
+#: compute dtypes a recipe may name (models/loader.py maps names to torch dtypes)
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -56,7 +60,7 @@ class GenerationConfig(_Strict):
                              "weight w: logits = u + (w + 1)(c - u), u from the prompt-masked canvas.")
     seed: int = Field(0, ge=0, description="Seed of the request's random generator.")
     batch_size: int = Field(1, ge=1, le=4096, description="Rows decoded together.")
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = Field(
+    dtype: Literal[DTYPES] = Field(
         "float32", description="Model compute dtype.")
     max_steps: int | None = Field(None, ge=1, description="Hard cap on steps per request "
                                   "(default: 4 * gen_length); reaching it is an error.")
