@@ -61,14 +61,14 @@ class Committed:
     finished: bool           # every row is finished
 
 
-def commit(canvas: Tensor, commit_step: Tensor, prompt_mask: Tensor, sel: Selection, cand: Candidates, *,
-           step: int, active: Tensor, mask_id: int, vocab_size: int, stop_ids: Tensor | None,
-           gen_start: int, checks: dict[str, Tensor]) -> Committed:
-    """Apply ``sel`` to ``canvas`` (B, L) with the canvas-wide ``cand``.
+def commit(canvas: Tensor, masked: Tensor, commit_step: Tensor, prompt_mask: Tensor, sel: Selection,
+           cand: Candidates, *, step: int, active: Tensor, mask_id: int, vocab_size: int,
+           stop_ids: Tensor | None, gen_start: int, checks: dict[str, Tensor]) -> Committed:
+    """Apply ``sel`` to ``canvas`` (B, L), whose ``masked`` (B, L) the state already holds, with
+    the canvas-wide ``cand``.
 
     ``checks`` holds the per-row flags of the earlier stages (span, NaN logits, NaN confidence);
     ``stop_ids`` (E,): finish rows whose committed text ends in one of them (``eos.stop``)."""
-    masked = canvas == mask_id
     fill = None if sel.finish is None else (sel.finish & active)[:, None] & masked   # (B, L)
     written = sel.commit if fill is None else sel.commit | fill
     n_written = written.sum(dim=1)                                         # (B,)

@@ -156,8 +156,8 @@ class Decoder:
         out = self._forward(state, plan, active)
         cand, checks = self._candidates(state, out, active)
         sel = self._select(state, cand)
-        done = commit(state.x, state.commit_step, state.prompt_mask, sel, cand, step=state.step, active=active,
-                      mask_id=self.mask_id, vocab_size=out.logits.shape[-1], gen_start=state.gen_start,
+        done = commit(state.x, state.masked, state.commit_step, state.prompt_mask, sel, cand, step=state.step,
+                      active=active, mask_id=self.mask_id, vocab_size=out.logits.shape[-1], gen_start=state.gen_start,
                       stop_ids=state.eos_ids if self.gen.eos.stop and self.eos_ids else None, checks=checks)
         contracts.raise_violations(done, state, sel, cand, plugin_for=self.policy.plugin_for,
                                    revocable=self.policy.revocable, idle_steps=self.policy.idle_steps,
