@@ -37,6 +37,8 @@ _EXPORTS = {
     "gumbel_perturb": "dllm_decode.sampling",
     "token_probability": "dllm_decode.sampling",
     "threshold_commit": "dllm_decode.sampling",
+    "draws": "dllm_decode.noise",
+    "gumbel_draws": "dllm_decode.noise",
     "current_block": "dllm_decode.blocks",
     "first_masked": "dllm_decode.blocks",
     # the reference tasks the shipped models know
@@ -55,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from dllm_decode.models.loader import load_model
     from dllm_decode.models.output import ForwardOutput
     from dllm_decode.models.plan import ComputePlan
+    from dllm_decode.noise import draws, gumbel_draws
     from dllm_decode.plugins import PluginMeta, PluginOptions
     from dllm_decode.sampling import gumbel_perturb, threshold_commit, token_probability, topk_mask
     from dllm_decode.guidance import Guided

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dllm_decode.noise import draws
 from dllm_decode.sampling import count_at_step, gumbel_perturb, token_probability, topk_mask
 from dllm_decode.state import Candidates, DecodeState
 
@@ -50,14 +51,18 @@ def block_schedule_problems(gen: Any) -> list[str]:
     return problems
 
 
-def llada_candidates(state: DecodeState, logits: torch.Tensor, remasking: str) -> Candidates:
+def llada_candidates(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | None,
+                     remasking: str) -> Candidates:
     """LLaDA's candidates: float64 Gumbel-max tokens (greedy at T = 0) and, as confidence, their
-    probability (``low_confidence``) or a uniform draw (``random``). (B, q, V) -> (B, q)."""
-    x0 = gumbel_perturb(logits, state.config.temperature, state.generator).argmax(dim=-1)  # (B, q)
+    probability (``low_confidence``) or a uniform draw (``random``). (B, q, V) -> (B, q).
+    Draws are the rows' own (:mod:`dllm_decode.noise`), so a row samples alike in any batch."""
+    T = state.config.temperature
+    u = draws(state, positions, "llada.sample", logits.shape[-1]) if T > 0 else None
+    x0 = gumbel_perturb(logits, T, u).argmax(dim=-1)                      # (B, q)
     if remasking == "low_confidence":
         conf = token_probability(logits, x0)                                # (B, q) float64
     else:
-        conf = torch.rand(x0.shape, dtype=torch.float64, device=x0.device, generator=state.generator)
+        conf = draws(state, positions, "llada.remask")                     # (B, q) float64
     return Candidates(tokens=x0, confidence=conf)
 
 

@@ -58,7 +58,7 @@ class GenerationConfig(_Strict):
     temperature: float = Field(0.0, ge=0.0, le=100.0, description="Sampling temperature; 0 is greedy.")
     cfg_scale: float = Field(0.0, ge=0.0, le=100.0, description="Unsupervised classifier-free guidance "
                              "weight w: logits = u + (w + 1)(c - u), u from the prompt-masked canvas.")
-    seed: int = Field(0, ge=0, description="Seed of the request's random generator.")
+    seed: int = Field(0, ge=0, description="Seed of every row's random draws (with the row's prompt; per-row seeds override it).")
     batch_size: int = Field(1, ge=1, le=4096, description="Rows decoded together.")
     dtype: Literal[DTYPES] = Field(
         "float32", description="Model compute dtype.")

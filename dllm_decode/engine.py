@@ -32,7 +32,7 @@ from dllm_decode.models.store import CacheStore
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginManager, get_plugin_manager
 from dllm_decode.policy import BoundPolicy, load_auxiliary, resolve
-from dllm_decode.request import GenerationResult, RowResult, check_prompts, new_state, progress_bar
+from dllm_decode.request import GenerationResult, RowResult, check_prompts, new_state, progress_bar, row_seeds
 from dllm_decode.state import Candidates, DecodeState, Phase, Selection, StepRecord
 
 NEG_INF = float("-inf")
@@ -72,17 +72,21 @@ class Decoder:
     # ------------------------------------------------------------------ public API
 
     def generate(self, prompts: Sequence[Sequence[int]], progress: bool | Callable[[int], Any] = False,
-                 keep_states: bool = False) -> GenerationResult:
-        """Decode every prompt (lists of token ids) in batches of ``generation.batch_size``."""
+                 keep_states: bool = False, seeds: Sequence[int] | None = None) -> GenerationResult:
+        """Decode every prompt (lists of token ids) in batches of ``generation.batch_size``.
+        ``seeds``: one per prompt (default: the recipe's seed for all); a row's output depends
+        only on its prompt and seed, never on the batch it lands in."""
         prompts = [list(map(int, p)) for p in prompts]
         check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)  # names the caller's index
+        seeds = row_seeds(seeds, len(prompts), self.gen.seed)
         bar = progress_bar(progress, total=len(prompts) * self.gen.gen_length)
         rows: list[RowResult] = []
         states: list[DecodeState] = []
         try:
             for start in range(0, len(prompts), self.gen.batch_size):
                 batch = prompts[start:start + self.gen.batch_size]
-                state = self.decode(batch, on_commit=bar.update if bar else None)
+                state = self.decode(batch, on_commit=bar.update if bar else None,
+                                    seeds=seeds[start:start + self.gen.batch_size])
                 rows.extend(self.rows_of(state, batch))
                 if keep_states:
                     states.append(state)
@@ -91,22 +95,23 @@ class Decoder:
                 bar.close()
         return GenerationResult(rows=rows, states=states)
 
-    def start(self, prompts: Sequence[Sequence[int]]) -> DecodeState:
-        """The state of one request: left-padded canvas, masks, generator, cache store."""
+    def start(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None) -> DecodeState:
+        """The state of one request: left-padded canvas, masks, per-row noise, cache store."""
         check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)
         # every request gets a store, so a plan-executing model's FLOPs are counted too; nothing
         # is allocated in it unless a plan writes
         factory = getattr(self.model, "new_store", None)
         store = factory() if callable(factory) else CacheStore()
         return new_state(prompts, self.gen, mask_id=self.mask_id, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                         device=self._device(), store=store, plugins=self.policy.plugin_names)
+                         device=self._device(), store=store, plugins=self.policy.plugin_names, seeds=seeds)
 
     @torch.inference_mode()
-    def steps(self, prompts: Sequence[Sequence[int]] | DecodeState) -> Iterator[DecodeState]:
+    def steps(self, prompts: Sequence[Sequence[int]] | DecodeState,
+              seeds: Sequence[int] | None = None) -> Iterator[DecodeState]:
         """Decode one batch, yielding its state after every step (``state.last`` records what the
         step did: span, phase, commits, re-masks, confidences). The request's observers run at
         its start and after its last step; exhausting the iterator finishes the request."""
-        state = prompts if isinstance(prompts, DecodeState) else self.start(prompts)
+        state = prompts if isinstance(prompts, DecodeState) else self.start(prompts, seeds)
         t0 = time.perf_counter()
         self._observe("on_request_start", state)
         max_steps = self.gen.max_steps or 4 * self.gen.gen_length
@@ -124,11 +129,11 @@ class Decoder:
         self._observe("on_request_end", state)
         state.close()
 
-    def decode(self, prompts: Sequence[Sequence[int]],
-               on_commit: Callable[[int], Any] | None = None) -> DecodeState:
+    def decode(self, prompts: Sequence[Sequence[int]], on_commit: Callable[[int], Any] | None = None,
+               seeds: Sequence[int] | None = None) -> DecodeState:
         """Decode one batch to completion and return its final state."""
         state = None
-        for state in self.steps(prompts):
+        for state in self.steps(prompts, seeds):
             if on_commit is not None:
                 on_commit(int(state.last.committed.sum()))
         return state

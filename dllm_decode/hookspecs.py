@@ -144,8 +144,9 @@ def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | No
         finished row) to ``-inf`` before selection.
     :invariant: committed tokens lie in ``[0, V)`` and are never the mask id; the engine checks
         the committed ones and raises naming this plugin.
-    :invariant: sampling randomness must come from ``state.generator`` so that a fixed seed
-        reproduces the output.
+    :invariant: random draws come from the rows' own keyed noise
+        (``dllm_decode.draws(state, positions, stream)``), so that a fixed seed reproduces
+        the output and a row samples alike alone or in any batch.
     """
 
 

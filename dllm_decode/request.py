@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dllm_decode.errors import InputError
+from dllm_decode.noise import RowNoise
 from dllm_decode.state import DecodeState
 
 
@@ -55,9 +56,24 @@ def check_prompts(prompts: Sequence[Sequence[int]], spec: Any, gen_length: int, 
             raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
 
 
+def row_seeds(seeds: Sequence[int] | None, n: int, default: int) -> list[int]:
+    """Each row's seed: ``seeds`` when given (one per prompt), else the recipe's ``seed``."""
+    if seeds is None:
+        return [default] * n
+    seeds = list(seeds)
+    if len(seeds) != n:
+        raise InputError(f"seeds has {len(seeds)} entries for {n} prompts; give one per prompt")
+    bad = [i for i, s in enumerate(seeds) if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise InputError(f"seeds[{bad[0]}] is {seeds[bad[0]]!r}; seeds are integers >= 0")
+    return seeds
+
+
 def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_id: int, eos_ids: list[int],
-              device: torch.device, store: Any, plugins: Sequence[str]) -> DecodeState:
-    """The state of one request: canvas ``[pad * k | prompt | MASK * gen_length]`` per row."""
+              device: torch.device, store: Any, plugins: Sequence[str],
+              seeds: Sequence[int] | None = None) -> DecodeState:
+    """The state of one request: canvas ``[pad * k | prompt | MASK * gen_length]`` per row; each
+    row's random draws are keyed by its seed and prompt (``seeds``, default the recipe's)."""
     G = gen.gen_length
     lengths = [len(p) for p in prompts]
     P = max(lengths)
@@ -74,6 +90,7 @@ def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_i
                        gen_start=P, gen_length=G, mask_id=mask_id,
                        eos_ids=torch.tensor(eos_ids, dtype=torch.long, device=device),
                        config=gen, generator=generator, store=store,
+                       noise=RowNoise.for_rows(prompts, row_seeds(seeds, len(prompts), gen.seed), device),
                        prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
                        scratch={name: {} for name in plugins})
 

@@ -9,17 +9,20 @@ import torch
 
 
 def gumbel_perturb(logits: torch.Tensor, temperature: float,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   noise: torch.Tensor | torch.Generator | None = None) -> torch.Tensor:
     """Perturb logits so that their argmax is a sample from ``softmax(logits / temperature)``.
 
     Uses LLaDA's form ``exp(logits) / (-log u) ** T`` in float64: low-precision Gumbel-max
     degrades generation quality (arXiv 2409.02908). Returns the logits unchanged at T = 0.
-    Shape is preserved: ``(..., V)``.
+    ``noise``: the uniforms ``u`` (shaped like ``logits``; per-row ones from
+    :func:`dllm_decode.noise.draws`), or a generator to draw them from. Shape is preserved:
+    ``(..., V)``.
     """
     if temperature == 0:
         return logits
     logits = logits.to(torch.float64)
-    u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
+    u = noise if isinstance(noise, torch.Tensor) else torch.rand(
+        logits.shape, dtype=torch.float64, device=logits.device, generator=noise)
     return logits.exp() / (-torch.log(u)) ** temperature
 
 
@@ -78,13 +81,13 @@ def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
-def gumbel_topk_keys(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+def gumbel_topk_keys(scores: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
     """Keys whose top-n is a draw of n positions without replacement from softmax(scores / T).
 
     The Gumbel-top-k trick: batched, with a different n per row, and never short of candidates
-    (``torch.multinomial`` refuses rows with fewer non-zero weights than samples). ``-inf``
-    scores stay ``-inf``."""
-    return scores.to(torch.float64) / temperature + gumbel_noise(scores.shape, generator, scores.device)
+    (``torch.multinomial`` refuses rows with fewer non-zero weights than samples). ``gumbel``:
+    standard Gumbel noise shaped like ``scores``. ``-inf`` scores stay ``-inf``."""
+    return scores.to(torch.float64) / temperature + gumbel
 
 
 def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -92,10 +95,3 @@ def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor
     plus each row's best entry (Fast-dLLM's parallel decoding rule)."""
     best = topk_mask(confidence, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
     return best | ((confidence >= threshold) & (confidence > float("-inf")))
-
-
-def gumbel_noise(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
-    """Standard Gumbel noise ``-log(-log u)`` in float64 (u clamped away from 0)."""
-    u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator)
-    return -torch.log(-torch.log(u.clamp_min(1e-300)))

@@ -91,8 +91,9 @@ class DecodeState:
     mask_id: int
     eos_ids: torch.Tensor         # (E,) long: ids that end an answer (EOS, end of turn)
     config: Any                   # the recipe's GenerationConfig
-    generator: torch.Generator    # the request's only source of randomness
+    generator: torch.Generator    # request-wide; its stream depends on the batch (prefer noise)
     store: Any = None             # the model's per-request cache store (None without a model)
+    noise: Any = None             # dllm_decode.noise.RowNoise: per-row keyed random draws
     prompt_lengths: torch.Tensor | None = None  # (B,) long, prompt tokens without padding
     commit_step: torch.Tensor = None  # (B, L) long, UNCOMMITTED until written
     span: torch.Tensor = None     # (B, 2) long, this step's span

@@ -36,7 +36,8 @@ from pydantic import Field
 
 from dllm_decode import Candidates, ComputePlan, PluginMeta, PluginOptions, hookimpl
 from dllm_decode.blocks import first_masked
-from dllm_decode.sampling import gumbel_noise, top_k_filter, top_p_filter
+from dllm_decode.noise import gumbel_draws
+from dllm_decode.sampling import top_k_filter, top_p_filter
 
 
 class Options(PluginOptions):
@@ -143,7 +144,8 @@ def score(state, logits, positions, options, scratch):
             scaled = top_p_filter(scaled, options.top_p)
         if options.top_k is not None:
             scaled = top_k_filter(scaled, options.top_k)
-        noise = gumbel_noise(scaled.shape, state.generator, scaled.device)
+        cols = torch.arange(a, b, device=scaled.device).expand(scaled.shape[0], -1)   # (B, w)
+        noise = gumbel_draws(state, cols, "apd.sample", scaled.shape[-1])    # (B, w, V)
         tokens[:, a - off:b - off] = (scaled + (T * noise if options.variant == "code" else noise)).argmax(-1)
     else:
         tokens[:, a - off:b - off] = window.argmax(-1)

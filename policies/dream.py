@@ -19,8 +19,8 @@ and Fast-dLLM's Dream block variant (``generation_utils_block.py``; §3.5) as pl
 
 Differences from the reference, all invisible at batch 1: the count uses each row's own masks
 where Dream takes the batch mean (equal there, since Dream's rows always hold the same number
-of masks); rows move through blocks independently; randomness comes from the request's
-generator, so T > 0 draws differ from Dream's global RNG.
+of masks); rows move through blocks independently; randomness comes from each row's own
+keyed draws (``dllm_decode.noise``), so T > 0 draws differ from Dream's global RNG.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pydantic import Field
 
 from dllm_decode import Candidates, PluginMeta, PluginOptions, hookimpl
 from dllm_decode.blocks import current_block, steps_per_block_problems
+from dllm_decode.noise import draws, gumbel_draws
 from dllm_decode.sampling import gumbel_topk_keys, threshold_commit, top_k_filter, top_p_filter, topk_mask
 
 Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"]
@@ -75,8 +76,12 @@ def choose_span(state):
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
-                  alg: str, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dream's ``sample_tokens``: (B, q, V) logits -> tokens (B, q) long, confidence (B, q) float64."""
+                  alg: str, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream's ``sample_tokens``: (B, q, V) logits -> tokens (B, q) long, confidence (B, q) float64.
+
+    At T > 0 the token is drawn by Gumbel-max over the filtered logits (``gumbel``: (B, q, V)
+    standard Gumbel noise), the same distribution as Dream's ``torch.multinomial`` on their
+    softmax but drawn from per-row noise."""
     logits = logits.to(torch.float64)
     if temperature > 0:
         logits = logits / temperature
@@ -86,8 +91,7 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None,
         logits = top_k_filter(logits, top_k)
     probs = torch.softmax(logits, dim=-1)                                   # (B, q, V)
     if temperature > 0:
-        B, q, V = probs.shape
-        x0 = torch.multinomial(probs.reshape(-1, V), 1, generator=generator).view(B, q)
+        x0 = (logits + gumbel).argmax(dim=-1)                               # (B, q)
         conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
     else:
         conf, x0 = probs.max(dim=-1)
@@ -100,9 +104,10 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None,
 
 
 @hookimpl
-def score(state, logits, options):
-    x0, conf = sample_tokens(logits, state.config.temperature, options.top_p, options.top_k,
-                             options.alg, state.generator)
+def score(state, logits, positions, options):
+    T = state.config.temperature
+    gumbel = gumbel_draws(state, positions, "dream.sample", logits.shape[-1]) if T > 0 else None
+    x0, conf = sample_tokens(logits, T, options.top_p, options.top_k, options.alg, gumbel)
     return Candidates(tokens=x0, confidence=conf)
 
 
@@ -132,12 +137,12 @@ def select_tokens(state, candidates, options, scratch):
         last = i >= spb - 1
         frac = schedule_fraction(i, spb, options.eps)                       # (B,) float32
         if options.alg == "origin":
-            u = torch.rand(eligible.shape, dtype=torch.float32, device=eligible.device,
-                           generator=state.generator)
+            u = draws(state, None, "dream.origin")                          # (B, L)
             commit = eligible & ((u < frac[:, None]) | last[:, None])
         else:
             n = torch.where(last, n_masked, (n_masked.to(torch.float32) * frac).long())   # int() floors
-            keys = conf if not options.alg_temp else gumbel_topk_keys(conf, options.alg_temp, state.generator)
+            keys = conf if not options.alg_temp else gumbel_topk_keys(
+                conf, options.alg_temp, gumbel_draws(state, None, "dream.alg_temp"))
             commit = topk_mask(keys, n) & eligible
     if options.first_token:
         first = (state.columns[None, :] == start[:, None]) & eligible      # the block's first position

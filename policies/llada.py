@@ -43,8 +43,8 @@ def choose_span(state):
 
 
 @hookimpl
-def score(state, logits, options):
-    return llada_candidates(state, logits, options.remasking)
+def score(state, logits, positions, options):
+    return llada_candidates(state, logits, positions, options.remasking)
 
 
 @hookimpl

@@ -111,7 +111,7 @@ def answer_gap(state, logits: torch.Tensor, positions: torch.Tensor | None, opti
 
 @hookimpl
 def score(state, logits, positions, options):
-    cand = llada_candidates(state, logits, options.remasking)
+    cand = llada_candidates(state, logits, positions, options.remasking)
     cand.info[GAP] = answer_gap(state, logits, positions, options)
     return cand
 

@@ -40,6 +40,7 @@ from pydantic import Field
 
 from dllm_decode import Candidates, ComputePlan, PluginMeta, PluginOptions, Selection, hookimpl
 from dllm_decode.blocks import current_block
+from dllm_decode.noise import draws
 from dllm_decode.sampling import gumbel_perturb, token_probability, topk_mask
 from dllm_decode.state import UNCOMMITTED
 
@@ -96,7 +97,9 @@ def cache_policy(state, scratch):
 
 @hookimpl
 def score(state, logits, positions, shadow_logits, scratch):
-    x0 = gumbel_perturb(logits, state.config.temperature, state.generator).argmax(dim=-1)   # (B, q)
+    T = state.config.temperature
+    u = draws(state, positions, "wino.sample", logits.shape[-1]) if T > 0 else None
+    x0 = gumbel_perturb(logits, T, u).argmax(dim=-1)                       # (B, q)
     cand = Candidates(tokens=x0, confidence=token_probability(logits, x0))
     cols = scratch.get("shadow")
     if shadow_logits is not None and cols is not None:

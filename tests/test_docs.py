@@ -265,7 +265,7 @@ def test_the_example_check_can_fail(tmp_path):
 # numbers with a paper read policies.md and papers.md, so both say each of these.
 DOCUMENTED_DIFFERENCES = {
     "ties go to the lowest column": ["lowest column", "torch.topk"],
-    "our own random draws": ["own seeded generator", "never", "draws for the same seed"],
+    "our own random draws": ["own keyed noise", "never", "draws for the same seed"],
     "forwards that commit nothing are not counted": ["commit nothing", "1,424", "511", "one per block"],
     "float64 models": ["float32", "float64", "1e-4"],
 }

@@ -245,3 +245,19 @@ def test_eval_command_adds_the_shipped_tasks_unless_told_otherwise():
     assert with_shipped_tasks(["ls", "tasks"]) == ["ls", "tasks", *shipped]
     assert with_shipped_tasks(["--tasks", "x", "--include_path", "mine"]) == ["--tasks", "x", "--include_path", "mine"]
     assert with_shipped_tasks(["--help"]) == ["--help"] and with_shipped_tasks([]) == []
+
+
+def test_sampled_answers_ignore_batching_and_repeats_get_their_own_seeds(tmp_path):
+    """At T > 0 a request's answer is its own (batch size 1 and 4 agree), and a task's repeats
+    (identical requests, lm-eval's pass@k) are sampled with seeds seed, seed + 1, ..."""
+    p = prompts(1)[0]
+    reqs = [gen_request(p, i) for i in range(4)] + [gen_request(q, 4 + i) for i, q in enumerate(prompts(2))]
+    sampled = {"generation.temperature": 2.0}
+    one = make_lm(batch_size=1, **sampled).generate_until(reqs)
+    batched_lm = make_lm(batch_size=4, log_dir=str(tmp_path), **sampled)
+    assert batched_lm.generate_until(reqs) == one
+    assert len(set(one[:4])) > 1                      # the repeats are different samples
+    keys = [json.loads(line)["key"] for line in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    assert len(set(keys)) == len(reqs)               # and each is logged, so a resumed run keeps it
+    seeded = make_lm(batch_size=1, **sampled, **{"generation.seed": 1}).generate_until(reqs[:1])
+    assert seeded == one[1:2]

@@ -57,6 +57,7 @@ class _Pending:
     ids: list[int]
     gen_kwargs: dict[str, Any]
     request: Any
+    repeat: int = 0             # how many identical requests came before it (lm-eval's repeats)
 
 
 @register_model("dllm_decode")
@@ -172,15 +173,19 @@ class DllmDecodeLM(LM):
         fingerprint = self._fingerprint("generate_until")
         out: list[str | None] = [None] * len(requests)
         pending: list[_Pending] = []
+        seen: dict[str, int] = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             key = request_key("generate_until", req.args, fingerprint)
+            # a task's repeats (pass@k) are identical requests: each gets its own seed and log key
+            repeat = seen[key] = seen.get(key, -1) + 1
+            key = key if repeat == 0 else f"{key}#{repeat}"
             hit = self.log.get(key)
             if hit is not None:
                 out[i] = hit["output"]
                 continue
             self._check_gen_kwargs(gen_kwargs)
-            pending.append(_Pending(i, key, self._prompt_ids(context), dict(gen_kwargs), req))
+            pending.append(_Pending(i, key, self._prompt_ids(context), dict(gen_kwargs), req, repeat))
         # longest prompts first: a batch's rows then need little left padding
         pending.sort(key=lambda p: -len(p.ids))
         bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc="dllm_decode generate",
@@ -189,7 +194,8 @@ class DllmDecodeLM(LM):
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start:start + self.batch_size]
             t0 = time.perf_counter()
-            rows = self.decoder.generate([p.ids for p in chunk]).rows
+            seeds = [self.decoder.gen.seed + p.repeat for p in chunk]     # a row's draws are its own
+            rows = self.decoder.generate([p.ids for p in chunk], seeds=seeds).rows
             seconds = time.perf_counter() - t0
             records = []
             for p, row in zip(chunk, rows):

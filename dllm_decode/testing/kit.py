@@ -149,8 +149,9 @@ def check_invariants(model: Any, recipe: Recipe | str | Path | dict, prompts: Se
     :param model: any denoiser (e.g. :class:`RandomLogitsModel` or a loaded checkpoint).
     :param recipe: a Recipe, a recipe file, or a dict.
     :param pm: plugin manager holding the plugin under test (default: installed plugins).
-    :param check_batch_invariance: compare the padded batch with each row alone (meaningful
-        when decoding is deterministic, e.g. temperature 0).
+    :param check_batch_invariance: compare the padded batch with each row alone, at any
+        temperature: built-in draws are per row (``dllm_decode.draws``), so a plugin that
+        draws from a request-wide generator fails here when it samples.
     :raises InvariantViolation: describing the first broken invariant.
     """
     recipe = _as_recipe(recipe, overrides)

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from dllm_decode import Candidates, PluginMeta, PluginOptions, gumbel_perturb, hookimpl, topk_mask
+from dllm_decode import Candidates, PluginMeta, PluginOptions, draws, gumbel_perturb, hookimpl, topk_mask
 
 ENTROPY = "entropy"   # key of the per-position float64 entropy in Candidates.extra
 
@@ -52,10 +52,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @hookimpl
-def score(state, logits, options):
+def score(state, logits, positions, options):
     # Candidate tokens as the LLaDA baseline draws them (greedy at T = 0, float64 Gumbel-max
-    # otherwise); the entropy is that of the model's noise-free distribution.
-    tokens = gumbel_perturb(logits, state.config.temperature, state.generator).argmax(dim=-1)  # (B, q)
+    # otherwise, from the row's own draws); the entropy is that of the noise-free distribution.
+    T = state.config.temperature
+    u = draws(state, positions, "eb_sampler.sample", logits.shape[-1]) if T > 0 else None
+    tokens = gumbel_perturb(logits, T, u).argmax(dim=-1)                  # (B, q)
     h = entropy(logits)                                                     # (B, q)
     if options.order == "entropy":
         conf = -h
