@@ -1,4 +1,4 @@
-"""APD's ``apd_sample`` re-derived from ALGORITHMS.md §6.3 at T = 0, one prompt at a time: the
+"""APD's ``apd_sample`` (danielmisrael/apd ``dream/generation_utils.py``) re-derived at T = 0, one prompt at a time: the
 dLLM runs on the canvas cut at t + M; with a KV window W it recomputes [t - W - n + 1, t + M)
 against the K/V earlier forwards left in its store (the model's own range-feed plan, playing
 the role of the reference's ``past_key_values`` crop); the verifier recomputes the whole prefix

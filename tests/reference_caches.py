@@ -1,5 +1,6 @@
-"""The caches of ALGORITHMS.md §3.4-3.5 (Fast-dLLM prefix / dual KV cache), §5 (dLLM-Cache) and
-§4.2-4.3 (SlowFast's cut fast phase over the dLLM-Cache fork), re-derived one prompt at a time
+"""The caches of Fast-dLLM (prefix / dual KV cache, NVlabs/Fast-dLLM ``llada/generate.py``),
+dLLM-Cache (maomaocun/dLLM-cache) and SlowFast's cut fast phase over its dLLM-Cache fork
+(LiangrunFlora/Slow-Fast-Sampling), re-derived one prompt at a time
 over the naive per-row forward of reference_forward.py. They share no code with the cache
 plugins or with dllm_decode's plan executor.
 
@@ -46,7 +47,7 @@ class DllmCacheRow:
 
 
 class GuidedCacheRow:
-    """dLLM-Cache's cached guidance residual (ALGORITHMS.md §5.3, CFG cache), batch 1: returns
+    """dLLM-Cache's cached guidance residual (maomaocun/dLLM-cache's CFG cache), batch 1: returns
     guided logits ``cond + w * (cond - uncond)`` for the generated region's decisions. The
     conditional and unconditional canvases each have their own dLLM-Cache (own forward
     counter); the unconditional one runs, and the residual is refreshed, in the first 5

@@ -1,5 +1,5 @@
-"""Dream's sampler (ALGORITHMS.md §2.2-2.3) and Fast-dLLM's Dream block sampler (§3.5) re-derived
-plainly, one prompt at a time (batch 1, as both references run), sharing no code with the plugin.
+"""Dream's sampler (HKUNLP/Dream ``generation_utils.py``) and Fast-dLLM's Dream block sampler
+(NVlabs/Fast-dLLM ``dream/model/generation_utils_block.py``) re-derived plainly, one prompt at a time (batch 1, as both references run), sharing no code with the plugin.
 
 ``raw_logits(x)`` returns the model's own logits; with ``shift=True`` (Dream checkpoints) they are
 next-token logits and the loop right-shifts them itself, as the reference does. Mirrored engine

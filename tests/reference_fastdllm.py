@@ -1,4 +1,5 @@
-"""Fast-dLLM's threshold and factor decoding (ALGORITHMS.md §3.1-3.2) re-derived plainly, per
+"""Fast-dLLM's threshold and factor decoding (NVlabs/Fast-dLLM ``llada/generate.py``,
+``get_transfer_index`` / ``get_transfer_index_dynamic``) re-derived plainly, per
 row and per rank, sharing no code with the plugin it checks. Same engine rule mirrored as in
 reference_llada: the mask token is never a candidate."""
 

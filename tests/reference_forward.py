@@ -1,6 +1,7 @@
 """A per-row, explicit re-implementation of one forward with stale-feature reuse (K/V bank,
-attention / FFN outputs, V-verify), written from ALGORITHMS.md §3 / §5 / §7 and independent of
-dllm_decode's executor. Its plain mode is checked against transformers' EuroBERT
+attention / FFN outputs, V-verify), written from the cached forwards of NVlabs/Fast-dLLM
+(``llada/generate.py``), maomaocun/dLLM-cache and Feng-Hong/WINO-DLLM (``LLaDA/decoding.py``),
+independent of dllm_decode's executor. Its plain mode is checked against transformers' EuroBERT
 (tests/models/test_models_parity.py); the model tests compare compute plans with it, and the
 cache reference loops (reference_caches.py) decode with it."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LLaDA's ``generate`` re-derived from ALGORITHMS.md §1.3, written plainly (per-row loops and
+"""LLaDA's ``generate`` (ML-GSAI/LLaDA ``generate.py``) re-derived, written plainly (per-row loops and
 all) so that it shares no code with the plugins it checks.
 
 One documented rule of the engine is mirrored: the mask token is never a candidate (its logit

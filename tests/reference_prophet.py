@@ -1,4 +1,4 @@
-"""Prophet's early commit-all (ALGORITHMS.md §7, pixeli99/Prophet ``generate_earlyexit.py``)
+"""Prophet's early commit-all (arXiv 2508.19982, pixeli99/Prophet ``generate_earlyexit.py``)
 over LLaDA's block decoding, re-derived for one row at a time with plain loops; it shares no
 code with the plugins. The answer window is given as an offset from the start of the generated
 region (the reference's forced-token offset).

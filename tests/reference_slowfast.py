@@ -1,4 +1,5 @@
-"""SlowFast sampling re-derived from ALGORITHMS.md §4.1 (paper) and §4.2 (released LLaDA code),
+"""SlowFast sampling re-derived from the paper (arXiv 2506.10848) and its released LLaDA code
+(LiangrunFlora/Slow-Fast-Sampling ``generate_slow_fast_sampling.py``),
 one prompt at a time, in plain Python loops, sharing no code with the plugin.
 
 Every forward sees the whole canvas (the reference's truncated fast-phase forwards are its

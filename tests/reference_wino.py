@@ -1,4 +1,4 @@
-"""WINO's decoding loop (ALGORITHMS.md §7, Feng-Hong/WINO-DLLM ``decoding_wino``) re-derived for
+"""WINO's decoding loop (arXiv 2507.18578, Feng-Hong/WINO-DLLM ``decoding_wino``) re-derived for
 one row at a time, with its own forward: the canvas is extended by a block of MASK queries at the
 block's positions and an explicit per-query attention matrix is built here (real queries see
 every real key and no shadow; a shadow sees every real key except its own column, and every

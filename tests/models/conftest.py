@@ -2,9 +2,9 @@
 
 Two references live here, both independent of dllm_decode's executor:
 - `eurobert(model)`: transformers' EuroBertForMaskedLM loaded with the model's weights (LLaDA
-  names renamed per MODELS.md §1.1, Dream names as they are, zero o_proj bias).
+  names renamed to EuroBERT's (the mapping below), Dream names as they are, zero o_proj bias).
 - `naive(...)`: a per-row, explicit re-implementation of one forward with stale-feature
-  reuse (K/V bank, attention / FFN outputs, V-verify), written from ALGORITHMS.md §3 / §5 / §7.
+  reuse (K/V bank, attention / FFN outputs, V-verify), written from the cached forwards of Fast-dLLM, dLLM-Cache and WINO.
   Its plain mode is itself checked against EuroBERT (test_models_parity.py).
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def commit(ids, positions, seed):
 
 
 # ---------------------------------------------------------------------- EuroBERT reference
-_LLADA_TO_EUROBERT = [  # MODELS.md §1.1
+_LLADA_TO_EUROBERT = [  # GSAI-ML/LLaDA-8B-Base modeling_llada.py names -> EuroBERT's
     (".attn_norm.", ".input_layernorm."), (".q_proj.", ".self_attn.q_proj."),
     (".k_proj.", ".self_attn.k_proj."), (".v_proj.", ".self_attn.v_proj."),
     (".attn_out.", ".self_attn.o_proj."), (".ff_norm.", ".post_attention_layernorm."),
