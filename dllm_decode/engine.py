@@ -24,7 +24,7 @@ import torch
 from dllm_decode import contracts
 from dllm_decode.commit import Committed, commit, spread
 from dllm_decode.config import Recipe
-from dllm_decode.eos import first_stop, stop_ids
+from dllm_decode.eos import stop_ids
 from dllm_decode.errors import DllmDecodeError, InputError, PluginError
 from dllm_decode.guidance import run_model
 from dllm_decode.models.output import ForwardOutput
@@ -32,7 +32,7 @@ from dllm_decode.models.store import CacheStore
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginManager, get_plugin_manager
 from dllm_decode.policy import BoundPolicy, load_auxiliary, resolve
-from dllm_decode.request import GenerationResult, RowResult, check_prompts, new_state, progress_bar, row_seeds
+from dllm_decode.request import GenerationResult, RowResult, check_prompts, new_state, progress_bar, row_seeds, rows_of
 from dllm_decode.state import Candidates, DecodeState, Phase, Selection, StepRecord
 
 NEG_INF = float("-inf")
@@ -87,7 +87,7 @@ class Decoder:
                 batch = prompts[start:start + self.gen.batch_size]
                 state = self.decode(batch, on_commit=bar.update if bar else None,
                                     seeds=seeds[start:start + self.gen.batch_size])
-                rows.extend(self.rows_of(state, batch))
+                rows.extend(rows_of(state, batch, self.tokenizer, self.eos_ids))
                 if keep_states:
                     states.append(state)
         finally:
@@ -112,20 +112,32 @@ class Decoder:
         step did: span, phase, commits, re-masks, confidences). The request's observers run at
         its start and after its last step; exhausting the iterator finishes the request."""
         state = prompts if isinstance(prompts, DecodeState) else self.start(prompts, seeds)
-        t0 = time.perf_counter()
-        self._observe("on_request_start", state)
-        max_steps = self.gen.max_steps or 4 * self.gen.gen_length
+        self.open(state)
         finished = False
         while not finished:
-            if state.step >= max_steps:
-                why = (f"; select_tokens plugin {self.policy.plugin_for('select_tokens')!r} keeps re-masking?"
-                       if self.policy.revocable else "; raise generation.max_steps")
-                raise PluginError(f"request not finished after {state.step} steps (generation.max_steps "
-                                  f"{max_steps}){why}", plugin=self.policy.plugin_for("select_tokens"),
-                                  hook="select_tokens", step=state.step)
+            self.check_budget(state)
             finished = self.step(state)
             yield state
-        state.timings["seconds"] = time.perf_counter() - t0
+        self.close(state)
+
+    def open(self, state: DecodeState) -> None:
+        """Start the request's clock and run its ``on_request_start`` observers."""
+        state.timings["start"] = time.perf_counter()
+        self._observe("on_request_start", state)
+
+    def check_budget(self, state: DecodeState) -> None:
+        """Refuse another step past ``generation.max_steps``, naming the likely cause."""
+        max_steps = self.gen.max_steps or 4 * self.gen.gen_length
+        if state.step >= max_steps:
+            why = (f"; select_tokens plugin {self.policy.plugin_for('select_tokens')!r} keeps re-masking?"
+                   if self.policy.revocable else "; raise generation.max_steps")
+            raise PluginError(f"request not finished after {state.step} steps (generation.max_steps "
+                              f"{max_steps}){why}", plugin=self.policy.plugin_for("select_tokens"),
+                              hook="select_tokens", step=state.step)
+
+    def close(self, state: DecodeState) -> None:
+        """Finish the request: its wall time, ``on_request_end`` observers, cache store freed."""
+        state.timings["seconds"] = time.perf_counter() - state.timings.pop("start")
         self._observe("on_request_end", state)
         state.close()
 
@@ -138,27 +150,26 @@ class Decoder:
                 on_commit(int(state.last.committed.sum()))
         return state
 
-    def rows_of(self, state: DecodeState, prompts: Sequence[Sequence[int]]) -> list[RowResult]:
-        gen = state.generated().tolist()
-        steps = state.commit_step[:, state.gen_start:].tolist()
-        texts = self.decode_text(gen) if self.tokenizer is not None else [None] * len(gen)
-        flops = state.counters.get("flops", 0.0) / state.batch_size
-        return [RowResult(prompt=list(p), tokens=g, nfe=n, steps=state.step,
-                          seconds=state.timings.get("seconds", 0.0), commit_step=c, text=t, flops=flops)
-                for p, g, n, c, t in zip(prompts, gen, state.row_nfe.tolist(), steps, texts)]
-
-    def decode_text(self, token_rows: list[list[int]]) -> list[str]:
-        """Text of each row up to its first EOS id (special tokens skipped)."""
-        return [self.tokenizer.decode(row[:first_stop(row, self.eos_ids)], skip_special_tokens=True)
-                for row in token_rows]
-
     # ------------------------------------------------------------------ one step
 
     def step(self, state: DecodeState) -> bool:
         """Advance ``state`` by one step; True when every row is finished."""
+        return self.end_step(state, self.forward(state, self.begin_step(state)))
+
+    def begin_step(self, state: DecodeState) -> Any:
+        """The first half of a step: span, phase and the plan of its forward (None: a plain
+        forward of the whole canvas). A scheduler that batches several requests' forwards calls
+        this, runs the forwards, and hands each request its output with :meth:`end_step`."""
+        return self._propose(state)
+
+    def forward(self, state: DecodeState, plan: Any) -> ForwardOutput:
+        """The step's model call under ``plan`` (with the guided pair under guidance)."""
+        return run_model(self.model, state, plan, self.gen.cfg_scale, self._blamer("cache_policy", state))
+
+    def end_step(self, state: DecodeState, out: ForwardOutput) -> bool:
+        """The rest of a step, from the forward's output: score, select, commit, record."""
         active = ~state.done                                                 # (B,)
-        plan = self._propose(state)
-        out = self._forward(state, plan, active)
+        self._account(state, out, active)
         cand, checks = self._candidates(state, out, active)
         sel = self._select(state, cand)
         done = commit(state.x, state.masked, state.commit_step, state.prompt_mask, sel, cand, step=state.step,
@@ -191,8 +202,7 @@ class Decoder:
         contracts.check_plan(self._blamer("cache_policy", state), plan, ComputePlan, self.runs_plans)
         return plan
 
-    def _forward(self, state: DecodeState, plan: Any, active: torch.Tensor) -> ForwardOutput:
-        out = run_model(self.model, state, plan, self.gen.cfg_scale, self._blamer("cache_policy", state))
+    def _account(self, state: DecodeState, out: ForwardOutput, active: torch.Tensor) -> None:
         state.nfe += 1
         state.row_nfe += active
         # The mask token is never a candidate (committing it would leave the position masked),
@@ -202,7 +212,6 @@ class Decoder:
         for logits in (out.logits, out.shadow_logits):
             if logits is not None:
                 logits[..., banned] = NEG_INF
-        return out
 
     def _candidates(self, state: DecodeState, out: ForwardOutput,
                     active: torch.Tensor) -> tuple[Candidates, dict[str, torch.Tensor]]:

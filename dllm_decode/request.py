@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dllm_decode.eos import first_stop
 from dllm_decode.errors import InputError
 from dllm_decode.noise import RowNoise
 from dllm_decode.state import DecodeState
@@ -39,6 +40,23 @@ class GenerationResult:
     @property
     def tokens(self) -> list[list[int]]:
         return [r.tokens for r in self.rows]
+
+
+def rows_of(state: DecodeState, prompts: Sequence[Sequence[int]], tokenizer: Any,
+            eos_ids: Sequence[int]) -> list[RowResult]:
+    """One :class:`RowResult` per row of a decoded batch (``text`` when there is a tokenizer)."""
+    gen = state.generated().tolist()
+    steps = state.commit_step[:, state.gen_start:].tolist()
+    texts = decode_text(tokenizer, gen, eos_ids) if tokenizer is not None else [None] * len(gen)
+    flops = state.counters.get("flops", 0.0) / state.batch_size
+    return [RowResult(prompt=list(p), tokens=g, nfe=n, steps=state.step,
+                      seconds=state.timings.get("seconds", 0.0), commit_step=c, text=t, flops=flops)
+            for p, g, n, c, t in zip(prompts, gen, state.row_nfe.tolist(), steps, texts)]
+
+
+def decode_text(tokenizer: Any, token_rows: list[list[int]], eos_ids: Sequence[int]) -> list[str]:
+    """Text of each row up to its first EOS id (special tokens skipped)."""
+    return [tokenizer.decode(row[:first_stop(row, eos_ids)], skip_special_tokens=True) for row in token_rows]
 
 
 def check_prompts(prompts: Sequence[Sequence[int]], spec: Any, gen_length: int, mask_id: int) -> None:

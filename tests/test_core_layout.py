@@ -23,7 +23,7 @@ def test_the_top_level_holds_the_core_only():
                        "errors", "sampling", "noise", "cli", "commit", "contracts", "guidance", "request", "eos",
                        "blocks", "feature_cache"}
     packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
-    assert packages == {"models", "measure", "testing", "tools", "harness"}
+    assert packages == {"models", "measure", "testing", "tools", "harness", "serve"}
 
 
 def test_the_step_is_small():

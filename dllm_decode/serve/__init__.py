@@ -1,0 +1,1 @@
+"""Serving: streaming of a request's steps, continuous batching, and an OpenAI-compatible server."""
