@@ -53,6 +53,8 @@ def _generate_parser(sub: Any) -> None:
     gen.add_argument("--task-seed", type=int, default=0, help="with --task: seed of the held-out stream")
     gen.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with every row")
+    gen.add_argument("--stream", action="store_true", help="show every step: the canvas filling in on a "
+                     "terminal (masked positions as _), the settled text as it grows otherwise")
     gen.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
 
@@ -207,6 +209,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise DllmDecodeError(f"{model_path}: no tokenizer files; pass --input-ids instead of text")
         prompts += [_encode(tokenizer, text, args.chat, f"prompt {i + 1}") for i, text in enumerate(args.prompts)]
     decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
+    if args.stream:
+        return _stream(decoder, prompts, tokenizer, args)
     result = decoder.generate(prompts, progress=not args.no_progress and sys.stderr.isatty())
     if args.json:
         out: dict[str, Any] = {"model": str(model_path), "recipe": recipe.source,
@@ -216,6 +220,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for r in result.rows:
         print(r.text if r.text is not None else " ".join(map(str, r.tokens)))
         print(f"  [nfe {r.nfe}, steps {r.steps}, {r.seconds:.3f} s]", file=sys.stderr)
+    return 0
+
+
+def _stream(decoder: Any, prompts: list[list[int]], tokenizer: Any, args: argparse.Namespace) -> int:
+    from dllm_decode.serve.terminal import stream_to
+
+    if tokenizer is None or args.json:
+        raise DllmDecodeError("--stream shows text: it needs the model's tokenizer and cannot be combined with --json")
+    stream_to(sys.stdout, decoder, prompts, tokenizer, tty=sys.stdout.isatty())
     return 0
 
 

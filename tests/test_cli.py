@@ -224,3 +224,45 @@ def test_task_summary_goes_to_stdout_and_bench_labels_rows_by_recipe_name(tmp_pa
     out = _run("bench", "--recipes", str(recipe), "--task", "repeat", "--n", "1", "--no-warmup")
     assert out.returncode == 0, out.stderr
     assert "| my-policy |" in out.stdout and "my-file" not in out.stdout
+
+
+def _task_prompts(n):
+    from dllm_decode.measure.tasks import get_task
+
+    return [p.prompt for name in ("copy", "case") for p in get_task(name).problems("test", n)]
+
+
+def test_generate_stream_writes_the_same_text_when_not_a_terminal(capsys):
+    from dllm_decode.cli import main
+
+    prompts = _task_prompts(1)
+    for batch in ([prompts[0]], prompts):
+        assert main(["generate", "--recipe", "threshold", "--gen-length", "64", *batch]) == 0
+        plain = capsys.readouterr().out
+        assert main(["generate", "--recipe", "threshold", "--gen-length", "64", "--stream", *batch]) == 0
+        streamed = capsys.readouterr().out
+        assert streamed == plain and "\x1b[" not in streamed
+
+
+def test_stream_redraws_the_canvas_on_a_terminal():
+    import io
+
+    from dllm_decode.config import load_recipe
+    from dllm_decode.engine import Decoder
+    from dllm_decode.models import load_model
+    from dllm_decode.serve.terminal import MASK, stream_to
+
+    model, tok = load_model(ROOT / "models" / "llada-reference")
+    dec = Decoder(model, load_recipe("llada", overrides=["generation.gen_length=32", "generation.block_length=32",
+                                                         "generation.steps=16"]), tokenizer=tok)
+    prompts = [tok.encode(p, add_special_tokens=False) for p in _task_prompts(1)]
+    out = io.StringIO()
+    texts = stream_to(out, dec, prompts, tok, tty=True)
+    frames = out.getvalue().split("\x1b[2F")                       # one redraw per step after the first
+    assert len(frames) == 16
+    first = [line.removeprefix("\x1b[2K") for line in frames[0].splitlines()]
+    # after the first step each row shows its masks (those after a committed stop id are cut)
+    assert len(first) == 2 and all(line.count(MASK) >= 20 and len(line) <= 32 for line in first)
+    last = [line.removeprefix("\x1b[2K") for line in frames[-1].splitlines()]
+    assert last == [t.replace("\n", "⏎") for t in texts] and all(MASK not in line for line in last)
+    assert texts == [r.text for r in dec.generate(prompts).rows]
