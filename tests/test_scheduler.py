@@ -166,3 +166,11 @@ def test_streamed_steps_add_up_to_the_decoded_answer(name):
             written.update(zip(step[row].positions, step[row].tokens))
         assert [written.get(i, dec.mask_id) for i in range(len(final[row]))] == final[row]
         assert updates[-1][row].text == tok.decode(prefixes[-1], skip_special_tokens=True)
+
+
+def test_the_throughput_benchmark_runs_and_checks_its_modes_agree(capsys):
+    from dllm_decode.tools import serve_bench
+
+    assert serve_bench.main(["--n", "1", "--rounds", "1", "--max-batch", "2", "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"| {mode} |" in table for mode in ("sequential", "static", "continuous"))
