@@ -166,3 +166,18 @@ def test_streamed_steps_add_up_to_the_decoded_answer(name):
             written.update(zip(step[row].positions, step[row].tokens))
         assert [written.get(i, dec.mask_id) for i in range(len(final[row]))] == final[row]
         assert updates[-1][row].text == tok.decode(prefixes[-1], skip_special_tokens=True)
+
+
+def test_a_cancelled_waiting_request_gives_its_queue_place_back():
+    dec = decoder_for("llada", **{"generation.gen_length": 32, "generation.block_length": 32, "generation.steps": 32})
+    prompts = reference("llada")[2]
+    sched = Scheduler(dec.model, max_batch=1, max_waiting=1)
+    sched.submit(dec, prompts[0])
+    sched.step()                                    # the first runs; the queue is empty again
+    waiting = sched.submit(dec, prompts[1])
+    with pytest.raises(QueueFull):
+        sched.submit(dec, prompts[2])
+    sched.cancel(waiting)
+    last = sched.submit(dec, prompts[2])
+    sched.run()
+    assert waiting.state is None and last.tokens == dec.generate([prompts[2]]).tokens[0]

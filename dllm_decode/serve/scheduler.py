@@ -86,8 +86,11 @@ class Scheduler:
 
     def cancel(self, job: Job) -> None:
         """Drop a request (a client that went away): it leaves before the next step and its
-        state, cache store included, is freed."""
+        state, cache store included, is freed. A waiting one gives its place in the queue back
+        at once (``max_waiting`` counts the live requests only)."""
         job.cancelled = True
+        if job in self.waiting:
+            self.waiting.remove(job)
 
     @property
     def idle(self) -> bool:
