@@ -94,6 +94,21 @@ def _trace_parser(sub: Any) -> None:
     tr.add_argument("--json", metavar="PATH", help="also write the per-step record")
 
 
+def _serve_parser(sub: Any) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching "
+                         "(needs the serve extra: pip install 'dllm-decode[serve]')")
+    srv.add_argument("--recipe", default="llada", help="the default recipe: file or shipped name (default: "
+                     "llada); a request may name another shipped recipe")
+    _recipe_flags(srv, "checkpoint directory")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    srv.add_argument("--max-batch", type=int, default=8, metavar="N", help="requests decoding together (default 8)")
+    srv.add_argument("--max-waiting", type=int, default=64, metavar="N", help="requests queued for a row; "
+                     "more are answered 429 (default 64)")
+    srv.add_argument("--timeout", type=float, default=600.0, metavar="S", help="seconds a request may take, "
+                     "queued and decoding, before it is cancelled (default 600)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dllm-decode", description="Decode masked-diffusion language "
                                      "models under decoding policies composed from plugins.")
@@ -101,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
     _bench_parser(sub)
     _trace_parser(sub)
+    _serve_parser(sub)
     # listed for --help only: main() hands `eval ...` to lm-eval's own parser untouched
     sub.add_parser("eval", add_help=False, help="lm-evaluation-harness with the dllm_decode model registered "
                    "(lm-eval's arguments: --model dllm_decode --model_args model=DIR,recipe=NAME --tasks ...)")
@@ -120,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dllm-decode eval: error: {exc}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    command = {"generate": cmd_generate, "bench": cmd_bench, "trace": cmd_trace, "plugins": cmd_plugins}
+    command = {"generate": cmd_generate, "bench": cmd_bench, "trace": cmd_trace, "plugins": cmd_plugins,
+               "serve": cmd_serve}
     with warnings.catch_warnings():
         # a broken installed plugin is reported in one line, not with warnings' source echo
         warnings.filterwarnings("always", category=BrokenPluginWarning)
@@ -324,12 +341,37 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dllm_decode.plugins import get_plugin_manager
+    from dllm_decode.serve import server
+
+    server.require()                        # before a model loads: says how to install what is missing
+    _check_counts(args)
+    if args.timeout <= 0:
+        raise DllmDecodeError(f"--timeout {args.timeout:g}: must be positive")
+    recipe = _load_recipe(args, args.recipe)
+    pm = get_plugin_manager(block=args.block)
+    resolve_recipe(recipe, pm)
+    args.model = _model_path(args, recipe)
+    model, tokenizer = _load_model(args.model, recipe, args)
+    if tokenizer is None:
+        raise DllmDecodeError(f"{args.model}: no tokenizer files; serve needs one")
+    name = Path(args.model).name
+    app = server.create_app(model, tokenizer, recipe=args.recipe, overrides=recipe.overrides, model_name=name,
+                            max_batch=args.max_batch, max_waiting=args.max_waiting, timeout_s=args.timeout, pm=pm)
+    print(f"dllm-decode: serving model {name!r} (recipe {args.recipe}) at http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    server.run(app, args.host, args.port)
+    return 0
+
+
 # ----------------------------------------------------------------------------- shared steps
 
 
 def _check_counts(args: argparse.Namespace) -> None:
     """Counts the parser accepts as integers but nothing can use, refused by flag."""
-    for flag, least in (("n", 1), ("index", 0), ("gen_length", 1), ("batch_size", 1), ("max_length", 1)):
+    for flag, least in (("n", 1), ("index", 0), ("gen_length", 1), ("batch_size", 1), ("max_length", 1),
+                        ("max_batch", 1), ("max_waiting", 1), ("port", 0)):
         value = getattr(args, flag, None)
         if value is not None and value < least:
             raise DllmDecodeError(f"--{flag.replace('_', '-')} {value}: must be at least {least}")

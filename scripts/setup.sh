@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install dllm-decode with its test and eval (lm-eval, accelerate) extras.
+# Create .venv (once) and install dllm-decode with its test, eval (lm-eval, accelerate) and serve
+# (fastapi, uvicorn) extras.
 # torch is installed as torch==2.13.0 when no torch is importable: an unpinned requirement
 # would pull a newer build with several GB of CUDA packages.
 set -euo pipefail
@@ -18,5 +19,5 @@ fi
 if ! "$VPY" -c 'import torch' 2>/dev/null; then
     "$VPY" -m pip install --quiet --disable-pip-version-check torch==2.13.0 >&2
 fi
-"$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,eval]' >&2
+"$VPY" -m pip install --quiet --disable-pip-version-check -e '.[test,eval,serve]' >&2
 echo "$want" > "$stamp"

@@ -14,7 +14,7 @@ import torch
 
 from dllm_decode.config import load_recipe
 from dllm_decode.engine import Decoder
-from dllm_decode.errors import DllmDecodeError, InputError, PluginError
+from dllm_decode.errors import InputError, PluginError
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.measure.tasks import get_task
 from dllm_decode.models import load_model
@@ -41,17 +41,11 @@ def reference(family: str):
 
 
 def decoder_for(name: str, **overrides) -> Decoder:
-    """The shipped recipe on the reference model of the family it accepts."""
+    """The shipped recipe on the reference model of its family (Dream recipes on dream-reference)."""
     sets = ["generation.batch_size=1", *(f"{k}={v}" for k, v in overrides.items())]
     recipe = load_recipe(name, overrides=sets)
-    errors = []
-    for family in ("llada", "dream"):
-        model, tok, _ = reference(family)
-        try:
-            return Decoder(model, recipe, tokenizer=tok)
-        except DllmDecodeError as exc:
-            errors.append(str(exc))
-    raise AssertionError(f"{name} runs on no reference model: {errors}")
+    model, tok, _ = reference("dream" if name.startswith("dream") else "llada")
+    return Decoder(model, recipe, tokenizer=tok)
 
 
 def scheduled(decoders, prompts, seeds, max_batch=3):
@@ -114,10 +108,14 @@ def test_bad_requests_are_refused_before_queueing():
     other, _, _ = reference("dream")
     with pytest.raises(InputError, match="another model"):
         sched.submit(Decoder(other, load_recipe("dream")), [5, 6])
-    sched.submit(dec, [5, 6])
+    for prompt in ([5, 6], [5, 7], [5, 8]):        # two for the free rows, one waiting for a row
+        sched.submit(dec, prompt)
     with pytest.raises(QueueFull, match="max_waiting 1"):
-        sched.submit(dec, [5, 7])
-    assert len(sched.waiting) == 1
+        sched.submit(dec, [5, 9])
+    assert len(sched.waiting) == 3
+    sched.step()                                   # two admitted: one waits, the queue is full still
+    with pytest.raises(QueueFull, match="1 requests are waiting"):
+        sched.submit(dec, [5, 9])
 
 
 class Exploding:
@@ -174,3 +172,42 @@ def test_the_throughput_benchmark_runs_and_checks_its_modes_agree(capsys):
     assert serve_bench.main(["--n", "1", "--rounds", "1", "--max-batch", "2", "--threads", "1"]) == 0
     table = capsys.readouterr().out
     assert all(f"| {mode} |" in table for mode in ("sequential", "static", "continuous"))
+
+
+def test_a_cancelled_waiting_request_gives_its_queue_place_back():
+    dec = decoder_for("llada", **{"generation.gen_length": 32, "generation.block_length": 32, "generation.steps": 32})
+    prompts = reference("llada")[2]
+    sched = Scheduler(dec.model, max_batch=1, max_waiting=1)
+    sched.submit(dec, prompts[0])
+    sched.step()                                    # the first runs; the queue is empty again
+    waiting = sched.submit(dec, prompts[1])
+    with pytest.raises(QueueFull):
+        sched.submit(dec, prompts[2])
+    sched.cancel(waiting)
+    last = sched.submit(dec, prompts[2])
+    sched.run()
+    assert waiting.state is None and last.tokens == dec.generate([prompts[2]]).tokens[0]
+
+
+def test_a_failing_forward_fails_the_requests_in_it_and_the_scheduler_goes_on():
+    from dllm_decode.testing import RandomLogitsModel
+
+    class Fragile(RandomLogitsModel):
+        """Fails (as a kernel or out of memory would) on any canvas holding token 42."""
+
+        def forward(self, input_ids, attention_mask=None, **kw):
+            if (input_ids == 42).any():
+                raise RuntimeError("kernel failed")
+            return super().forward(input_ids, attention_mask=attention_mask, **kw)
+
+    model = Fragile(vocab_size=48, seed=3)
+    dec = Decoder(model, load_recipe("llada", overrides=["generation.gen_length=8", "generation.block_length=8",
+                                                         "generation.steps=8", "generation.batch_size=1"]))
+    sched = Scheduler(model, max_batch=2)
+    bad, good = sched.submit(dec, [42, 5]), sched.submit(dec, [6, 7])
+    sched.step()
+    assert isinstance(bad.error, RuntimeError) and isinstance(good.error, RuntimeError)   # one merged forward
+    assert sched.running == []
+    later = sched.submit(dec, [6, 7])
+    sched.run()
+    assert later.error is None and later.tokens == dec.generate([[6, 7]]).tokens[0]

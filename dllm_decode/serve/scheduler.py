@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from dllm_decode.engine import Decoder
-from dllm_decode.errors import DllmDecodeError, InputError
+from dllm_decode.errors import InputError
 from dllm_decode.guidance import execute
 from dllm_decode.models.output import ForwardOutput
 from dllm_decode.models.store import CacheStore
@@ -43,7 +43,7 @@ class Job:
     seed: int
     state: DecodeState | None = None      # set when admitted
     update: RowUpdate | None = None       # after its latest step
-    error: DllmDecodeError | None = None  # why it stopped, when a step failed
+    error: Exception | None = None        # why it stopped, when a step failed
     cancelled: bool = False
     meta: dict[str, Any] = field(default_factory=dict)   # the caller's own (e.g. a stream queue)
 
@@ -78,16 +78,21 @@ class Scheduler:
         prompt = [int(t) for t in prompt]
         check_prompts([prompt], decoder.spec, decoder.gen.gen_length, decoder.mask_id)
         seed, = row_seeds(None if seed is None else [seed], 1, decoder.gen.seed)
-        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are waiting already (max_waiting {self.max_waiting})")
+        # requests the next step admits into free rows are not waiting for a row
+        queued = len(self.waiting) - max(0, self.max_batch - len(self.running))
+        if self.max_waiting is not None and queued >= self.max_waiting:
+            raise QueueFull(f"{queued} requests are waiting for a row already (max_waiting {self.max_waiting})")
         job = Job(next(self._ids), decoder, prompt, seed, meta=dict(meta or {}))
         self.waiting.append(job)
         return job
 
     def cancel(self, job: Job) -> None:
         """Drop a request (a client that went away): it leaves before the next step and its
-        state, cache store included, is freed."""
+        state, cache store included, is freed. A waiting one gives its place in the queue back
+        at once (``max_waiting`` counts the live requests only)."""
         job.cancelled = True
+        if job in self.waiting:
+            self.waiting.remove(job)
 
     @property
     def idle(self) -> bool:
@@ -99,24 +104,15 @@ class Scheduler:
         Returns the jobs that took a step (each with its new ``update``)."""
         self._retire()
         self._admit()
-        jobs = [j for j in self.running if self._begin(j)]
-        plans = {j.id: self._plan(j) for j in jobs}
+        plans = {j.id: self._guard(j, self._plan, j) for j in self.running}
+        jobs = [j for j in self.running if j.error is None]       # a failed plan takes no forward
         plain = [j for j in jobs if plans[j.id] is None and j.decoder.gen.cfg_scale <= 0]
         outputs = self._merged_forward(plain) if plain else {}
-        stepped = []
         for job in jobs:
-            try:
-                out = outputs.get(job.id)
-                if out is None:
-                    out = job.decoder.forward(job.state, plans[job.id])
-                    self.forwards += 1
-                job.decoder.end_step(job.state, out)
-                job.update = row_updates(job.state, job.decoder.tokenizer)[0]
-            except DllmDecodeError as exc:
-                job.error = exc
-            stepped.append(job)
+            if job.error is None:
+                self._guard(job, self._finish, job, outputs.get(job.id), plans[job.id])
         self._retire()
-        return stepped
+        return jobs
 
     def run(self) -> None:
         """Step until nothing is running or waiting."""
@@ -125,39 +121,43 @@ class Scheduler:
 
     # ------------------------------------------------------------------ internals
 
+    @staticmethod
+    def _guard(job: Job, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``; any exception (a plugin's, a model's, out of memory) fails this job
+        only, which then leaves the batch at the end of the step."""
+        try:
+            return fn(*args)
+        except Exception as exc:          # noqa: BLE001 - one request's failure is its own
+            job.error = exc
+            return None
+
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             job = self.waiting.popleft()
             if job.cancelled:
                 continue
-            try:
-                job.state = job.decoder.start([job.prompt], seeds=[job.seed])
-                job.decoder.open(job.state)
-            except DllmDecodeError as exc:
-                job.error = exc
-                continue
-            self.running.append(job)
+            self.running.append(job)      # listed first: a failed start still leaves cleanly
+            self._guard(job, self._start, job)
 
-    def _begin(self, job: Job) -> bool:
-        try:
-            job.decoder.check_budget(job.state)
-            return True
-        except DllmDecodeError as exc:
-            job.error = exc
-            return False
+    @staticmethod
+    def _start(job: Job) -> None:
+        job.state = job.decoder.start([job.prompt], seeds=[job.seed])
+        job.decoder.open(job.state)
 
-    def _plan(self, job: Job) -> Any:
-        try:
-            return job.decoder.begin_step(job.state)
-        except DllmDecodeError as exc:
-            job.error = exc
-            return None
+    @staticmethod
+    def _plan(job: Job) -> Any:
+        job.decoder.check_budget(job.state)
+        return job.decoder.begin_step(job.state)
+
+    def _finish(self, job: Job, out: ForwardOutput | None, plan: Any) -> None:
+        if out is None:                   # not merged: its own planned (or guided) forward
+            out = job.decoder.forward(job.state, plan)
+            self.forwards += 1
+        job.decoder.end_step(job.state, out)
+        job.update = row_updates(job.state, job.decoder.tokenizer)[0]
 
     def _merged_forward(self, jobs: list[Job]) -> dict[int, ForwardOutput]:
         """One plain forward for ``jobs``' canvases, left-padded to the widest."""
-        jobs = [j for j in jobs if j.error is None]
-        if not jobs:
-            return {}
         L = max(j.state.length for j in jobs)
         xs, masks = [], []
         for job in jobs:                  # one row per request: building the batch, not the step
@@ -165,7 +165,12 @@ class Scheduler:
             pad = L - s.length
             xs.append(torch.nn.functional.pad(s.x, (pad, 0), value=job.decoder.pad_id))
             masks.append(torch.nn.functional.pad(s.attention_mask, (pad, 0), value=False))
-        logits = execute(self.model, torch.cat(xs), torch.cat(masks), None, self._store()).logits  # (N, L, V)
+        try:
+            logits = execute(self.model, torch.cat(xs), torch.cat(masks), None, self._store()).logits  # (N, L, V)
+        except Exception as exc:          # noqa: BLE001 - the merged rows fail together
+            for job in jobs:
+                job.error = exc
+            return {}
         self.forwards += 1
         return {j.id: ForwardOutput(logits[i:i + 1, L - j.state.length:].clone()) for i, j in enumerate(jobs)}
 
@@ -175,12 +180,15 @@ class Scheduler:
 
     def _retire(self) -> None:
         """Finished requests leave the batch; their observers run and their stores are freed."""
-        for job in [j for j in self.running if j.finished]:
+        leaving = [j for j in self.running if j.finished]
+        self.running = [j for j in self.running if not j.finished]
+        for job in leaving:
+            if job.state is None:
+                continue
             if job.error is None and not job.cancelled:
-                job.decoder.close(job.state)
+                self._guard(job, job.decoder.close, job.state)     # an observer may still fail it
             else:
                 job.state.close()
-        self.running = [j for j in self.running if not j.finished]
 
 
 class QueueFull(InputError):
