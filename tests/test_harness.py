@@ -26,13 +26,7 @@ MODEL = str(ROOT / "models" / "llada-reference")
 SMALL = {"generation.gen_length": 32, "generation.block_length": 32, "generation.steps": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the test machine has two cores shared with other jobs; oversubscribed BLAS threads spin
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_lm(**kwargs):

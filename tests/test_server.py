@@ -40,12 +40,7 @@ LONG = {"max_tokens": 900, "extra_body": {"recipe": "llada"}}
 TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"   # the messages' text, as is
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)

@@ -42,14 +42,26 @@ class Job:
     prompt: list[int]
     seed: int
     state: DecodeState | None = None      # set when admitted
-    update: RowUpdate | None = None       # after its latest step
+    done: bool = False                    # its last step finished it
     error: Exception | None = None        # why it stopped, when a step failed
     cancelled: bool = False
     meta: dict[str, Any] = field(default_factory=dict)   # the caller's own (e.g. a stream queue)
 
+    _update: RowUpdate | None = field(default=None, repr=False)
+
     @property
     def finished(self) -> bool:
-        return self.error is not None or self.cancelled or (self.update is not None and self.update.finished)
+        return self.error is not None or self.cancelled or self.done
+
+    @property
+    def update(self) -> RowUpdate | None:
+        """What its latest step wrote (:class:`RowUpdate`), read from the state when first asked
+        after a step: a caller that does not stream pays nothing for it."""
+        if self.state is None or self.state.last is None:
+            return None
+        if self._update is None or self._update.step != self.state.step:
+            self._update = row_updates(self.state, self.decoder.tokenizer)[0]
+        return self._update
 
     @property
     def tokens(self) -> list[int]:
@@ -153,8 +165,7 @@ class Scheduler:
         if out is None:                   # not merged: its own planned (or guided) forward
             out = job.decoder.forward(job.state, plan)
             self.forwards += 1
-        job.decoder.end_step(job.state, out)
-        job.update = row_updates(job.state, job.decoder.tokenizer)[0]
+        job.done = job.decoder.end_step(job.state, out)
 
     def _merged_forward(self, jobs: list[Job]) -> dict[int, ForwardOutput]:
         """One plain forward for ``jobs``' canvases, left-padded to the widest."""
