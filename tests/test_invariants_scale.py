@@ -101,6 +101,14 @@ OPTIONS = {
                                          "full_first_layer": st.booleans()}),
     "apd": st.fixed_dictionaries({"mixture_weight": st.sampled_from([0.0, 0.5, 0.7, 1.0])},
                                  optional={"top_k": st.integers(1, 4)}),
+    "klass": st.fixed_dictionaries(
+        {"variant": st.sampled_from(["llada", "dream"]), "conf_threshold": PROB,
+         "kl_threshold": st.sampled_from([0.0, 0.01, 0.5, 100.0]), "history_length": st.integers(1, 3),
+         "unmask_strategy": st.sampled_from(["all", "max_conf", "min_kl", "random"])},
+        optional={"top_p": st.sampled_from([0.5, 0.95]), "top_k": st.integers(1, 5)}),
+    "credit": st.fixed_dictionaries({"threshold": PROB, "credit_alpha": st.sampled_from([0.0, 0.7, 3.0]),
+                                     "boost_gamma": st.sampled_from([0.0, 0.2, 1.0]),
+                                     "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
 }
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 

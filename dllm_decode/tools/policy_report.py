@@ -48,6 +48,8 @@ ENTRIES = (
     Entry("llada-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("llada-reference", "wino, tau_in 0.7 / tau_out 0.9, blocks of 32", "wino"),
     Entry("llada-reference", "prophet, gap 7.5 / 5.0 / 2.5, blocks of 32", "prophet"),
+    Entry("llada-reference", "klass, conf 0.9 / KL 0.01 over 2 forwards, blocks of 32", "klass"),
+    Entry("llada-reference", "credit (dInfer), threshold 0.9, blocks of 32", "credit"),
     Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("dream-reference", "dream sampler, entropy, 24 steps", "dream", ("generation.steps=24",)),
@@ -55,6 +57,9 @@ ENTRIES = (
           ("generation.steps=24", "policy.alg=topk_margin")),
     Entry("dream-reference", "dream-block (Fast-dLLM), threshold 0.9", "dream-block", ("generation.block_length=96",)),
     Entry("dream-reference", "slowfast (code)", "slowfast"),
+    Entry("dream-reference", "klass (Dream variant), conf 0.9 / KL 0.01, one block", "klass",
+          ("policy.variant=dream", "generation.block_length=96")),
+    Entry("dream-reference", "credit (dInfer), threshold 0.9, blocks of 32", "credit"),
 )
 
 
