@@ -23,3 +23,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_llada():
+    """A tiny random LLaDA in float64 (32-token vocabulary, mask 31, EOS 1, pad 0) for the parity
+    tests of select rules; test_llada_parity.py keeps its own, with a larger vocabulary."""
+    from dllm_decode.models import build_random_model
+
+    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
+                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()

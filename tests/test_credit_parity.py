@@ -8,7 +8,6 @@ import torch
 
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
-from dllm_decode.models import build_random_model
 from dllm_decode.testing import ParityMismatch, RandomLogitsModel, ReferenceOutput, check_invariants, check_parity
 from reference_credit import credit_generate
 from shipped import shipped_model_and_prompts
@@ -29,12 +28,6 @@ def _ref(**options):
                                       block_length=g.block, **options)
         return ReferenceOutput(tokens, nfe)
     return ref
-
-
-@pytest.fixture(scope="module")
-def tiny_llada():
-    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
 
 
 # dInfer's defaults, thresholds at which parallel commits happen on these untrained models, a

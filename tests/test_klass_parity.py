@@ -47,12 +47,6 @@ def _dream_ref(**options):
 
 
 @pytest.fixture(scope="module")
-def tiny_llada():
-    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
-
-
-@pytest.fixture(scope="module")
 def tiny_dream():
     return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
                               eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()

@@ -47,14 +47,6 @@ def test_matches_reference_on_stub_model(select, gen, block, batch):
     _check(model, gen, block, batch, **select)
 
 
-@pytest.fixture(scope="module")
-def tiny_llada():
-    from dllm_decode.models import build_random_model
-
-    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
-
-
 @pytest.mark.parametrize("select", [SETTINGS[0], SETTINGS[2], SETTINGS[5], SETTINGS[7]],
                          ids=["thr0.9", "thr0.2", "factor1", "factor4"])
 @pytest.mark.parametrize("batch", [1, 4])
