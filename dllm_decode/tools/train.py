@@ -394,11 +394,23 @@ class Run:
                                extra={"init": self.earlier})
 
 
+def _settle_vector_math() -> None:
+    """One throwaway vector-math call on every intra-op thread. The first such call a fresh
+    worker thread makes can take another code path for its chunk (measured on the CPU wheel:
+    `cos` of 3,808 floats at 2 threads differed in the last bit for the worker's half in about
+    1 process in 8, never after a first call). RoPE's first tables would then differ between
+    processes, and a resumed run would miss the weights of an uninterrupted one."""
+    n = 4096 * torch.get_num_threads()          # above the 2,048-element grain, so every thread works
+    for dtype in (torch.float32, torch.float64):
+        torch.arange(n, dtype=dtype).exp()
+
+
 def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     """Build a run from scratch, or (with a checkpoint dict `state`) as that checkpoint left it.
     The order of seeding and construction is the order the first reference models were trained in."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    _settle_vector_math()
     if cfg.autocast not in ("none", "bf16"):
         raise ValueError(f"--autocast {cfg.autocast!r}: use 'none' or 'bf16'")
     torch.manual_seed(cfg.seed)
