@@ -109,6 +109,8 @@ OPTIONS = {
     "credit": st.fixed_dictionaries({"threshold": PROB, "credit_alpha": st.sampled_from([0.0, 0.7, 3.0]),
                                      "boost_gamma": st.sampled_from([0.0, 0.2, 1.0]),
                                      "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
+    "localleap": st.fixed_dictionaries({"threshold": PROB, "relaxed_threshold": st.one_of(st.none(), PROB),
+                                        "radius": st.integers(0, 6)}),
 }
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 
