@@ -111,6 +111,10 @@ OPTIONS = {
                                      "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
     "localleap": st.fixed_dictionaries({"threshold": PROB, "relaxed_threshold": st.one_of(st.none(), PROB),
                                         "radius": st.integers(0, 6)}),
+    "dpad": st.fixed_dictionaries({"sampler": st.sampled_from(["gaussian", "uniform"]), "window": st.integers(1, 4),
+                                   "sigma": st.sampled_from([1.0, 4.0]), "scale": st.sampled_from([0.5, 2.0]),
+                                   "preserved": st.integers(0, 3),
+                                   "kv_cache": st.sampled_from(["none", "prefix", "dual"])}),
 }
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 
@@ -152,6 +156,10 @@ PAIRS = {
     "dream-block+kv_block-dual": ({"policy": "dream"}, "kv_block", {"mode": "dual"}),
     "dream-block+kv_block-prefix": ({"policy": "dream"}, "kv_block", {"mode": "prefix"}),
     "dream-block+dllm_cache": ({"policy": "dream"}, "dllm_cache", {}),
+    "threshold+dpad": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "none"}),
+    "threshold+dpad-prefix": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "prefix"}),
+    "threshold+dpad-dual": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "dual"}),
+    "dream-block+dpad-prefix": ({"policy": "dream"}, "dpad", {"kv_cache": "prefix"}),
 }
 #: partners a plugin needs besides the slots its ``PluginMeta.pairs`` declare: the out-of-span
 #: cache acts on SlowFast's per-row phases

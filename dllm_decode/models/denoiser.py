@@ -199,6 +199,10 @@ class Denoiser(nn.Module):
             # positions were taken from the full mask above: cutting keys must not renumber them
             limit = plan.key_limit.to(dev)                                  # (B,)
             cut = torch.arange(L, device=dev)[None, :] < limit[:, None]     # (B, L)
+        if plan.keep is not None:
+            keep = plan.keep.to(dev)                                        # (B, L)
+            cut = keep if cut is None else cut & keep
+        if cut is not None:
             mask = cut if mask is None else mask & cut
         if plan.index is None:
             s, e = plan.fed_range(L)
@@ -215,11 +219,16 @@ class Denoiser(nn.Module):
         if cut is not None:
             beyond = ~fed.take(cut, 1)
             frozen = beyond if frozen is None else frozen | beyond
+        pad = None if plan.index_pad is None else plan.index_pad.to(dev)   # (B, f) top-up slots
+        if pad is not None:
+            frozen = pad if frozen is None else frozen | pad
         if store is not None and plan.writes:
             self._prepare_store(store, plan, fed, frozen, B, L, dev)
         # key mask for attention over fed positions / over the store
         if plan.keys == "fed":
             kmask = None if mask is None else fed.take(mask, 1)             # (B, f)
+            if pad is not None:
+                kmask = ~pad if kmask is None else kmask & ~pad
         else:
             kmask = store.kv_valid[:, :key_end]
             if mask is not None:
@@ -456,12 +465,14 @@ class Denoiser(nn.Module):
         raw = head(x)                                                       # (B, f, V)
         if not shift:
             return raw
-        # index feeds: take the raw logit of p - 1 where p - 1 was fed, else p's own
+        # index feeds: take the raw logit of p - 1 where p - 1 was fed (a real slot, not a
+        # top-up), else p's own
         idx = fed.idx
         B, f = idx.shape
         slot = torch.arange(f, device=idx.device).unsqueeze(0).expand(B, f)
         inv = torch.full((B, L), -1, dtype=torch.long, device=idx.device)
-        inv.scatter_(1, idx, slot)
+        real = slot if plan.index_pad is None else torch.where(plan.index_pad.to(idx.device), -1, slot)
+        inv.scatter_(1, idx, real)
         prev = inv.gather(1, (idx - 1).clamp(min=0))
         src = torch.where((idx > 0) & (prev >= 0), prev, slot)
         return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))

@@ -37,6 +37,7 @@ How the built-in caches and policies build their plans (the constructors below):
     dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
+    DPad suffix dropout           ComputePlan.sparse(fed, keep=)        fed / keys = the kept positions
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
     prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
@@ -105,6 +106,14 @@ class ComputePlan:
                     get fed alone.
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
+    keep            (B, L) bool: row b's forward involves only canvas positions where keep[b] is
+                    True (and the attention mask): the others are never keys and nothing is written
+                    to the store for them; fed ones are computed, their logits meaningless. The
+                    per-position form of key_limit (DPad's suffix dropout).
+    index_pad       (B, f) bool, index feeds: slots that only top a row up to the batch's count f
+                    (see `sparse`). They are computed but take no part: never keys among the fed,
+                    nothing written for them; a shifted family reads no logit from them. Their
+                    own logits are meaningless.
     shadow          (B, S) LongTensor of canvas positions (WINO's "shadow block"): S extra
                     queries, each a MASK token with the RoPE position of its canvas position,
                     that attend to every fed key except the one at their own position, and to
@@ -134,6 +143,8 @@ class ComputePlan:
     key_limit: Tensor | None = None
     shift_from: Tensor | None = None
     shift: bool | None = None
+    keep: Tensor | None = None
+    index_pad: Tensor | None = None
     shadow: Tensor | None = None
     name: str = "full"
 
@@ -164,6 +175,12 @@ class ComputePlan:
             raise ValueError("shift_from applies to range feeds only")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
+        if self.keep is not None and (self.keep.dim() != 2 or self.keep.dtype != torch.bool):
+            raise ValueError("ComputePlan.keep must be a (B, L) bool tensor")
+        if self.keep is not None and self.reuse_features:
+            raise ValueError("keep is not supported with feature reuse (dLLM-Cache); use key_limit")
+        if self.index_pad is not None and (self.index is None or self.index_pad.shape != self.index.shape):
+            raise ValueError("ComputePlan.index_pad must be a bool tensor shaped like index")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
@@ -216,7 +233,8 @@ class ComputePlan:
         """The same plan for the batch stacked n times (classifier-free guidance runs the
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
         rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
-                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow")
+                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow",
+                          "keep", "index_pad")
                 if getattr(self, k) is not None}
         return replace(self, **rows) if rows else self
 
@@ -317,3 +335,18 @@ class ComputePlan:
             order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)
             positions = order[:, :q].sort(dim=1).values
         return cls(index=positions.long(), keys="store", name="subset")
+
+    @classmethod
+    def sparse(cls, fed: Tensor, *, keys: Literal["fed", "store"] = "fed", keep: Tensor | None = None,
+               name: str = "sparse") -> "ComputePlan":
+        """Feed each row its own set of positions, ``fed`` (B, L) bool (DPad's kept positions).
+        Rows are topped up to the batch's largest count with their smallest other positions,
+        marked in ``index_pad``: computed but taking no part (never keys among the fed, never
+        written). With keys='fed' the fed positions attend among themselves; with keys='store'
+        their K/V are written in place and they attend over the store. A padding slot's logit is
+        meaningless: never let a step commit there. One host read (the batch's count)."""
+        q = int(fed.sum(1).max())
+        # stable sort: each row's own positions first (ascending), then its others ascending
+        order = torch.argsort((~fed).to(torch.int8), dim=1, stable=True)[:, :q]
+        index = order.sort(dim=1).values
+        return cls(index=index, index_pad=~fed.gather(1, index), keys=keys, keep=keep, name=name)

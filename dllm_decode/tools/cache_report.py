@@ -57,6 +57,8 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("slowfast + dllm_cache (100, 7, 0.25)", "slowfast", one_block + (DLLM,)),
         ("slowfast + slowfast_tail", "slowfast", one_block + (TAIL,)),
         ("slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)", "slowfast-dllm-cache", one_block),
+        ("threshold + dpad (Gaussian, window 64)", "dpad", blocks),
+        ("threshold + dpad + prefix KV cache", "dpad", blocks + ("cache_policy.kv_cache=prefix",)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:

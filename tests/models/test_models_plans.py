@@ -391,3 +391,78 @@ def test_flop_count_matches_torch_counter(lib, family):
             model(ids, mask, plan=plan, store=store)
         attention = sum(4 * B * hd * n * k for n, k in per_layer)
         assert store.flops - before == counter.get_total_flops() + attention, plan and plan.name
+
+
+# ------------------------------------------------------------------ sparse feeds (DPad)
+def _kept_rows():
+    """Per-row kept positions (different counts): rows 0 and 1 drop parts of the masked tail."""
+    kept = [list(range(10)) + [12], list(range(9)) + [11, 13], list(range(L))]
+    keep = torch.zeros(3, L, dtype=torch.bool)
+    for b, ps in enumerate(kept):
+        keep[b, ps] = True
+    return kept, keep
+
+
+def _at(got, plan, b, fed):
+    """The logits of row b at canvas positions `fed` from a sparse plan's output."""
+    q = plan.query_positions(L)[b].tolist()
+    return got[b, [q.index(p) for p in fed]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_feeds_each_row_its_own_positions(lib, family):
+    """ComputePlan.sparse with keep: each row sees only its kept positions (the pruned canvas of
+    DPad's suffix dropout), whatever the other rows keep: top-up slots are neither keys nor read."""
+    model, W, ids, mask = _setup(lib, family)
+    kept, keep = _kept_rows()
+    plan = ComputePlan.sparse(keep, keep=keep)
+    assert plan.index.shape == (3, L) and plan.index_pad.sum(1).tolist() == [3, 3, 0]
+    got = _run(model, ids, mask, plan)
+    for b, fed in enumerate(kept):
+        want = lib.align(lib.naive_row(W, ids[b], mask[b], fed), fed, model.spec.shift_logits)
+        torch.testing.assert_close(_at(got, plan, b, fed), want, **TIGHT)
+        alone = ComputePlan.sparse(keep[b:b + 1], keep=keep[b:b + 1])
+        torch.testing.assert_close(_at(_run(model, ids[b:b + 1], mask[b:b + 1], alone), alone, 0, fed), want, **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_prefix_step_over_kept_store(lib, family):
+    """DPad with the prefix cache: a kept refresh fills the store, then each row feeds its span
+    and kept tail (own window start per row) against it; positions outside keep stay out of the
+    keys even where an earlier forward wrote them, and top-ups write nothing."""
+    model, W, ids0, mask = _setup(lib, family)
+    kept, keep = _kept_rows()
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)     # K/V everywhere: keep must hide some
+    _run(model, ids0, mask, ComputePlan.sparse(keep, keys="store", keep=keep), store)
+    banks = []
+    for b, fed in enumerate(kept):
+        bank = lib.new_bank(W, L)
+        lib.naive_row(W, ids0[b], mask[b], fed, bank=bank)
+        banks.append(bank)
+    before = [t.clone() for t in store.k]
+    ids1 = lib.commit(ids0, [[6], [7], [8]], seed=81)
+    starts = [6, 7, 8]
+    cols = torch.arange(L)[None, :]
+    fed_mask = keep & (cols >= torch.tensor(starts)[:, None])
+    plan = ComputePlan.sparse(fed_mask, keys="store", keep=keep)
+    got = _run(model, ids1, mask, plan, store)
+    for b, fed in enumerate(kept):
+        step = [p for p in fed if p >= starts[b]]
+        raw = lib.naive_row(W, ids1[b], mask[b], step, bank=banks[b], keys="bank")
+        torch.testing.assert_close(_at(got, plan, b, step), lib.align(raw, step, model.spec.shift_logits), **TIGHT)
+        # positions the row did not feed kept their stored K/V (top-ups included)
+        quiet = [p for p in range(L) if p < starts[b]]
+        torch.testing.assert_close(store.k[0][b, :, quiet], before[0][b, :, quiet], rtol=0, atol=0)
+
+
+def test_sparse_plan_validation():
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        ComputePlan(keep=keep.long())
+    with pytest.raises(ValueError):
+        ComputePlan(index_pad=torch.zeros(2, 3, dtype=torch.bool))            # no index
+    with pytest.raises(ValueError):
+        ComputePlan.feature_step(2).with_(keep=keep)                           # feature reuse
+    plan = ComputePlan.sparse(keep, keep=keep)
+    assert plan.repeat_rows(2).keep.shape == (4, 4) and plan.repeat_rows(2).index_pad.shape == (4, 4)
