@@ -39,6 +39,8 @@ How the built-in caches and policies build their plans (the constructors below):
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
     DPad suffix dropout           ComputePlan.sparse(fed, keep=)        fed / keys = the kept positions
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
+    block-causal prefill          ComputePlan.refresh(end=s)            finished blocks' K/V -> store
+    block-causal block step       ComputePlan.block_step(s, e)          feed block [s, e), keys = store
     prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
 from __future__ import annotations
@@ -122,6 +124,9 @@ class ComputePlan:
                     the forward returns (B, q + S, V) and the engine hands the last S columns to
                     ``score`` as ``shadow_logits``. Needs keys='fed', a range feed and no store
                     writes; LLaDA family only (a shifted family has no leave-one-out query).
+    block_size      Block-causal models only: the block size of this forward's attention (None:
+                    the model's default, ModelSpec.block_size). A position's block is its RoPE
+                    position // block_size; a query sees its own block and earlier ones.
     name            Free-form label for tracing.
     """
 
@@ -146,6 +151,7 @@ class ComputePlan:
     keep: Tensor | None = None
     index_pad: Tensor | None = None
     shadow: Tensor | None = None
+    block_size: int | None = None
     name: str = "full"
 
     def __post_init__(self) -> None:
@@ -173,6 +179,8 @@ class ComputePlan:
             raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
         if self.shift_from is not None and self.index is not None:
             raise ValueError("shift_from applies to range feeds only")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"ComputePlan.block_size must be >= 1, got {self.block_size}")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
         if self.keep is not None and (self.keep.dim() != 2 or self.keep.dtype != torch.bool):
@@ -240,9 +248,9 @@ class ComputePlan:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def full(cls, *, out_start: int | None = None) -> "ComputePlan":
-        """Plain forward over the whole canvas; no store."""
-        return cls(out_start=out_start, name="full")
+    def full(cls, *, out_start: int | None = None, block_size: int | None = None) -> "ComputePlan":
+        """Plain forward over the whole canvas; no store. `block_size`: see the field."""
+        return cls(out_start=out_start, block_size=block_size, name="full")
 
     @classmethod
     def refresh(cls, *, features: bool = False, out_start: int | None = None, end: int | None = None,
@@ -290,6 +298,20 @@ class ComputePlan:
         row, write_window (B, 2) narrows the fresh K/V and key_limit (B,) cuts the canvas."""
         return cls(start=start, end=end, keys="store", key_end=end, write_window=write_window,
                    key_limit=key_limit, name=name)
+
+    @classmethod
+    def block_step(cls, start: int, end: int, *, write_window: Tensor | None = None,
+                   block_size: int | None = None, name: str = "block") -> "ComputePlan":
+        """Block-causal models: feed the block x[:, start:end] against the K/V the store holds
+        for the finished blocks before it (written by a prefill ``refresh(end=start)`` or by
+        earlier block steps). The block's fresh K/V are written in place, so the step that feeds
+        the completed block leaves its final K/V for the next block (the official loops' forward
+        with the K/V kept). Later positions are never seen (the model's block-causal mask), so the
+        canvas after `end` may hold anything. Keys span the whole canvas under that mask: the
+        logits are the same bits as a forward over the whole canvas when start and end lie on
+        multiples of the block size."""
+        return cls(start=start, end=end, keys="store", write_window=write_window, block_size=block_size,
+                   name=name)
 
     @classmethod
     def shadowed(cls, shadow: Tensor, *, name: str = "shadow") -> "ComputePlan":
