@@ -252,20 +252,7 @@ class Denoiser(nn.Module):
         if store is not None and plan.writes:
             self._prepare_store(store, plan, fed, frozen, B, L, dev)
         block = self._block_size(plan)
-        # key mask for attention over fed positions / over the store
-        if plan.keys == "fed" and not block:
-            kmask = None if mask is None else fed.take(mask, 1)             # (B, f)
-            if pad is not None:
-                kmask = ~pad if kmask is None else kmask & ~pad
-        elif plan.keys == "fed":
-            # block-causal: keys over the whole canvas, of which only the fed positions exist
-            kmask = torch.zeros(B, L, dtype=torch.bool, device=dev)
-            fed.put(kmask, 1, torch.ones(B, fed.n, dtype=torch.bool, device=dev))
-            kmask = kmask if mask is None else kmask & mask                 # (B, L)
-        else:
-            kmask = store.kv_valid[:, :key_end]
-            if mask is not None:
-                kmask = kmask & mask[:, :key_end]                           # (B, key_end)
+        kmask = _key_mask(plan, store, fed, mask, pad, bool(block), key_end, B, L, dev)
         feed = Feed(plan=plan, store=store, fed=fed, s=s, e=e, key_end=key_end, pos=pos, kmask=kmask,
                     frozen=frozen, limit=limit)
         if block:
@@ -634,3 +621,21 @@ def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
             val = torch.randn(prm.shape, generator=g, dtype=torch.float64) / math.sqrt(prm.shape[1])
         prm.copy_(val.to(prm.dtype))
     return model
+
+
+def _key_mask(plan: ComputePlan, store: CacheStore | None, fed: Sel, mask: Tensor | None,
+              pad: Tensor | None, block: bool, key_end: int, B: int, L: int, dev) -> Tensor | None:
+    """Which keys attention may read: over the fed positions (B, f), over the whole canvas of
+    which only the fed positions exist (block-causal feeds, (B, L)), or over the store
+    (B, key_end). None: every key."""
+    if plan.keys == "fed" and not block:
+        kmask = None if mask is None else fed.take(mask, 1)                 # (B, f)
+        if pad is not None:                                                 # top-up slots hold no key
+            kmask = ~pad if kmask is None else kmask & ~pad
+        return kmask
+    if plan.keys == "fed":
+        kmask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        fed.put(kmask, 1, torch.ones(B, fed.n, dtype=torch.bool, device=kmask.device))
+        return kmask if mask is None else kmask & mask                      # (B, L)
+    kmask = store.kv_valid[:, :key_end]
+    return kmask if mask is None else kmask & mask[:, :key_end]             # (B, key_end)
