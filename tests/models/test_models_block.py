@@ -186,3 +186,19 @@ def test_block_size_is_the_plans_or_the_models():
         llada(ids, plan=ComputePlan.full().with_(block_size=4))
     with pytest.raises(ValueError, match="block_size"):
         ComputePlan.block_step(0, 4, block_size=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_row_blocks_of_a_padded_batch(family):
+    """Left padding shifts a row's blocks (they start at its first real token): a prefill cut per
+    row at its own block boundary and an index feed of each row's own block give what the
+    whole-canvas forward gives there."""
+    model = make(family)
+    ids, mask = canvas((0, 2), L=16, seed=11)
+    full = raw(model, ids, mask)
+    store = CacheStore()
+    raw(model, ids, mask, ComputePlan.refresh(key_limit=torch.tensor([4, 6])), store)
+    index = torch.tensor([[4, 5, 6, 7], [6, 7, 8, 9]])
+    got = raw(model, ids, mask, ComputePlan.subset(index), store)
+    want = full.gather(1, index[..., None].expand(-1, -1, V))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
