@@ -295,3 +295,53 @@ def _llada2_moe_token(sd, c, p, h):
     if c.get("num_shared_experts"):
         y = y + _swiglu(sd, p + "shared_experts.", h)
     return y
+
+
+def glm4_moe_reference(sd, c):
+    """transformers' Glm4MoeForCausalLM (GLM-4.5's MoE) holding LLaDA2 tensors `sd` (config.json
+    keys `c`), in float64: the same blocks (q/k RMSNorm, partial half-split RoPE, first layers
+    dense) and the same router maths (sigmoid scores, a correction bias for choosing, groups
+    ranked by their two best scores, normalised top-k weights times the scaling factor, a shared
+    expert), under other names: the fused query_key_value split into q/k/v, the experts stacked.
+    Its gate computes in float32, as LLaDA2's official gate does. Used to check
+    llada2_forward."""
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    H, Hkv = c["num_attention_heads"], c["num_key_value_heads"]
+    D = c.get("head_dim") or c["hidden_size"] // H
+    cfg = Glm4MoeConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
+        rms_norm_eps=c["rms_norm_eps"], attention_bias=c.get("use_qkv_bias", False), use_qk_norm=True,
+        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"],
+                         "partial_rotary_factor": c["partial_rotary_factor"]},
+        n_routed_experts=c["num_experts"], num_experts_per_tok=c["num_experts_per_tok"], n_group=c["n_group"],
+        topk_group=c["topk_group"], n_shared_experts=c["num_shared_experts"],
+        moe_intermediate_size=c["moe_intermediate_size"], routed_scaling_factor=c["routed_scaling_factor"],
+        first_k_dense_replace=c["first_k_dense_replace"], norm_topk_prob=True, tie_word_embeddings=False,
+        max_position_embeddings=4096)
+    ref = Glm4MoeForCausalLM._from_config(cfg, attn_implementation="sdpa", experts_implementation="eager")
+    ref = ref.to(torch.float64).eval()
+    rename = (("model.word_embeddings", "model.embed_tokens"), ("attention.query_layernorm", "self_attn.q_norm"),
+              ("attention.key_layernorm", "self_attn.k_norm"), ("attention.dense", "self_attn.o_proj"),
+              ("mlp.gate.expert_bias", "mlp.gate.e_score_correction_bias"))
+    new = {}
+    for k, v in sd.items():
+        if ".mlp.experts." in k:
+            continue
+        if "query_key_value" in k:
+            p, kind = k.split("attention.query_key_value.")
+            for x, t in zip("qkv", v.split((H * D, Hkv * D, Hkv * D))):
+                new[f"{p}self_attn.{x}_proj.{kind}"] = t
+            continue
+        for a, b in rename:
+            k = k.replace(a, b)
+        new[k] = v
+    for i in range(c["first_k_dense_replace"], c["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts."
+        E = range(c["num_experts"])
+        new[p + "gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}{e}.gate_proj.weight"], sd[f"{p}{e}.up_proj.weight"]])
+                                               for e in E])
+        new[p + "down_proj"] = torch.stack([sd[f"{p}{e}.down_proj.weight"] for e in E])
+    ref.load_state_dict({k: v.to(torch.float64) for k, v in new.items()}, strict=True)
+    return _float64_norms_and_rope(ref)

@@ -130,7 +130,8 @@ def _check_ranges(plan: ComputePlan, s: int, e: int, key_end: int, L: int) -> No
 
 
 class Denoiser(nn.Module):
-    """Base class of LLaDAModel and DreamModel.
+    """Base class of every family's model (LLaDAModel, DreamModel, SDARModel, FastDLLMv2Model,
+    LLaDA2Model).
 
     forward(input_ids (B, L), attention_mask (B, L) bool | None, plan, store) -> logits (B, q, V)
     where q = plan.num_queries(L) and logits[:, j] predicts canvas position
@@ -139,7 +140,7 @@ class Denoiser(nn.Module):
 
     spec: ModelSpec
     arch: Arch
-    config: object  # the family's own dataclass config (LLaDAConfig / DreamConfig)
+    config: object  # the family's own dataclass config (LLaDAConfig, DreamConfig, ...)
 
     # ---- family hooks -------------------------------------------------------------------
     def embed_weight(self) -> Tensor:

@@ -128,7 +128,8 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", *, tokenizer: bool = True):
-    """Load a LLaDA or Dream checkpoint directory -> (Denoiser, tokenizer or None).
+    """Load a LLaDA, Dream, SDAR, Fast-dLLM v2 or LLaDA2 checkpoint directory -> (Denoiser,
+    tokenizer or None).
 
     :raises CheckpointError: naming the file at fault (config.json, a safetensors shard, the
         tokenizer), or the device; :class:`CheckpointNotFoundError` without a config.json.
@@ -212,8 +213,9 @@ def _token_id(tok, token: str) -> int | None:
 
 def load_tokenizer(path: str | os.PathLike, family: str | None = None):
     """transformers.AutoTokenizer for the checkpoint directory, or None when it ships no
-    tokenizer files. Dream's Hub tokenizer names a remote-code class (DreamTokenizer); it is the
-    Qwen2 BPE, so we fall back to Qwen2TokenizerFast on its vocab.json / merges.txt."""
+    tokenizer files. Dream's Hub tokenizer names a remote-code class (DreamTokenizer), SDAR's
+    and Fast-dLLM v2's may name their own Qwen2 tokenizer files; all are the Qwen2 BPE, so for
+    those families we fall back to Qwen2TokenizerFast on its vocab.json / merges.txt."""
     path = Path(path)
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if not any((path / n).exists() for n in names):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dllm_decode.models import CacheStore, ComputePlan, build_random_model
-from reference_forward import hf_logits, hf_reference, llada2_forward
+from reference_forward import block_causal_mask, glm4_moe_reference, hf_logits, hf_reference, llada2_forward
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,6 +79,23 @@ def test_llada2_matches_reference(pads):
     for b in range(len(pads)):
         want = llada2_forward(sd, c, ids[b], mask[b], BLOCK)
         assert rel_err(got[b][mask[b]], want[mask[b]]) < 1e-13
+
+
+def test_llada2_reference_matches_transformers_glm4_moe():
+    """The plain LLaDA2 reference is itself checked against a third-party implementation of the
+    same blocks and router, transformers' GLM-4.5 MoE (its gate runs in float32, hence the
+    tolerance; a wrong router rule gives O(1) differences)."""
+    model = make("llada2", n_layers=3)
+    c = model.config.to_dict()
+    sd = model.state_dict()
+    ids, mask = canvas((0, 3), seed=12)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        glm = glm4_moe_reference(sd, c)(input_ids=ids, attention_mask=block_causal_mask(mask, BLOCK),
+                                        position_ids=pos).logits
+    for b in range(2):
+        want = llada2_forward(sd, c, ids[b], mask[b], BLOCK)
+        assert rel_err(want[mask[b]], glm[b][mask[b]]) < 1e-5
 
 
 def test_llada2_router_is_exercised():
@@ -186,3 +203,19 @@ def test_block_size_is_the_plans_or_the_models():
         llada(ids, plan=ComputePlan.full().with_(block_size=4))
     with pytest.raises(ValueError, match="block_size"):
         ComputePlan.block_step(0, 4, block_size=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_row_blocks_of_a_padded_batch(family):
+    """Left padding shifts a row's blocks (they start at its first real token): a prefill cut per
+    row at its own block boundary and an index feed of each row's own block give what the
+    whole-canvas forward gives there."""
+    model = make(family)
+    ids, mask = canvas((0, 2), L=16, seed=11)
+    full = raw(model, ids, mask)
+    store = CacheStore()
+    raw(model, ids, mask, ComputePlan.refresh(key_limit=torch.tensor([4, 6])), store)
+    index = torch.tensor([[4, 5, 6, 7], [6, 7, 8, 9]])
+    got = raw(model, ids, mask, ComputePlan.subset(index), store)
+    want = full.gather(1, index[..., None].expand(-1, -1, V))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
