@@ -6,11 +6,11 @@ from .llada import LLaDAConfig, LLaDAModel
 from .loader import (build_random_model, detect_family, encode_prompts, load_causal_lm, load_model,
                      load_tokenizer, save_pretrained)
 from .output import ForwardOutput
-from .plan import ComputePlan
+from .plan import ComputePlan, Drift
 from .store import CacheStore
 
 __all__ = [
-    "Denoiser", "ModelSpec", "ComputePlan", "CacheStore", "ForwardOutput", "load_causal_lm", "load_model", "build_random_model",
+    "Denoiser", "ModelSpec", "ComputePlan", "Drift", "CacheStore", "ForwardOutput", "load_causal_lm", "load_model", "build_random_model",
     "save_pretrained", "detect_family", "load_tokenizer", "encode_prompts",
     "LLaDAConfig", "LLaDAModel", "DreamConfig", "DreamModel",
 ]
