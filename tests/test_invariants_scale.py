@@ -115,6 +115,8 @@ OPTIONS = {
                                    "sigma": st.sampled_from([1.0, 4.0]), "scale": st.sampled_from([0.5, 2.0]),
                                    "preserved": st.integers(0, 3),
                                    "kv_cache": st.sampled_from(["none", "prefix", "dual"])}),
+    "elastic_cache": st.fixed_dictionaries({"window_length": st.integers(1, 6), "gamma": PROB,
+                                            "track_num": st.integers(1, 3), "block_caching": st.booleans()}),
 }
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 
@@ -160,6 +162,10 @@ PAIRS = {
     "threshold+dpad-prefix": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "prefix"}),
     "threshold+dpad-dual": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "dual"}),
     "dream-block+dpad-prefix": ({"policy": "dream"}, "dpad", {"kv_cache": "prefix"}),
+    "threshold+elastic_cache": ({"policy": "llada", "select_tokens": "threshold", "choose_span": "elastic_cache"},
+                                "elastic_cache", {}),
+    "llada+elastic_cache": ({"policy": "llada"}, "elastic_cache", {}),
+    "dream+elastic_cache": ({"policy": "dream", "choose_span": "elastic_cache"}, "elastic_cache", {}),
 }
 #: partners a plugin needs besides the slots its ``PluginMeta.pairs`` declare: the out-of-span
 #: cache acts on SlowFast's per-row phases

@@ -182,6 +182,10 @@ class Denoiser(nn.Module):
                 plan: ComputePlan | None = None, store: CacheStore | None = None) -> ForwardOutput:
         """Run `plan` (None: a plain forward of the whole canvas) against `store`."""
         run = _FULL if plan is None else plan
+        if run.write_hidden:
+            # layer-adaptive forwards (Elastic-Cache) run their own loop: adaptive.py
+            from .adaptive import adaptive_forward
+            return adaptive_forward(self, input_ids, attention_mask, run, store)
         a = self.arch
         B, L = input_ids.shape
         feed = self._feed(input_ids, attention_mask, run, store)

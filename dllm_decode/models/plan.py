@@ -38,6 +38,9 @@ How the built-in caches and policies build their plans (the constructors below):
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
     DPad suffix dropout           ComputePlan.sparse(fed, keep=)        fed / keys = the kept positions
+    Elastic-Cache                 ComputePlan.refresh(...).with_(write_hidden=True, drift=Drift(...)),
+                                  then ComputePlan.sparse(fed, keys="store", write_hidden=True,
+                                                          drift=Drift(...))   (see `drift` below)
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
     block-causal prefill          ComputePlan.refresh(end=s)            finished blocks' K/V -> store
     block-causal block step       ComputePlan.block_step(s, e)          feed block [s, e), keys = store
@@ -51,7 +54,35 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ComputePlan"]
+__all__ = ["ComputePlan", "Drift"]
+
+
+@dataclass(frozen=True, eq=False)
+class Drift:
+    """Elastic-Cache's per-layer attention checks (``ComputePlan.drift``; arXiv 2510.14973).
+
+    gamma        a row whose probes' attention similarity falls below gamma at layer l
+                 recomputes every one of its positions from layer l + 1 on (see ComputePlan.drift).
+    probe        (B, t) LongTensor of fed canvas positions whose attention drift is tested, or
+                 None (no test: e.g. the first, full forward). probe_pad (B, t) bool marks
+                 entries that only pad a row to the batch's t.
+    watch        (B, w) LongTensor of canvas positions whose predictions are watched (the
+                 window's masks): the rows predicting them, p itself or p - 1 for a shifted
+                 family (Dream), must be in the plan's index and are fed even where index_pad
+                 marks them; their attention is summed per key at every layer (over heads and
+                 these rows) into ``store.attn_mass``. watch_pad (B, w) bool marks padding entries.
+    """
+
+    gamma: float
+    watch: Tensor
+    watch_pad: Tensor | None = None
+    probe: Tensor | None = None
+    probe_pad: Tensor | None = None
+
+    def repeat_rows(self, n: int) -> "Drift":
+        tile = {k: getattr(self, k).repeat(n, 1) for k in ("watch", "watch_pad", "probe", "probe_pad")
+                if getattr(self, k) is not None}
+        return replace(self, **tile)
 
 
 # eq=False: plans holding index tensors compare (and hash) by identity, never by a partial
@@ -115,7 +146,25 @@ class ComputePlan:
     index_pad       (B, f) bool, index feeds: slots that only top a row up to the batch's count f
                     (see `sparse`). They are computed but take no part: never keys among the fed,
                     nothing written for them; a shifted family reads no logit from them. Their
-                    own logits are meaningless.
+                    own logits are meaningless, except a shifted family's: there slot p returns the
+                    raw logit of p - 1 when p - 1 is a real fed slot, so a padding slot can stand
+                    for an output position whose own token is not fed (Elastic-Cache on Dream).
+    write_hidden    Also write every layer's input hidden state and post-RoPE queries of the
+                    written positions to the store (store.h, store.q): what Elastic-Cache resumes
+                    a layer from and compares probes against.
+    drift           Elastic-Cache (a `Drift`): needs keys='store' with write_hidden (a sparse
+                    step) or a refresh with write_hidden (the first forward). At every layer l,
+                    for each row that has not switched yet, the attention of its probes computed
+                    from the store's queries and keys as they were (before this layer's writes)
+                    is compared with their attention now (fresh queries, keys after the writes):
+                    cosine similarity across heads for each (probe, key) pair, averaged over the
+                    row's probes and non-pad keys. Below gamma, the row switches: from layer l + 1
+                    on every one of its positions is recomputed (the layer's input taken from
+                    store.h where the position was not fed) and written, as in a full forward;
+                    its other positions keep reading the store until then. store.refresh_from
+                    (B,) records the switch layer (n_layers: none; 0 for a refresh), and
+                    store.attn_mass (B, n_layers, L) the attention the watch positions paid each
+                    key. One host read per layer (whether any row switched).
     shadow          (B, S) LongTensor of canvas positions (WINO's "shadow block"): S extra
                     queries, each a MASK token with the RoPE position of its canvas position,
                     that attend to every fed key except the one at their own position, and to
@@ -150,6 +199,8 @@ class ComputePlan:
     shift: bool | None = None
     keep: Tensor | None = None
     index_pad: Tensor | None = None
+    write_hidden: bool = False
+    drift: Drift | None = None
     shadow: Tensor | None = None
     block_size: int | None = None
     name: str = "full"
@@ -189,6 +240,20 @@ class ComputePlan:
             raise ValueError("keep is not supported with feature reuse (dLLM-Cache); use key_limit")
         if self.index_pad is not None and (self.index is None or self.index_pad.shape != self.index.shape):
             raise ValueError("ComputePlan.index_pad must be a bool tensor shaped like index")
+        if self.write_hidden and self.keep is not None:
+            raise ValueError("keep does not combine with write_hidden")
+        if self.write_hidden and (self.reuse_features or not self.writes):
+            raise ValueError("write_hidden needs a plan that writes K/V (keys='store' or write_kv) "
+                             "without feature reuse")
+        if self.drift is not None:
+            if not self.write_hidden:
+                raise ValueError("drift (Elastic-Cache) needs write_hidden=True")
+            if self.drift.probe is not None and self.keys != "store":
+                raise ValueError("a drift test reads the store: it needs keys='store'")
+            if self.shadow is not None or self.key_limit is not None or self.write_window is not None:
+                raise ValueError("drift does not combine with shadow, key_limit or write_window")
+            if self.keys == "fed" and (self.index is not None or self.start != 0 or self.end is not None):
+                raise ValueError("a drift refresh feeds the whole canvas")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
@@ -244,6 +309,8 @@ class ComputePlan:
                 for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow",
                           "keep", "index_pad")
                 if getattr(self, k) is not None}
+        if self.drift is not None:
+            rows["drift"] = self.drift.repeat_rows(n)
         return replace(self, **rows) if rows else self
 
     # ------------------------------------------------------------------ constructors
@@ -359,16 +426,23 @@ class ComputePlan:
         return cls(index=positions.long(), keys="store", name="subset")
 
     @classmethod
-    def sparse(cls, fed: Tensor, *, keys: Literal["fed", "store"] = "fed", keep: Tensor | None = None,
+    def sparse(cls, fed: Tensor, *, out: Tensor | None = None, keys: Literal["fed", "store"] = "fed",
+               keep: Tensor | None = None, write_hidden: bool = False, drift: Drift | None = None,
                name: str = "sparse") -> "ComputePlan":
-        """Feed each row its own set of positions, ``fed`` (B, L) bool (DPad's kept positions).
-        Rows are topped up to the batch's largest count with their smallest other positions,
-        marked in ``index_pad``: computed but taking no part (never keys among the fed, never
-        written). With keys='fed' the fed positions attend among themselves; with keys='store'
-        their K/V are written in place and they attend over the store. A padding slot's logit is
-        meaningless: never let a step commit there. One host read (the batch's count)."""
-        q = int(fed.sum(1).max())
+        """Feed each row its own set of positions, ``fed`` (B, L) bool (DPad's kept positions,
+        Elastic-Cache's queries). Rows are topped up to the batch's largest count with their
+        smallest other positions, marked in ``index_pad``: computed but taking no part (never
+        keys among the fed, never written). ``out`` (B, L) bool: further positions to return a
+        logit for without feeding them (padding slots; meaningful only for a shifted family,
+        whose logit at p comes from p - 1). With keys='fed' the fed positions attend among
+        themselves; with keys='store' their K/V are written in place and they attend over the
+        store. A padding slot's logit is meaningless: never let a step commit there. One host
+        read (the batch's count)."""
+        slots = fed if out is None else fed | out
+        q = int(slots.sum(1).max())
         # stable sort: each row's own positions first (ascending), then its others ascending
-        order = torch.argsort((~fed).to(torch.int8), dim=1, stable=True)[:, :q]
+        order = torch.argsort((~slots).to(torch.int8), dim=1, stable=True)[:, :q]
         index = order.sort(dim=1).values
-        return cls(index=index, index_pad=~fed.gather(1, index), keys=keys, keep=keep, name=name)
+        pad = ~fed.gather(1, index)
+        return cls(index=index, index_pad=pad, keys=keys, keep=keep,
+                   write_hidden=write_hidden, drift=drift, name=name)

@@ -59,6 +59,7 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)", "slowfast-dllm-cache", one_block),
         ("threshold + dpad (Gaussian, window 64)", "dpad", blocks),
         ("threshold + dpad + prefix KV cache", "dpad", blocks + ("cache_policy.kv_cache=prefix",)),
+        ("threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache", (f"generation.gen_length={gen}",)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:
@@ -69,7 +70,9 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                 Entry("dream-reference", "dream-block, threshold 0.9, one block", "dream-block", one),
                 Entry("dream-reference", "dream-block + kv_block dual, one block", "dream-fast-dllm", one),
                 Entry("dream-reference", "dream-block + dllm_cache (100, 7, 0.25), one block", "dream-block",
-                      one + (DLLM,))]
+                      one + (DLLM,)),
+                Entry("dream-reference", "threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache",
+                      (f"generation.gen_length={gen}",))]
     return tuple(out)
 
 

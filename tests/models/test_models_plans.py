@@ -466,3 +466,84 @@ def test_sparse_plan_validation():
         ComputePlan.feature_step(2).with_(keep=keep)                           # feature reuse
     plan = ComputePlan.sparse(keep, keep=keep)
     assert plan.repeat_rows(2).keep.shape == (4, 4) and plan.repeat_rows(2).index_pad.shape == (4, 4)
+
+
+# ------------------------------------------------------------------ layer-adaptive forwards (Elastic-Cache)
+def _first_true(mask, k):
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return idx, ~mask.gather(1, idx)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gamma", [0.0, 0.96, 2.0], ids=["never", "some", "always"])
+def test_layer_adaptive_step_matches_the_reference_per_row(lib, family, gamma):
+    """A refresh with write_hidden, then a sparse step with a drift test, on a left-padded batch:
+    each row's logits, switch layer and most-attended tokens equal tests/reference_elastic.py's
+    batch-1 forward on the row without padding (rows switch at their own layers: the batch runs
+    full width once one has, the others recomputing only what they were fed)."""
+    import reference_elastic as ref
+    from dllm_decode.models import Drift
+
+    model, W, ids0, mask = _setup(lib, family)
+    shift, n_layers = model.spec.shift_logits, len(W.layers)
+    B = ids0.shape[0]
+    cols = torch.arange(L)[None, :]
+    store = CacheStore()
+    watch = torch.arange(P, P + 4).expand(B, 4)                             # the first window
+    _run(model, ids0, mask, ComputePlan(write_kv=True, write_hidden=True, drift=Drift(gamma=gamma, watch=watch)), store)
+    # the tracked tokens: per layer the most attended non-masked key
+    mass = store.attn_mass.masked_fill((cols >= P)[:, None, :], 0.0).masked_fill(~mask[:, None, :], float("-inf"))
+    track = torch.zeros(B, L, dtype=torch.bool).scatter_(1, mass.topk(1, dim=-1).indices.flatten(1), True)
+    probe, probe_pad = _first_true(track, n_layers)
+    ids1 = lib.commit(ids0, [7, 9], seed=91)                                # decoded by the first step
+    new = torch.zeros(B, L, dtype=torch.bool)
+    new[:, [7, 9]] = True
+    win = (cols >= P) & ~new
+    win &= win.cumsum(1) <= 4                                               # the next window
+    before = torch.zeros_like(win)
+    before[:, :-1] = win[:, 1:]
+    watch2 = win.nonzero()[:, 1].view(B, 4)
+    step = ComputePlan.sparse(track | new, out=win | before, keys="store", write_hidden=True,
+                              drift=Drift(gamma=gamma, watch=watch2, probe=probe, probe_pad=probe_pad))
+    got = _run(model, ids1, mask, step, store)
+    q = step.query_positions(L)
+    for b in range(B):
+        pad = int((~mask[b]).sum())
+        C = ref._Caches(W, L - pad)
+        ref._forward(W, ids0[b, pad:], C, list(range(L - pad)), [p - pad - shift for p in range(P, P + 4)],
+                     list(range(P - pad, L - pad)), -1, gamma, 1)
+        assert sorted({t + pad for layer in C.track for t in layer}) == torch.nonzero(track[b]).flatten().tolist()
+        rows = [int(p) - pad - shift for p in watch2[b]]
+        query = list(dict.fromkeys(ref._track_positions(C) + [7 - pad, 9 - pad] + rows))
+        masked = [p - pad for p in range(P, L) if p not in (7, 9)]
+        raw, start = ref._forward(W, ids1[b, pad:], C, query, rows, masked, n_layers, gamma, 1)
+        assert int(store.refresh_from[b]) == start, (b, gamma)
+        mine = torch.stack([got[b, q[b].tolist().index(int(p))] for p in watch2[b]])
+        torch.testing.assert_close(mine, raw, **TIGHT)
+    switched = store.refresh_from.tolist()
+    assert switched == {0.0: [n_layers] * B, 2.0: [1] * B}.get(gamma, switched)
+    if gamma == 0.96:                       # this gamma splits the rows: some switch, some do not
+        assert 1 in switched and n_layers in switched
+
+
+def test_layer_adaptive_plan_validation(lib):
+    from dllm_decode.models import Drift
+
+    watch = torch.zeros(1, 2, dtype=torch.long)
+    drift = Drift(gamma=0.9, watch=watch)
+    with pytest.raises(ValueError, match="write_hidden"):
+        ComputePlan(write_kv=True, drift=drift)
+    with pytest.raises(ValueError, match="keys='store'"):
+        ComputePlan(write_kv=True, write_hidden=True, drift=Drift(gamma=0.9, watch=watch, probe=watch))
+    with pytest.raises(ValueError):
+        ComputePlan(write_hidden=True)                                      # writes nothing
+    with pytest.raises(ValueError):
+        ComputePlan.sparse(torch.ones(1, 4, dtype=torch.bool), keep=torch.ones(1, 4, dtype=torch.bool),
+                           keys="store", write_hidden=True)
+    assert ComputePlan(write_kv=True, write_hidden=True, drift=drift).repeat_rows(2).drift.watch.shape == (2, 2)
+    model, _, ids, mask = _setup(lib, "llada")
+    fed = torch.ones(ids.shape, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="hidden"):                      # nothing to resume from
+        _run(model, ids, mask, ComputePlan.sparse(fed, keys="store", write_hidden=True), CacheStore())
+    with pytest.raises(ValueError, match="whole canvas"):
+        _run(model, ids, mask, ComputePlan(end=8, write_kv=True, write_hidden=True), CacheStore())
