@@ -44,7 +44,8 @@ class Options(PluginOptions):
 
 
 dllm_meta = PluginMeta(summary="LocalLeap: commit above a threshold, and above a relaxed one within a "
-                       "radius of a confident anchor; always at least the best token", options=Options)
+                       "radius of a confident anchor; always at least the best token", options=Options,
+                       resizable=True)
 
 
 def near_anchors(anchor: torch.Tensor, radius: int) -> torch.Tensor:

@@ -109,6 +109,11 @@ OPTIONS = {
     "credit": st.fixed_dictionaries({"threshold": PROB, "credit_alpha": st.sampled_from([0.0, 0.7, 3.0]),
                                      "boost_gamma": st.sampled_from([0.0, 0.2, 1.0]),
                                      "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
+    "daedal": st.fixed_dictionaries(
+        {"max_gen_length": st.sampled_from([16, 24]), "high_conf_threshold": PROB, "low_conf_threshold": PROB,
+         "expansion_factor": st.integers(1, 8), "eos_confidence_threshold": PROB,
+         "expand_eos_confidence_threshold": PROB, "eos_check_tokens": st.integers(1, 8),
+         "eos_id": st.sampled_from([None, 5, 20])}),
     "localleap": st.fixed_dictionaries({"threshold": PROB, "relaxed_threshold": st.one_of(st.none(), PROB),
                                         "radius": st.integers(0, 6)}),
     "dpad": st.fixed_dictionaries({"sampler": st.sampled_from(["gaussian", "uniform"]), "window": st.integers(1, 4),
@@ -258,6 +263,9 @@ def recipe_cases(draw, composition: str):
         data = {k: v for k, v in data.items() if k not in ("name", "description", "source")}
         if isinstance(data.get("policy"), dict) and data["policy"].get("plugin") == "apd":
             data["policy"] = {**data["policy"], "verifier": verifier()}
+        if isinstance(data.get("policy"), dict) and data["policy"].get("plugin") == "daedal":
+            # the untrained models never predict EOS: rows would grow to the shipped 2048
+            data["policy"] = {**data["policy"], "max_gen_length": 24}
     elif kind == "plugin":
         name, slot = rest.split(":")
         data = _slots_for_plugin(draw, name, slot)

@@ -51,6 +51,7 @@ ENTRIES = (
     Entry("llada-reference", "klass, conf 0.9 / KL 0.01 over 2 forwards, blocks of 32", "klass"),
     Entry("llada-reference", "credit (dInfer), threshold 0.9, blocks of 32", "credit"),
     Entry("llada-reference", "localleap, anchor 0.9 / relaxed 0.75 within 4, blocks of 32", "localleap"),
+    Entry("llada-reference", "daedal, initial 64 / up to 2048, blocks of 32", "daedal"),
     Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("dream-reference", "dream sampler, entropy, 24 steps", "dream", ("generation.steps=24",)),
