@@ -126,16 +126,22 @@ class DreamLayer(nn.Module):
                           self.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
 
 
-class DreamModel(Denoiser):
-    def __init__(self, config: DreamConfig) -> None:
+class QwenLayoutModel(Denoiser):
+    """The Qwen2 checkpoint layout Dream, Fast-dLLM v2 and SDAR share: `model.embed_tokens`,
+    `model.layers`, `model.norm` and an untied `lm_head`. A family names its layer class and
+    whether its final norm multiplies the weight in float32 (Qwen3 / SDAR)."""
+    layer_class: type[nn.Module]
+    norm_weight_upcast: bool = False
+
+    def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.arch = a = config.arch()
         self.spec = config.spec()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(a.vocab_size, a.d_model)
-        self.model.layers = nn.ModuleList(DreamLayer(a) for _ in range(a.n_layers))
-        self.model.norm = RMSNorm(a.d_model, a.norm_eps)
+        self.model.layers = nn.ModuleList(self.layer_class(a) for _ in range(a.n_layers))
+        self.model.norm = RMSNorm(a.d_model, a.norm_eps, weight_upcast=self.norm_weight_upcast)
         if not a.tied:
             self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
 
@@ -150,3 +156,7 @@ class DreamModel(Denoiser):
 
     def block_parts(self) -> list[BlockParts]:
         return [layer.parts() for layer in self.model.layers]
+
+
+class DreamModel(QwenLayoutModel):
+    layer_class = DreamLayer

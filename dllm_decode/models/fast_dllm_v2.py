@@ -34,11 +34,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from torch import Tensor, nn
 
-from .denoiser import Arch, BlockParts, Denoiser, ModelSpec
-from .dream import DreamLayer
-from .layers import RMSNorm
+from .denoiser import Arch, ModelSpec
+from .dream import DreamLayer, QwenLayoutModel
 
 __all__ = ["FastDLLMv2Config", "FastDLLMv2Model"]
 
@@ -129,27 +127,5 @@ class FastDLLMv2Config:
                          shift_logits=True, block_size=self.bd_size)
 
 
-class FastDLLMv2Model(Denoiser):
-    def __init__(self, config: FastDLLMv2Config) -> None:
-        super().__init__()
-        self.config = config
-        self.arch = a = config.arch()
-        self.spec = config.spec()
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(a.vocab_size, a.d_model)
-        self.model.layers = nn.ModuleList(DreamLayer(a) for _ in range(a.n_layers))
-        self.model.norm = RMSNorm(a.d_model, a.norm_eps)
-        if not a.tied:
-            self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
-
-    def embed_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight
-
-    def head_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight if self.arch.tied else self.lm_head.weight
-
-    def final_norm(self) -> RMSNorm:
-        return self.model.norm
-
-    def block_parts(self) -> list[BlockParts]:
-        return [layer.parts() for layer in self.model.layers]
+class FastDLLMv2Model(QwenLayoutModel):
+    layer_class = DreamLayer

@@ -32,9 +32,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from torch import Tensor, nn
+from torch import nn
 
-from .denoiser import Arch, BlockParts, Denoiser, ModelSpec
+from .denoiser import Arch, BlockParts, ModelSpec
+from .dream import QwenLayoutModel
 from .layers import GatedMLP, RMSNorm
 
 __all__ = ["SDARConfig", "SDARModel"]
@@ -149,27 +150,6 @@ class SDARLayer(nn.Module):
                           q_norm=at.q_norm, k_norm=at.k_norm)
 
 
-class SDARModel(Denoiser):
-    def __init__(self, config: SDARConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.arch = a = config.arch()
-        self.spec = config.spec()
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(a.vocab_size, a.d_model)
-        self.model.layers = nn.ModuleList(SDARLayer(a) for _ in range(a.n_layers))
-        self.model.norm = RMSNorm(a.d_model, a.norm_eps, weight_upcast=True)
-        if not a.tied:
-            self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
-
-    def embed_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight
-
-    def head_weight(self) -> Tensor:
-        return self.model.embed_tokens.weight if self.arch.tied else self.lm_head.weight
-
-    def final_norm(self) -> RMSNorm:
-        return self.model.norm
-
-    def block_parts(self) -> list[BlockParts]:
-        return [layer.parts() for layer in self.model.layers]
+class SDARModel(QwenLayoutModel):
+    layer_class = SDARLayer
+    norm_weight_upcast = True
