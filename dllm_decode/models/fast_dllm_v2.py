@@ -32,11 +32,11 @@ Absent config keys take ``configuration.py``'s (Qwen2's) defaults; ``layer_types
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
 from .denoiser import Arch, ModelSpec
-from .dream import DreamLayer, QwenLayoutModel
+from .dream import DreamLayer, QwenLayoutModel, qwen_arch, qwen_config
 
 __all__ = ["FastDLLMv2Config", "FastDLLMv2Model"]
 
@@ -71,27 +71,11 @@ class FastDLLMv2Config:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "FastDLLMv2Config":
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: Fast-dLLM v2 config has hidden_act={d['hidden_act']!r}; "
-                             "only 'silu' is supported")
-        rs = d.get("rope_scaling")
-        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise ValueError(f"{source}: Fast-dLLM v2 config has rope_scaling={rs!r}; only default RoPE is supported")
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: Fast-dLLM v2 config has use_sliding_window=true; not supported")
         other = sorted({t for t in d.get("layer_types") or () if t != "full_attention"})
         if other:
             raise ValueError(f"{source}: Fast-dLLM v2 config has layer_types {other}; only 'full_attention' "
                              "is supported")
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names and v is not None})
-        if isinstance(cfg.eos_token_id, list):
-            cfg.eos_token_id = cfg.eos_token_id[0]
-        if cfg.num_key_value_heads is None:
-            cfg.num_key_value_heads = cfg.num_attention_heads
-        if cfg.head_dim is None:
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        return cfg
+        return qwen_config(cls, d, source, "Fast-dLLM v2", skip_none=True)
 
     def to_dict(self) -> dict:
         """The config.json a Fast-dLLM v2 checkpoint ships (real field names, real auto_map)."""
@@ -113,11 +97,7 @@ class FastDLLMv2Config:
         return d
 
     def arch(self) -> Arch:
-        return Arch(d_model=self.hidden_size, n_layers=self.num_hidden_layers,
-                    n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads,
-                    head_dim=self.head_dim, mlp_hidden=self.intermediate_size, vocab_size=self.vocab_size,
-                    rope_theta=float(self.rope_theta), norm_eps=self.rms_norm_eps,
-                    rope_full_precision=False, qkv_bias=True, tied=self.tie_word_embeddings)
+        return qwen_arch(self, self.head_dim, qkv_bias=True)
 
     def spec(self) -> ModelSpec:
         eos = self.eos_token_id

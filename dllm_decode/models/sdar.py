@@ -30,12 +30,12 @@ torch. Absent config keys take ``configuration_sdar.py``'s defaults.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 from torch import nn
 
 from .denoiser import Arch, BlockParts, ModelSpec
-from .dream import QwenLayoutModel
+from .dream import QwenLayoutModel, qwen_arch, qwen_config
 from .layers import GatedMLP, RMSNorm
 
 __all__ = ["SDARConfig", "SDARModel"]
@@ -71,22 +71,7 @@ class SDARConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "SDARConfig":
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: SDAR config has hidden_act={d['hidden_act']!r}; only 'silu' is supported")
-        rs = d.get("rope_scaling")
-        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise ValueError(f"{source}: SDAR config has rope_scaling={rs!r}; only default RoPE is supported")
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: SDAR config has use_sliding_window=true; not supported")
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if isinstance(cfg.eos_token_id, list):
-            cfg.eos_token_id = cfg.eos_token_id[0]
-        if cfg.num_key_value_heads is None:
-            cfg.num_key_value_heads = cfg.num_attention_heads
-        if cfg.head_dim is None:
-            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        return cfg
+        return qwen_config(cls, d, source, "SDAR")
 
     def to_dict(self) -> dict:
         """The config.json an SDAR checkpoint ships (real field names, real auto_map)."""
@@ -107,11 +92,7 @@ class SDARConfig:
         return d
 
     def arch(self) -> Arch:
-        return Arch(d_model=self.hidden_size, n_layers=self.num_hidden_layers,
-                    n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads,
-                    head_dim=self.head_dim, mlp_hidden=self.intermediate_size, vocab_size=self.vocab_size,
-                    rope_theta=float(self.rope_theta), norm_eps=self.rms_norm_eps,
-                    rope_full_precision=False, qkv_bias=self.attention_bias, tied=self.tie_word_embeddings)
+        return qwen_arch(self, self.head_dim, qkv_bias=self.attention_bias)
 
     def spec(self) -> ModelSpec:
         if self.mask_token_id is None:
