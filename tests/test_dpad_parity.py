@@ -11,7 +11,6 @@ import torch
 
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
-from dllm_decode.models import build_random_model
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dpad import dpad_generate
 from shipped import shipped_model_and_prompts
@@ -19,12 +18,6 @@ from shipped import shipped_model_and_prompts
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
-
-
-@pytest.fixture(scope="module")
-def tiny_dream():
-    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
 
 
 def _recipe(gen, block, steps, dpad, threshold=None, family="llada"):

@@ -9,7 +9,7 @@ import torch
 
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
-from dllm_decode.models import ComputePlan, build_random_model
+from dllm_decode.models import ComputePlan
 from dllm_decode.testing import ParityMismatch, RandomLogitsModel, ReferenceOutput, check_invariants, check_parity
 from reference_localleap import localleap_generate
 from shipped import shipped_model_and_prompts
@@ -41,12 +41,6 @@ def _ref(**options):
                                          shift=getattr(model.spec, "shift_logits", False), **options)
         return ReferenceOutput(tokens, nfe)
     return ref
-
-
-@pytest.fixture(scope="module")
-def tiny_dream():
-    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
 
 
 # Per model: the code's defaults (the stub's confidences reach them; the tiny models' stay
