@@ -285,6 +285,31 @@ def test_workload_batches_hold_one_task_and_fill_the_token_budget():
         Batcher(TrainConfig(**{**cfg.__dict__, "canvas": (256,), "canvas_weights": (1.0,)}), tok)
 
 
+def test_task_groups_mix_their_tasks_and_never_another_group():
+    """--task-groups: a batch draws one group, mixes its tasks row by row and is sized by the
+    group's longest task; a group of one task is a one-task batch; bad groups are refused."""
+    tok = build_char_tokenizer()
+    cfg = TrainConfig(family="ar", out="unused", tasks=("copy", "chain", "series"), batch_by_task=True,
+                      batch_tokens=8192, task_groups=(0, 0, 1))
+    b, rng = Batcher(cfg, tok), __import__("random").Random(0)
+    kinds = []
+    for _ in range(16):
+        ids, att, P = b.task_batch(rng)
+        rows = [tok.decode(r[:P].tolist(), skip_special_tokens=True) for r in ids]
+        names = {"series" if r.startswith("from ") else "copy" if r.startswith("copy: ") else "chain" for r in rows}
+        kinds.append(names)
+        assert names <= {"copy", "chain"} or names == {"series"}
+        group = ("series",) if names == {"series"} else ("copy", "chain")
+        width = max(get_task(t).max_prompt_tokens for t in group) + max(get_task(t).max_answer_tokens
+                                                                         for t in group) + 1
+        assert ids.shape[0] == 8192 // width
+    assert {"copy", "chain"} in kinds and {"series"} in kinds
+    with pytest.raises(ValueError, match="task_groups has 2 entries for 3 tasks"):
+        Batcher(TrainConfig(**{**cfg.__dict__, "task_groups": (0, 1)}), tok)
+    with pytest.raises(ValueError, match="needs --batch-by-task"):
+        Batcher(TrainConfig(**{**cfg.__dict__, "batch_by_task": False}), tok)
+
+
 def test_bf16_autocast_trains_deterministically_and_differs_from_float32(tmp_path):
     cfg = {**_tiny("ar", tmp_path / "a").__dict__, "tasks": ("echo", "chain"), "batch_by_task": True,
            "max_length": 2048}
