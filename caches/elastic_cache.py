@@ -62,7 +62,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Elastic-Cache: sliding-window queries against cached K/V, refreshed from "
                        "the layer where the most-attended tokens' attention drifts", options=Options,
-                       exact=False, requires=("compute_plans",))
+                       exact=False, requires=("compute_plans", "bidirectional"))
 
 
 @hookimpl

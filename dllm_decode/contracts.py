@@ -48,6 +48,10 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
         if "compute_plans" in meta.requires and not runs_plans:
             raise InputError(f"{where}: plugin {name!r} builds compute plans, but {model_name} runs only "
                              "plain forwards; use a model loaded by dllm_decode.models.load_model")
+        block = getattr(spec, "block_size", None)
+        if "bidirectional" in meta.requires and block:
+            raise RecipeError(f"{where}: plugin {name!r} needs attention over the whole canvas, but "
+                              f"{model_name} is a block-causal {family} model (blocks of {block})")
         if meta.families and family is not None and family not in meta.families:
             raise RecipeError(f"{where}: plugin {name!r} supports model families {list(meta.families)}, "
                               f"not this {family} model ({model_name})")

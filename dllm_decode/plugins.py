@@ -48,7 +48,10 @@ class PluginMeta:
     ``options``: pydantic model of its parameters (one model shared by every slot it fills).
     ``revocable``: may re-mask committed tokens (WINO-style); the engine records every re-mask.
     ``exact``: for caches, whether tokens equal those of a plain forward (None: not a cache).
-    ``requires``: model capabilities the plugin needs (e.g. ``"compute_plans"``).
+    ``requires``: model capabilities the plugin needs: ``"compute_plans"`` (a model that runs
+    ``ComputePlan``s), ``"bidirectional"`` (attention over the whole canvas: feature reuse,
+    shadow queries, attention weights and the layer-adaptive executor have no block-causal form).
+    Checked when the recipe meets the model.
     ``idle_steps``: as ``select_tokens``, may commit nothing in a step, because its reference
     schedule rounds a step's count down to zero (Dream) or draws it at random (Dream's
     ``origin``). The engine then skips its no-progress check; ``generation.max_steps`` still

@@ -63,7 +63,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="WINO: wide-in threshold drafts verified by a shadow block in the "
                        "same forward; re-masks tokens that fail (revocable)", options=Options,
-                       revocable=True, requires=("compute_plans",), families=("llada",),
+                       revocable=True, requires=("compute_plans", "bidirectional"), families=("llada",),
                        pairs=(("select_tokens", "score"), ("score", "cache_policy")))
 
 

@@ -153,6 +153,20 @@ def test_a_plugin_limited_to_a_family_is_refused_when_the_recipe_meets_the_model
         _decoder({}, {"policy": "wino"}, model=dream)
 
 
+@pytest.mark.parametrize("recipe", [{"policy": "llada", "cache_policy": "dllm_cache"},
+                                    {"policy": "slowfast", "score": "llada", "cache_policy": "slowfast_tail"},
+                                    {"policy": "llada", "cache_policy": "elastic_cache"}])
+def test_whole_canvas_plugins_are_refused_on_a_block_causal_model(recipe):
+    """Feature reuse, shadow queries and the layer-adaptive executor have no block-causal form:
+    refused when the recipe meets the model, not mid-decode."""
+    sdar = build_random_model("sdar", vocab_size=48, mask_token_id=47, block_size=4)
+    name = recipe["cache_policy"]
+    with pytest.raises(RecipeError, match=rf"plugin '{name}' needs attention over the whole canvas, but "
+                                          r"SDARModel is a block-causal sdar model \(blocks of 4\)"):
+        _decoder({}, recipe, model=sdar)
+    _decoder({}, {"policy": "llada", "cache_policy": "kv_block"}, model=sdar)   # a plain KV cache is fine
+
+
 def test_eos_ids_outside_the_vocabulary_are_refused():
     with pytest.raises(InputError, match=r"generation.eos.ids \[99\] lie outside the model's vocabulary \[0, 48\)"):
         Decoder(RandomLogitsModel(), recipe_from_dict({"policy": "llada", "generation": {

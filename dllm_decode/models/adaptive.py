@@ -204,6 +204,9 @@ def adaptive_forward(model: "Denoiser", input_ids: Tensor, attention_mask: Tenso
                      plan: ComputePlan, store: CacheStore | None) -> ForwardOutput:
     """Run ``plan`` (write_hidden, optionally drift) against ``store``; see the module doc."""
     B, L = input_ids.shape
+    if model.spec.block_size:
+        raise ValueError(f"plan {plan.name!r}: the layer-adaptive executor attends over the whole canvas; "
+                         f"the {model.spec.family} model is block-causal")
     _check(plan, store, L)
     run = _start(model, input_ids, attention_mask, plan, store)
     x = F.embedding(input_ids.gather(1, run.idx), model.embed_weight())    # (B, f, d)
