@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import RMSNorm, Sel, apply_rope, attend, position_ids_from_mask, rope_tables
+from .layers import RMSNorm, Sel, apply_rope, attend, attend_weights, position_ids_from_mask, rope_tables
 from .output import ForwardOutput
 from .plan import ComputePlan
 from .store import CacheStore
@@ -84,6 +84,7 @@ class Feed:
     limit: Tensor | None = None   # (B,) the plan's key_limit
     cos: Tensor | None = None     # (B, 1, f + S, D) RoPE tables of the fed (and shadow) queries
     sin: Tensor | None = None
+    attention: list[Tensor] | None = None   # per layer (B, f, K) head-mean attention (plan.attention)
 
 
 def _check_store(plan: ComputePlan, store: CacheStore | None) -> None:
@@ -146,8 +147,9 @@ class Denoiser(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_store(self) -> CacheStore:
-        """A fresh, empty per-request cache store for this model."""
-        return CacheStore()
+        """A fresh, empty per-request cache store for this model (it records the model's logit
+        shift, which a cache choosing positions to recompute needs)."""
+        return CacheStore(shift=1 if self.spec.shift_logits else 0)
 
     # ---- the executor ---------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -173,15 +175,23 @@ class Denoiser(nn.Module):
         if store is not None:
             store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end) \
                 + 2.0 * B * S * a.d_model * a.vocab_size
+        if run.attention:
+            feed.attention = []
         for i, parts in enumerate(self.block_parts()):
             reuse = run.reuse_features and i not in run.full_layers
             x = (self._layer_reuse if reuse else self._layer_full)(i, parts, x, feed)
+        attention = None if feed.attention is None else tuple(feed.attention)
+        if attention is not None and store is not None:
+            store.attention = attention
+        if not fed.is_range:
+            logits, positions = self._index_logits(x, run, fed.idx, L)
+            return ForwardOutput(logits, positions, attention=attention)
         positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
         if S:
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
             return ForwardOutput(self._logits(x[:, :-S], run, fed, feed.s, feed.e, L), positions,
-                                 self._head(x[:, -S:]))
-        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L), positions)
+                                 self._head(x[:, -S:]), attention=attention)
+        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L), positions, attention=attention)
 
     def _feed(self, input_ids: Tensor, attention_mask: Tensor | None, plan: ComputePlan,
               store: CacheStore | None) -> "Feed":
@@ -212,6 +222,8 @@ class Denoiser(nn.Module):
         # write window (APD), or at or past its key limit (a row cut shorter than the batch's
         # feed writes nothing there, exactly as if it had been fed alone)
         frozen = None if plan.write_window is None else ~self._in_window(plan.write_window, s, e)
+        if plan.query_only is not None:
+            frozen = plan.query_only.to(dev)
         if cut is not None:
             beyond = ~fed.take(cut, 1)
             frozen = beyond if frozen is None else frozen | beyond
@@ -332,7 +344,12 @@ class Denoiser(nn.Module):
             fed.put_unless(store.k[i], 2, k, frozen)
             fed.put_unless(store.v[i], 2, v, frozen)
             K, V = store.k[i][:, :, :feed.key_end], store.v[i][:, :, :feed.key_end]  # (B, Hkv, Lk, D)
-        att = p.o(attend(q, K, V, feed.kmask))                              # (B, f, d)
+        if feed.attention is None:
+            att = p.o(attend(q, K, V, feed.kmask))                          # (B, f, d)
+        else:
+            o, w = attend_weights(q, K, V, feed.kmask)                      # (B, f, H*D), (B, f, Lk)
+            feed.attention.append(w)
+            att = p.o(o)
         if plan.write_features or plan.reuse_features:
             fed.put_unless(store.attn[i], 1, att, frozen)
         x = x + att
@@ -433,38 +450,49 @@ class Denoiser(nn.Module):
         return out if scale == 1.0 else out * scale
 
     def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
-        head = self._head
+        """Aligned logits of a range feed [s, e) from its output start on."""
         shift = self.spec.shift_logits and plan.shift is not False
-        if fed.is_range:
-            o, e = plan.out_range(L)
-            lo = o - 1 if (shift and o > s) else o
-            raw = head(x[:, lo - s: e - s])                                 # (B, e - lo, V)
-            if not shift or raw.shape[1] == 0:
-                return raw
-            if plan.shift_from is not None:
-                # per row: position shift_from[b] keeps its own logit (the in-window shift of a
-                # row whose own feed would start there), every other one takes p - 1's
-                cols = torch.arange(o, e, device=raw.device)[None, :]       # (1, q)
-                own = (cols - 1 < lo) | (cols == plan.shift_from.to(raw.device)[:, None])
-                src = torch.where(own, cols, cols - 1) - lo                 # (B, q)
-                return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
-            if lo < o:
-                return raw[:, :-1]        # position p gets the raw logit of p - 1
-            # window start gets its own logit: the reference samplers' in-window shift
-            return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
-
-        raw = head(x)                                                       # (B, f, V)
-        if not shift:
+        o, e = plan.out_range(L)
+        lo = o - 1 if (shift and o > s) else o
+        raw = self._head(x[:, lo - s: e - s])                               # (B, e - lo, V)
+        if not shift or raw.shape[1] == 0:
             return raw
-        # index feeds: take the raw logit of p - 1 where p - 1 was fed, else p's own
-        idx = fed.idx
+        if plan.shift_from is not None:
+            # per row: position shift_from[b] keeps its own logit (the in-window shift of a
+            # row whose own feed would start there), every other one takes p - 1's
+            cols = torch.arange(o, e, device=raw.device)[None, :]           # (1, q)
+            own = (cols - 1 < lo) | (cols == plan.shift_from.to(raw.device)[:, None])
+            src = torch.where(own, cols, cols - 1) - lo                     # (B, q)
+            return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+        if lo < o:
+            return raw[:, :-1]        # position p gets the raw logit of p - 1
+        # window start gets its own logit: the reference samplers' in-window shift
+        return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
+
+    def _index_logits(self, x: Tensor, plan: ComputePlan, idx: Tensor, L: int) -> tuple[Tensor, Tensor]:
+        """Logits (B, f, V) of an index feed and the canvas positions they predict (B, f): the
+        output at fed position p predicts p (LLaDA family) or p + 1 (shifted family, unless
+        plan.shift is False), as the subset caches' samplers read them. A column that predicts
+        nothing (query_only, or p + 1 past the canvas) repeats the row's nearest column before
+        it that does (after it, for leading ones), logits and position, so rows hold only what
+        they would alone and positions stay ascending; a row with no such column is returned
+        as fed."""
+        raw = self._head(x)                                                 # (B, f, V)
+        shift = 1 if self.spec.shift_logits and plan.shift is not False else 0
+        target = idx + shift                                                # (B, f)
+        real = target < L
+        if plan.query_only is not None:
+            real = real & ~plan.query_only.to(idx.device)
+        if shift == 0 and plan.query_only is None:
+            return raw, idx
         B, f = idx.shape
-        slot = torch.arange(f, device=idx.device).unsqueeze(0).expand(B, f)
-        inv = torch.full((B, L), -1, dtype=torch.long, device=idx.device)
-        inv.scatter_(1, idx, slot)
-        prev = inv.gather(1, (idx - 1).clamp(min=0))
-        src = torch.where((idx > 0) & (prev >= 0), prev, slot)
-        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+        col = torch.arange(f, device=idx.device).expand(B, f)
+        before = torch.where(real, col, -1).cummax(dim=1).values            # nearest real column <= j
+        after = torch.where(real, col, f).flip(1).cummin(dim=1).values.flip(1)   # nearest real >= j
+        src = torch.where(before >= 0, before, after)
+        src = torch.where(src < f, src, col)                                # no real column: as fed
+        positions = torch.where(real.any(dim=1, keepdim=True), target.gather(1, src), idx)
+        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1])), positions
 
 
 @torch.no_grad()

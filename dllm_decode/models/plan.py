@@ -37,6 +37,7 @@ How the built-in caches and policies build their plans (the constructors below):
     dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
+    d2Cache's attention rollout   plan.with_(attention=True)            + head-mean attention per layer
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
     prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
@@ -61,7 +62,17 @@ class ComputePlan:
     index           (B, f) LongTensor of canvas positions to feed instead of a range; each row
                     sorted ascending and without duplicates. Used for arbitrary query subsets
                     (dKV delayed caching, d2Cache). Requires keys='fed' or keys='store' and no
-                    feature reuse.
+                    feature reuse. The logits of an index feed are those the fed positions'
+                    outputs make: column j predicts index[:, j] in the LLaDA family and
+                    index[:, j] + 1 in a shifted family (Dream: the raw output at p predicts
+                    p + 1), as the dKV-Cache and d2Cache samplers read them. A column that
+                    predicts nothing (a query_only position, or a shifted family's last canvas
+                    position) repeats the row's nearest column that does (same logits, same
+                    position), so every row returns only what it would alone.
+    query_only      (B, f) bool, index feeds with keys='store': fed positions computed as queries
+                    whose stored K/V stay as they are (the other queries attend to the stored
+                    ones) and whose logits are not returned. subset(mask) marks the positions it
+                    tops a short row up with, so a row computes what it would alone.
     keys            'fed' (attend over fed positions only) or 'store' (write fresh K/V of the
                     recomputed positions in place into the store, then attend over all written,
                     non-pad store positions < key_end).
@@ -105,6 +116,14 @@ class ComputePlan:
                     get fed alone.
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
+    attention       Also return every layer's attention probabilities averaged over the heads,
+                    (B, f, K) per layer: row j is fed position j (the index, or the fed range),
+                    column k is key position k (the fed positions with keys='fed', canvas
+                    positions [0, key_end) with keys='store'); masked keys get 0. The
+                    attention is then computed explicitly (softmax(q k^T / sqrt(D)) v, the
+                    softmax in at least float32) instead of by the fused kernel, so logits may
+                    differ from the plan without it in the last bits. d2Cache's attention
+                    rollout reads them (ForwardOutput.attention; also kept in store.attention).
     shadow          (B, S) LongTensor of canvas positions (WINO's "shadow block"): S extra
                     queries, each a MASK token with the RoPE position of its canvas position,
                     that attend to every fed key except the one at their own position, and to
@@ -134,6 +153,8 @@ class ComputePlan:
     key_limit: Tensor | None = None
     shift_from: Tensor | None = None
     shift: bool | None = None
+    query_only: Tensor | None = None
+    attention: bool = False
     shadow: Tensor | None = None
     name: str = "full"
 
@@ -162,8 +183,15 @@ class ComputePlan:
             raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
         if self.shift_from is not None and self.index is not None:
             raise ValueError("shift_from applies to range feeds only")
+        if self.query_only is not None:
+            if self.index is None or self.keys != "store":
+                raise ValueError("query_only needs an index feed with keys='store'")
+            if self.query_only.dtype != torch.bool or self.query_only.shape != self.index.shape:
+                raise ValueError("ComputePlan.query_only must be a (B, f) bool tensor shaped like index")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
+        if self.attention and (self.reuse_features or self.shadow is not None):
+            raise ValueError("attention weights are returned for plans without feature reuse or shadows")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
@@ -194,9 +222,11 @@ class ComputePlan:
 
     def query_positions(self, L: int, batch_size: int | None = None,
                         device: torch.device | str | None = None) -> Tensor:
-        """Canvas positions the returned logits refer to: (B, q) LongTensor, logits[:, j] is
-        the prediction for canvas position query_positions[:, j]. Range plans give one row
-        expanded to `batch_size` (a (1, q) row when batch_size is None)."""
+        """Canvas positions of the fed queries: (B, q) LongTensor. For range plans logits[:, j]
+        is the prediction for canvas position query_positions[:, j] (one row expanded to
+        `batch_size`; a (1, q) row when batch_size is None). For index plans these are the fed
+        positions; the positions their logits predict are the forward's
+        `ForwardOutput.positions` (see `index`)."""
         if self.index is not None:
             return self.index if device is None else self.index.to(device)
         a, b = self.out_range(L)
@@ -216,7 +246,8 @@ class ComputePlan:
         """The same plan for the batch stacked n times (classifier-free guidance runs the
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
         rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
-                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow")
+                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "query_only",
+                          "shadow")
                 if getattr(self, k) is not None}
         return replace(self, **rows) if rows else self
 
@@ -302,18 +333,26 @@ class ComputePlan:
                    full_layers=tuple(full_layers), out_start=out_start, name="feature_step")
 
     @classmethod
-    def subset(cls, positions: Tensor) -> "ComputePlan":
+    def subset(cls, positions: Tensor, *, query_only: Tensor | None = None, attention: bool = False,
+               name: str = "subset") -> "ComputePlan":
         """Recompute an arbitrary per-row subset of positions as queries, with their own RoPE
-        positions, against the store's K/V of every other position (dKV-Cache delayed caching,
-        d2Cache). `positions` is a (B, q) LongTensor (rows sorted, no duplicates) or a (B, L)
+        positions, writing their fresh K/V to the store and attending to the store's K/V of
+        every other position (dKV-Cache delayed caching, d2Cache). `positions` is a (B, q)
+        LongTensor (rows sorted, no duplicates; `query_only` (B, q) bool optional) or a (B, L)
         bool mask. Rows of a mask with unequal counts are topped up with their smallest
-        unselected positions so every row feeds q tokens (recomputing extra positions is exact,
-        only slower). Mask conversion syncs with the device; it happens here, never inside the
+        unselected positions so every row feeds q tokens; the top-ups are `query_only` (their
+        stored K/V stay, their logits are not returned), so each row computes exactly what it
+        would alone. Mask conversion syncs with the device; it happens here, never inside the
         forward."""
         if positions.dtype == torch.bool:
-            q = int(positions.sum(1).max())
+            counts = positions.sum(1)                                       # (B,)
+            q = int(counts.max())
             # stable sort puts each row's selected positions first, then its unselected ones in
             # ascending order: the first q are the selection topped up with the smallest others
-            order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)
-            positions = order[:, :q].sort(dim=1).values
-        return cls(index=positions.long(), keys="store", name="subset")
+            order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)[:, :q]
+            index = order.sort(dim=1).values
+            query_only = None
+            if bool((counts < q).any()):
+                query_only = ~positions.gather(1, index)
+            positions = index
+        return cls(index=positions.long(), keys="store", query_only=query_only, attention=attention, name=name)

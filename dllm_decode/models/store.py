@@ -10,7 +10,13 @@ Layout, per transformer layer, indexed by absolute canvas position:
     attn   (B, L, d_model)  attention sub-layer output after the output projection
     ffn    (B, L, d_model)  FFN sub-layer output
 plus `kv_valid` (B, L): which positions hold K/V that were actually computed; attention over
-the store never uses a slot nobody wrote, and `flops`: what the request's forwards computed.
+the store never uses a slot nobody wrote, `flops`: what the request's forwards computed, and
+`attention`: the head-mean attention probabilities of the last forward whose plan asked for
+them (ComputePlan.attention; d2Cache's rollout reads them at its next step).
+
+`shift` is the model's logit shift (0: the output at position p predicts p, LLaDA family; 1: it
+predicts p + 1, Dream family): a cache choosing which positions to recompute (dKV-Cache,
+d2Cache) feeds the positions whose outputs predict the ones it wants.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ class CacheStore:
     """Per-layer K/V and sub-layer outputs of one request. Allocated lazily on the first write
     (zeros, so unwritten slots are finite); the (B, L) canvas shape is then fixed until clear()."""
 
-    def __init__(self) -> None:
+    def __init__(self, shift: int = 0) -> None:
+        self.shift = shift
         self.clear()
 
     def clear(self) -> None:
@@ -41,6 +48,8 @@ class CacheStore:
         self.meta: dict[str, Any] = {}
         # matmul FLOPs the forwards of this request actually computed (executor's count)
         self.flops: float = 0.0
+        # per layer (B, f, K): the last forward's head-mean attention, when its plan asked
+        self.attention: tuple[Tensor, ...] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -89,6 +98,8 @@ class CacheStore:
             lst[:] = [t.index_select(0, rows) for t in lst]
         if self.kv_valid is not None:
             self.kv_valid = self.kv_valid.index_select(0, rows)
+        if self.attention is not None:
+            self.attention = tuple(a.index_select(0, rows) for a in self.attention)
         if self.shape is not None:
             self.shape = (int(rows.numel()), self.shape[1])
 

@@ -267,30 +267,126 @@ def test_v_verify_recomputes_only_least_similar(lib, family):
     assert (outs[0.0] - resp)[mask].abs().max() > 1e-6
 
 
+def _subset_expected(lib, W, model, ids, mask, index, query_only, banks, L):
+    """What an index plan returns, from the naive forward: each row feeds only its real positions
+    (query-only ones write nothing and return nothing, so leaving them out changes no other
+    query); the output at p predicts p, or p + 1 for a shifted family; a column predicting
+    nothing repeats the nearest real column before it (after it, for leading ones)."""
+    shift = 1 if model.spec.shift_logits else 0
+    logits, positions = [], []
+    for b, row in enumerate(index.tolist()):
+        real = [j for j, p in enumerate(row) if p + shift < L and not (query_only is not None and query_only[b, j])]
+        fed = [p for j, p in enumerate(row) if query_only is None or not query_only[b, j]]
+        raw = lib.naive_row(W, ids[b], mask[b], fed, bank=banks[b], keys="bank")
+        slot = {p: k for k, p in enumerate(fed)}
+        cols, pos = [], []
+        for j in range(len(row)):
+            src = max([r for r in real if r <= j], default=min(real))
+            cols.append(raw[slot[row[src]]])
+            pos.append(row[src] + shift)
+        logits.append(torch.stack(cols))
+        positions.append(pos)
+    return torch.stack(logits), torch.tensor(positions)
+
+
+def _run_out(model, ids, mask, plan, store):
+    with torch.no_grad():
+        return model.execute(ids, mask, plan=plan, store=store)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dkv_delayed_subset(lib, family):
     model, W, ids0, mask = _setup(lib, family)
-    store = CacheStore()
+    store = model.new_store()
     _run(model, ids0, mask, ComputePlan.refresh(), store)
     banks = _naive_banks(lib, W, ids0, mask)
-    # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions
+    # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions;
+    # the last canvas position predicts nothing in a shifted family
     ids1 = lib.commit(ids0, [[6], [9], [13]], seed=51)
     index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
-    got = _run(model, ids1, mask, ComputePlan.subset(index), store)
-    want = _naive(lib, W, model, ids1, mask, index.tolist(), banks, keys="bank")
-    torch.testing.assert_close(got, want, **TIGHT)
-    # step 2 from a bool mask with unequal counts (topped up with the smallest other positions)
+    out = _run_out(model, ids1, mask, ComputePlan.subset(index), store)
+    want, pos = _subset_expected(lib, W, model, ids1, mask, index, None, banks, L)
+    torch.testing.assert_close(out.logits, want, **TIGHT)
+    assert out.positions.tolist() == pos.tolist()
+    # step 2 from a bool mask with unequal counts: topped up with the smallest other positions,
+    # which are queries only (their stored K/V stay, their logits are not returned)
     ids2 = lib.commit(ids1, [[7], [8], [12]], seed=52)
     sel = torch.zeros(3, L, dtype=torch.bool)
     sel[0, [7, 10, 11]] = True
-    sel[1, [12, 13]] = True
+    sel[1, [5, 12]] = True
     sel[2, [9, 10, 11]] = True
     plan = ComputePlan.subset(sel)
-    q = plan.query_positions(L)
-    assert q.shape == (3, 3) and q[1].tolist() == [0, 12, 13]
-    got = _run(model, ids2, mask, plan, store)
-    want = _naive(lib, W, model, ids2, mask, q.tolist(), banks, keys="bank")
-    torch.testing.assert_close(got, want, **TIGHT)
+    assert plan.query_positions(L)[1].tolist() == [0, 5, 12]
+    assert plan.query_only.tolist() == [[False] * 3, [True, False, False], [False] * 3]
+    k_before = [k.clone() for k in store.k]
+    out = _run_out(model, ids2, mask, plan, store)
+    want, pos = _subset_expected(lib, W, model, ids2, mask, plan.index, plan.query_only, banks, L)
+    torch.testing.assert_close(out.logits, want, **TIGHT)
+    assert out.positions.tolist() == pos.tolist()
+    assert out.positions[1].tolist() == ([5, 5, 12] if family == "llada" else [6, 6, 13])
+    assert all(torch.equal(k[1, :, 0], k0[1, :, 0]) for k, k0 in zip(store.k, k_before))   # top-up kept
+    assert not all(torch.equal(k[1, :, 5], k0[1, :, 5]) for k, k0 in zip(store.k, k_before))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_subset_rows_compute_what_they_would_alone(lib, family):
+    """A padded batch of subset plans topped up to a common width: every row's logits (columns
+    that predict something) and store writes equal those of the row fed alone."""
+    model, W, ids0, mask = _setup(lib, family)
+    sel = torch.zeros(3, L, dtype=torch.bool)
+    sel[0, [6, 7, 8, 9, 10, 11, 12]] = True
+    sel[1, [9, 13]] = True
+    sel[2, [7, 8, 12]] = True
+    ids1 = lib.commit(ids0, [[6], [9], [13]], seed=61)
+    store = model.new_store()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    batch = _run_out(model, ids1, mask, ComputePlan.subset(sel), store)
+    for b in range(3):
+        alone = model.new_store()
+        _run(model, ids0[b:b + 1], mask[b:b + 1], ComputePlan.refresh(), alone)
+        one = _run_out(model, ids1[b:b + 1], mask[b:b + 1], ComputePlan.subset(sel[b:b + 1]), alone)
+        got = dict(zip(batch.positions[b].tolist(), batch.logits[b]))
+        want = dict(zip(one.positions[0].tolist(), one.logits[0]))
+        assert got.keys() == want.keys()
+        for p in want:
+            torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=1e-12)
+        for k, k1 in zip(store.k, alone.k):
+            torch.testing.assert_close(k[b], k1[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_weights_are_returned_and_kept(lib, family):
+    """plan.attention: per layer the head-mean attention probabilities of the fed queries over
+    the keys, equal to the naive forward's; logits equal the plan without them (explicit
+    softmax instead of the fused kernel: equal up to rounding); the store keeps the last ones."""
+    model, W, ids0, mask = _setup(lib, family)
+    store = model.new_store()
+    full = _run_out(model, ids0, mask, ComputePlan.refresh().with_(attention=True), store)
+    assert store.attention is full.attention and len(full.attention) == model.arch.n_layers
+    torch.testing.assert_close(full.logits, _run(model, ids0, mask, None), rtol=1e-12, atol=1e-12)
+    for b in range(3):
+        probs = []
+        lib.naive_row(W, ids0[b], mask[b], list(range(L)), attention=probs)
+        for layer, p in enumerate(probs):
+            torch.testing.assert_close(full.attention[layer][b], p, **TIGHT)
+            assert float(full.attention[layer][b][:, ~mask[b]].abs().sum()) == 0.0     # pads are no keys
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [[6], [9], [13]], seed=71)
+    index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
+    plain_store = model.new_store()
+    _run(model, ids0, mask, ComputePlan.refresh(), plain_store)
+    plain = _run_out(model, ids1, mask, ComputePlan.subset(index), plain_store)
+    out = _run_out(model, ids1, mask, ComputePlan.subset(index, attention=True), store)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-12, atol=1e-12)
+    for b in range(3):
+        probs = []
+        lib.naive_row(W, ids1[b], mask[b], index[b].tolist(), bank=banks[b], keys="bank", attention=probs)
+        for layer, p in enumerate(probs):
+            assert out.attention[layer][b].shape == (4, L)
+            torch.testing.assert_close(out.attention[layer][b], p, **TIGHT)
+    assert store.attention is out.attention
+    with pytest.raises(ValueError, match="attention"):
+        ComputePlan.feature_step(P).with_(attention=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
