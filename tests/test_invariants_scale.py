@@ -110,6 +110,7 @@ OPTIONS = {
                                      "boost_gamma": st.sampled_from([0.0, 0.2, 1.0]),
                                      "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
 }
+OPTIONS["dkv_cache"] = st.fixed_dictionaries({"refresh_interval": st.integers(1, 4)})
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 
 
@@ -150,6 +151,9 @@ PAIRS = {
     "dream-block+kv_block-dual": ({"policy": "dream"}, "kv_block", {"mode": "dual"}),
     "dream-block+kv_block-prefix": ({"policy": "dream"}, "kv_block", {"mode": "prefix"}),
     "dream-block+dllm_cache": ({"policy": "dream"}, "dllm_cache", {}),
+    "llada+dkv_cache": ({"policy": "llada"}, "dkv_cache", {}),
+    "threshold+dkv_cache": ({"policy": "llada", "select_tokens": "threshold"}, "dkv_cache", {}),
+    "dream+dkv_cache": ({"policy": "dream"}, "dkv_cache", {}),
 }
 #: partners a plugin needs besides the slots its ``PluginMeta.pairs`` declare: the out-of-span
 #: cache acts on SlowFast's per-row phases

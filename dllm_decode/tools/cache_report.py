@@ -34,6 +34,7 @@ DUAL = "cache_policy={plugin: kv_block, mode: dual}"
 PREFIX = "cache_policy={plugin: kv_block, mode: prefix}"
 DLLM = "cache_policy={plugin: dllm_cache, prompt_interval: 100, response_interval: 7, rho: 0.25}"
 TAIL = "cache_policy=slowfast_tail"
+DKV = "cache_policy={plugin: dkv_cache, refresh_interval: 8}"
 
 
 def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry, ...]:
@@ -57,6 +58,8 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("slowfast + dllm_cache (100, 7, 0.25)", "slowfast", one_block + (DLLM,)),
         ("slowfast + slowfast_tail", "slowfast", one_block + (TAIL,)),
         ("slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)", "slowfast-dllm-cache", one_block),
+        ("llada, blocks of 32 + dkv_cache (refresh 8)", "dkv-cache", blocks),
+        ("threshold + dkv_cache (refresh 8)", "threshold", blocks + (DKV,)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:
@@ -67,7 +70,9 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                 Entry("dream-reference", "dream-block, threshold 0.9, one block", "dream-block", one),
                 Entry("dream-reference", "dream-block + kv_block dual, one block", "dream-fast-dllm", one),
                 Entry("dream-reference", "dream-block + dllm_cache (100, 7, 0.25), one block", "dream-block",
-                      one + (DLLM,))]
+                      one + (DLLM,)),
+                Entry("dream-reference", "dream sampler (entropy) + dkv_cache (refresh 16)", "dream-dkv-cache",
+                      (f"generation.gen_length={gen}", f"generation.steps={gen}"))]
     return tuple(out)
 
 
