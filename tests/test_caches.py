@@ -254,7 +254,7 @@ def test_refresh_every_step_is_exact():
 
 # ----------------------------------------------------------------------------- recipes
 CACHE_RECIPES = ["fast-dllm", "fast-dllm-prefix", "llada-dllm-cache", "slowfast-dllm-cache", "dream-fast-dllm",
-                 "dkv-cache", "dream-dkv-cache"]
+                 "dkv-cache", "dream-dkv-cache", "d2cache", "dream-d2cache"]
 
 
 @pytest.mark.parametrize("recipe", CACHE_RECIPES)
