@@ -113,7 +113,7 @@ def check_recipe(recipe, slots):
 
 @hookimpl
 def on_request_start(scratch):
-    scratch.update(conf0=None, fed=None, query_only=None)
+    scratch.update(conf0=None, fed=None, pad=None)
 
 
 # ----------------------------------------------------------------------------- score and selection
@@ -263,7 +263,7 @@ def certain_masks(state, conf0: torch.Tensor, options) -> torch.Tensor:
 def cache_policy(state, options, scratch):
     B, L = state.x.shape
     if scratch["conf0"] is None:                                            # the first forward: full
-        scratch.update(fed=None, query_only=None)
+        scratch.update(fed=None, pad=None)
         return ComputePlan.refresh(name="d2cache:full").with_(attention=True)
     P, shift = state.gen_start, getattr(state.store, "shift", 0)
     chosen = certain_masks(state, scratch["conf0"], options)                # (B, G)
@@ -276,14 +276,14 @@ def cache_policy(state, options, scratch):
     if fed is None:                                                         # the first forward fed all
         fed = state.columns.expand(B, L)
     real = state.attention_mask.gather(1, fed)
-    if scratch["query_only"] is not None:
-        real = real & ~scratch["query_only"]
+    if scratch["pad"] is not None:
+        real = real & ~scratch["pad"]
     importance = rollout_importance(state.store.attention, fed, real, L)    # (B, L)
     q = q | nucleus(importance, options.rollout_p, ~q & state.attention_mask)
     if shift:
         q[:, P - 1] = chosen[:, 0]
     if options.inflate_w > 0:
         q = inflate(q, options.inflate_w)
-    plan = ComputePlan.subset(q, attention=True, name="d2cache")
-    scratch.update(fed=plan.index, query_only=plan.query_only)
+    plan = ComputePlan.subset(q, shift=shift, attention=True, name="d2cache")
+    scratch.update(fed=plan.index, pad=plan.index_pad)
     return plan

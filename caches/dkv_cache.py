@@ -93,4 +93,4 @@ def cache_policy(state, options, scratch):
     if bool(full.all()):
         return ComputePlan.refresh(name="dkv:refresh")
     queries = delayed_queries(state, shift) | full[:, None]                 # refreshed rows: whole
-    return ComputePlan.subset(queries, name="dkv")
+    return ComputePlan.subset(queries, shift=shift, name="dkv")

@@ -14,7 +14,8 @@ The reused K/V were computed when the span began, so the result is approximate (
 argument: K/V of adjacent steps are nearly identical). Rows of a batch may sit in different
 blocks: one batched feed covers every row's window and each row rewrites K/V only inside its
 own (``ComputePlan.write_window``), so a row decodes exactly as it would alone.
-``refresh_interval`` adds periodic refreshes (1: every forward, the exact limit). Dream's
+``refresh_interval`` adds periodic refreshes (1: every forward, the exact limit). After a canvas
+rule (``resize_canvas``) grew rows, the engine has cleared the store and every row is refreshed. Dream's
 in-window logit shift at the window start is kept per row (``shift_from``); Fast-dLLM's Dream
 sampler sidesteps it by committing the block's first token at the refresh step, which is the
 ``dream`` policy's ``first_token: true``.
@@ -43,7 +44,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Fast-dLLM block KV cache: refresh when a span starts, then feed the "
                        "span (dual) or span + suffix (prefix) against cached K/V",
-                       options=Options, exact=False, requires=("compute_plans",))
+                       options=Options, exact=False, requires=("compute_plans",), resizable=True)
 
 
 @hookimpl
@@ -70,7 +71,9 @@ def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode:
 @hookimpl
 def cache_policy(state, options, scratch):
     every = options.refresh_interval            # state.nfe: forwards so far in this request
-    prev = None if every is not None and state.nfe % every == 0 else scratch["span"]
+    # a canvas rule that grew rows cleared the store and moved the columns: refresh
+    resized = state.last is not None and state.last.resize is not None
+    prev = None if resized or (every is not None and state.nfe % every == 0) else scratch["span"]
     plan = block_plan(state.span, prev, state.length, options.mode)
     scratch["span"] = state.span.clone()        # a span plugin may reuse its tensor in place
     return plan

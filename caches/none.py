@@ -5,7 +5,7 @@ from __future__ import annotations
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.plugins import PluginMeta
 
-dllm_meta = PluginMeta(summary="No cache: full forward every step", exact=True)
+dllm_meta = PluginMeta(summary="No cache: full forward every step", exact=True, resizable=True)
 
 
 @hookimpl

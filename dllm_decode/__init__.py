@@ -22,6 +22,7 @@ _EXPORTS = {
     "Candidates": "dllm_decode.state",
     "Selection": "dllm_decode.state",
     "Phase": "dllm_decode.state",
+    "Resize": "dllm_decode.state",
     "Guided": "dllm_decode.guidance",
     "DecodeState": "dllm_decode.state",
     "ComputePlan": "dllm_decode.models.plan",
@@ -61,7 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from dllm_decode.plugins import PluginMeta, PluginOptions
     from dllm_decode.sampling import gumbel_perturb, threshold_commit, token_probability, topk_mask
     from dllm_decode.guidance import Guided
-    from dllm_decode.state import Candidates, DecodeState, Phase, Selection
+    from dllm_decode.state import Candidates, DecodeState, Phase, Resize, Selection
 
 
 def __getattr__(name: str) -> Any:

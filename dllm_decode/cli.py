@@ -189,7 +189,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             continue
         flags = [f for f, on in (("revocable", info.meta.revocable),
                                  ("exact cache", info.meta.exact is True),
-                                 ("approximate cache", info.meta.exact is False)) if on]
+                                 ("approximate cache", info.meta.exact is False),
+                                 ("resizable", info.meta.resizable)) if on]
         print(f"{info.name}  [{origin}]" + (f"  ({', '.join(flags)})" if flags else ""))
         if info.meta.summary:
             print(f"    {info.meta.summary}")

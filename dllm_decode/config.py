@@ -132,6 +132,7 @@ class Recipe(_Strict):
     cache_policy: SlotEntry | None = None
     score: SlotEntry | None = None
     select_tokens: SlotEntry | None = None
+    resize_canvas: SlotEntry | None = None
     observers: list[str] = Field(default_factory=list, description="Extra observer plugins.")
     source: str | None = Field(None, exclude=True, description="File the recipe came from.")
     _overrides: list[str] = PrivateAttr(default_factory=list)   # the --set texts applied on top

@@ -47,7 +47,7 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
         meta = policy.metas[name]
         if "compute_plans" in meta.requires and not runs_plans:
             raise InputError(f"{where}: plugin {name!r} builds compute plans, but {model_name} runs only "
-                             "plain forwards; use a dllm_decode model (LLaDA or Dream family)")
+                             "plain forwards; use a model loaded by dllm_decode.models.load_model")
         if meta.families and family is not None and family not in meta.families:
             raise RecipeError(f"{where}: plugin {name!r} supports model families {list(meta.families)}, "
                               f"not this {family} model ({model_name})")

@@ -1,13 +1,14 @@
 """The diffusion-step loop.
 
 ``Decoder.generate`` splits prompts into batches; each batch is one request, decoded by
-iterating ``Decoder.steps``. One step is six named stages::
+iterating ``Decoder.steps``. One step is seven named stages (resize only with a canvas rule)::
 
     propose     span = choose_span(state)   phase = decide_phase(state)   plan = cache_policy(state)
     forward     out = model.execute(canvas, plan)                   # logits (B, q, V), positions
     candidates  cand = spread(score(state, out))                    # (B, L), eligibility set
     select      sel = select_tokens(state, cand)
     commit      next canvas and violation flags, a pure function    (commit.py, one host sync)
+    resize      rows grown by the optional canvas rule              (canvas.py)
     observe     after_step(state)
 
 The engine owns every write to the state and checks each plugin's output, raising an error that
@@ -22,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from dllm_decode import contracts
+from dllm_decode.canvas import apply_resize
 from dllm_decode.commit import Committed, commit, spread
 from dllm_decode.config import Recipe
 from dllm_decode.eos import stop_ids
@@ -103,7 +105,8 @@ class Decoder:
         factory = getattr(self.model, "new_store", None)
         store = factory() if callable(factory) else CacheStore()
         return new_state(prompts, self.gen, mask_id=self.mask_id, pad_id=self.pad_id, eos_ids=self.eos_ids,
-                         device=self._device(), store=store, plugins=self.policy.plugin_names, seeds=seeds)
+                         device=self._device(), store=store, plugins=self.policy.plugin_names, seeds=seeds,
+                         max_length=getattr(self.spec, "max_length", None))
 
     @torch.inference_mode()
     def steps(self, prompts: Sequence[Sequence[int]] | DecodeState,
@@ -127,7 +130,7 @@ class Decoder:
 
     def check_budget(self, state: DecodeState) -> None:
         """Refuse another step past ``generation.max_steps``, naming the likely cause."""
-        max_steps = self.gen.max_steps or 4 * self.gen.gen_length
+        max_steps = self.gen.max_steps or 4 * state.gen_length            # the canvas as it is now
         if state.step >= max_steps:
             why = (f"; select_tokens plugin {self.policy.plugin_for('select_tokens')!r} keeps re-masking?"
                    if self.policy.revocable else "; raise generation.max_steps")
@@ -179,8 +182,10 @@ class Decoder:
                                    revocable=self.policy.revocable, idle_steps=self.policy.idle_steps,
                                    vocab_size=out.logits.shape[-1])
         self._write(state, done, sel, cand, active)
+        grown = self._resize(state, cand, active, out.logits.shape[-1]) if self.policy.resizes else None
+        state.step += 1
         self._observe("after_step", state)
-        return done.finished
+        return done.finished if grown is None else grown
 
     def _propose(self, state: DecodeState) -> Any:
         """The step's span, phase and compute plan."""
@@ -256,7 +261,13 @@ class Decoder:
         state.history.append(StepRecord(step=state.step, span=state.span, phase=state.phase,
                                         committed=done.written, remasked=remasked,
                                         confidence=cand.confidence.to(torch.float32), active=active))
-        state.step += 1
+
+    def _resize(self, state: DecodeState, cand: Candidates, active: torch.Tensor, vocab_size: int) -> bool | None:
+        """The optional canvas rule, after the commit: rows grown, the state moved to the new
+        columns (canvas.py). None when nothing grew, else whether every row is done."""
+        r = self._call("resize_canvas", state, candidates=cand)
+        return None if r is None else apply_resize(state, r, active, blame=self._blamer("resize_canvas", state),
+                                                    pad_id=self.pad_id, vocab_size=vocab_size)
 
     # ------------------------------------------------------------------ plugin calls
 

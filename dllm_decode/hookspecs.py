@@ -2,7 +2,7 @@
 
 A decoding policy is a recipe that assigns one plugin to each *slot*. A slot is one of the
 decision hooks below (``choose_span``, ``decide_phase``, ``cache_policy``, ``score``,
-``select_tokens``). The engine calls a slot's hook on the assigned plugin only, so a plugin that
+``select_tokens``, ``resize_canvas``). The engine calls a slot's hook on the assigned plugin only, so a plugin that
 implements several hooks (SlowFast: span, phase and selection) can have any one of them swapped
 for another plugin in YAML without the others noticing. Observers (``on_request_start``,
 ``after_step``, ``on_request_end``) fan out to every plugin the recipe uses plus the recipe's
@@ -39,16 +39,16 @@ if TYPE_CHECKING:  # pragma: no cover - imported for annotations only
     import torch
 
     from dllm_decode.config import Recipe
-    from dllm_decode.state import Candidates, DecodeState, Phase, Selection
+    from dllm_decode.state import Candidates, DecodeState, Phase, Resize, Selection
 
 PROJECT = "dllm_decode"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: The decision hooks a recipe assigns, in the order the engine calls them each step.
-SLOTS: tuple[str, ...] = ("choose_span", "decide_phase", "cache_policy", "score", "select_tokens")
-#: Slots a recipe may leave empty: no phase label, and a plain full forward.
-OPTIONAL_SLOTS: tuple[str, ...] = ("decide_phase", "cache_policy")
+SLOTS: tuple[str, ...] = ("choose_span", "decide_phase", "cache_policy", "score", "select_tokens", "resize_canvas")
+#: Slots a recipe may leave empty: no phase label, a plain full forward, a fixed canvas.
+OPTIONAL_SLOTS: tuple[str, ...] = ("decide_phase", "cache_policy", "resize_canvas")
 #: Fan-out hooks.
 OBSERVERS: tuple[str, ...] = ("on_request_start", "after_step", "on_request_end")
 
@@ -169,6 +169,27 @@ def select_tokens(state: DecodeState, candidates: Candidates, options: Any,
         the plugin declares ``dllm_meta.idle_steps``: a schedule that rounds a step's count to
         zero, as Dream's does). The engine checks both and raises an error naming this plugin
         and the step.
+    """
+
+
+@hookspec(firstresult=True)
+def resize_canvas(state: DecodeState, candidates: Candidates, options: Any, scratch: dict,
+                  aux: dict) -> Resize | None:
+    """Grow rows of the canvas: variable-length generation (DAEDAL). Optional slot.
+
+    Called after the step's commit is written (``state`` holds the new canvas, ``state.last``
+    its record) and before ``after_step``.
+
+    :param candidates: the canvas-wide candidates ``select_tokens`` saw this step.
+    :return: a :class:`dllm_decode.state.Resize` (masks inserted before columns, positions
+        appended at a row's end, masked or holding a token), or ``None`` for no change. The engine
+        moves every per-position tensor of the state to the new columns (canvas, masks, commit
+        steps, ``ends``, ``gen_length``, this step's record and span), clears the request's cache
+        stores and memoised constants, and recomputes which rows are done (``dllm_decode.canvas``).
+    :invariant: only rows unfinished when the step began grow; insertions lie inside a row's
+        generated region; counts are >= 0; fill ids lie in the vocabulary; a row stays within
+        the model's ``max_length``. Otherwise the engine raises an error naming this plugin.
+        Every other plugin of the recipe must declare ``PluginMeta.resizable`` (checked at load).
     """
 
 

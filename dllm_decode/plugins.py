@@ -61,6 +61,10 @@ class PluginMeta:
     the recipe's dtype on the model's device, and hands it to every hook as ``aux[option]``.
     ``families``: model families it supports (``ModelSpec.family``); empty: any. Checked when
     the recipe meets the model.
+    ``resizable``: copes with a ``resize_canvas`` rule growing rows between its calls (it keeps
+    no columns across steps, or maps them through ``state.last.resize``; a cache rebuilds what it
+    reuses, since the engine clears the store at every resize). A recipe with a canvas rule is
+    refused at load time unless every other plugin it uses declares it.
     """
 
     summary: str = ""
@@ -72,6 +76,7 @@ class PluginMeta:
     pairs: tuple[tuple[str, str], ...] = ()
     auxiliary: tuple[str, ...] = ()
     families: tuple[str, ...] = ()
+    resizable: bool = False
 
 
 DEFAULT_META = PluginMeta()
@@ -209,7 +214,7 @@ class PluginInfo:
             "summary": self.meta.summary, "revocable": self.meta.revocable,
             "exact": self.meta.exact, "requires": list(self.meta.requires),
             "pairs": [list(p) for p in self.meta.pairs], "auxiliary": list(self.meta.auxiliary),
-            "families": list(self.meta.families),
+            "families": list(self.meta.families), "resizable": self.meta.resizable,
             "parameters": self.parameters,
         }
 

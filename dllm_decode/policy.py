@@ -52,6 +52,11 @@ class BoundPolicy:
     def idle_steps(self) -> bool:
         return self._select_meta("idle_steps")
 
+    @property
+    def resizes(self) -> bool:
+        """A canvas rule fills ``resize_canvas``: rows may grow during a request."""
+        return "resize_canvas" in self.slots
+
 
 def _where(recipe: Recipe) -> str:
     return recipe.source or "<recipe>"
@@ -91,7 +96,7 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
     options = {name: _validate(recipe, name, metas[name], merged[name], entries, key_origin) for name in plugins}
     slot_of: dict[str, tuple[str, ...]] = {
         name: tuple(s for s in SLOTS if s in entries and entries[s].plugin == name) for name in plugins}
-    problems = _pairing_problems(recipe, metas, slot_of)
+    problems = _pairing_problems(recipe, metas, slot_of) + _resize_problems(recipe, entries, metas)
     for name, plugin in plugins.items():
         caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
         for result in caller(recipe=recipe, options=options[name], slots=slot_of[name]):
@@ -183,6 +188,18 @@ def _pairing_problems(recipe: Recipe, metas: dict[str, PluginMeta],
                 problems.append(f"{_where(recipe)}: {slot}: plugin {name!r} needs its own {other} hook; set "
                                 f"`{other}: {name}` too (or `policy: {name}`)")
     return problems
+
+
+def _resize_problems(recipe: Recipe, entries: dict[str, SlotEntry], metas: dict[str, PluginMeta]) -> list[str]:
+    """A canvas rule moves columns under every other plugin: each must declare that it copes
+    (``PluginMeta.resizable``; a cache rebuilds after the engine clears its store)."""
+    rule = entries.get("resize_canvas")
+    if rule is None:
+        return []
+    return [f"{_where(recipe)}: {slot}: plugin {entry.plugin!r} does not declare that it copes with rows "
+            f"that grow during a request (PluginMeta.resizable), which resize_canvas plugin {rule.plugin!r} "
+            "makes them do; choose another plugin for this slot" for slot, entry in entries.items()
+            if entry.plugin != rule.plugin and not metas[entry.plugin].resizable]
 
 
 def load_auxiliary(policy: BoundPolicy, device: Any, dtype: str) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,8 @@ class RowResult:
     """One decoded prompt."""
 
     prompt: list[int]
-    tokens: list[int]             # the whole generated region (gen_length ids)
+    tokens: list[int]             # the whole generated region (gen_length ids, or the row's own
+                                  # length when a canvas rule grew it)
     nfe: int                      # forwards while this row was unfinished
     steps: int                    # steps of the request it was decoded in
     seconds: float                # wall time of that request
@@ -45,8 +46,8 @@ class GenerationResult:
 def rows_of(state: DecodeState, prompts: Sequence[Sequence[int]], tokenizer: Any,
             eos_ids: Sequence[int]) -> list[RowResult]:
     """One :class:`RowResult` per row of a decoded batch (``text`` when there is a tokenizer)."""
-    gen = state.generated().tolist()
-    steps = state.commit_step[:, state.gen_start:].tolist()
+    gen = state.generated_rows()
+    steps = state.generated_rows(state.commit_step)
     texts = decode_text(tokenizer, gen, eos_ids) if tokenizer is not None else [None] * len(gen)
     flops = state.counters.get("flops", 0.0) / state.batch_size
     return [RowResult(prompt=list(p), tokens=g, nfe=n, steps=state.step,
@@ -89,7 +90,7 @@ def row_seeds(seeds: Sequence[int] | None, n: int, default: int) -> list[int]:
 
 def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_id: int, eos_ids: list[int],
               device: torch.device, store: Any, plugins: Sequence[str],
-              seeds: Sequence[int] | None = None) -> DecodeState:
+              seeds: Sequence[int] | None = None, max_length: int | None = None) -> DecodeState:
     """The state of one request: canvas ``[pad * k | prompt | MASK * gen_length]`` per row; each
     row's random draws are keyed by its seed and prompt (``seeds``, default the recipe's)."""
     G = gen.gen_length
@@ -109,7 +110,7 @@ def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_i
                        eos_ids=torch.tensor(eos_ids, dtype=torch.long, device=device),
                        config=gen, generator=generator, store=store,
                        noise=RowNoise.for_rows(prompts, row_seeds(seeds, len(prompts), gen.seed), device),
-                       prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device),
+                       prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device), max_length=max_length,
                        scratch={name: {} for name in plugins})
 
 

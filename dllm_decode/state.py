@@ -2,7 +2,9 @@
 
 Every tensor is batched over rows. A row's canvas is ``[pad * k | prompt | MASK * gen_length]``:
 prompts are left-padded so that the generated region starts at the same column
-(``gen_start``) in every row, which keeps spans, blocks and caches simple column ranges.
+(``gen_start``) in every row, which keeps spans, blocks and caches simple column ranges. A
+``resize_canvas`` rule may grow rows during the request (``dllm_decode.canvas``); a row then
+ends at ``ends[b]`` and the columns past it are padding (not attended, never written).
 """
 
 from __future__ import annotations
@@ -12,71 +14,10 @@ from typing import Any, Callable
 
 import torch
 
+from dllm_decode.records import Candidates, Phase, Resize, Selection, StepRecord  # noqa: F401 (re-exported)
+
 #: ``commit_step`` value of a position that is not (yet) written by decoding.
 UNCOMMITTED = -1
-
-
-@dataclass
-class Candidates:
-    """One candidate token and confidence per position.
-
-    From ``score`` the shapes are ``(B, q)`` over the queried positions; the engine then builds
-    the canvas-wide ``(B, L)`` version handed to ``select_tokens``, where ``eligible`` is set.
-    ``extra`` holds further per-position tensors (``(B, q, ...)``, e.g. an entropy per position),
-    which the engine spreads onto the canvas like ``tokens`` and ``confidence`` (``(B, L, ...)``,
-    zero where the forward queried nothing). ``info`` carries anything else unchanged (per-row
-    values, a window, logits kept for verification).
-    """
-
-    tokens: torch.Tensor          # (B, q|L) long
-    confidence: torch.Tensor      # (B, q|L) float, higher = commit sooner
-    eligible: torch.Tensor | None = None  # (B, L) bool, set by the engine
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)   # (B, q|L, ...) per position
-    info: dict[str, Any] = field(default_factory=dict)              # passed through as is
-
-
-@dataclass
-class Selection:
-    """What ``select_tokens`` may return instead of a plain commit mask.
-
-    ``remask`` (revocable plugins only, WINO): committed positions to mask again.
-    ``finish`` (Prophet's early commit-all): rows whose every remaining mask, inside the span
-    or not, is committed now with this step's candidate; the engine widens those rows' recorded
-    span to the whole generated region and refuses masks the step's plan did not query.
-    """
-
-    commit: torch.Tensor                  # (B, L) bool: positions to write
-    remask: torch.Tensor | None = None    # (B, L) bool: committed positions to mask again
-    finish: torch.Tensor | None = None    # (B,) bool: rows to complete in this step
-
-
-@dataclass(frozen=True)
-class Phase:
-    """What ``decide_phase`` may return instead of a plain label: a phase per row.
-
-    ``rows[b]`` indexes ``names`` (SlowFast: 0 explore, 1 accelerate); ``label`` is the batch's
-    label for traces. Caches that act on a phase (``slowfast_tail``) read ``state.phase_rows``.
-    """
-
-    names: tuple[str, ...]
-    rows: torch.Tensor            # (B,) long index into names
-    label: str | None = None
-
-    def code(self, name: str) -> int:
-        return self.names.index(name)
-
-
-@dataclass
-class StepRecord:
-    """What one step did; kept in ``DecodeState.history`` for plugins, traces and metrics."""
-
-    step: int
-    span: torch.Tensor            # (B, 2) long
-    phase: str | None
-    committed: torch.Tensor       # (B, L) bool
-    remasked: torch.Tensor | None  # (B, L) bool or None
-    confidence: torch.Tensor      # (B, L) float32, -inf where not eligible
-    active: torch.Tensor          # (B,) bool: rows unfinished when the step began
 
 
 @dataclass
@@ -87,7 +28,7 @@ class DecodeState:
     attention_mask: torch.Tensor  # (B, L) bool, False on left padding
     prompt_mask: torch.Tensor     # (B, L) bool, True on prompt and padding (never written)
     gen_start: int                # first generated column (same for every row)
-    gen_length: int
+    gen_length: int               # generated columns of the canvas (L - gen_start)
     mask_id: int
     eos_ids: torch.Tensor         # (E,) long: ids that end an answer (EOS, end of turn)
     config: Any                   # the recipe's GenerationConfig
@@ -95,6 +36,8 @@ class DecodeState:
     store: Any = None             # the model's per-request cache store (None without a model)
     noise: Any = None             # dllm_decode.noise.RowNoise: per-row keyed random draws
     prompt_lengths: torch.Tensor | None = None  # (B,) long, prompt tokens without padding
+    ends: torch.Tensor = None     # (B,) long: each row's canvas end (L until a canvas rule grows rows)
+    max_length: int | None = None  # the model's limit on a row's prompt + generated positions
     commit_step: torch.Tensor = None  # (B, L) long, UNCOMMITTED until written
     span: torch.Tensor = None     # (B, 2) long, this step's span
     phase: str | None = None
@@ -119,6 +62,8 @@ class DecodeState:
             self.commit_step = torch.full((B, L), UNCOMMITTED, dtype=torch.long, device=self.x.device)
         if self.span is None:
             self.span = self.gen_span()
+        if self.ends is None:
+            self.ends = torch.full((B,), L, dtype=torch.long, device=self.x.device)
         if self.row_nfe is None:
             self.row_nfe = torch.zeros(B, dtype=torch.long, device=self.x.device)
         if self.done is None:
@@ -203,8 +148,15 @@ class DecodeState:
         return (cols >= span[:, :1]) & (cols < span[:, 1:])
 
     def generated(self) -> torch.Tensor:
-        """(B, gen_length) the generated region of the canvas."""
+        """(B, gen_length) the generated region of the canvas (with the padding past each row's
+        end, when a canvas rule grew rows unevenly; see :meth:`generated_rows`)."""
         return self.x[:, self.gen_start:]
+
+    def generated_rows(self, values: torch.Tensor | None = None) -> list[list[int]]:
+        """Each row's generated region up to its own end, as host lists (of ``values`` (B, L),
+        default the canvas)."""
+        values = self.x if values is None else values
+        return [row[self.gen_start:end] for row, end in zip(values.tolist(), self.ends.tolist())]
 
     def confidence_history(self) -> list[torch.Tensor]:
         """Per-step (B, L) float32 confidences, oldest first (``-inf`` where not eligible)."""

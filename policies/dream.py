@@ -21,6 +21,9 @@ Differences from the reference, all invisible at batch 1: the count uses each ro
 where Dream takes the batch mean (equal there, since Dream's rows always hold the same number
 of masks); rows move through blocks independently; randomness comes from each row's own
 keyed draws (``dllm_decode.noise``), so T > 0 draws differ from Dream's global RNG.
+
+Under a canvas rule (``resize_canvas``) every hook reads the canvas afresh: the schedule counts the
+block's masks at each step, inserted ones included, and commits all that remain at its last step.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class Options(PluginOptions):
 
 
 dllm_meta = PluginMeta(summary="Dream sampler: linspace schedule, maskgit/margin/entropy/origin, "
-                       "top-p/top-k; Fast-dLLM's block variant", options=Options, idle_steps=True)
+                       "top-p/top-k; Fast-dLLM's block variant", options=Options, idle_steps=True,
+                       resizable=True)
 
 
 @hookimpl

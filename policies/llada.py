@@ -10,6 +10,9 @@
   remainder on the earliest steps.
 
 Classifier-free guidance and the EOS switches are generation settings applied by the engine.
+Under a canvas rule (``resize_canvas``) the hooks read the canvas afresh each step; masks inserted
+into the current block are taken after the block's schedule, at its per-step base count (at
+least one per step).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ class Options(PluginOptions):
 
 
 dllm_meta = PluginMeta(summary="LLaDA baseline: block span, probability/random score, "
-                       "front-loaded fixed schedule", options=Options)
+                       "front-loaded fixed schedule", options=Options, resizable=True)
 
 
 @hookimpl

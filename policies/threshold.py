@@ -35,7 +35,8 @@ class Options(PluginOptions):
 
 
 dllm_meta = PluginMeta(summary="Fast-dLLM parallel decoding: commit above a confidence threshold "
-                       "(or by the factor rule), always at least the best token", options=Options)
+                       "(or by the factor rule), always at least the best token", options=Options,
+                       resizable=True)
 
 
 def factor_count(confidence: torch.Tensor, factor: float) -> torch.Tensor:

@@ -33,3 +33,13 @@ def tiny_llada():
 
     return build_random_model("llada", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
                               eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_dream():
+    """A tiny random Dream in float64 (32-token vocabulary, mask 31, EOS 1, pad 0) for the Dream
+    parity tests (test_elastic_parity.py keeps its own, with three layers)."""
+    from dllm_decode.models import build_random_model
+
+    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
+                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()

@@ -8,7 +8,7 @@ import torch
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.models.loader import load_tokenizer
-from dllm_decode.models import ComputePlan, build_random_model
+from dllm_decode.models import ComputePlan
 from dllm_decode.testing import RandomLogitsModel, check_invariants
 from reference_dream import dream_block_generate, dream_generate
 from shipped import MODELS, shipped_model_and_prompts
@@ -31,12 +31,6 @@ def _raw(model):
 def _decode(model, gen, steps, batch, block=None, **params):
     out = Decoder(model, _recipe(gen, steps, batch, block, **params)).generate(PROMPTS4[:batch], keep_states=True)
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_dream():
-    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
 
 
 STUB = RandomLogitsModel(vocab_size=24, seed=11, sharpness=4.0)

@@ -88,6 +88,11 @@ NEEDS = {"apd": lambda verifier, slot: {"params": {"verifier": verifier},
          "prophet": lambda verifier, slot: {"params": {}, "with": {"score": "prophet"} if slot == "select_tokens" else {}},
          # d2cache's cache ranks masks by the first forward's confidence its score keeps
          "d2cache": lambda verifier, slot: {"params": {}, "with": {"score": "d2cache"} if slot == "cache_policy" else {}},
+         # daedal's selection and canvas rule read its own score's EOS confidence and stages; the
+         # untrained models never predict EOS, so rows grow to max_gen_length
+         "daedal": lambda verifier, slot: {"params": {"max_gen_length": 24},
+                                           "with": {s: "daedal" for s in ("score", "select_tokens", "resize_canvas")
+                                                    if s != slot} if slot != "choose_span" else {}},
          # klass commits on the KL history its score keeps
          "klass": lambda verifier, slot: {"params": {}, "with": {"score": "klass"} if slot == "select_tokens" else {}},
          "wino": lambda verifier, slot: {"params": {}, "with": {"score": {"cache_policy": "wino"},

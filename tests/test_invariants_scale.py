@@ -109,6 +109,19 @@ OPTIONS = {
     "credit": st.fixed_dictionaries({"threshold": PROB, "credit_alpha": st.sampled_from([0.0, 0.7, 3.0]),
                                      "boost_gamma": st.sampled_from([0.0, 0.2, 1.0]),
                                      "decay_beta": st.sampled_from([0.0, 0.8, 1.0]), "use_float64": st.booleans()}),
+    "daedal": st.fixed_dictionaries(
+        {"max_gen_length": st.sampled_from([16, 24]), "high_conf_threshold": PROB, "low_conf_threshold": PROB,
+         "expansion_factor": st.integers(1, 8), "eos_confidence_threshold": PROB,
+         "expand_eos_confidence_threshold": PROB, "eos_check_tokens": st.integers(1, 8),
+         "eos_id": st.sampled_from([None, 5, 20])}),
+    "localleap": st.fixed_dictionaries({"threshold": PROB, "relaxed_threshold": st.one_of(st.none(), PROB),
+                                        "radius": st.integers(0, 6)}),
+    "dpad": st.fixed_dictionaries({"sampler": st.sampled_from(["gaussian", "uniform"]), "window": st.integers(1, 4),
+                                   "sigma": st.sampled_from([1.0, 4.0]), "scale": st.sampled_from([0.5, 2.0]),
+                                   "preserved": st.integers(0, 3),
+                                   "kv_cache": st.sampled_from(["none", "prefix", "dual"])}),
+    "elastic_cache": st.fixed_dictionaries({"window_length": st.integers(1, 6), "gamma": PROB,
+                                            "track_num": st.integers(1, 3), "block_caching": st.booleans()}),
 }
 OPTIONS["dkv_cache"] = st.fixed_dictionaries({"refresh_interval": st.integers(1, 4)})
 OPTIONS["d2cache"] = st.fixed_dictionaries(
@@ -160,6 +173,14 @@ PAIRS = {
     "threshold+dkv_cache": ({"policy": "llada", "select_tokens": "threshold"}, "dkv_cache", {}),
     "dream+dkv_cache": ({"policy": "dream"}, "dkv_cache", {}),
     "d2cache": ({"choose_span": "llada", "score": "d2cache", "select_tokens": "d2cache"}, "d2cache", {}),
+    "threshold+dpad": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "none"}),
+    "threshold+dpad-prefix": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "prefix"}),
+    "threshold+dpad-dual": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "dual"}),
+    "dream-block+dpad-prefix": ({"policy": "dream"}, "dpad", {"kv_cache": "prefix"}),
+    "threshold+elastic_cache": ({"policy": "llada", "select_tokens": "threshold", "choose_span": "elastic_cache"},
+                                "elastic_cache", {}),
+    "llada+elastic_cache": ({"policy": "llada"}, "elastic_cache", {}),
+    "dream+elastic_cache": ({"policy": "dream", "choose_span": "elastic_cache"}, "elastic_cache", {}),
 }
 #: partners a plugin needs besides the slots its ``PluginMeta.pairs`` declare: the out-of-span
 #: cache acts on SlowFast's per-row phases
@@ -252,6 +273,9 @@ def recipe_cases(draw, composition: str):
         data = {k: v for k, v in data.items() if k not in ("name", "description", "source")}
         if isinstance(data.get("policy"), dict) and data["policy"].get("plugin") == "apd":
             data["policy"] = {**data["policy"], "verifier": verifier()}
+        if isinstance(data.get("policy"), dict) and data["policy"].get("plugin") == "daedal":
+            # the untrained models never predict EOS: rows would grow to the shipped 2048
+            data["policy"] = {**data["policy"], "max_gen_length": 24}
     elif kind == "plugin":
         name, slot = rest.split(":")
         data = _slots_for_plugin(draw, name, slot)

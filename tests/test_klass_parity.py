@@ -7,7 +7,7 @@ keeps every engine invariant."""
 import pytest
 import torch
 
-from dllm_decode.models import ComputePlan, build_random_model
+from dllm_decode.models import ComputePlan
 from dllm_decode.testing import ParityMismatch, RandomLogitsModel, ReferenceOutput, check_invariants, check_parity
 from reference_klass import klass_dream_generate, klass_llada_generate
 from shipped import shipped_model_and_prompts
@@ -44,12 +44,6 @@ def _dream_ref(**options):
                                            shift=getattr(model.spec, "shift_logits", False), **options)
         return ReferenceOutput(tokens, nfe)
     return ref
-
-
-@pytest.fixture(scope="module")
-def tiny_dream():
-    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
-                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
 
 
 # (gen, block, steps, options): the official setting steps == gen_length with KLASS's defaults,

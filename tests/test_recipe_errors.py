@@ -201,11 +201,15 @@ def test_set_keys_are_blamed_on_the_set_not_the_file(tmp_path, pm):
 
 def test_shipped_recipes_hold_the_longest_reference_answer():
     """A canvas shorter than an answer cuts it: every shipped recipe made for the reference models
-    (no model.path of its own) fits the longest answer of their tasks, with EOS after it."""
+    (no model.path of its own) fits the longest answer of their tasks, with EOS after it. A recipe
+    with a canvas rule (resize_canvas, DAEDAL) starts shorter and grows rows as they need."""
     from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+    from dllm_decode.plugins import get_plugin_manager
+    from dllm_decode.policy import resolve
     from dllm_decode.recipes import shipped_recipes
 
     longest = max(get_task(name).max_answer_tokens for name in REFERENCE_MIX)
+    pm = get_plugin_manager()
     short = {name: load_recipe(path).generation.gen_length for name, path in shipped_recipes().items()
-             if load_recipe(path).generation.gen_length <= longest}
+             if load_recipe(path).generation.gen_length <= longest and not resolve(load_recipe(path), pm).resizes}
     assert not short, f"shipped recipes with gen_length <= {longest}: {short}"

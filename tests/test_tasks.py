@@ -86,7 +86,7 @@ RANGES = {"echo": (30, 250), "chain": (40, 300), "columns": (40, 300), "listops"
 def test_reference_mix_is_unchanged_and_the_workload_mix_is_named():
     assert REFERENCE_MIX == ("copy", "repeat", "case")
     assert get_mix("reference") == REFERENCE_MIX and get_mix("workload") == WORKLOAD_MIX == MIXES["workload"]
-    assert set(WORKLOAD_MIX) == set(RANGES)
+    assert set(WORKLOAD_MIX) == set(RANGES) - {"echo"} | {"copy"}
     with pytest.raises(KeyError, match="unknown task mix 'nope'"):
         get_mix("nope")
 

@@ -16,29 +16,53 @@ import torch
 
 
 def trace_record(state, tokenizer=None, row: int = 0) -> dict[str, Any]:
-    """The step history of ``row`` of a finished ``DecodeState`` (decoded with keep_states)."""
-    P = state.gen_start
-    gen = state.x[row, P:].tolist()
+    """The step history of ``row`` of a finished ``DecodeState`` (decoded with keep_states), in
+    the columns of the final canvas (a canvas rule may have grown the row: earlier steps' positions
+    are followed through each step's ``resize``)."""
+    P, end = state.gen_start, int(state.ends[row])
+    gen = state.x[row, P:end].tolist()
     steps = []
-    for rec in state.history:
+    for rec, cols in zip(state.history, _final_columns(state, row)):
         if not bool(rec.active[row]):
             continue
-        committed = torch.nonzero(rec.committed[row, P:]).flatten().tolist()
-        conf = rec.confidence[row, P:]
-        eligible = torch.isfinite(conf)
-        steps.append({
-            "step": rec.step, "phase": rec.phase,
-            "span": [int(rec.span[row, 0]) - P, int(rec.span[row, 1]) - P],
-            "committed": committed,
-            "committed_confidence": [float(conf[i]) for i in committed],
-            "confidence": [float(c) if e else None for c, e in zip(conf.tolist(), eligible.tolist())],
-        })
+        at = lambda c: int(cols[c]) - P                                    # noqa: E731
+        # a span boundary: the final column of the record's column there, the row's end past it
+        bound = lambda c: at(c) if c < len(cols) and cols[c] >= 0 else end - P   # noqa: E731
+        hit = torch.nonzero(rec.committed[row]).flatten().tolist()
+        conf = rec.confidence[row].tolist()
+        confidence: list[float | None] = [None] * (end - P)
+        for c, value in enumerate(conf):
+            if value != float("-inf") and value == value and cols[c] >= P:
+                confidence[at(c)] = float(value)
+        span = [bound(int(rec.span[row, 0])), bound(int(rec.span[row, 1]))]
+        steps.append({"step": rec.step, "phase": rec.phase, "span": span, "committed": [at(c) for c in hit],
+                      "committed_confidence": [float(conf[c]) for c in hit], "confidence": confidence})
     pieces = None
     if tokenizer is not None:
         pieces = [tokenizer.convert_ids_to_tokens(int(t)) for t in gen]
     return {"gen_start": P, "tokens": gen, "pieces": pieces,
-            "commit_step": state.commit_step[row, P:].tolist(), "nfe": int(state.row_nfe[row]),
+            "commit_step": state.commit_step[row, P:end].tolist(), "nfe": int(state.row_nfe[row]),
             "steps": steps}
+
+
+def _final_columns(state, row: int) -> list[torch.Tensor]:
+    """Per step record, the final canvas column of each of the record's columns (its step's own
+    canvas), composing the later steps' resizes backwards; the identity without canvas rules."""
+    from dllm_decode.canvas import moved_columns
+
+    cols = torch.arange(state.length)
+    ends = state.ends.cpu().clone()
+    out = []
+    for rec in reversed(state.history):
+        out.append(cols)
+        r = rec.resize
+        if r is not None:
+            inserted = r.insert.sum(dim=1).cpu() if r.insert is not None else 0
+            appended = torch.as_tensor(0 if r.append is None else r.append).cpu()
+            ends = ends - inserted - appended
+            moved = moved_columns(r, ends.to(state.device), int(ends.max())).cpu()[row]
+            cols = torch.where(moved >= 0, cols[moved.clamp(min=0)], -1)
+    return out[::-1]
 
 
 def draw(record: dict[str, Any], path: str, title: str = "") -> None:

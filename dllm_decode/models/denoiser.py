@@ -1,7 +1,15 @@
 """The family-agnostic denoiser: `ModelSpec`, the `Denoiser` base class and the compute-plan
-executor. A family (llada.py, dream.py) only declares its modules under the checkpoint's own
-parameter names and says where the embedding, blocks, final norm and head are; the forward
-below is shared, so both families execute every plan the same way."""
+executor. A family (llada.py, dream.py, sdar.py, fast_dllm_v2.py, llada2.py) only declares its
+modules under the checkpoint's own parameter names and says where the embedding, blocks, final
+norm and head are; the forward below is shared, so every family executes every plan the same way.
+
+Block-causal families (``ModelSpec.block_size``): position p belongs to block pos(p) // size
+(pos: the RoPE position, so a left-padded row keeps the blocks it has alone) and a query sees
+the keys of its own block and of earlier ones. Their attention always runs over a full-length
+key buffer (the store, or a per-forward scratch one) under that per-query mask, and the
+per-token work of a range feed (projections, attention, FFN / MoE, head) runs one canvas chunk
+of `size` positions at a time: a block fed against the K/V its predecessors left in the store
+gets the same bits as the same rows of a forward over the whole canvas."""
 from __future__ import annotations
 
 import math
@@ -23,7 +31,7 @@ __all__ = ["ModelSpec", "Arch", "BlockParts", "Denoiser", "init_random_"]
 @dataclass(frozen=True)
 class ModelSpec:
     """What the engine needs to know about a model, whatever its family."""
-    family: str                 # 'llada' | 'dream'
+    family: str                 # 'llada' | 'dream' | 'sdar' | 'fast_dllm_v2' | 'llada2'
     vocab_size: int             # logit width (the head's rows; LLaDA: embedding_size)
     mask_token_id: int
     eos_token_id: int
@@ -31,6 +39,7 @@ class ModelSpec:
     eot_token_id: int | None    # instruct turn end (LLaDA <|eot_id|>, Dream <|im_end|>), if known
     max_length: int             # max positions (max_sequence_length / max_position_embeddings)
     shift_logits: bool          # raw logit i predicts token i+1 (Dream); forward() re-aligns
+    block_size: int | None = None  # block-causal attention with this default block; None: bidirectional
 
 
 @dataclass(frozen=True)
@@ -49,19 +58,27 @@ class Arch:
     qkv_bias: bool
     tied: bool
     logit_scale: float = 1.0
+    rotary_dim: int | None = None   # rotated features per head (partial rotary); None: head_dim
 
 
 class BlockParts(NamedTuple):
-    """One transformer block's sub-modules, whatever the checkpoint calls them."""
+    """One transformer block's sub-modules, whatever the checkpoint calls them. Optional parts:
+    per-head q/k RMSNorms applied before RoPE (Qwen3 / SDAR, LLaDA2), a fused projection whose
+    output rows stack q, k and v (LLaDA2's query_key_value, used instead of q / k / v), and an
+    FFN module used instead of gate / up / down (LLaDA2's mixture of experts)."""
     attn_norm: RMSNorm
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | None
+    k: nn.Linear | None
+    v: nn.Linear | None
     o: nn.Linear
     ffn_norm: RMSNorm
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
+    gate: nn.Linear | None
+    up: nn.Linear | None
+    down: nn.Linear | None
+    q_norm: RMSNorm | None = None
+    k_norm: RMSNorm | None = None
+    qkv: nn.Linear | None = None
+    ffn: nn.Module | None = None
 
 
 _FULL = ComputePlan.full()
@@ -79,12 +96,16 @@ class Feed:
     e: int
     key_end: int                  # exclusive bound on store keys
     pos: Tensor                   # (B, L) RoPE positions of the whole canvas
-    kmask: Tensor | None          # (B, f) | (B, key_end) | per-query (B, f + S, f + S) key mask
+    kmask: Tensor | None          # (B, f) | (B, key_end) | per-query (B, f + S, f + S) or
+                                  # block-causal (B, f, key_end) key mask
     frozen: Tensor | None = None  # (B, f) fed positions whose stored K/V and features stay
     limit: Tensor | None = None   # (B,) the plan's key_limit
     cos: Tensor | None = None     # (B, 1, f + S, D) RoPE tables of the fed (and shadow) queries
     sin: Tensor | None = None
     attention: list[Tensor] | None = None   # per layer (B, f, K) head-mean attention (plan.attention)
+    block: int | None = None      # block size of a block-causal model's forward, else None
+    chunks: list | None = None    # block-causal: (canvas Sel, slice of the fed stream) per chunk
+    kbuf: tuple | None = None     # block-causal keys='fed': scratch full-length (K, V) buffers
 
 
 def _check_store(plan: ComputePlan, store: CacheStore | None) -> None:
@@ -110,7 +131,8 @@ def _check_ranges(plan: ComputePlan, s: int, e: int, key_end: int, L: int) -> No
 
 
 class Denoiser(nn.Module):
-    """Base class of LLaDAModel and DreamModel.
+    """Base class of every family's model (LLaDAModel, DreamModel, SDARModel, FastDLLMv2Model,
+    LLaDA2Model).
 
     forward(input_ids (B, L), attention_mask (B, L) bool | None, plan, store) -> logits (B, q, V)
     where q = plan.num_queries(L) and logits[:, j] predicts canvas position
@@ -119,7 +141,7 @@ class Denoiser(nn.Module):
 
     spec: ModelSpec
     arch: Arch
-    config: object  # the family's own dataclass config (LLaDAConfig / DreamConfig)
+    config: object  # the family's own dataclass config (LLaDAConfig, DreamConfig, ...)
 
     # ---- family hooks -------------------------------------------------------------------
     def embed_weight(self) -> Tensor:
@@ -162,6 +184,10 @@ class Denoiser(nn.Module):
                 plan: ComputePlan | None = None, store: CacheStore | None = None) -> ForwardOutput:
         """Run `plan` (None: a plain forward of the whole canvas) against `store`."""
         run = _FULL if plan is None else plan
+        if run.write_hidden:
+            # layer-adaptive forwards (Elastic-Cache) run their own loop: adaptive.py
+            from .adaptive import adaptive_forward
+            return adaptive_forward(self, input_ids, attention_mask, run, store)
         a = self.arch
         B, L = input_ids.shape
         feed = self._feed(input_ids, attention_mask, run, store)
@@ -171,15 +197,21 @@ class Denoiser(nn.Module):
         S = 0 if run.shadow is None else run.shadow.shape[1]
         if S:
             x, fpos, feed.kmask = self._add_shadow(run.shadow.to(x.device), x, fpos, feed.pos, feed.kmask, fed)
-        feed.cos, feed.sin = rope_tables(fpos, a.head_dim, a.rope_theta, self.dtype)   # (B, 1, f + S, D)
+        feed.cos, feed.sin = rope_tables(fpos, a.rotary_dim or a.head_dim, a.rope_theta, self.dtype)
+        if feed.block and run.keys == "fed":
+            # scratch K/V over the whole canvas: unfed positions stay zero and are masked out
+            feed.kbuf = tuple(torch.zeros(B, a.n_kv_heads, L, a.head_dim, dtype=self.dtype, device=x.device)
+                              for _ in range(2))
         if store is not None:
-            store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end) \
+            keys = L if feed.block and run.keys == "fed" else None
+            store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end, keys) \
                 + 2.0 * B * S * a.d_model * a.vocab_size
         if run.attention:
             feed.attention = []
         for i, parts in enumerate(self.block_parts()):
             reuse = run.reuse_features and i not in run.full_layers
-            x = (self._layer_reuse if reuse else self._layer_full)(i, parts, x, feed)
+            layer = self._layer_block if feed.block else self._layer_reuse if reuse else self._layer_full
+            x = layer(i, parts, x, feed)
         attention = None if feed.attention is None else tuple(feed.attention)
         if attention is not None and store is not None:
             store.attention = attention
@@ -191,7 +223,8 @@ class Denoiser(nn.Module):
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
             return ForwardOutput(self._logits(x[:, :-S], run, fed, feed.s, feed.e, L), positions,
                                  self._head(x[:, -S:]), attention=attention)
-        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L), positions, attention=attention)
+        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L, feed.block), positions,
+                             attention=attention)
 
     def _feed(self, input_ids: Tensor, attention_mask: Tensor | None, plan: ComputePlan,
               store: CacheStore | None) -> "Feed":
@@ -209,6 +242,10 @@ class Denoiser(nn.Module):
             # positions were taken from the full mask above: cutting keys must not renumber them
             limit = plan.key_limit.to(dev)                                  # (B,)
             cut = torch.arange(L, device=dev)[None, :] < limit[:, None]     # (B, L)
+        if plan.keep is not None:
+            keep = plan.keep.to(dev)                                        # (B, L)
+            cut = keep if cut is None else cut & keep
+        if cut is not None:
             mask = cut if mask is None else mask & cut
         if plan.index is None:
             s, e = plan.fed_range(L)
@@ -222,22 +259,53 @@ class Denoiser(nn.Module):
         # write window (APD), or at or past its key limit (a row cut shorter than the batch's
         # feed writes nothing there, exactly as if it had been fed alone)
         frozen = None if plan.write_window is None else ~self._in_window(plan.write_window, s, e)
-        if plan.query_only is not None:
-            frozen = plan.query_only.to(dev)
         if cut is not None:
             beyond = ~fed.take(cut, 1)
             frozen = beyond if frozen is None else frozen | beyond
+        pad = None if plan.index_pad is None else plan.index_pad.to(dev)   # (B, f) top-up slots
+        if pad is not None:
+            frozen = pad if frozen is None else frozen | pad
         if store is not None and plan.writes:
             self._prepare_store(store, plan, fed, frozen, B, L, dev)
-        # key mask for attention over fed positions / over the store
-        if plan.keys == "fed":
-            kmask = None if mask is None else fed.take(mask, 1)             # (B, f)
-        else:
-            kmask = store.kv_valid[:, :key_end]
-            if mask is not None:
-                kmask = kmask & mask[:, :key_end]                           # (B, key_end)
-        return Feed(plan=plan, store=store, fed=fed, s=s, e=e, key_end=key_end, pos=pos, kmask=kmask,
+        block = self._block_size(plan)
+        kmask = _key_mask(plan, store, fed, mask, pad, bool(block), key_end, B, L, dev)
+        feed = Feed(plan=plan, store=store, fed=fed, s=s, e=e, key_end=key_end, pos=pos, kmask=kmask,
                     frozen=frozen, limit=limit)
+        if block:
+            self._block_feed(feed, block)
+        return feed
+
+    def _block_size(self, plan: ComputePlan) -> int | None:
+        """The block size of this forward's block-causal attention (the plan's, else the
+        model's), or None for a bidirectional model; refuses what block-causal attention cannot
+        combine with."""
+        block = self.spec.block_size if plan.block_size is None else plan.block_size
+        if plan.block_size is not None and self.spec.block_size is None:
+            raise ValueError(f"plan {plan.name!r} sets block_size={plan.block_size}, but the "
+                             f"{self.spec.family} model attends bidirectionally")
+        if block and (plan.shadow is not None or plan.reuse_features or plan.attention):
+            raise ValueError(f"plan {plan.name!r}: shadow queries, feature reuse and attention weights are "
+                             f"not supported by the block-causal {self.spec.family} model")
+        return block
+
+    @staticmethod
+    def _block_feed(feed: Feed, block: int) -> None:
+        """Block-causal forward: turn the key mask into a per-query one (a query sees the keys
+        of its own block and of earlier blocks, blocks counted from the RoPE positions) and cut a
+        range feed into canvas chunks of `block` positions aligned at 0 (an index feed is one
+        chunk)."""
+        fed, pos = feed.fed, feed.pos
+        blk = torch.div(pos, block, rounding_mode="floor")                 # (B, L)
+        n_keys = feed.kmask.shape[1]
+        qb = fed.take(blk, 1)                                               # (B, f)
+        feed.kmask = feed.kmask[:, None, :] & (blk[:, None, :n_keys] <= qb[:, :, None])   # (B, f, Lk)
+        feed.block = block
+        if not fed.is_range:
+            feed.chunks = [(fed, slice(None))]
+            return
+        s, e = feed.s, feed.e
+        edges = [s, *range((s // block + 1) * block, e, block), e]
+        feed.chunks = [(Sel(a, b), slice(a - s, b - s)) for a, b in zip(edges, edges[1:])]
 
     def _prepare_store(self, store: CacheStore, plan: ComputePlan, fed: Sel, frozen: Tensor | None,
                        B: int, L: int, dev: torch.device) -> None:
@@ -276,20 +344,25 @@ class Denoiser(nn.Module):
         return (torch.cat([x, xs], dim=1), torch.cat([fpos, pos.gather(1, shadow)], dim=1),
                 torch.cat([top, bottom], dim=1))
 
-    def _flops(self, plan: ComputePlan, B: int, f: int, s: int, e: int, key_end: int) -> float:
+    def _flops(self, plan: ComputePlan, B: int, f: int, s: int, e: int, key_end: int,
+               n_keys: int | None = None) -> float:
         """Matmul FLOPs (2 per multiply-add) this plan computes for the whole batch: projections,
-        attention scores and mixing, FFN, V-verify's value projections, and the LM head.
-        Norms, RoPE and softmax are left out (linear in the tokens, small)."""
+        attention scores and mixing, FFN (a mixture of experts: router plus the experts a token
+        runs, `ffn_macs`), V-verify's value projections, and the LM head. Norms, RoPE and softmax
+        are left out (linear in the tokens, small). `n_keys`: keys each fed query attends over
+        (default: the fed positions, or key_end with keys='store')."""
         a = self.arch
         hd = a.n_heads * a.head_dim
         kvd = a.n_kv_heads * a.head_dim
+        ffn = self.ffn_macs()
 
-        def layer(n: int, n_keys: int) -> float:
-            return 2.0 * B * n * (a.d_model * (hd + 2 * kvd) + hd * a.d_model + 3 * a.d_model * a.mlp_hidden
-                                  + 2 * n_keys * hd)
+        def layer(i: int, n: int, n_keys: int) -> float:
+            return 2.0 * B * n * (a.d_model * (hd + 2 * kvd) + hd * a.d_model + ffn[i] + 2 * n_keys * hd)
 
-        full = layer(f, f if plan.keys == "fed" else key_end)
-        total = full * a.n_layers
+        if n_keys is None:
+            n_keys = f if plan.keys == "fed" else key_end
+        full = [layer(i, f, n_keys) for i in range(a.n_layers)]
+        total = sum(full)
         if plan.reuse_features:
             n = sum((e if rb == -1 else rb) - ra for ra, rb in plan.recompute)
             verify = 0.0
@@ -297,8 +370,8 @@ class Denoiser(nn.Module):
                 G = (e if plan.verify[1] == -1 else plan.verify[1]) - plan.verify[0]
                 n += int(plan.verify_rho * G)
                 verify = 2.0 * B * G * a.d_model * kvd
-            reuse_layers = a.n_layers - len(set(plan.full_layers) & set(range(a.n_layers)))
-            total += reuse_layers * (layer(n, key_end) + verify - full)
+            total += sum(layer(i, n, key_end) + verify - full[i] for i in range(a.n_layers)
+                         if i not in plan.full_layers)
         if plan.index is not None:
             n_out = f
         else:
@@ -310,12 +383,27 @@ class Denoiser(nn.Module):
     def _qkv(self, p: BlockParts, h: Tensor, cos: Tensor, sin: Tensor):
         a = self.arch
         B, n, _ = h.shape
-        q = p.q(h).view(B, n, a.n_heads, a.head_dim).transpose(1, 2)       # (B, H, n, D)
-        k = p.k(h).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
-        v = p.v(h).view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)    # (B, Hkv, n, D)
+        if p.qkv is None:
+            q, k, v = p.q(h), p.k(h), p.v(h)
+        else:  # fused projection: output rows are q (H*D), then k, then v (Hkv*D each)
+            hd, kvd = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+            q, k, v = p.qkv(h).split((hd, kvd, kvd), dim=-1)
+        q = q.view(B, n, a.n_heads, a.head_dim)
+        k = k.view(B, n, a.n_kv_heads, a.head_dim)
+        if p.q_norm is not None:  # per-head RMSNorm over D, before RoPE
+            q, k = p.q_norm(q), p.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                         # (B, H | Hkv, n, D)
+        v = v.view(B, n, a.n_kv_heads, a.head_dim).transpose(1, 2)         # (B, Hkv, n, D)
         q = apply_rope(q, cos, sin, a.rope_full_precision)
         k = apply_rope(k, cos, sin, a.rope_full_precision)
         return q, k, v
+
+    def _v(self, p: BlockParts, h: Tensor) -> Tensor:
+        """The value projection alone (V-verify): (B, n, Hkv*D)."""
+        if p.qkv is None:
+            return p.v(h)
+        a = self.arch
+        return p.qkv(h)[..., (a.n_heads + a.n_kv_heads) * a.head_dim:]
 
     @staticmethod
     def _in_window(w: Tensor, s: int, e: int) -> Tensor:
@@ -325,7 +413,14 @@ class Denoiser(nn.Module):
 
     @staticmethod
     def _mlp(p: BlockParts, h: Tensor) -> Tensor:
+        if p.ffn is not None:
+            return p.ffn(h)
         return p.down(F.silu(p.gate(h)) * p.up(h))
+
+    def ffn_macs(self) -> list[float]:
+        """Multiply-adds per token of each layer's FFN (a mixture of experts overrides this)."""
+        a = self.arch
+        return [3.0 * a.d_model * a.mlp_hidden] * a.n_layers
 
     def _layer_full(self, i, p: BlockParts, x: Tensor, feed: Feed) -> Tensor:
         """Every fed position is recomputed. Plain forward, refresh, window, prefix/dual,
@@ -356,6 +451,36 @@ class Denoiser(nn.Module):
         mlp = self._mlp(p, p.ffn_norm(x))                                   # (B, f, d)
         if plan.write_features or plan.reuse_features:
             fed.put_unless(store.ffn[i], 1, mlp, frozen)
+        return x + mlp
+
+    def _layer_block(self, i, p: BlockParts, x: Tensor, feed: Feed) -> Tensor:
+        """Block-causal layer: every fed position is recomputed, one canvas chunk at a time (see
+        the module docstring). All chunks' K/V are written before any chunk attends, so a query
+        also sees later chunks of its own block. keys='fed' attends over a scratch full-length
+        buffer (and with write_kv also fills the store); keys='store' over the store, as
+        `_layer_full` does."""
+        plan, store, frozen = feed.plan, feed.store, feed.frozen
+        K, V = (store.k[i], store.v[i]) if plan.keys == "store" else feed.kbuf
+        qs = []
+        for sel, sl in feed.chunks:
+            q, k, v = self._qkv(p, p.attn_norm(x[:, sl]), feed.cos[:, :, sl], feed.sin[:, :, sl])
+            qs.append(q)
+            keep = None if frozen is None else frozen[:, sl]
+            if plan.keys == "fed":
+                sel.put(K, 2, k)
+                sel.put(V, 2, v)
+            if plan.keys == "store" or plan.write_kv:
+                sel.put_unless(store.k[i], 2, k, keep)
+                sel.put_unless(store.v[i], 2, v, keep)
+        Lk = feed.kmask.shape[-1]
+        att = torch.cat([p.o(attend(q, K[:, :, :Lk], V[:, :, :Lk], feed.kmask[:, sl]))
+                         for q, (_, sl) in zip(qs, feed.chunks)], dim=1)   # (B, f, d)
+        if plan.write_features:
+            feed.fed.put_unless(store.attn[i], 1, att, frozen)
+        x = x + att
+        mlp = torch.cat([self._mlp(p, p.ffn_norm(x[:, sl])) for _, sl in feed.chunks], dim=1)
+        if plan.write_features:
+            feed.fed.put_unless(store.ffn[i], 1, mlp, frozen)
         return x + mlp
 
     def _layer_reuse(self, i, p: BlockParts, x: Tensor, feed: Feed) -> Tensor:
@@ -390,7 +515,7 @@ class Denoiser(nn.Module):
         keep = torch.cat(keeps, dim=1) if keeps else None                   # (B, c) | None
         slots = C.offset(s)                                                 # positions within x
         if C.n:
-            q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(feed.pos, 1), a.head_dim,
+            q, k, v = self._qkv(p, slots.take(h, 1), *rope_tables(C.take(feed.pos, 1), a.rotary_dim or a.head_dim,
                                                                    a.rope_theta, h.dtype))
             C.put_unless(store.k[i], 2, k, keep)
             C.put_unless(store.v[i], 2, v, keep)
@@ -418,7 +543,7 @@ class Denoiser(nn.Module):
         vb = feed.e if vb == -1 else vb
         G = vb - va
         n_pick = int(plan.verify_rho * G)
-        v_new = p.v(h[:, va - s: vb - s])                                   # (B, G, Hkv*D)
+        v_new = self._v(p, h[:, va - s: vb - s])                            # (B, G, Hkv*D)
         v_old = store.v[i][:, :, va:vb].transpose(1, 2).reshape(B, G, -1)
         ct = torch.promote_types(v_new.dtype, torch.float32)
         sim = F.cosine_similarity(v_new.to(ct), v_old.to(ct), dim=-1)       # (B, G)
@@ -449,12 +574,23 @@ class Denoiser(nn.Module):
         scale = self.arch.logit_scale
         return out if scale == 1.0 else out * scale
 
-    def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int) -> Tensor:
+    def _head_chunks(self, x: Tensor, lo: int, block: int) -> Tensor:
+        """`_head` over rows of x that start at canvas position lo, one canvas chunk of `block`
+        positions at a time (block-causal: a row's logit does not depend on the feed's length)."""
+        n = x.shape[1]
+        if n == 0:
+            return self._head(x)
+        edges = [0, *range((lo // block + 1) * block - lo, n, block), n]
+        return torch.cat([self._head(x[:, a:b]) for a, b in zip(edges, edges[1:])], dim=1)
+
+    def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int,
+                block: int | None = None) -> Tensor:
         """Aligned logits of a range feed [s, e) from its output start on."""
         shift = self.spec.shift_logits and plan.shift is not False
         o, e = plan.out_range(L)
         lo = o - 1 if (shift and o > s) else o
-        raw = self._head(x[:, lo - s: e - s])                               # (B, e - lo, V)
+        rows = x[:, lo - s: e - s]
+        raw = self._head_chunks(rows, lo, block) if block else self._head(rows)   # (B, e - lo, V)
         if not shift or raw.shape[1] == 0:
             return raw
         if plan.shift_from is not None:
@@ -470,29 +606,34 @@ class Denoiser(nn.Module):
         return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
 
     def _index_logits(self, x: Tensor, plan: ComputePlan, idx: Tensor, L: int) -> tuple[Tensor, Tensor]:
-        """Logits (B, f, V) of an index feed and the canvas positions they predict (B, f): the
-        output at fed position p predicts p (LLaDA family) or p + 1 (shifted family, unless
-        plan.shift is False), as the subset caches' samplers read them. A column that predicts
-        nothing (query_only, or p + 1 past the canvas) repeats the row's nearest column before
-        it that does (after it, for leading ones), logits and position, so rows hold only what
-        they would alone and positions stay ascending; a row with no such column is returned
-        as fed."""
+        """Aligned logits (B, f, V) of an index feed and the canvas positions they predict (B, f)
+        (the contract is the plan's `index`): a real slot's own output (LLaDA family); in a
+        shifted family the output at p - 1 when p - 1 is a real fed slot, or p's own at
+        shift_from. Columns that predict nothing repeat their row's nearest one that does."""
         raw = self._head(x)                                                 # (B, f, V)
-        shift = 1 if self.spec.shift_logits and plan.shift is not False else 0
-        target = idx + shift                                                # (B, f)
-        real = target < L
-        if plan.query_only is not None:
-            real = real & ~plan.query_only.to(idx.device)
-        if shift == 0 and plan.query_only is None:
+        shift = self.spec.shift_logits and plan.shift is not False
+        pad = None if plan.index_pad is None else plan.index_pad.to(idx.device)
+        if not shift and pad is None:
             return raw, idx
         B, f = idx.shape
         col = torch.arange(f, device=idx.device).expand(B, f)
-        before = torch.where(real, col, -1).cummax(dim=1).values            # nearest real column <= j
-        after = torch.where(real, col, f).flip(1).cummin(dim=1).values.flip(1)   # nearest real >= j
-        src = torch.where(before >= 0, before, after)
-        src = torch.where(src < f, src, col)                                # no real column: as fed
-        positions = torch.where(real.any(dim=1, keepdim=True), target.gather(1, src), idx)
-        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1])), positions
+        real = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
+        src, ok = col, real
+        if shift:
+            # inv[b, p] = the column of the real slot at p - 1 (-1: none)
+            inv = torch.full((B, L + 1), -1, dtype=torch.long, device=idx.device)
+            inv.scatter_(1, idx + 1, torch.where(real, col, -1))
+            prev = inv.gather(1, idx)                                       # (B, f)
+            ok = prev >= 0
+            src = torch.where(ok, prev, col)
+            if plan.shift_from is not None:
+                ok = ok | (real & (idx == plan.shift_from.to(idx.device)[:, None]))
+        before = torch.where(ok, col, -1).cummax(dim=1).values              # nearest predicting column <= j
+        after = torch.where(ok, col, f).flip(1).cummin(dim=1).values.flip(1)   # nearest >= j
+        near = torch.where(before >= 0, before, after)
+        near = torch.where(near < f, near, col)                             # nothing predicts: as fed
+        src = src.gather(1, near)
+        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1])), idx.gather(1, near)
 
 
 @torch.no_grad()
@@ -500,7 +641,10 @@ def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
     """Deterministic random weights (same values for any dtype / device): O(1) activations so
     numerical checks see every parameter. Norm weights and biases are non-trivial on purpose."""
     g = torch.Generator().manual_seed(seed)
-    for name, prm in model.named_parameters():
+    # persistent float buffers (LLaDA2's router expert_bias) after the parameters, like biases
+    saved = model.state_dict().keys()
+    buffers = [(n, b) for n, b in model.named_buffers() if b.is_floating_point() and n in saved]
+    for name, prm in [*model.named_parameters(), *buffers]:
         is_norm = "norm" in name or name.endswith("ln_f.weight")
         if prm.dim() == 1 and is_norm:
             val = 1.0 + 0.2 * torch.randn(prm.shape, generator=g, dtype=torch.float64)
@@ -512,3 +656,21 @@ def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
             val = torch.randn(prm.shape, generator=g, dtype=torch.float64) / math.sqrt(prm.shape[1])
         prm.copy_(val.to(prm.dtype))
     return model
+
+
+def _key_mask(plan: ComputePlan, store: CacheStore | None, fed: Sel, mask: Tensor | None,
+              pad: Tensor | None, block: bool, key_end: int, B: int, L: int, dev) -> Tensor | None:
+    """Which keys attention may read: over the fed positions (B, f), over the whole canvas of
+    which only the fed positions exist (block-causal feeds, (B, L)), or over the store
+    (B, key_end). None: every key."""
+    if plan.keys == "fed" and not block:
+        kmask = None if mask is None else fed.take(mask, 1)                 # (B, f)
+        if pad is not None:                                                 # top-up slots hold no key
+            kmask = ~pad if kmask is None else kmask & ~pad
+        return kmask
+    if plan.keys == "fed":
+        kmask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+        fed.put(kmask, 1, torch.ones(B, fed.n, dtype=torch.bool, device=kmask.device))
+        return kmask if mask is None else kmask & mask                      # (B, L)
+    kmask = store.kv_valid[:, :key_end]
+    return kmask if mask is None else kmask & mask[:, :key_end]             # (B, key_end)

@@ -46,21 +46,7 @@ class DreamConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "DreamConfig":
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: Dream config has hidden_act={d['hidden_act']!r}; "
-                             "only 'silu' is supported")
-        rs = d.get("rope_scaling")
-        if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope_scaling={rs!r} is not supported")
-        if d.get("use_sliding_window"):
-            raise ValueError(f"{source}: use_sliding_window=true is not supported")
-        names = {f.name for f in fields(cls)}
-        cfg = cls(**{k: v for k, v in d.items() if k in names})
-        if isinstance(cfg.eos_token_id, list):
-            cfg.eos_token_id = cfg.eos_token_id[0]
-        if cfg.num_key_value_heads is None:
-            cfg.num_key_value_heads = cfg.num_attention_heads
-        return cfg
+        return qwen_config(cls, d, source, "Dream")
 
     def to_dict(self) -> dict:
         """The config.json a Dream checkpoint ships (real field names, real auto_map)."""
@@ -80,18 +66,44 @@ class DreamConfig:
         return d
 
     def arch(self) -> Arch:
-        return Arch(d_model=self.hidden_size, n_layers=self.num_hidden_layers,
-                    n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads,
-                    head_dim=self.hidden_size // self.num_attention_heads,
-                    mlp_hidden=self.intermediate_size, vocab_size=self.vocab_size,
-                    rope_theta=float(self.rope_theta), norm_eps=self.rms_norm_eps,
-                    rope_full_precision=False, qkv_bias=True, tied=self.tie_word_embeddings)
+        return qwen_arch(self, self.hidden_size // self.num_attention_heads, qkv_bias=True)
 
     def spec(self) -> ModelSpec:
         return ModelSpec(family="dream", vocab_size=self.vocab_size,
                          mask_token_id=self.mask_token_id, eos_token_id=self.eos_token_id,
                          pad_token_id=self.pad_token_id, eot_token_id=self.eot_token_id,
                          max_length=self.max_position_embeddings, shift_logits=True)
+
+
+def qwen_config(cls, d: dict, source: str, what: str, skip_none: bool = False):
+    """A Qwen2-layout config dataclass `cls` from a config.json dict `d`, refusing what the
+    shared layer cannot run (naming `source` and the key): the fields `cls` declares, EOS as
+    its first id when a list, key/value heads and head_dim defaulted as transformers does.
+    `skip_none`: a key given as null keeps the field's default."""
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: {what} config has hidden_act={d['hidden_act']!r}; only 'silu' is supported")
+    rs = d.get("rope_scaling")
+    if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
+        raise ValueError(f"{source}: {what} config has rope_scaling={rs!r}; only default RoPE is supported")
+    if d.get("use_sliding_window"):
+        raise ValueError(f"{source}: {what} config has use_sliding_window=true; not supported")
+    names = {f.name for f in fields(cls)}
+    cfg = cls(**{k: v for k, v in d.items() if k in names and not (skip_none and v is None)})
+    if isinstance(cfg.eos_token_id, list):
+        cfg.eos_token_id = cfg.eos_token_id[0]
+    if cfg.num_key_value_heads is None:
+        cfg.num_key_value_heads = cfg.num_attention_heads
+    if getattr(cfg, "head_dim", 0) is None:
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return cfg
+
+
+def qwen_arch(cfg, head_dim: int, qkv_bias: bool) -> Arch:
+    """The executor's Arch of a Qwen2-layout config (Dream, Fast-dLLM v2, SDAR)."""
+    return Arch(d_model=cfg.hidden_size, n_layers=cfg.num_hidden_layers, n_heads=cfg.num_attention_heads,
+                n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, mlp_hidden=cfg.intermediate_size,
+                vocab_size=cfg.vocab_size, rope_theta=float(cfg.rope_theta), norm_eps=cfg.rms_norm_eps,
+                rope_full_precision=False, qkv_bias=qkv_bias, tied=cfg.tie_word_embeddings)
 
 
 class DreamAttention(nn.Module):
@@ -126,16 +138,22 @@ class DreamLayer(nn.Module):
                           self.post_attention_layernorm, m.gate_proj, m.up_proj, m.down_proj)
 
 
-class DreamModel(Denoiser):
-    def __init__(self, config: DreamConfig) -> None:
+class QwenLayoutModel(Denoiser):
+    """The Qwen2 checkpoint layout Dream, Fast-dLLM v2 and SDAR share: `model.embed_tokens`,
+    `model.layers`, `model.norm` and an untied `lm_head`. A family names its layer class and
+    whether its final norm multiplies the weight in float32 (Qwen3 / SDAR)."""
+    layer_class: type[nn.Module]
+    norm_weight_upcast: bool = False
+
+    def __init__(self, config) -> None:
         super().__init__()
         self.config = config
         self.arch = a = config.arch()
         self.spec = config.spec()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(a.vocab_size, a.d_model)
-        self.model.layers = nn.ModuleList(DreamLayer(a) for _ in range(a.n_layers))
-        self.model.norm = RMSNorm(a.d_model, a.norm_eps)
+        self.model.layers = nn.ModuleList(self.layer_class(a) for _ in range(a.n_layers))
+        self.model.norm = RMSNorm(a.d_model, a.norm_eps, weight_upcast=self.norm_weight_upcast)
         if not a.tied:
             self.lm_head = nn.Linear(a.d_model, a.vocab_size, bias=False)
 
@@ -150,3 +168,7 @@ class DreamModel(Denoiser):
 
     def block_parts(self) -> list[BlockParts]:
         return [layer.parts() for layer in self.model.layers]
+
+
+class DreamModel(QwenLayoutModel):
+    layer_class = DreamLayer

@@ -1,13 +1,15 @@
-"""Building blocks shared by both families: RMSNorm, rotary embeddings, masked attention and
-position selections. Numerics follow the reference checkpoints' own code: norms and RoPE tables
-in (at least) float32, LLaDA's `rope_full_precision` rotation in float32."""
+"""Building blocks shared by the families: RMSNorm, rotary embeddings (full or partial), masked
+attention, the gated (SwiGLU) MLP, sparse mixture-of-experts dispatch and position selections.
+Numerics follow the reference checkpoints' own code: norms and RoPE tables in (at least) float32,
+LLaDA's `rope_full_precision` rotation in float32."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "rope_tables", "apply_rope", "attend", "attend_weights", "Sel", "position_ids_from_mask"]
+__all__ = ["RMSNorm", "rope_tables", "apply_rope", "attend", "attend_weights", "Sel", "position_ids_from_mask",
+           "GatedMLP", "moe_combine"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -16,14 +18,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float) -> None:
+    """RMSNorm over the last axis. `weight_upcast`: the weight multiplies in the compute dtype
+    before the cast back (flash-attn's fused Triton RMSNorm, which SDAR's checkpoint code calls);
+    otherwise in the model dtype (LLaDA / Qwen2 / Qwen3 / EuroBERT). The two agree in float32
+    and float64."""
+
+    def __init__(self, d: int, eps: float, weight_upcast: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
+        self.weight_upcast = weight_upcast
 
     def forward(self, x: Tensor) -> Tensor:
-        xc = x.to(_compute_dtype(x.dtype))
+        ct = _compute_dtype(x.dtype)
+        xc = x.to(ct)
         xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_upcast:
+            return (self.weight.to(ct) * xc).to(x.dtype)
         # the weight multiplies in the model dtype, as in LLaDA / Qwen2 / EuroBERT
         return self.weight * xc.to(x.dtype)
 
@@ -39,21 +50,26 @@ def position_ids_from_mask(mask: Tensor | None, B: int, L: int, device) -> Tenso
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def rope_tables(pos: Tensor, head_dim: int, theta: float,
+def rope_tables(pos: Tensor, dim: int, theta: float,
                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """pos (B, n) -> cos, sin (B, 1, n, head_dim), half-split layout (cat(freqs, freqs)).
+    """pos (B, n) -> cos, sin (B, 1, n, dim), half-split layout (cat(freqs, freqs)); `dim` is the
+    rotated width (head_dim, or head_dim * partial_rotary_factor for LLaDA2).
     inv_freq is computed in float32 like the reference rotary modules; the angles and tables in
     float32 for float32 / bf16 models (as the references), in float64 for float64 models."""
     ct = _compute_dtype(dtype)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=pos.device) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=pos.device) / dim))
     freqs = pos.to(ct).unsqueeze(-1) * inv_freq.to(ct)   # (B, n, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)                 # (B, n, D)
     return emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, full_precision: bool) -> Tensor:
-    """x (B, H, n, D). full_precision rotates in float32 (LLaDA); otherwise in x's dtype (Qwen2)."""
+    """x (B, H, n, D). full_precision rotates in float32 (LLaDA); otherwise in x's dtype (Qwen2).
+    Tables narrower than D (partial rotary, LLaDA2) rotate the first cos.shape[-1] features and
+    pass the rest through."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin, full_precision), x[..., rot:]), dim=-1)
     ct = _compute_dtype(x.dtype) if full_precision else x.dtype
     xc = x.to(ct)
     x1, x2 = xc.chunk(2, dim=-1)
@@ -96,6 +112,40 @@ def attend_weights(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> 
     w = torch.softmax(scores.to(_compute_dtype(q.dtype)), dim=-1).to(q.dtype)
     o = w @ v                                               # (B, H, n, D)
     return o.transpose(1, 2).reshape(B, n, H * D), w.mean(dim=1)
+class GatedMLP(nn.Module):
+    """SwiGLU MLP under the Qwen / LLaDA2 names: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d, hidden, bias=False)
+        self.up_proj = nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def moe_combine(x: Tensor, idx: Tensor, weight: Tensor, experts: nn.ModuleList) -> Tensor:
+    """Sparse mixture of experts: x (N, d), the router's expert ids idx (N, k) and weights
+    (N, k) -> sum_j weight[:, j] * experts[idx[:, j]](x) (N, d). Token-expert pairs are grouped by
+    expert (stable, so each group keeps token order) and every used expert runs once on its
+    group; the weighted sum over k is taken in the weights' dtype, then cast to x's, as the
+    reference MoE blocks do. The group sizes are read on the host once per call (they decide
+    which slices go to which expert; a fixed-capacity layout would avoid it at the cost of
+    padding)."""
+    N, k = idx.shape
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)                               # (N*k,) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    xs = x.index_select(0, order // k)                              # (N*k, d) the pairs' tokens
+    out = x.new_empty(N * k, x.shape[-1])
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            rows = order[start:start + c]
+            out[rows] = experts[e](xs[start:start + c])
+            start += c
+    return (out.view(N, k, -1).to(weight.dtype) * weight.unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
 class Sel:

@@ -1,4 +1,5 @@
-"""Loading and saving checkpoints in the real LLaDA / Dream on-disk formats.
+"""Loading and saving checkpoints in the real on-disk formats of the LLaDA, Dream, SDAR,
+Fast-dLLM v2 and LLaDA2 families.
 
 `load_model(path)` reads `config.json`, picks the family, builds the model on the meta device
 (no weights allocated) and assigns the safetensors tensors shard by shard, converted to the
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,10 @@ from torch import Tensor
 from ..errors import CheckpointError, CheckpointNotFoundError, DllmDecodeError
 from .denoiser import Denoiser, init_random_
 from .dream import DreamConfig, DreamModel
+from .fast_dllm_v2 import FastDLLMv2Config, FastDLLMv2Model
 from .llada import LLaDAConfig, LLaDAModel
+from .llada2 import LLaDA2Config, LLaDA2Model
+from .sdar import SDARConfig, SDARModel
 
 __all__ = ["detect_family", "load_model", "save_pretrained", "build_random_model",
            "load_tokenizer", "encode_prompts", "resolve_dtype", "check_device", "load_causal_lm"]
@@ -26,11 +31,20 @@ __all__ = ["detect_family", "load_model", "save_pretrained", "build_random_model
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float64": torch.float64, "fp64": torch.float64,
            "float16": torch.float16, "fp16": torch.float16}
-_FAMILIES = {"llada": (LLaDAConfig, LLaDAModel), "dream": (DreamConfig, DreamModel)}
+_FAMILIES = {"llada": (LLaDAConfig, LLaDAModel), "dream": (DreamConfig, DreamModel),
+             "sdar": (SDARConfig, SDARModel), "fast_dllm_v2": (FastDLLMv2Config, FastDLLMv2Model),
+             "llada2": (LLaDA2Config, LLaDA2Model)}
+# config.json's architectures / model_type of each family
+_NAMES = {"llada": ("LLaDAModelLM", "llada"), "dream": ("DreamModel", "dream"),
+          "sdar": ("SDARForCausalLM", "sdar"), "fast_dllm_v2": ("Fast_dLLM_QwenForCausalLM", "fast_dllm_qwen"),
+          "llada2": ("LLaDA2MoeModelLM", "llada2_moe")}
 _SAFE_INDEX = "model.safetensors.index.json"
 _SAFE_SINGLE = "model.safetensors"
 # turn-end tokens of the instruct tokenizers, looked up by name (ids differ per family)
-_EOT_TOKENS = {"llada": "<|eot_id|>", "dream": "<|im_end|>"}
+_EOT_TOKENS = {"llada": "<|eot_id|>", "dream": "<|im_end|>", "sdar": "<|im_end|>", "fast_dllm_v2": "<|im_end|>",
+               "llada2": "<|role_end|>"}
+# families whose Hub tokenizer may name remote code over Qwen2's BPE files
+_QWEN_BPE = ("dream", "sdar", "fast_dllm_v2")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -43,22 +57,22 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def detect_family(config: dict, source: str = "config.json") -> str:
-    """'llada' or 'dream' from config.json's model_type / architectures; anything else is
-    refused with the path and what it found."""
+    """The family ('llada', 'dream', 'sdar', 'fast_dllm_v2', 'llada2') from config.json's
+    architectures (or model_type when it names none); anything else is refused with the path and
+    the keys it read."""
     mt = config.get("model_type")
     archs = config.get("architectures") or []
     mt_l = str(mt).lower() if mt is not None else None
-    if "LLaDAModelLM" in archs or (mt_l == "llada" and not archs):
-        return "llada"
-    if "DreamModel" in archs or (mt_l == "dream" and not archs):
-        return "dream"
+    for family, (arch, model_type) in _NAMES.items():
+        if arch in archs or (mt_l == model_type and not archs):
+            return family
     hint = ""
     if any(str(a).endswith("ForCausalLM") for a in archs):
         hint = " (an autoregressive model: bench takes it as --ar-model, apd as its verifier)"
+    known = ", ".join(f"{arch} (model_type {mt!r})" for arch, mt in _NAMES.values())
     raise CheckpointError(
-        f"{source}: unsupported model family model_type={mt!r}, architectures={archs!r}{hint}; "
-        "dllm-decode loads LLaDA (model_type 'llada', LLaDAModelLM) and Dream "
-        "(model_type 'Dream', DreamModel) checkpoints")
+        f"{source}: unsupported model family: key 'model_type' is {mt!r}, key 'architectures' is "
+        f"{archs!r}{hint}; dllm-decode loads {known}")
 
 
 def _config_for(family: str, d: dict, source: str):
@@ -114,7 +128,8 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
 
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu", *, tokenizer: bool = True):
-    """Load a LLaDA or Dream checkpoint directory -> (Denoiser, tokenizer or None).
+    """Load a LLaDA, Dream, SDAR, Fast-dLLM v2 or LLaDA2 checkpoint directory -> (Denoiser,
+    tokenizer or None).
 
     :raises CheckpointError: naming the file at fault (config.json, a safetensors shard, the
         tokenizer), or the device; :class:`CheckpointNotFoundError` without a config.json.
@@ -128,8 +143,7 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     cfg = _config_for(family, raw, str(cfg_path))
     dt, dev = resolve_dtype(dtype), check_device(device)
     tok = load_tokenizer(path, family) if tokenizer else None
-    if tok is not None and cfg.eot_token_id is None:
-        cfg.eot_token_id = _token_id(tok, _EOT_TOKENS[family])
+    _fill_special_ids(cfg, tok, family, str(cfg_path))
     with torch.device("meta"):
         model = _FAMILIES[family][1](cfg)
     expected = set(model.state_dict().keys())
@@ -147,6 +161,26 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
     model.eval().requires_grad_(False)
     return model, tok
+
+
+def _fill_special_ids(cfg, tok, family: str, source: str) -> None:
+    """Ids the config leaves out, from the tokenizer as the official code reads them: the turn end
+    by name; SDAR's mask id (generate.py takes the tokenizer's mask token when the config has
+    none) and pad / EOS (its config has no pad_token_id). Refuses, naming the key, an id neither
+    gives."""
+    if tok is not None and cfg.eot_token_id is None:
+        cfg.eot_token_id = _token_id(tok, _EOT_TOKENS[family])
+    if family != "sdar":
+        return
+    if tok is not None:
+        for key, token in (("mask_token_id", "mask_token"), ("eos_token_id", "eos_token"),
+                           ("pad_token_id", "pad_token")):
+            if getattr(cfg, key) is None and getattr(tok, token, None):
+                setattr(cfg, key, _token_id(tok, getattr(tok, token)))
+    for key in ("mask_token_id", "eos_token_id"):
+        if getattr(cfg, key) is None:
+            raise CheckpointError(f"{source}: key {key!r} is missing and the checkpoint's tokenizer does not "
+                                  "name that token")
 
 
 def _load_shard(model, shard: Path, expected: set[str], family: str, dt: torch.dtype,
@@ -179,8 +213,9 @@ def _token_id(tok, token: str) -> int | None:
 
 def load_tokenizer(path: str | os.PathLike, family: str | None = None):
     """transformers.AutoTokenizer for the checkpoint directory, or None when it ships no
-    tokenizer files. Dream's Hub tokenizer names a remote-code class (DreamTokenizer); it is the
-    Qwen2 BPE, so we fall back to Qwen2TokenizerFast on its vocab.json / merges.txt."""
+    tokenizer files. Dream's Hub tokenizer names a remote-code class (DreamTokenizer), SDAR's
+    and Fast-dLLM v2's may name their own Qwen2 tokenizer files; all are the Qwen2 BPE, so for
+    those families we fall back to Qwen2TokenizerFast on its vocab.json / merges.txt."""
     path = Path(path)
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if not any((path / n).exists() for n in names):
@@ -199,7 +234,7 @@ def load_tokenizer(path: str | os.PathLike, family: str | None = None):
                 # never remote code (and never transformers' interactive "run custom code?")
                 return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
             except Exception as err:  # tokenizers raises bare Exception on a corrupt tokenizer.json
-                if family == "dream" and (path / "vocab.json").exists() and (path / "merges.txt").exists():
+                if family in _QWEN_BPE and (path / "vocab.json").exists() and (path / "merges.txt").exists():
                     from transformers import Qwen2TokenizerFast
                     return Qwen2TokenizerFast.from_pretrained(str(path))
                 raise CheckpointError(f"{path}: could not load the tokenizer: {err}") from None
@@ -242,7 +277,8 @@ def save_pretrained(model: Denoiser, path: str | os.PathLike, *, shards: int = 1
     path.mkdir(parents=True, exist_ok=True)
     dt = model.dtype if dtype is None else resolve_dtype(dtype)
     cfg = model.config.to_dict()
-    cfg["torch_dtype"] = str(dt).removeprefix("torch.")
+    # newer configs (LLaDA2's) spell the key "dtype"
+    cfg["dtype" if "dtype" in cfg else "torch_dtype"] = str(dt).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
     sd = {k: v.detach().to(dtype=dt, device="cpu").contiguous() for k, v in model.state_dict().items()}
@@ -282,39 +318,58 @@ def build_random_model(family: str, vocab_size: int = 96, d_model: int = 32, n_l
                        pad_token_id: int | None = None, eot_token_id: int | None = None,
                        seed: int = 0, dtype: str | torch.dtype = torch.float32,
                        device: str | torch.device = "cpu", max_length: int = 4096,
-                       rope_theta: float | None = None, norm_eps: float | None = None) -> Denoiser:
+                       rope_theta: float | None = None, norm_eps: float | None = None,
+                       **extra) -> Denoiser:
     """A small model of the given family with deterministic random weights (tests, demos,
-    shape checks). Special ids default to the top of the vocabulary: mask = V-1, eos = pad = V-2."""
+    shape checks). Special ids default to the top of the vocabulary: mask = V-1, eos = pad = V-2.
+    `extra`: further fields of the family's config dataclass under their config.json names
+    (e.g. ``block_size=8`` for SDAR, ``bd_size`` for Fast-dLLM v2, ``num_experts``,
+    ``first_k_dense_replace`` for LLaDA2)."""
     family = family.lower()
-    mask_token_id = vocab_size - 1 if mask_token_id is None else mask_token_id
-    eos_token_id = vocab_size - 2 if eos_token_id is None else eos_token_id
-    pad_token_id = eos_token_id if pad_token_id is None else pad_token_id
+    if family not in _FAMILIES:
+        raise ValueError(f"unknown family {family!r}; use one of {sorted(_FAMILIES)}")
+    ids = dict(mask_token_id=vocab_size - 1 if mask_token_id is None else mask_token_id,
+               eos_token_id=vocab_size - 2 if eos_token_id is None else eos_token_id)
+    ids["pad_token_id"] = ids["eos_token_id"] if pad_token_id is None else pad_token_id
     mlp_hidden = mlp_hidden or 4 * d_model
-    if family == "llada":
-        cfg = LLaDAConfig(d_model=d_model, n_layers=n_layers, n_heads=n_heads,
-                          n_kv_heads=n_kv_heads or n_heads, mlp_hidden_size=mlp_hidden,
-                          vocab_size=vocab_size, embedding_size=vocab_size,
-                          max_sequence_length=max_length,
-                          rope_theta=500000.0 if rope_theta is None else rope_theta,
-                          rms_norm_eps=1e-5 if norm_eps is None else norm_eps,
-                          mask_token_id=mask_token_id, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, eot_token_id=eot_token_id)
-        model = LLaDAModel(cfg)
-    elif family == "dream":
-        cfg = DreamConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=mlp_hidden,
-                          num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                          num_key_value_heads=n_kv_heads or max(1, n_heads // 2),
-                          max_position_embeddings=max_length,
-                          rope_theta=1e6 if rope_theta is None else rope_theta,
-                          rms_norm_eps=1e-6 if norm_eps is None else norm_eps,
-                          mask_token_id=mask_token_id, eos_token_id=eos_token_id,
-                          pad_token_id=pad_token_id, bos_token_id=eos_token_id,
-                          eot_token_id=eot_token_id)
-        model = DreamModel(cfg)
-    else:
-        raise ValueError(f"unknown family {family!r}; use 'llada' or 'dream'")
+    cfg_cls, model_cls = _FAMILIES[family]
+    cfg = cfg_cls(**_random_fields(family, vocab_size, d_model, n_layers, n_heads, n_kv_heads, mlp_hidden,
+                                   max_length, rope_theta, norm_eps), **ids, eot_token_id=eot_token_id)
+    names = {f.name for f in fields(cfg_cls)}
+    bad = sorted(set(extra) - names)
+    if bad:
+        raise ValueError(f"build_random_model: {family} config has no field(s) {bad}")
+    cfg = replace(cfg, **extra)
+    if family == "dream":
+        cfg.bos_token_id = cfg.eos_token_id
+    if family == "llada2":
+        cfg._check("build_random_model")
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    model = model.to_empty(device="cpu")
     init_random_(model, seed)
     return model.to(device=device, dtype=resolve_dtype(dtype)).eval().requires_grad_(False)
+
+
+def _random_fields(family: str, V: int, d: int, n_layers: int, n_heads: int, n_kv: int | None, mlp: int,
+                   max_length: int, theta: float | None, eps: float | None) -> dict:
+    """The family's config fields for build_random_model's sizes (its own field names)."""
+    if family == "llada":
+        return dict(d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv or n_heads,
+                    mlp_hidden_size=mlp, vocab_size=V, embedding_size=V, max_sequence_length=max_length,
+                    rope_theta=500000.0 if theta is None else theta, rms_norm_eps=1e-5 if eps is None else eps)
+    common = dict(vocab_size=V, hidden_size=d, num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                  num_key_value_heads=n_kv or max(1, n_heads // 2), max_position_embeddings=max_length,
+                  rope_theta=1e6 if theta is None else theta, rms_norm_eps=1e-6 if eps is None else eps)
+    if family == "dream":
+        return dict(common, intermediate_size=mlp)
+    if family == "llada2":
+        # a small mixture of experts: 8 experts in 4 groups, 2 groups kept, 2 experts chosen per
+        # token, one shared expert, the first layer dense (LLaDA2-mini: 256 / 8 / 4 / 8 / 1 / 1)
+        return dict(common, head_dim=d // n_heads, intermediate_size=mlp, num_experts=8, n_group=4, topk_group=2,
+                    num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=max(8, mlp // 4),
+                    first_k_dense_replace=1, use_bias=False)
+    return dict(common, intermediate_size=mlp, head_dim=d // n_heads)
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",

@@ -38,7 +38,13 @@ How the built-in caches and policies build their plans (the constructors below):
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
     d2Cache's attention rollout   plan.with_(attention=True)            + head-mean attention per layer
+    DPad suffix dropout           ComputePlan.sparse(fed, keep=)        fed / keys = the kept positions
+    Elastic-Cache                 ComputePlan.refresh(...).with_(write_hidden=True, drift=Drift(...)),
+                                  then ComputePlan.sparse(fed, keys="store", write_hidden=True,
+                                                          drift=Drift(...))   (see `drift` below)
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
+    block-causal prefill          ComputePlan.refresh(end=s)            finished blocks' K/V -> store
+    block-causal block step       ComputePlan.block_step(s, e)          feed block [s, e), keys = store
     prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
 from __future__ import annotations
@@ -49,7 +55,35 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ComputePlan"]
+__all__ = ["ComputePlan", "Drift"]
+
+
+@dataclass(frozen=True, eq=False)
+class Drift:
+    """Elastic-Cache's per-layer attention checks (``ComputePlan.drift``; arXiv 2510.14973).
+
+    gamma        a row whose probes' attention similarity falls below gamma at layer l
+                 recomputes every one of its positions from layer l + 1 on (see ComputePlan.drift).
+    probe        (B, t) LongTensor of fed canvas positions whose attention drift is tested, or
+                 None (no test: e.g. the first, full forward). probe_pad (B, t) bool marks
+                 entries that only pad a row to the batch's t.
+    watch        (B, w) LongTensor of canvas positions whose predictions are watched (the
+                 window's masks): the rows predicting them, p itself or p - 1 for a shifted
+                 family (Dream), must be in the plan's index and are fed even where index_pad
+                 marks them; their attention is summed per key at every layer (over heads and
+                 these rows) into ``store.attn_mass``. watch_pad (B, w) bool marks padding entries.
+    """
+
+    gamma: float
+    watch: Tensor
+    watch_pad: Tensor | None = None
+    probe: Tensor | None = None
+    probe_pad: Tensor | None = None
+
+    def repeat_rows(self, n: int) -> "Drift":
+        tile = {k: getattr(self, k).repeat(n, 1) for k in ("watch", "watch_pad", "probe", "probe_pad")
+                if getattr(self, k) is not None}
+        return replace(self, **tile)
 
 
 # eq=False: plans holding index tensors compare (and hash) by identity, never by a partial
@@ -61,18 +95,18 @@ class ComputePlan:
     start, end      Contiguous fed range [start, end) of canvas positions (end None = L).
     index           (B, f) LongTensor of canvas positions to feed instead of a range; each row
                     sorted ascending and without duplicates. Used for arbitrary query subsets
-                    (dKV delayed caching, d2Cache). Requires keys='fed' or keys='store' and no
-                    feature reuse. The logits of an index feed are those the fed positions'
-                    outputs make: column j predicts index[:, j] in the LLaDA family and
-                    index[:, j] + 1 in a shifted family (Dream: the raw output at p predicts
-                    p + 1), as the dKV-Cache and d2Cache samplers read them. A column that
-                    predicts nothing (a query_only position, or a shifted family's last canvas
-                    position) repeats the row's nearest column that does (same logits, same
-                    position), so every row returns only what it would alone.
-    query_only      (B, f) bool, index feeds with keys='store': fed positions computed as queries
-                    whose stored K/V stay as they are (the other queries attend to the stored
-                    ones) and whose logits are not returned. subset(mask) marks the positions it
-                    tops a short row up with, so a row computes what it would alone.
+                    (dKV delayed caching, d2Cache, DPad, Elastic-Cache). Requires keys='fed' or
+                    keys='store' and no feature reuse. Its logits are aligned as a range feed's:
+                    column j predicts canvas position ForwardOutput.positions[:, j], which is
+                    index[:, j] where that position gets a prediction: in the LLaDA family (or
+                    with shift False) from its own output, when it is a real (not index_pad)
+                    slot; in a shifted family (Dream) from the output at p - 1, when p - 1 is a
+                    real slot (p itself may be a real or an index_pad slot: a padding slot
+                    stands for a position whose token is not fed), or from its own output at
+                    shift_from (the in-window shift a range feed applies at its window start).
+                    A column whose position gets no prediction repeats the row's nearest column
+                    that does (same logits, same position), so a row returns only what it
+                    would alone; a row where nothing gets one returns its raw outputs as fed.
     keys            'fed' (attend over fed positions only) or 'store' (write fresh K/V of the
                     recomputed positions in place into the store, then attend over all written,
                     non-pad store positions < key_end).
@@ -110,10 +144,10 @@ class ComputePlan:
                     row). Positions keep their RoPE index; logits at or after the limit are
                     meaningless, and nothing is written to the store for them (with feature
                     reuse, V-verify ranks and counts each row over its own cut range).
-    shift_from      (B,) LongTensor, Dream range feeds: position shift_from[b] keeps its own raw
-                    logit (the in-window shift the reference samplers apply at a window start),
-                    so a row whose window starts after the batch's feed start gets what it would
-                    get fed alone.
+    shift_from      (B,) LongTensor, Dream: position shift_from[b] keeps its own raw logit (the
+                    in-window shift the reference samplers apply at a window start), so a row
+                    whose window starts after the batch's feed start gets what it would get fed
+                    alone; in an index feed, where p - 1 is not a real slot (see `index`).
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
     attention       Also return every layer's attention probabilities averaged over the heads,
@@ -124,6 +158,32 @@ class ComputePlan:
                     softmax in at least float32) instead of by the fused kernel, so logits may
                     differ from the plan without it in the last bits. d2Cache's attention
                     rollout reads them (ForwardOutput.attention; also kept in store.attention).
+    keep            (B, L) bool: row b's forward involves only canvas positions where keep[b] is
+                    True (and the attention mask): the others are never keys and nothing is written
+                    to the store for them; fed ones are computed, their logits meaningless. The
+                    per-position form of key_limit (DPad's suffix dropout).
+    index_pad       (B, f) bool, index feeds: slots that only top a row up to the batch's count f
+                    (`sparse`, `subset` from a mask). They are computed as queries but take no
+                    part: never keys among the fed (keys='fed'), nothing written for them (with
+                    keys='store' the other queries read what the store already holds there),
+                    and their logits are not returned (see `index`). So every row of a batch
+                    computes exactly what it would alone.
+    write_hidden    Also write every layer's input hidden state and post-RoPE queries of the
+                    written positions to the store (store.h, store.q): what Elastic-Cache resumes
+                    a layer from and compares probes against.
+    drift           Elastic-Cache (a `Drift`): needs keys='store' with write_hidden (a sparse
+                    step) or a refresh with write_hidden (the first forward). At every layer l,
+                    for each row that has not switched yet, the attention of its probes computed
+                    from the store's queries and keys as they were (before this layer's writes)
+                    is compared with their attention now (fresh queries, keys after the writes):
+                    cosine similarity across heads for each (probe, key) pair, averaged over the
+                    row's probes and non-pad keys. Below gamma, the row switches: from layer l + 1
+                    on every one of its positions is recomputed (the layer's input taken from
+                    store.h where the position was not fed) and written, as in a full forward;
+                    its other positions keep reading the store until then. store.refresh_from
+                    (B,) records the switch layer (n_layers: none; 0 for a refresh), and
+                    store.attn_mass (B, n_layers, L) the attention the watch positions paid each
+                    key. One host read per layer (whether any row switched).
     shadow          (B, S) LongTensor of canvas positions (WINO's "shadow block"): S extra
                     queries, each a MASK token with the RoPE position of its canvas position,
                     that attend to every fed key except the one at their own position, and to
@@ -132,6 +192,9 @@ class ComputePlan:
                     the forward returns (B, q + S, V) and the engine hands the last S columns to
                     ``score`` as ``shadow_logits``. Needs keys='fed', a range feed and no store
                     writes; LLaDA family only (a shifted family has no leave-one-out query).
+    block_size      Block-causal models only: the block size of this forward's attention (None:
+                    the model's default, ModelSpec.block_size). A position's block is its RoPE
+                    position // block_size; a query sees its own block and earlier ones.
     name            Free-form label for tracing.
     """
 
@@ -153,9 +216,13 @@ class ComputePlan:
     key_limit: Tensor | None = None
     shift_from: Tensor | None = None
     shift: bool | None = None
-    query_only: Tensor | None = None
     attention: bool = False
+    keep: Tensor | None = None
+    index_pad: Tensor | None = None
+    write_hidden: bool = False
+    drift: Drift | None = None
     shadow: Tensor | None = None
+    block_size: int | None = None
     name: str = "full"
 
     def __post_init__(self) -> None:
@@ -181,17 +248,34 @@ class ComputePlan:
         if self.write_window is not None and (self.keys != "store" or self.index is not None
                                               or self.reuse_features):
             raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
-        if self.shift_from is not None and self.index is not None:
-            raise ValueError("shift_from applies to range feeds only")
-        if self.query_only is not None:
-            if self.index is None or self.keys != "store":
-                raise ValueError("query_only needs an index feed with keys='store'")
-            if self.query_only.dtype != torch.bool or self.query_only.shape != self.index.shape:
-                raise ValueError("ComputePlan.query_only must be a (B, f) bool tensor shaped like index")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"ComputePlan.block_size must be >= 1, got {self.block_size}")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
-        if self.attention and (self.reuse_features or self.shadow is not None):
-            raise ValueError("attention weights are returned for plans without feature reuse or shadows")
+        if self.attention and (self.reuse_features or self.shadow is not None or self.write_hidden):
+            raise ValueError("attention weights are returned for plans without feature reuse, shadows "
+                             "or write_hidden")
+        if self.keep is not None and (self.keep.dim() != 2 or self.keep.dtype != torch.bool):
+            raise ValueError("ComputePlan.keep must be a (B, L) bool tensor")
+        if self.keep is not None and self.reuse_features:
+            raise ValueError("keep is not supported with feature reuse (dLLM-Cache); use key_limit")
+        if self.index_pad is not None and (self.index is None or self.index_pad.dtype != torch.bool
+                                           or self.index_pad.shape != self.index.shape):
+            raise ValueError("ComputePlan.index_pad must be a bool tensor shaped like index")
+        if self.write_hidden and self.keep is not None:
+            raise ValueError("keep does not combine with write_hidden")
+        if self.write_hidden and (self.reuse_features or not self.writes):
+            raise ValueError("write_hidden needs a plan that writes K/V (keys='store' or write_kv) "
+                             "without feature reuse")
+        if self.drift is not None:
+            if not self.write_hidden:
+                raise ValueError("drift (Elastic-Cache) needs write_hidden=True")
+            if self.drift.probe is not None and self.keys != "store":
+                raise ValueError("a drift test reads the store: it needs keys='store'")
+            if self.shadow is not None or self.key_limit is not None or self.write_window is not None:
+                raise ValueError("drift does not combine with shadow, key_limit or write_window")
+            if self.keys == "fed" and (self.index is not None or self.start != 0 or self.end is not None):
+                raise ValueError("a drift refresh feeds the whole canvas")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
@@ -246,16 +330,18 @@ class ComputePlan:
         """The same plan for the batch stacked n times (classifier-free guidance runs the
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
         rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
-                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "query_only",
-                          "shadow")
+                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow",
+                          "keep", "index_pad")
                 if getattr(self, k) is not None}
+        if self.drift is not None:
+            rows["drift"] = self.drift.repeat_rows(n)
         return replace(self, **rows) if rows else self
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def full(cls, *, out_start: int | None = None) -> "ComputePlan":
-        """Plain forward over the whole canvas; no store."""
-        return cls(out_start=out_start, name="full")
+    def full(cls, *, out_start: int | None = None, block_size: int | None = None) -> "ComputePlan":
+        """Plain forward over the whole canvas; no store. `block_size`: see the field."""
+        return cls(out_start=out_start, block_size=block_size, name="full")
 
     @classmethod
     def refresh(cls, *, features: bool = False, out_start: int | None = None, end: int | None = None,
@@ -305,6 +391,20 @@ class ComputePlan:
                    key_limit=key_limit, name=name)
 
     @classmethod
+    def block_step(cls, start: int, end: int, *, write_window: Tensor | None = None,
+                   block_size: int | None = None, name: str = "block") -> "ComputePlan":
+        """Block-causal models: feed the block x[:, start:end] against the K/V the store holds
+        for the finished blocks before it (written by a prefill ``refresh(end=start)`` or by
+        earlier block steps). The block's fresh K/V are written in place, so the step that feeds
+        the completed block leaves its final K/V for the next block (the official loops' forward
+        with the K/V kept). Later positions are never seen (the model's block-causal mask), so the
+        canvas after `end` may hold anything. Keys span the whole canvas under that mask: the
+        logits are the same bits as a forward over the whole canvas when start and end lie on
+        multiples of the block size."""
+        return cls(start=start, end=end, keys="store", write_window=write_window, block_size=block_size,
+                   name=name)
+
+    @classmethod
     def shadowed(cls, shadow: Tensor, *, name: str = "shadow") -> "ComputePlan":
         """Plain forward plus S shadow queries (B, S) at canvas columns (WINO's verification
         block): see the `shadow` field."""
@@ -333,26 +433,42 @@ class ComputePlan:
                    full_layers=tuple(full_layers), out_start=out_start, name="feature_step")
 
     @classmethod
-    def subset(cls, positions: Tensor, *, query_only: Tensor | None = None, attention: bool = False,
+    def subset(cls, positions: Tensor, *, shift: int = 0, attention: bool = False,
                name: str = "subset") -> "ComputePlan":
         """Recompute an arbitrary per-row subset of positions as queries, with their own RoPE
         positions, writing their fresh K/V to the store and attending to the store's K/V of
         every other position (dKV-Cache delayed caching, d2Cache). `positions` is a (B, q)
-        LongTensor (rows sorted, no duplicates; `query_only` (B, q) bool optional) or a (B, L)
-        bool mask. Rows of a mask with unequal counts are topped up with their smallest
-        unselected positions so every row feeds q tokens; the top-ups are `query_only` (their
-        stored K/V stay, their logits are not returned), so each row computes exactly what it
-        would alone. Mask conversion syncs with the device; it happens here, never inside the
-        forward."""
+        LongTensor (rows sorted, no duplicates) or a (B, L) bool mask, fed as
+        ``sparse(mask, keys="store")``: short rows are topped up with `index_pad` slots, so each
+        row computes exactly what it would alone. `shift` is the model's logit shift
+        (CacheStore.shift): with 1 (masks only), p + 1 joins the index for every fed p (as a
+        padding slot where it is not fed), so the prediction each fed output makes is returned.
+        Mask conversion syncs with the device; it happens here, never inside the forward."""
         if positions.dtype == torch.bool:
-            counts = positions.sum(1)                                       # (B,)
-            q = int(counts.max())
-            # stable sort puts each row's selected positions first, then its unselected ones in
-            # ascending order: the first q are the selection topped up with the smallest others
-            order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)[:, :q]
-            index = order.sort(dim=1).values
-            query_only = None
-            if bool((counts < q).any()):
-                query_only = ~positions.gather(1, index)
-            positions = index
-        return cls(index=positions.long(), keys="store", query_only=query_only, attention=attention, name=name)
+            out = None
+            if shift:
+                out = torch.cat([torch.zeros_like(positions[:, :1]), positions[:, :-1]], dim=1)
+            return cls.sparse(positions, out=out, keys="store", attention=attention, name=name)
+        if shift:
+            raise ValueError("subset(shift=1) needs a (B, L) bool mask of positions")
+        return cls(index=positions.long(), keys="store", attention=attention, name=name)
+
+    @classmethod
+    def sparse(cls, fed: Tensor, *, out: Tensor | None = None, keys: Literal["fed", "store"] = "fed",
+               keep: Tensor | None = None, write_hidden: bool = False, drift: Drift | None = None,
+               attention: bool = False, name: str = "sparse") -> "ComputePlan":
+        """Feed each row its own set of positions, ``fed`` (B, L) bool (DPad's kept positions,
+        Elastic-Cache's queries, the subset caches' recomputed positions). Rows are topped up to
+        the batch's largest count with their smallest other positions, marked in ``index_pad``
+        (see the field). ``out`` (B, L) bool: further positions to include as padding slots, to
+        predict without feeding them (in a shifted family p's prediction comes from p - 1).
+        With keys='fed' the fed positions attend among themselves; with keys='store' their K/V
+        are written in place and they attend over the store. One host read (the batch's count)."""
+        slots = fed if out is None else fed | out
+        q = int(slots.sum(1).max())
+        # stable sort: each row's own positions first (ascending), then its others ascending
+        order = torch.argsort((~slots).to(torch.int8), dim=1, stable=True)[:, :q]
+        index = order.sort(dim=1).values
+        pad = ~fed.gather(1, index)
+        return cls(index=index, index_pad=pad, keys=keys, keep=keep, write_hidden=write_hidden, drift=drift,
+                   attention=attention, name=name)

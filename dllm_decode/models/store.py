@@ -9,10 +9,15 @@ Layout, per transformer layer, indexed by absolute canvas position:
                             request, so rotating once at write time is exact), values
     attn   (B, L, d_model)  attention sub-layer output after the output projection
     ffn    (B, L, d_model)  FFN sub-layer output
+    h      (B, L, d_model)  the layer's input hidden state          (plans with write_hidden)
+    q      (B, H, L, D)     queries after RoPE                       (plans with write_hidden)
 plus `kv_valid` (B, L): which positions hold K/V that were actually computed; attention over
 the store never uses a slot nobody wrote, `flops`: what the request's forwards computed, and
 `attention`: the head-mean attention probabilities of the last forward whose plan asked for
 them (ComputePlan.attention; d2Cache's rollout reads them at its next step).
+A plan with `drift` (Elastic-Cache) also leaves `attn_mass` (B, n_layers, L), the attention its
+watched queries paid each key at each layer, and `refresh_from` (B,), the layer from which each
+row recomputed every position (n_layers: none).
 
 `shift` is the model's logit shift (0: the output at position p predicts p, LLaDA family; 1: it
 predicts p + 1, Dream family): a cache choosing which positions to recompute (dKV-Cache,
@@ -42,6 +47,10 @@ class CacheStore:
         self.v: list[Tensor] = []
         self.attn: list[Tensor] = []
         self.ffn: list[Tensor] = []
+        self.h: list[Tensor] = []
+        self.q: list[Tensor] = []
+        self.attn_mass: Tensor | None = None
+        self.refresh_from: Tensor | None = None
         self.kv_valid: Tensor | None = None
         self.shape: tuple[int, int] | None = None
         # free space for the cache plugin that owns this store (step counters, refresh marks)
@@ -60,8 +69,12 @@ class CacheStore:
     def has_features(self) -> bool:
         return bool(self.attn)
 
+    @property
+    def has_hidden(self) -> bool:
+        return bool(self.h)
+
     def nbytes(self) -> int:
-        ts = self.k + self.v + self.attn + self.ffn
+        ts = self.k + self.v + self.attn + self.ffn + self.h + self.q
         return sum(t.numel() * t.element_size() for t in ts)
 
     def check_canvas(self, B: int, L: int) -> None:
@@ -90,14 +103,24 @@ class CacheStore:
         self.attn = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
         self.ffn = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
 
+    def ensure_hidden(self, n_layers: int, B: int, L: int, d: int, n_heads: int, hd: int,
+                      dtype: torch.dtype, device: torch.device) -> None:
+        self.check_canvas(B, L)
+        if self.h:
+            return
+        self.shape = (B, L)
+        self.h = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.q = [torch.zeros(B, n_heads, L, hd, dtype=dtype, device=device) for _ in range(n_layers)]
+
     # ------------------------------------------------------------------ batch surgery
     def select_rows(self, rows: Tensor) -> None:
         """Keep only the given batch rows (e.g. when finished rows leave the batch)."""
         rows = rows.to(self.k[0].device if self.k else (self.attn[0].device if self.attn else "cpu"))
-        for lst in (self.k, self.v, self.attn, self.ffn):
+        for lst in (self.k, self.v, self.attn, self.ffn, self.h, self.q):
             lst[:] = [t.index_select(0, rows) for t in lst]
-        if self.kv_valid is not None:
-            self.kv_valid = self.kv_valid.index_select(0, rows)
+        for name in ("kv_valid", "attn_mass", "refresh_from"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, rows))
         if self.attention is not None:
             self.attention = tuple(a.index_select(0, rows) for a in self.attention)
         if self.shape is not None:

@@ -65,8 +65,8 @@ class Job:
 
     @property
     def tokens(self) -> list[int]:
-        """The generated region (``gen_length`` ids), once finished."""
-        return self.state.generated()[0].tolist() if self.state is not None else []
+        """The generated region (``gen_length`` ids, or as many as a canvas rule grew it to)."""
+        return self.state.generated_rows()[0] if self.state is not None else []
 
 
 class Scheduler:

@@ -28,29 +28,30 @@ class RowUpdate:
     tokens: list[int]             # the tokens written there
     remasked: list[int]           # generated-token indices masked again this step (WINO)
     prefix: list[int]             # committed prefix: up to the first mask, before the first stop id
-    canvas: list[int]             # the whole generated region (mask ids where still masked)
+    canvas: list[int]             # the row's whole generated region (mask ids where still masked)
     finished: bool                # the row is done (no mask left, or its stop id committed)
     text: str | None = None       # the prefix decoded, with a tokenizer
 
 
 def prefix_lengths(state: DecodeState) -> torch.Tensor:
-    """(B,) long: each row's committed prefix length (first mask, or first stop id, or G)."""
+    """(B,) long: each row's committed prefix length (first mask, or first stop id, or the row's
+    generated length)."""
     gen = state.generated()                                                  # (B, G)
     G = gen.shape[1]
     cols = torch.arange(G, device=gen.device)
     masked = state.masked[:, state.gen_start:]
     stops = torch.isin(gen, state.eos_ids) & ~masked
     first = lambda hit: torch.where(hit, cols, G).amin(dim=1)               # noqa: E731
-    return torch.minimum(first(masked), first(stops))
+    # a canvas rule may have grown rows unevenly: nothing past a row's own end counts
+    return torch.minimum(torch.minimum(first(masked), first(stops)), state.ends - state.gen_start)
 
 
 def row_updates(state: DecodeState, tokenizer: Any = None) -> list[RowUpdate]:
     """Every row's :class:`RowUpdate` for the step ``state`` just took (one host read)."""
     last = state.last
-    g0 = state.gen_start
-    written = last.committed[:, g0:].tolist()
-    remasked = last.remasked[:, g0:].tolist() if last.remasked is not None else None
-    canvas = state.generated().tolist()
+    written = state.generated_rows(last.committed)
+    remasked = state.generated_rows(last.remasked) if last.remasked is not None else None
+    canvas = state.generated_rows()
     lengths = prefix_lengths(state).tolist()
     done = state.done.tolist()
     out = []

@@ -11,7 +11,7 @@ Use it from pytest::
 checks, independently of the engine's own checks: the prompt is never written; a committed
 token never changes (unless the policy is revocable and the engine logged the re-mask); every
 unfinished row gains a token every step; new tokens land only inside the step's span; no mask
-is left at the end; the same seed gives the same output; a left-padded batch gives each row the
+is left at the end (positions a canvas rule adds are followed through ``state.last.resize``); the same seed gives the same output; a left-padded batch gives each row the
 tokens it gets alone. :func:`invariant_cases` is a hypothesis strategy of prompts and canvas
 shapes for property tests.
 
@@ -40,6 +40,7 @@ from dllm_decode.config import Recipe, load_recipe, recipe_from_dict
 from dllm_decode.engine import Decoder, GenerationResult
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.plugins import PluginManager, get_plugin_manager
+from dllm_decode.canvas import moved_columns
 from dllm_decode.state import UNCOMMITTED
 
 RECORDER = "invariant-recorder"
@@ -103,13 +104,15 @@ class _Recorder:
 
     @hookimpl
     def on_request_start(self, state):
-        self.runs.append([{"x": state.x.clone(), "span": None, "active": None, "step": -1}])
+        self.runs.append([{"x": state.x.clone(), "span": None, "active": None, "step": -1,
+                           "ends": state.ends.clone()}])
 
     @hookimpl
     def after_step(self, state):
         rec = state.last
         self.runs[-1].append({"x": state.x.clone(), "span": rec.span.clone(), "active": rec.active.clone(),
-                              "step": rec.step, "remasked": rec.remasked})
+                              "step": rec.step, "remasked": rec.remasked, "resize": rec.resize,
+                              "ends": state.ends.clone()})
 
 
 class InvariantViolation(AssertionError):
@@ -185,7 +188,7 @@ def _check_run(snaps: list[dict], final, decoder: Decoder) -> None:
     x0 = snaps[0]["x"]
     remasks = {step: idx for step, idx in final.remask_log}
     for prev, cur in zip(snaps, snaps[1:]):
-        step, x_prev, x_cur = cur["step"], prev["x"], cur["x"]
+        step, x_prev, x_cur = cur["step"], _follow(prev, cur, mask), cur["x"]
         if not torch.equal(x_cur[:, :P], x0[:, :P]):
             raise InvariantViolation(f"step {step}: the prompt region was written")
         was_set = x_prev != mask
@@ -211,10 +214,31 @@ def _check_run(snaps: list[dict], final, decoder: Decoder) -> None:
         if (new & ~inside & ~eos_fill).any():
             where = torch.nonzero(new & ~inside & ~eos_fill)[:5].tolist()
             raise InvariantViolation(f"step {step}: tokens written outside the span at (row, col) {where}")
-    if (final.x == mask).any():
+    in_rows = torch.arange(final.length)[None, :] < final.ends[:, None]
+    if ((final.x == mask) & in_rows).any():
         raise InvariantViolation("masks left at the end of decoding")
-    if (final.commit_step[:, P:] == UNCOMMITTED).any():
+    if ((final.commit_step == UNCOMMITTED) & in_rows)[:, P:].any():
         raise InvariantViolation("a generated position has no commit step")
+
+
+def _follow(prev: dict, cur: dict, mask: int) -> torch.Tensor:
+    """The previous snapshot in the columns of ``cur``: a canvas rule may have grown rows after
+    the step's commit. Inserted positions read as masks (so a token there would count as new);
+    appended positions holding a token read as that token (written when created)."""
+    r, x_cur = cur.get("resize"), cur["x"]
+    if r is None:
+        return prev["x"]
+    moved = moved_columns(r, prev["ends"], prev["x"].shape[1])                  # (B, L_prev)
+    out = torch.full_like(x_cur, mask)
+    cols = torch.arange(x_cur.shape[1])[None, :]
+    app = torch.as_tensor(0 if r.append is None else r.append).long().expand(x_cur.shape[0])
+    appended = (cols < cur["ends"][:, None]) & (cols >= (cur["ends"] - app)[:, None])
+    past_end = cols >= cur["ends"][:, None]
+    out = torch.where(appended | past_end, x_cur, out)
+    keep = moved >= 0
+    rows = torch.arange(x_cur.shape[0])[:, None].expand_as(moved)
+    out[rows[keep], moved[keep]] = prev["x"][keep]
+    return out
 
 
 def _eos_filled(x: torch.Tensor, decoder: Decoder, final) -> torch.Tensor:

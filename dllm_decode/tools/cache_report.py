@@ -63,6 +63,10 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("threshold + dkv_cache (refresh 8)", "threshold", blocks + (DKV,)),
         ("d2cache sampler (certainty prior), no cache", "d2cache", llada + (NONE,)),
         ("d2cache sampler + d2cache (k 32, p 0.1)", "d2cache", llada),
+        ("threshold + dpad (Gaussian, window 64)", "dpad", blocks),
+        ("threshold + dpad + prefix KV cache", "dpad", blocks + ("cache_policy.kv_cache=prefix",)),
+        ("threshold + dpad + dual KV cache", "dpad", blocks + ("cache_policy.kv_cache=dual",)),
+        ("threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache", (f"generation.gen_length={gen}",)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:
@@ -80,7 +84,9 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                       (f"generation.gen_length={gen}", f"generation.steps={gen}")),
                 Entry("dream-reference", "d2cache sampler (certainty prior, top-p 0.9), no cache", "dream-d2cache",
                       one + (NONE,)),
-                Entry("dream-reference", "d2cache sampler + d2cache (k 32, p 0.1, top-p 0.9)", "dream-d2cache", one)]
+                Entry("dream-reference", "d2cache sampler + d2cache (k 32, p 0.1, top-p 0.9)", "dream-d2cache", one),
+                Entry("dream-reference", "threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache",
+                      (f"generation.gen_length={gen}",))]
     return tuple(out)
 
 

@@ -176,7 +176,8 @@ def render(infos: list[PluginInfo] | None = None) -> str:
         flags = [flag for flag, on in (("revocable (may re-mask committed tokens)", info.meta.revocable),
                                        ("exact cache", info.meta.exact is True),
                                        ("approximate cache", info.meta.exact is False),
-                                       ("may commit nothing in a step (idle steps)", info.meta.idle_steps)) if on]
+                                       ("may commit nothing in a step (idle steps)", info.meta.idle_steps),
+                                       ("copes with canvas rules (resizable)", info.meta.resizable)) if on]
         flags += [f"requires model capability `{r}`" for r in info.meta.requires]
         lines += [f"### `{info.name}`", "", info.meta.summary, "",
                   f"- module: `{module}`",

@@ -50,6 +50,8 @@ ENTRIES = (
     Entry("llada-reference", "prophet, gap 7.5 / 5.0 / 2.5, blocks of 32", "prophet"),
     Entry("llada-reference", "klass, conf 0.9 / KL 0.01 over 2 forwards, blocks of 32", "klass"),
     Entry("llada-reference", "credit (dInfer), threshold 0.9, blocks of 32", "credit"),
+    Entry("llada-reference", "localleap, anchor 0.9 / relaxed 0.75 within 4, blocks of 32", "localleap"),
+    Entry("llada-reference", "daedal, initial 64 / up to 2048, blocks of 32", "daedal"),
     Entry("dream-reference", "baseline: llada, 1 token / forward", "llada"),
     Entry("dream-reference", "dream sampler, entropy, 96 steps", "dream"),
     Entry("dream-reference", "dream sampler, entropy, 24 steps", "dream", ("generation.steps=24",)),
@@ -60,6 +62,7 @@ ENTRIES = (
     Entry("dream-reference", "klass (Dream variant), conf 0.9 / KL 0.01, one block", "klass",
           ("policy.variant=dream", "generation.block_length=96")),
     Entry("dream-reference", "credit (dInfer), threshold 0.9, blocks of 32", "credit"),
+    Entry("dream-reference", "localleap, anchor 0.9 / relaxed 0.75 within 4, blocks of 32", "localleap"),
 )
 
 

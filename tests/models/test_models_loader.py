@@ -1,4 +1,5 @@
-"""Checkpoints in the real LLaDA / Dream on-disk formats through load_model."""
+"""Checkpoints in the real LLaDA / Dream on-disk formats through load_model (the block-diffusion
+families: test_models_block_loader.py)."""
 import json
 
 import pytest
@@ -183,7 +184,7 @@ def test_dream_round_trip_and_size_sharding(tmp_path):
 @pytest.mark.parametrize("config,needle", [
     ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "bert"),
     ({"model_type": "llada", "architectures": ["LLaDAMoEModelLM"]}, "LLaDAMoEModelLM"),
-    ({"model_type": "llada2_moe", "architectures": ["LLaDA2MoeModelLM"]}, "llada2_moe"),
+    ({"model_type": "bd3lm", "architectures": ["BD3LM"]}, "bd3lm"),
 ])
 def test_unknown_family_refused(tmp_path, config, needle):
     (tmp_path / "config.json").write_text(json.dumps(config))

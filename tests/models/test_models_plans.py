@@ -267,29 +267,30 @@ def test_v_verify_recomputes_only_least_similar(lib, family):
     assert (outs[0.0] - resp)[mask].abs().max() > 1e-6
 
 
-def _subset_expected(lib, W, model, ids, mask, index, query_only, banks, L):
-    """What an index plan returns, from the naive forward: each row feeds only its real positions
-    (query-only ones write nothing and return nothing, so leaving them out changes no other
-    query); the output at p predicts p, or p + 1 for a shifted family; a column predicting
-    nothing repeats the nearest real column before it (after it, for leading ones)."""
+def _subset_expected(lib, W, model, ids, mask, index, pad, banks, L):
+    """What an index plan returns, from the naive forward: each row feeds only its real slots
+    (padding slots write nothing and take no part, so leaving them out changes no other query);
+    position p is predicted by the output at p (LLaDA family, p real) or at p - 1 (shifted
+    family, p - 1 real); a column whose position gets no prediction repeats the nearest one
+    before it that does (after it, for leading ones)."""
     shift = 1 if model.spec.shift_logits else 0
     logits, positions = [], []
     for b, row in enumerate(index.tolist()):
-        real = [j for j, p in enumerate(row) if p + shift < L and not (query_only is not None and query_only[b, j])]
-        fed = [p for j, p in enumerate(row) if query_only is None or not query_only[b, j]]
+        fed = [p for j, p in enumerate(row) if pad is None or not pad[b, j]]
         raw = lib.naive_row(W, ids[b], mask[b], fed, bank=banks[b], keys="bank")
         slot = {p: k for k, p in enumerate(fed)}
+        ok = [j for j, p in enumerate(row) if p - shift in slot]
         cols, pos = [], []
         for j in range(len(row)):
-            src = max([r for r in real if r <= j], default=min(real))
-            cols.append(raw[slot[row[src]]])
-            pos.append(row[src] + shift)
+            src = max([r for r in ok if r <= j], default=min(ok))
+            cols.append(raw[slot[row[src] - shift]])
+            pos.append(row[src])
         logits.append(torch.stack(cols))
         positions.append(pos)
     return torch.stack(logits), torch.tensor(positions)
 
 
-def _run_out(model, ids, mask, plan, store):
+def _run_out(model, ids, mask, plan, store=None):
     with torch.no_grad():
         return model.execute(ids, mask, plan=plan, store=store)
 
@@ -301,29 +302,37 @@ def test_dkv_delayed_subset(lib, family):
     _run(model, ids0, mask, ComputePlan.refresh(), store)
     banks = _naive_banks(lib, W, ids0, mask)
     # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions;
-    # the last canvas position predicts nothing in a shifted family
+    # in a shifted family a fed position whose predecessor is not fed gets no prediction
     ids1 = lib.commit(ids0, [[6], [9], [13]], seed=51)
     index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
     out = _run_out(model, ids1, mask, ComputePlan.subset(index), store)
     want, pos = _subset_expected(lib, W, model, ids1, mask, index, None, banks, L)
     torch.testing.assert_close(out.logits, want, **TIGHT)
     assert out.positions.tolist() == pos.tolist()
+    if family == "dream":
+        assert out.positions[0].tolist() == [7, 7, 7, 11]
     # step 2 from a bool mask with unequal counts: topped up with the smallest other positions,
-    # which are queries only (their stored K/V stay, their logits are not returned)
+    # padding slots (their stored K/V stay, they take no part); with the model's shift every
+    # fed p's prediction for p + 1 joins the index
     ids2 = lib.commit(ids1, [[7], [8], [12]], seed=52)
     sel = torch.zeros(3, L, dtype=torch.bool)
     sel[0, [7, 10, 11]] = True
     sel[1, [5, 12]] = True
     sel[2, [9, 10, 11]] = True
-    plan = ComputePlan.subset(sel)
-    assert plan.query_positions(L)[1].tolist() == [0, 5, 12]
-    assert plan.query_only.tolist() == [[False] * 3, [True, False, False], [False] * 3]
+    shift = store.shift
+    plan = ComputePlan.subset(sel, shift=shift)
+    if family == "llada":
+        assert plan.query_positions(L)[1].tolist() == [0, 5, 12]
+        assert plan.index_pad.tolist() == [[False] * 3, [True, False, False], [False] * 3]
+    else:
+        assert plan.query_positions(L)[1].tolist() == [0, 5, 6, 12, 13]
+        assert plan.index_pad[1].tolist() == [True, False, True, False, True]
     k_before = [k.clone() for k in store.k]
     out = _run_out(model, ids2, mask, plan, store)
-    want, pos = _subset_expected(lib, W, model, ids2, mask, plan.index, plan.query_only, banks, L)
+    want, pos = _subset_expected(lib, W, model, ids2, mask, plan.index, plan.index_pad, banks, L)
     torch.testing.assert_close(out.logits, want, **TIGHT)
     assert out.positions.tolist() == pos.tolist()
-    assert out.positions[1].tolist() == ([5, 5, 12] if family == "llada" else [6, 6, 13])
+    assert out.positions[1].tolist() == ([5, 5, 12] if family == "llada" else [6, 6, 6, 6, 13])
     assert all(torch.equal(k[1, :, 0], k0[1, :, 0]) for k, k0 in zip(store.k, k_before))   # top-up kept
     assert not all(torch.equal(k[1, :, 5], k0[1, :, 5]) for k, k0 in zip(store.k, k_before))
 
@@ -340,11 +349,11 @@ def test_subset_rows_compute_what_they_would_alone(lib, family):
     ids1 = lib.commit(ids0, [[6], [9], [13]], seed=61)
     store = model.new_store()
     _run(model, ids0, mask, ComputePlan.refresh(), store)
-    batch = _run_out(model, ids1, mask, ComputePlan.subset(sel), store)
+    batch = _run_out(model, ids1, mask, ComputePlan.subset(sel, shift=store.shift), store)
     for b in range(3):
         alone = model.new_store()
         _run(model, ids0[b:b + 1], mask[b:b + 1], ComputePlan.refresh(), alone)
-        one = _run_out(model, ids1[b:b + 1], mask[b:b + 1], ComputePlan.subset(sel[b:b + 1]), alone)
+        one = _run_out(model, ids1[b:b + 1], mask[b:b + 1], ComputePlan.subset(sel[b:b + 1], shift=alone.shift), alone)
         got = dict(zip(batch.positions[b].tolist(), batch.logits[b]))
         want = dict(zip(one.positions[0].tolist(), one.logits[0]))
         assert got.keys() == want.keys()
@@ -487,3 +496,181 @@ def test_flop_count_matches_torch_counter(lib, family):
             model(ids, mask, plan=plan, store=store)
         attention = sum(4 * B * hd * n * k for n, k in per_layer)
         assert store.flops - before == counter.get_total_flops() + attention, plan and plan.name
+
+
+# ------------------------------------------------------------------ sparse feeds (DPad)
+def _kept_rows():
+    """Per-row kept positions (different counts): rows 0 and 1 drop parts of the masked tail."""
+    kept = [list(range(10)) + [12], list(range(9)) + [11, 13], list(range(L))]
+    keep = torch.zeros(3, L, dtype=torch.bool)
+    for b, ps in enumerate(kept):
+        keep[b, ps] = True
+    return kept, keep
+
+
+def _predicted(out, b):
+    """Row b of an index feed's output as {canvas position: logits}."""
+    return dict(zip(out.positions[b].tolist(), out.logits[b]))
+
+
+def _expected(raw, fed, index, shift, shift_from=None):
+    """{position: logits} an index feed should return for one row, from the naive raw outputs of
+    its real slots `fed`: position p of the index is predicted by the output at p (unshifted,
+    p real) or at p - 1 (shifted, p - 1 real; or p's own at shift_from)."""
+    slot = {p: j for j, p in enumerate(fed)}
+    if not shift:
+        return {p: raw[slot[p]] for p in index if p in slot}
+    want = {p: raw[slot[p - 1]] for p in index if p - 1 in slot}
+    if shift_from in slot and shift_from - 1 not in slot:
+        want[shift_from] = raw[slot[shift_from]]
+    return want
+
+
+def _assert_rows_match(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], **TIGHT)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_feeds_each_row_its_own_positions(lib, family):
+    """ComputePlan.sparse with keep: each row sees only its kept positions (the pruned canvas of
+    DPad's suffix dropout), whatever the other rows keep: top-up slots are neither keys nor read."""
+    model, W, ids, mask = _setup(lib, family)
+    kept, keep = _kept_rows()
+    plan = ComputePlan.sparse(keep, keep=keep)
+    assert plan.index.shape == (3, L) and plan.index_pad.sum(1).tolist() == [3, 3, 0]
+    got = _run_out(model, ids, mask, plan)
+    for b, fed in enumerate(kept):
+        raw = lib.naive_row(W, ids[b], mask[b], fed)
+        want = _expected(raw, fed, plan.index[b].tolist(), model.spec.shift_logits)
+        _assert_rows_match(_predicted(got, b), want)
+        alone = ComputePlan.sparse(keep[b:b + 1], keep=keep[b:b + 1])
+        one = _predicted(_run_out(model, ids[b:b + 1], mask[b:b + 1], alone), 0)
+        _assert_rows_match(one, {p: want[p] for p in one})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_prefix_step_over_kept_store(lib, family):
+    """DPad with the prefix cache: a kept refresh fills the store, then each row feeds its span
+    and kept tail (own window start per row) against it; positions outside keep stay out of the
+    keys even where an earlier forward wrote them, and top-ups write nothing."""
+    model, W, ids0, mask = _setup(lib, family)
+    kept, keep = _kept_rows()
+    store = CacheStore()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)     # K/V everywhere: keep must hide some
+    _run(model, ids0, mask, ComputePlan.sparse(keep, keys="store", keep=keep), store)
+    banks = []
+    for b, fed in enumerate(kept):
+        bank = lib.new_bank(W, L)
+        lib.naive_row(W, ids0[b], mask[b], fed, bank=bank)
+        banks.append(bank)
+    before = [t.clone() for t in store.k]
+    ids1 = lib.commit(ids0, [[6], [7], [8]], seed=81)
+    starts = [6, 7, 8]
+    cols = torch.arange(L)[None, :]
+    fed_mask = keep & (cols >= torch.tensor(starts)[:, None])
+    plan = ComputePlan.sparse(fed_mask, keys="store", keep=keep).with_(shift_from=torch.tensor(starts))
+    got = _run_out(model, ids1, mask, plan, store)
+    for b, fed in enumerate(kept):
+        step = [p for p in fed if p >= starts[b]]
+        raw = lib.naive_row(W, ids1[b], mask[b], step, bank=banks[b], keys="bank")
+        want = _expected(raw, step, plan.index[b].tolist(), model.spec.shift_logits, starts[b])
+        assert starts[b] in want
+        _assert_rows_match(_predicted(got, b), want)
+        # positions the row did not feed kept their stored K/V (top-ups included)
+        quiet = [p for p in range(L) if p < starts[b]]
+        torch.testing.assert_close(store.k[0][b, :, quiet], before[0][b, :, quiet], rtol=0, atol=0)
+
+
+def test_sparse_plan_validation():
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError):
+        ComputePlan(keep=keep.long())
+    with pytest.raises(ValueError):
+        ComputePlan(index_pad=torch.zeros(2, 3, dtype=torch.bool))            # no index
+    with pytest.raises(ValueError):
+        ComputePlan.feature_step(2).with_(keep=keep)                           # feature reuse
+    plan = ComputePlan.sparse(keep, keep=keep)
+    assert plan.repeat_rows(2).keep.shape == (4, 4) and plan.repeat_rows(2).index_pad.shape == (4, 4)
+
+
+# ------------------------------------------------------------------ layer-adaptive forwards (Elastic-Cache)
+def _first_true(mask, k):
+    idx = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return idx, ~mask.gather(1, idx)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("gamma", [0.0, 0.96, 2.0], ids=["never", "some", "always"])
+def test_layer_adaptive_step_matches_the_reference_per_row(lib, family, gamma):
+    """A refresh with write_hidden, then a sparse step with a drift test, on a left-padded batch:
+    each row's logits, switch layer and most-attended tokens equal tests/reference_elastic.py's
+    batch-1 forward on the row without padding (rows switch at their own layers: the batch runs
+    full width once one has, the others recomputing only what they were fed)."""
+    import reference_elastic as ref
+    from dllm_decode.models import Drift
+
+    model, W, ids0, mask = _setup(lib, family)
+    shift, n_layers = model.spec.shift_logits, len(W.layers)
+    B = ids0.shape[0]
+    cols = torch.arange(L)[None, :]
+    store = CacheStore()
+    watch = torch.arange(P, P + 4).expand(B, 4)                             # the first window
+    _run(model, ids0, mask, ComputePlan(write_kv=True, write_hidden=True, drift=Drift(gamma=gamma, watch=watch)), store)
+    # the tracked tokens: per layer the most attended non-masked key
+    mass = store.attn_mass.masked_fill((cols >= P)[:, None, :], 0.0).masked_fill(~mask[:, None, :], float("-inf"))
+    track = torch.zeros(B, L, dtype=torch.bool).scatter_(1, mass.topk(1, dim=-1).indices.flatten(1), True)
+    probe, probe_pad = _first_true(track, n_layers)
+    ids1 = lib.commit(ids0, [7, 9], seed=91)                                # decoded by the first step
+    new = torch.zeros(B, L, dtype=torch.bool)
+    new[:, [7, 9]] = True
+    win = (cols >= P) & ~new
+    win &= win.cumsum(1) <= 4                                               # the next window
+    before = torch.zeros_like(win)
+    before[:, :-1] = win[:, 1:]
+    watch2 = win.nonzero()[:, 1].view(B, 4)
+    step = ComputePlan.sparse(track | new, out=win | before, keys="store", write_hidden=True,
+                              drift=Drift(gamma=gamma, watch=watch2, probe=probe, probe_pad=probe_pad))
+    got = _run(model, ids1, mask, step, store)
+    q = step.query_positions(L)
+    for b in range(B):
+        pad = int((~mask[b]).sum())
+        C = ref._Caches(W, L - pad)
+        ref._forward(W, ids0[b, pad:], C, list(range(L - pad)), [p - pad - shift for p in range(P, P + 4)],
+                     list(range(P - pad, L - pad)), -1, gamma, 1)
+        assert sorted({t + pad for layer in C.track for t in layer}) == torch.nonzero(track[b]).flatten().tolist()
+        rows = [int(p) - pad - shift for p in watch2[b]]
+        query = list(dict.fromkeys(ref._track_positions(C) + [7 - pad, 9 - pad] + rows))
+        masked = [p - pad for p in range(P, L) if p not in (7, 9)]
+        raw, start = ref._forward(W, ids1[b, pad:], C, query, rows, masked, n_layers, gamma, 1)
+        assert int(store.refresh_from[b]) == start, (b, gamma)
+        mine = torch.stack([got[b, q[b].tolist().index(int(p))] for p in watch2[b]])
+        torch.testing.assert_close(mine, raw, **TIGHT)
+    switched = store.refresh_from.tolist()
+    assert switched == {0.0: [n_layers] * B, 2.0: [1] * B}.get(gamma, switched)
+    if gamma == 0.96:                       # this gamma splits the rows: some switch, some do not
+        assert 1 in switched and n_layers in switched
+
+
+def test_layer_adaptive_plan_validation(lib):
+    from dllm_decode.models import Drift
+
+    watch = torch.zeros(1, 2, dtype=torch.long)
+    drift = Drift(gamma=0.9, watch=watch)
+    with pytest.raises(ValueError, match="write_hidden"):
+        ComputePlan(write_kv=True, drift=drift)
+    with pytest.raises(ValueError, match="keys='store'"):
+        ComputePlan(write_kv=True, write_hidden=True, drift=Drift(gamma=0.9, watch=watch, probe=watch))
+    with pytest.raises(ValueError):
+        ComputePlan(write_hidden=True)                                      # writes nothing
+    with pytest.raises(ValueError):
+        ComputePlan.sparse(torch.ones(1, 4, dtype=torch.bool), keep=torch.ones(1, 4, dtype=torch.bool),
+                           keys="store", write_hidden=True)
+    assert ComputePlan(write_kv=True, write_hidden=True, drift=drift).repeat_rows(2).drift.watch.shape == (2, 2)
+    model, _, ids, mask = _setup(lib, "llada")
+    fed = torch.ones(ids.shape, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="hidden"):                      # nothing to resume from
+        _run(model, ids, mask, ComputePlan.sparse(fed, keys="store", write_hidden=True), CacheStore())
+    with pytest.raises(ValueError, match="whole canvas"):
+        _run(model, ids, mask, ComputePlan(end=8, write_kv=True, write_hidden=True), CacheStore())

@@ -2,8 +2,9 @@
 earlier ones, with answers long enough (40 to 900 tokens) that generation lengths 256 to 1024 are
 a real use. Every answer is a worked trace, one line per step, then the ``#### ANSWER`` line.
 
-- ``echo`` (control): copy a string of 16 to 120 letters; every answer position is fixed by the
-  prompt, so parallel decoding cannot hurt.
+- ``echo``: copy a string of 16 to 120 letters; every answer position is fixed by the prompt, so
+  parallel decoding cannot hurt. The workload mix uses the fixed-length ``copy`` as its control
+  instead: at a variable offset the copy needs a content lookup small models learn slowly.
 - ``chain`` (arithmetic): 2 to 8 chained assignments (``b = a + 26``, ``c = b * 3``, some
   reading two earlier variables), shuffled in among unrelated ones; the answer works each needed
   line out (``b = a + 26 = 17 + 26 = 43``) and gives the asked variable.

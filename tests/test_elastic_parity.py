@@ -1,0 +1,156 @@
+"""The elastic_cache plugin reproduces Elastic-Cache (VILA-Lab/Elastic-Cache ``llada/generate.py``
+with ``llada/model/modeling_llada.py``, and the Dream port) token for token, forward for forward
+and layer refresh for layer refresh at T = 0 (float64) against tests/reference_elastic.py,
+through the engine, alone and in a left-padded batch, on tiny random LLaDA and Dream models and
+on the shipped reference models; the drift test really switches rows at different layers; the
+answer up to the first EOS matches with the EOS rule on; a wrong gamma in the reference is
+caught; and the plugin keeps every engine invariant."""
+
+import pytest
+import torch
+
+from dllm_decode.config import recipe_from_dict
+from dllm_decode.engine import Decoder
+from dllm_decode.models import build_random_model
+from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
+from reference_elastic import elastic_generate
+from shipped import shipped_model_and_prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
+
+
+@pytest.fixture(scope="module")
+def tiny_dream():
+    return build_random_model("dream", vocab_size=32, d_model=32, n_layers=3, n_heads=4, mask_token_id=31,
+                              eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_llada3():
+    """Three layers, so that a switch can happen before the last one."""
+    return build_random_model("llada", vocab_size=32, d_model=32, n_layers=3, n_heads=4, mask_token_id=31,
+                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
+
+
+def _recipe(gen, threshold, eos="ban", **opts):
+    eos_opts = {"ban": True} if eos == "ban" else {"stop": True}
+    return {"choose_span": {"plugin": "elastic_cache", **opts}, "score": "llada",
+            "select_tokens": {"plugin": "threshold", "threshold": threshold},
+            "cache_policy": {"plugin": "elastic_cache", **opts},
+            "generation": {"gen_length": gen, "steps": gen, "dtype": "float64", "eos": eos_opts}}
+
+
+def _ref(threshold, eos="ban", recomputed=None, **opts):
+    def ref(model, prompt, recipe):
+        ids = recipe.generation.eos.ids or [model.spec.eos_token_id]
+        tokens, nfe, layers = elastic_generate(model, prompt, gen_length=recipe.generation.gen_length,
+                                               threshold=threshold, eos_ids=ids if eos != "ban" else (),
+                                               banned=ids if eos == "ban" else (), **opts)
+        if recomputed is not None:
+            recomputed.append(layers)
+        return ReferenceOutput(tokens, nfe)
+    return ref
+
+
+# (threshold, options): the code's defaults with a window shorter than the generation, gammas
+# that never / sometimes / always switch, more tracked tokens, and no block caching
+CASES = [(0.9, dict(window_length=4)), (0.3, dict(window_length=4, gamma=0.99)),
+         (0.3, dict(window_length=6, gamma=0.999, track_num=2)), (0.3, dict(window_length=4, gamma=1.0)),
+         (0.5, dict(window_length=4, gamma=0.0)), (0.3, dict(window_length=4, gamma=0.99, block_caching=False))]
+
+
+def _id(case):
+    thr, opts = case
+    return f"thr{thr}-" + "-".join(f"{k}{v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_matches_reference(case, family, tiny_llada3, tiny_dream):
+    model = tiny_llada3 if family == "llada" else tiny_dream
+    threshold, opts = case
+    for batched in (False, True):
+        check_parity(model, _recipe(16, threshold, **opts), _ref(threshold, **opts), PROMPTS4, batched=batched)
+
+
+def test_rows_switch_at_their_own_layers_and_a_wrong_gamma_is_caught(tiny_llada3):
+    """At gamma 0.99 rows switch to a full recompute at different layers and forwards, and the
+    engine's count of layers recomputed in full equals the reference's, row by row; a reference
+    with another gamma disagrees."""
+    opts = dict(window_length=4, gamma=0.99)
+    counts: list[int] = []
+    out = Decoder(tiny_llada3, recipe_from_dict({**_recipe(16, 0.3, **opts),
+                                                 "generation": {**_recipe(16, 0.3)["generation"], "batch_size": 4}})
+                  ).generate(PROMPTS4, keep_states=True)
+    engine = out.states[0].counters["elastic_full_layers"]
+    check_parity(tiny_llada3, _recipe(16, 0.3, **opts), _ref(0.3, recomputed=counts, **opts), PROMPTS4)
+    assert engine == sum(counts)
+    n_forwards = sum(r.nfe for r in out.rows)
+    assert 3 * 4 < engine < 3 * n_forwards          # more than the first forwards, less than all
+    with pytest.raises(ParityMismatch):
+        check_parity(tiny_llada3, _recipe(16, 0.3, **opts), _ref(0.3, window_length=4, gamma=0.5), PROMPTS4)
+
+
+def _answer(tokens, eos_ids):
+    first = next((j for j, t in enumerate(tokens) if t in eos_ids), len(tokens))
+    return tokens[:first + 1]
+
+
+@pytest.mark.parametrize("family,eos", [("llada", 7), ("dream", 28)])
+def test_the_answer_up_to_the_first_eos_matches_with_eos_stop(family, eos, tiny_llada3, tiny_dream):
+    """With an EOS id these untrained models do produce, the window stops at the row's first
+    decoded EOS, as in the code; the code then leaves the later masks while the engine's eos.stop
+    fills them, and an EOS decoded later before it ends the answer earlier here (the code goes on
+    decoding after it), so the answers are compared up to the first EOS."""
+    model = tiny_llada3 if family == "llada" else tiny_dream
+    opts = dict(window_length=4, gamma=0.99)
+    gen = {**_recipe(16, 0.3)["generation"], "batch_size": 4, "eos": {"stop": True, "ids": [eos]}}
+    rows = Decoder(model, recipe_from_dict({**_recipe(16, 0.3, **opts), "generation": gen})).generate(PROMPTS4).rows
+    cut = 0
+    for prompt, row in zip(PROMPTS4, rows):
+        ref, _, _ = elastic_generate(model, prompt, gen_length=16, threshold=0.3, eos_ids=[eos], **opts)
+        assert _answer(row.tokens, [eos]) == _answer(ref, [eos])
+        cut += len(_answer(row.tokens, [eos])) < 16
+    assert cut >= 2
+
+
+def test_matches_reference_on_llada_reference():
+    """The shipped llada-reference, float64, held-out copy and case prompts, 96 positions, the
+    code's defaults (window 16, gamma 0.9, one tracked token per layer, threshold 0.9), EOS banned
+    for an exact comparison of the whole canvas; then the answers with EOS on."""
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "case"))
+    check_parity(model, _recipe(96, 0.9), _ref(0.9), prompts)
+    eos = [model.spec.eos_token_id, model.spec.eot_token_id]
+    recipe = recipe_from_dict({**_recipe(96, 0.9, eos="stop"),
+                               "generation": {**_recipe(96, 0.9, eos="stop")["generation"], "batch_size": 2}})
+    for prompt, row in zip(prompts, Decoder(model, recipe).generate(prompts).rows):
+        ref, _, _ = elastic_generate(model, prompt, gen_length=96, threshold=0.9, eos_ids=eos)
+        assert _answer(row.tokens, eos) == _answer(ref, eos)
+
+
+def test_matches_reference_on_dream_reference():
+    """The shipped dream-reference, float64, the code's defaults, EOS banned."""
+    model, prompts = shipped_model_and_prompts("dream", ("copy", "case"))
+    check_parity(model, _recipe(96, 0.9), _ref(0.9), prompts)
+
+
+def test_guidance_is_refused(tiny_llada3):
+    from dllm_decode.errors import RecipeError
+
+    recipe = _recipe(16, 0.9)
+    recipe["generation"]["cfg_scale"] = 1.0
+    with pytest.raises(RecipeError, match="elastic_cache"):
+        Decoder(tiny_llada3, recipe_from_dict(recipe))
+
+
+@pytest.mark.parametrize("opts", [dict(window_length=4), dict(window_length=3, gamma=0.99, block_caching=False)],
+                         ids=["defaults", "switching"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_invariants(tiny_llada3, opts, temperature):
+    recipe = _recipe(16, 0.5, eos="stop", **opts)
+    recipe["generation"]["temperature"] = temperature
+    check_invariants(tiny_llada3, recipe)
+    check_invariants(tiny_llada3, {**recipe, "choose_span": "llada", "select_tokens": "llada",
+                                   "generation": {**recipe["generation"], "block_length": 8}})
