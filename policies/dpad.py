@@ -124,4 +124,5 @@ def cache_policy(state, options, scratch):
         window = window & (cols < span[:, 1:])
     # a row whose span changed refreshes every kept position; the others feed their window
     fed = keep & (window | fresh[:, None])
-    return ComputePlan.sparse(fed, keys="store", keep=keep, name=f"dpad:{mode}")
+    # a Dream window start whose predecessor is not fed keeps its own logit (the in-window shift)
+    return ComputePlan.sparse(fed, keys="store", keep=keep, name=f"dpad:{mode}").with_(shift_from=span[:, 0])

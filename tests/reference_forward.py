@@ -77,13 +77,15 @@ def new_bank(W, L):
 
 
 def naive_row(W, ids, mask, fed, *, bank=None, keys="fed", key_end=None, recompute=None,
-              verify=None, rho=0.0, full_layers=()):
+              verify=None, rho=0.0, full_layers=(), attention=None):
     """One forward for ONE row. ids (L,), mask (L,) bool, fed: list of canvas positions.
     keys='fed': attention over fed positions only. keys='bank': write fresh K/V of the
     recomputed positions into `bank` (a per-layer list of dicts, modified in place), then
     attend over valid, non-pad bank positions < key_end.
     recompute (list) / verify ((a, b)) / rho / full_layers: dLLM-Cache feature reuse, where
     fed positions outside the recomputed set add the bank's attention / FFN outputs.
+    attention: a list that receives, per layer, the attention probabilities averaged over the
+    heads (len(C), len(keys)) (HF eager attention's weights, read by d2Cache's rollout).
     Returns raw logits (len(fed), V) float64."""
     L = ids.shape[0]
     key_end = L if key_end is None else key_end
@@ -129,10 +131,14 @@ def naive_row(W, ids, mask, fed, *, bank=None, keys="fed", key_end=None, recompu
             kmask = torch.ones_like(kmask)
         rep = W.H // W.Hkv
         out = torch.empty(len(C), W.H, W.D, dtype=torch.float64)
+        probs = []
         for hh in range(W.H):
             sc = (q[:, hh] @ K[:, hh // rep].T) / math.sqrt(W.D)       # (c, Lk)
             sc = sc.masked_fill(~kmask[None, :], float("-inf"))
-            out[:, hh] = torch.softmax(sc, dim=-1) @ Vv[:, hh // rep]
+            probs.append(torch.softmax(sc, dim=-1))
+            out[:, hh] = probs[-1] @ Vv[:, hh // rep]
+        if attention is not None:
+            attention.append(sum(probs) / W.H)
         att = out.reshape(len(C), W.H * W.D) @ lw["wo"].T                    # (c, d)
         if reuse:
             bank[li]["attn"][C] = att

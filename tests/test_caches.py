@@ -253,7 +253,8 @@ def test_refresh_every_step_is_exact():
 
 
 # ----------------------------------------------------------------------------- recipes
-CACHE_RECIPES = ["fast-dllm", "fast-dllm-prefix", "llada-dllm-cache", "slowfast-dllm-cache", "dream-fast-dllm"]
+CACHE_RECIPES = ["fast-dllm", "fast-dllm-prefix", "llada-dllm-cache", "slowfast-dllm-cache", "dream-fast-dllm",
+                 "dkv-cache", "dream-dkv-cache", "d2cache", "dream-d2cache"]
 
 
 @pytest.mark.parametrize("recipe", CACHE_RECIPES)
@@ -290,7 +291,8 @@ POLICIES = {"llada": {"policy": "llada"},
             "slowfast": {"policy": {"plugin": "slowfast", "explore_steps": 2, "tau_min": 0.1, "tau_high": 0.3},
                          "score": "llada"}}
 CACHES = {"kv_block-dual": {"plugin": "kv_block"}, "kv_block-prefix": {"plugin": "kv_block", "mode": "prefix"},
-          "dllm_cache": {"plugin": "dllm_cache", "prompt_interval": 3, "response_interval": 2, "rho": 0.5}}
+          "dllm_cache": {"plugin": "dllm_cache", "prompt_interval": 3, "response_interval": 2, "rho": 0.5},
+          "dkv_cache": {"plugin": "dkv_cache", "refresh_interval": 3}}
 
 
 @pytest.mark.parametrize("cache", list(CACHES))

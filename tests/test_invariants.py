@@ -86,6 +86,8 @@ NEEDS = {"apd": lambda verifier, slot: {"params": {"verifier": verifier},
          # prophet decides on the gap its score measures; wino verifies with the shadow block its
          # cache_policy adds and its score reads
          "prophet": lambda verifier, slot: {"params": {}, "with": {"score": "prophet"} if slot == "select_tokens" else {}},
+         # d2cache's cache ranks masks by the first forward's confidence its score keeps
+         "d2cache": lambda verifier, slot: {"params": {}, "with": {"score": "d2cache"} if slot == "cache_policy" else {}},
          # daedal's selection and canvas rule read its own score's EOS confidence and stages; the
          # untrained models never predict EOS, so rows grow to max_gen_length
          "daedal": lambda verifier, slot: {"params": {"max_gen_length": 24},

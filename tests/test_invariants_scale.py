@@ -123,6 +123,12 @@ OPTIONS = {
     "elastic_cache": st.fixed_dictionaries({"window_length": st.integers(1, 6), "gamma": PROB,
                                             "track_num": st.integers(1, 3), "block_caching": st.booleans()}),
 }
+OPTIONS["dkv_cache"] = st.fixed_dictionaries({"refresh_interval": st.integers(1, 4)})
+OPTIONS["d2cache"] = st.fixed_dictionaries(
+    {"rollout_p": st.sampled_from([0.0, 0.1, 0.5]), "current_k": st.integers(1, 6), "sigma": st.sampled_from([1.0, 10.0]),
+     "inflate_w": st.integers(0, 3), "alg": st.sampled_from(["maskgit_plus", "topk_margin", "entropy"]),
+     "num_transfer_tokens": st.integers(1, 3), "decode_sigma": st.sampled_from([None, 0.0, 3.0, 10.0])},
+    optional={"top_p": st.sampled_from([0.5, 0.9]), "top_k": st.integers(1, 5)})
 OPTIONS["slowfast_tail"] = st.one_of(st.just({}), st.fixed_dictionaries({"dllm_cache": OPTIONS["dllm_cache"]}))
 
 
@@ -163,6 +169,10 @@ PAIRS = {
     "dream-block+kv_block-dual": ({"policy": "dream"}, "kv_block", {"mode": "dual"}),
     "dream-block+kv_block-prefix": ({"policy": "dream"}, "kv_block", {"mode": "prefix"}),
     "dream-block+dllm_cache": ({"policy": "dream"}, "dllm_cache", {}),
+    "llada+dkv_cache": ({"policy": "llada"}, "dkv_cache", {}),
+    "threshold+dkv_cache": ({"policy": "llada", "select_tokens": "threshold"}, "dkv_cache", {}),
+    "dream+dkv_cache": ({"policy": "dream"}, "dkv_cache", {}),
+    "d2cache": ({"choose_span": "llada", "score": "d2cache", "select_tokens": "d2cache"}, "d2cache", {}),
     "threshold+dpad": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "none"}),
     "threshold+dpad-prefix": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "prefix"}),
     "threshold+dpad-dual": ({"policy": "llada", "select_tokens": "threshold"}, "dpad", {"kv_cache": "dual"}),

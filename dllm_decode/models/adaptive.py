@@ -222,6 +222,7 @@ def adaptive_forward(model: "Denoiser", input_ids: Tensor, attention_mask: Tenso
     if plan.keys == "fed":
         logits = model._logits(x, plan, Sel(0, L), 0, L, L)
     else:
-        # the slots fed for real, watched rows included (a shifted family reads p - 1 there)
-        logits = model._logits(x, plan.with_(index_pad=run.pad), Sel(idx=run.idx), 0, L, L)
+        # the slots fed for real, watched rows included (a shifted family's p - 1 predicts p)
+        logits, positions = model._index_logits(x, plan.with_(index_pad=run.pad), run.idx, L)
+        return ForwardOutput(logits, positions)
     return ForwardOutput(logits, plan.query_positions(L, B, device=input_ids.device))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import RMSNorm, Sel, apply_rope, attend, position_ids_from_mask, rope_tables
+from .layers import RMSNorm, Sel, apply_rope, attend, attend_weights, position_ids_from_mask, rope_tables
 from .output import ForwardOutput
 from .plan import ComputePlan
 from .store import CacheStore
@@ -102,6 +102,7 @@ class Feed:
     limit: Tensor | None = None   # (B,) the plan's key_limit
     cos: Tensor | None = None     # (B, 1, f + S, D) RoPE tables of the fed (and shadow) queries
     sin: Tensor | None = None
+    attention: list[Tensor] | None = None   # per layer (B, f, K) head-mean attention (plan.attention)
     block: int | None = None      # block size of a block-causal model's forward, else None
     chunks: list | None = None    # block-causal: (canvas Sel, slice of the fed stream) per chunk
     kbuf: tuple | None = None     # block-causal keys='fed': scratch full-length (K, V) buffers
@@ -168,8 +169,9 @@ class Denoiser(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def new_store(self) -> CacheStore:
-        """A fresh, empty per-request cache store for this model."""
-        return CacheStore()
+        """A fresh, empty per-request cache store for this model (it records the model's logit
+        shift, which a cache choosing positions to recompute needs)."""
+        return CacheStore(shift=1 if self.spec.shift_logits else 0)
 
     # ---- the executor ---------------------------------------------------------------------
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
@@ -204,16 +206,25 @@ class Denoiser(nn.Module):
             keys = L if feed.block and run.keys == "fed" else None
             store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end, keys) \
                 + 2.0 * B * S * a.d_model * a.vocab_size
+        if run.attention:
+            feed.attention = []
         for i, parts in enumerate(self.block_parts()):
             reuse = run.reuse_features and i not in run.full_layers
             layer = self._layer_block if feed.block else self._layer_reuse if reuse else self._layer_full
             x = layer(i, parts, x, feed)
+        attention = None if feed.attention is None else tuple(feed.attention)
+        if attention is not None and store is not None:
+            store.attention = attention
+        if not fed.is_range:
+            logits, positions = self._index_logits(x, run, fed.idx, L)
+            return ForwardOutput(logits, positions, attention=attention)
         positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
         if S:
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
             return ForwardOutput(self._logits(x[:, :-S], run, fed, feed.s, feed.e, L), positions,
-                                 self._head(x[:, -S:]))
-        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L, feed.block), positions)
+                                 self._head(x[:, -S:]), attention=attention)
+        return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L, feed.block), positions,
+                             attention=attention)
 
     def _feed(self, input_ids: Tensor, attention_mask: Tensor | None, plan: ComputePlan,
               store: CacheStore | None) -> "Feed":
@@ -272,9 +283,9 @@ class Denoiser(nn.Module):
         if plan.block_size is not None and self.spec.block_size is None:
             raise ValueError(f"plan {plan.name!r} sets block_size={plan.block_size}, but the "
                              f"{self.spec.family} model attends bidirectionally")
-        if block and (plan.shadow is not None or plan.reuse_features):
-            raise ValueError(f"plan {plan.name!r}: shadow queries and feature reuse are not supported "
-                             f"by the block-causal {self.spec.family} model")
+        if block and (plan.shadow is not None or plan.reuse_features or plan.attention):
+            raise ValueError(f"plan {plan.name!r}: shadow queries, feature reuse and attention weights are "
+                             f"not supported by the block-causal {self.spec.family} model")
         return block
 
     @staticmethod
@@ -428,7 +439,12 @@ class Denoiser(nn.Module):
             fed.put_unless(store.k[i], 2, k, frozen)
             fed.put_unless(store.v[i], 2, v, frozen)
             K, V = store.k[i][:, :, :feed.key_end], store.v[i][:, :, :feed.key_end]  # (B, Hkv, Lk, D)
-        att = p.o(attend(q, K, V, feed.kmask))                              # (B, f, d)
+        if feed.attention is None:
+            att = p.o(attend(q, K, V, feed.kmask))                          # (B, f, d)
+        else:
+            o, w = attend_weights(q, K, V, feed.kmask)                      # (B, f, H*D), (B, f, Lk)
+            feed.attention.append(w)
+            att = p.o(o)
         if plan.write_features or plan.reuse_features:
             fed.put_unless(store.attn[i], 1, att, frozen)
         x = x + att
@@ -569,41 +585,55 @@ class Denoiser(nn.Module):
 
     def _logits(self, x: Tensor, plan: ComputePlan, fed: Sel, s: int, e: int, L: int,
                 block: int | None = None) -> Tensor:
-        head = self._head
+        """Aligned logits of a range feed [s, e) from its output start on."""
         shift = self.spec.shift_logits and plan.shift is not False
-        if fed.is_range:
-            o, e = plan.out_range(L)
-            lo = o - 1 if (shift and o > s) else o
-            rows = x[:, lo - s: e - s]
-            raw = self._head_chunks(rows, lo, block) if block else head(rows)   # (B, e - lo, V)
-            if not shift or raw.shape[1] == 0:
-                return raw
-            if plan.shift_from is not None:
-                # per row: position shift_from[b] keeps its own logit (the in-window shift of a
-                # row whose own feed would start there), every other one takes p - 1's
-                cols = torch.arange(o, e, device=raw.device)[None, :]       # (1, q)
-                own = (cols - 1 < lo) | (cols == plan.shift_from.to(raw.device)[:, None])
-                src = torch.where(own, cols, cols - 1) - lo                 # (B, q)
-                return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
-            if lo < o:
-                return raw[:, :-1]        # position p gets the raw logit of p - 1
-            # window start gets its own logit: the reference samplers' in-window shift
-            return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
-
-        raw = head(x)                                                       # (B, f, V)
-        if not shift:
+        o, e = plan.out_range(L)
+        lo = o - 1 if (shift and o > s) else o
+        rows = x[:, lo - s: e - s]
+        raw = self._head_chunks(rows, lo, block) if block else self._head(rows)   # (B, e - lo, V)
+        if not shift or raw.shape[1] == 0:
             return raw
-        # index feeds: take the raw logit of p - 1 where p - 1 was fed (a real slot, not a
-        # top-up), else p's own
-        idx = fed.idx
+        if plan.shift_from is not None:
+            # per row: position shift_from[b] keeps its own logit (the in-window shift of a
+            # row whose own feed would start there), every other one takes p - 1's
+            cols = torch.arange(o, e, device=raw.device)[None, :]           # (1, q)
+            own = (cols - 1 < lo) | (cols == plan.shift_from.to(raw.device)[:, None])
+            src = torch.where(own, cols, cols - 1) - lo                     # (B, q)
+            return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+        if lo < o:
+            return raw[:, :-1]        # position p gets the raw logit of p - 1
+        # window start gets its own logit: the reference samplers' in-window shift
+        return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
+
+    def _index_logits(self, x: Tensor, plan: ComputePlan, idx: Tensor, L: int) -> tuple[Tensor, Tensor]:
+        """Aligned logits (B, f, V) of an index feed and the canvas positions they predict (B, f)
+        (the contract is the plan's `index`): a real slot's own output (LLaDA family); in a
+        shifted family the output at p - 1 when p - 1 is a real fed slot, or p's own at
+        shift_from. Columns that predict nothing repeat their row's nearest one that does."""
+        raw = self._head(x)                                                 # (B, f, V)
+        shift = self.spec.shift_logits and plan.shift is not False
+        pad = None if plan.index_pad is None else plan.index_pad.to(idx.device)
+        if not shift and pad is None:
+            return raw, idx
         B, f = idx.shape
-        slot = torch.arange(f, device=idx.device).unsqueeze(0).expand(B, f)
-        inv = torch.full((B, L), -1, dtype=torch.long, device=idx.device)
-        real = slot if plan.index_pad is None else torch.where(plan.index_pad.to(idx.device), -1, slot)
-        inv.scatter_(1, idx, real)
-        prev = inv.gather(1, (idx - 1).clamp(min=0))
-        src = torch.where((idx > 0) & (prev >= 0), prev, slot)
-        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+        col = torch.arange(f, device=idx.device).expand(B, f)
+        real = torch.ones_like(idx, dtype=torch.bool) if pad is None else ~pad
+        src, ok = col, real
+        if shift:
+            # inv[b, p] = the column of the real slot at p - 1 (-1: none)
+            inv = torch.full((B, L + 1), -1, dtype=torch.long, device=idx.device)
+            inv.scatter_(1, idx + 1, torch.where(real, col, -1))
+            prev = inv.gather(1, idx)                                       # (B, f)
+            ok = prev >= 0
+            src = torch.where(ok, prev, col)
+            if plan.shift_from is not None:
+                ok = ok | (real & (idx == plan.shift_from.to(idx.device)[:, None]))
+        before = torch.where(ok, col, -1).cummax(dim=1).values              # nearest predicting column <= j
+        after = torch.where(ok, col, f).flip(1).cummin(dim=1).values.flip(1)   # nearest >= j
+        near = torch.where(before >= 0, before, after)
+        near = torch.where(near < f, near, col)                             # nothing predicts: as fed
+        src = src.gather(1, near)
+        return raw.gather(1, src.unsqueeze(-1).expand(-1, -1, raw.shape[-1])), idx.gather(1, near)
 
 
 @torch.no_grad()

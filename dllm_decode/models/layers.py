@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["RMSNorm", "rope_tables", "apply_rope", "attend", "Sel", "position_ids_from_mask", "GatedMLP",
-           "moe_combine"]
+__all__ = ["RMSNorm", "rope_tables", "apply_rope", "attend", "attend_weights", "Sel", "position_ids_from_mask",
+           "GatedMLP", "moe_combine"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,16 +82,36 @@ def attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     True = may be attended, or (B, n, Lk) for a mask per query (shadow queries). Returns
     (B, n, H*D)."""
     B, H, n, D = q.shape
-    m = None
-    if key_mask is not None:
-        # a row without any valid key (an all-padding row or window) would softmax over -inf
-        # everywhere; let it attend to everything instead: its output is irrelevant but finite
-        key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
-        m = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+    m = _sdpa_mask(key_mask)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=k.shape[1] != H)
     return o.transpose(1, 2).reshape(B, n, H * D)
 
 
+def _sdpa_mask(key_mask: Tensor | None) -> Tensor | None:
+    """(B, Lk) or (B, n, Lk) key mask -> a mask broadcasting over (B, H, n, Lk)."""
+    if key_mask is None:
+        return None
+    # a row without any valid key (an all-padding row or window) would softmax over -inf
+    # everywhere; let it attend to everything instead: its output is irrelevant but finite
+    key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
+    return key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
+
+
+def attend_weights(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`attend` computed explicitly, also returning the attention probabilities averaged over
+    the heads: (B, n, H*D), (B, n, Lk). Scores q k^T / sqrt(D), masked keys -inf, softmax in at
+    least float32 (as eager attention implementations do), then cast back to q's dtype."""
+    B, H, n, D = q.shape
+    rep = H // k.shape[1]
+    if rep > 1:                                             # grouped-query attention
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / D ** 0.5           # (B, H, n, Lk)
+    m = _sdpa_mask(key_mask)
+    if m is not None:
+        scores = scores.masked_fill(~m, float("-inf"))
+    w = torch.softmax(scores.to(_compute_dtype(q.dtype)), dim=-1).to(q.dtype)
+    o = w @ v                                               # (B, H, n, D)
+    return o.transpose(1, 2).reshape(B, n, H * D), w.mean(dim=1)
 class GatedMLP(nn.Module):
     """SwiGLU MLP under the Qwen / LLaDA2 names: down(silu(gate(x)) * up(x))."""
 

@@ -37,6 +37,7 @@ How the built-in caches and policies build their plans (the constructors below):
     dLLM-Cache step               ComputePlan.feature_step(P, refresh_prompt, refresh_response,
                                                            rho, full_layers=(0,))
     dKV / d2Cache subset step     ComputePlan.subset(index_or_mask)     queries = subset, keys = store
+    d2Cache's attention rollout   plan.with_(attention=True)            + head-mean attention per layer
     DPad suffix dropout           ComputePlan.sparse(fed, keep=)        fed / keys = the kept positions
     Elastic-Cache                 ComputePlan.refresh(...).with_(write_hidden=True, drift=Drift(...)),
                                   then ComputePlan.sparse(fed, keys="store", write_hidden=True,
@@ -94,8 +95,18 @@ class ComputePlan:
     start, end      Contiguous fed range [start, end) of canvas positions (end None = L).
     index           (B, f) LongTensor of canvas positions to feed instead of a range; each row
                     sorted ascending and without duplicates. Used for arbitrary query subsets
-                    (dKV delayed caching, d2Cache). Requires keys='fed' or keys='store' and no
-                    feature reuse.
+                    (dKV delayed caching, d2Cache, DPad, Elastic-Cache). Requires keys='fed' or
+                    keys='store' and no feature reuse. Its logits are aligned as a range feed's:
+                    column j predicts canvas position ForwardOutput.positions[:, j], which is
+                    index[:, j] where that position gets a prediction: in the LLaDA family (or
+                    with shift False) from its own output, when it is a real (not index_pad)
+                    slot; in a shifted family (Dream) from the output at p - 1, when p - 1 is a
+                    real slot (p itself may be a real or an index_pad slot: a padding slot
+                    stands for a position whose token is not fed), or from its own output at
+                    shift_from (the in-window shift a range feed applies at its window start).
+                    A column whose position gets no prediction repeats the row's nearest column
+                    that does (same logits, same position), so a row returns only what it
+                    would alone; a row where nothing gets one returns its raw outputs as fed.
     keys            'fed' (attend over fed positions only) or 'store' (write fresh K/V of the
                     recomputed positions in place into the store, then attend over all written,
                     non-pad store positions < key_end).
@@ -133,22 +144,30 @@ class ComputePlan:
                     row). Positions keep their RoPE index; logits at or after the limit are
                     meaningless, and nothing is written to the store for them (with feature
                     reuse, V-verify ranks and counts each row over its own cut range).
-    shift_from      (B,) LongTensor, Dream range feeds: position shift_from[b] keeps its own raw
-                    logit (the in-window shift the reference samplers apply at a window start),
-                    so a row whose window starts after the batch's feed start gets what it would
-                    get fed alone.
+    shift_from      (B,) LongTensor, Dream: position shift_from[b] keeps its own raw logit (the
+                    in-window shift the reference samplers apply at a window start), so a row
+                    whose window starts after the batch's feed start gets what it would get fed
+                    alone; in an index feed, where p - 1 is not a real slot (see `index`).
     shift           Dream only: None/True = align logits (logit j predicts query token j),
                     False = return the raw next-token logits. Ignored for LLaDA.
+    attention       Also return every layer's attention probabilities averaged over the heads,
+                    (B, f, K) per layer: row j is fed position j (the index, or the fed range),
+                    column k is key position k (the fed positions with keys='fed', canvas
+                    positions [0, key_end) with keys='store'); masked keys get 0. The
+                    attention is then computed explicitly (softmax(q k^T / sqrt(D)) v, the
+                    softmax in at least float32) instead of by the fused kernel, so logits may
+                    differ from the plan without it in the last bits. d2Cache's attention
+                    rollout reads them (ForwardOutput.attention; also kept in store.attention).
     keep            (B, L) bool: row b's forward involves only canvas positions where keep[b] is
                     True (and the attention mask): the others are never keys and nothing is written
                     to the store for them; fed ones are computed, their logits meaningless. The
                     per-position form of key_limit (DPad's suffix dropout).
     index_pad       (B, f) bool, index feeds: slots that only top a row up to the batch's count f
-                    (see `sparse`). They are computed but take no part: never keys among the fed,
-                    nothing written for them; a shifted family reads no logit from them. Their
-                    own logits are meaningless, except a shifted family's: there slot p returns the
-                    raw logit of p - 1 when p - 1 is a real fed slot, so a padding slot can stand
-                    for an output position whose own token is not fed (Elastic-Cache on Dream).
+                    (`sparse`, `subset` from a mask). They are computed as queries but take no
+                    part: never keys among the fed (keys='fed'), nothing written for them (with
+                    keys='store' the other queries read what the store already holds there),
+                    and their logits are not returned (see `index`). So every row of a batch
+                    computes exactly what it would alone.
     write_hidden    Also write every layer's input hidden state and post-RoPE queries of the
                     written positions to the store (store.h, store.q): what Elastic-Cache resumes
                     a layer from and compares probes against.
@@ -197,6 +216,7 @@ class ComputePlan:
     key_limit: Tensor | None = None
     shift_from: Tensor | None = None
     shift: bool | None = None
+    attention: bool = False
     keep: Tensor | None = None
     index_pad: Tensor | None = None
     write_hidden: bool = False
@@ -228,17 +248,19 @@ class ComputePlan:
         if self.write_window is not None and (self.keys != "store" or self.index is not None
                                               or self.reuse_features):
             raise ValueError("write_window needs a range feed with keys='store' and no feature reuse")
-        if self.shift_from is not None and self.index is not None:
-            raise ValueError("shift_from applies to range feeds only")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"ComputePlan.block_size must be >= 1, got {self.block_size}")
         if self.start < 0 or (self.end is not None and self.end < self.start):
             raise ValueError(f"bad fed range [{self.start}, {self.end})")
+        if self.attention and (self.reuse_features or self.shadow is not None or self.write_hidden):
+            raise ValueError("attention weights are returned for plans without feature reuse, shadows "
+                             "or write_hidden")
         if self.keep is not None and (self.keep.dim() != 2 or self.keep.dtype != torch.bool):
             raise ValueError("ComputePlan.keep must be a (B, L) bool tensor")
         if self.keep is not None and self.reuse_features:
             raise ValueError("keep is not supported with feature reuse (dLLM-Cache); use key_limit")
-        if self.index_pad is not None and (self.index is None or self.index_pad.shape != self.index.shape):
+        if self.index_pad is not None and (self.index is None or self.index_pad.dtype != torch.bool
+                                           or self.index_pad.shape != self.index.shape):
             raise ValueError("ComputePlan.index_pad must be a bool tensor shaped like index")
         if self.write_hidden and self.keep is not None:
             raise ValueError("keep does not combine with write_hidden")
@@ -284,9 +306,11 @@ class ComputePlan:
 
     def query_positions(self, L: int, batch_size: int | None = None,
                         device: torch.device | str | None = None) -> Tensor:
-        """Canvas positions the returned logits refer to: (B, q) LongTensor, logits[:, j] is
-        the prediction for canvas position query_positions[:, j]. Range plans give one row
-        expanded to `batch_size` (a (1, q) row when batch_size is None)."""
+        """Canvas positions of the fed queries: (B, q) LongTensor. For range plans logits[:, j]
+        is the prediction for canvas position query_positions[:, j] (one row expanded to
+        `batch_size`; a (1, q) row when batch_size is None). For index plans these are the fed
+        positions; the positions their logits predict are the forward's
+        `ForwardOutput.positions` (see `index`)."""
         if self.index is not None:
             return self.index if device is None else self.index.to(device)
         a, b = self.out_range(L)
@@ -409,40 +433,42 @@ class ComputePlan:
                    full_layers=tuple(full_layers), out_start=out_start, name="feature_step")
 
     @classmethod
-    def subset(cls, positions: Tensor) -> "ComputePlan":
+    def subset(cls, positions: Tensor, *, shift: int = 0, attention: bool = False,
+               name: str = "subset") -> "ComputePlan":
         """Recompute an arbitrary per-row subset of positions as queries, with their own RoPE
-        positions, against the store's K/V of every other position (dKV-Cache delayed caching,
-        d2Cache). `positions` is a (B, q) LongTensor (rows sorted, no duplicates) or a (B, L)
-        bool mask. Rows of a mask with unequal counts are topped up with their smallest
-        unselected positions so every row feeds q tokens (recomputing extra positions is exact,
-        only slower). Mask conversion syncs with the device; it happens here, never inside the
-        forward."""
+        positions, writing their fresh K/V to the store and attending to the store's K/V of
+        every other position (dKV-Cache delayed caching, d2Cache). `positions` is a (B, q)
+        LongTensor (rows sorted, no duplicates) or a (B, L) bool mask, fed as
+        ``sparse(mask, keys="store")``: short rows are topped up with `index_pad` slots, so each
+        row computes exactly what it would alone. `shift` is the model's logit shift
+        (CacheStore.shift): with 1 (masks only), p + 1 joins the index for every fed p (as a
+        padding slot where it is not fed), so the prediction each fed output makes is returned.
+        Mask conversion syncs with the device; it happens here, never inside the forward."""
         if positions.dtype == torch.bool:
-            q = int(positions.sum(1).max())
-            # stable sort puts each row's selected positions first, then its unselected ones in
-            # ascending order: the first q are the selection topped up with the smallest others
-            order = torch.argsort((~positions).to(torch.int8), dim=1, stable=True)
-            positions = order[:, :q].sort(dim=1).values
-        return cls(index=positions.long(), keys="store", name="subset")
+            out = None
+            if shift:
+                out = torch.cat([torch.zeros_like(positions[:, :1]), positions[:, :-1]], dim=1)
+            return cls.sparse(positions, out=out, keys="store", attention=attention, name=name)
+        if shift:
+            raise ValueError("subset(shift=1) needs a (B, L) bool mask of positions")
+        return cls(index=positions.long(), keys="store", attention=attention, name=name)
 
     @classmethod
     def sparse(cls, fed: Tensor, *, out: Tensor | None = None, keys: Literal["fed", "store"] = "fed",
                keep: Tensor | None = None, write_hidden: bool = False, drift: Drift | None = None,
-               name: str = "sparse") -> "ComputePlan":
+               attention: bool = False, name: str = "sparse") -> "ComputePlan":
         """Feed each row its own set of positions, ``fed`` (B, L) bool (DPad's kept positions,
-        Elastic-Cache's queries). Rows are topped up to the batch's largest count with their
-        smallest other positions, marked in ``index_pad``: computed but taking no part (never
-        keys among the fed, never written). ``out`` (B, L) bool: further positions to return a
-        logit for without feeding them (padding slots; meaningful only for a shifted family,
-        whose logit at p comes from p - 1). With keys='fed' the fed positions attend among
-        themselves; with keys='store' their K/V are written in place and they attend over the
-        store. A padding slot's logit is meaningless: never let a step commit there. One host
-        read (the batch's count)."""
+        Elastic-Cache's queries, the subset caches' recomputed positions). Rows are topped up to
+        the batch's largest count with their smallest other positions, marked in ``index_pad``
+        (see the field). ``out`` (B, L) bool: further positions to include as padding slots, to
+        predict without feeding them (in a shifted family p's prediction comes from p - 1).
+        With keys='fed' the fed positions attend among themselves; with keys='store' their K/V
+        are written in place and they attend over the store. One host read (the batch's count)."""
         slots = fed if out is None else fed | out
         q = int(slots.sum(1).max())
         # stable sort: each row's own positions first (ascending), then its others ascending
         order = torch.argsort((~slots).to(torch.int8), dim=1, stable=True)[:, :q]
         index = order.sort(dim=1).values
         pad = ~fed.gather(1, index)
-        return cls(index=index, index_pad=pad, keys=keys, keep=keep,
-                   write_hidden=write_hidden, drift=drift, name=name)
+        return cls(index=index, index_pad=pad, keys=keys, keep=keep, write_hidden=write_hidden, drift=drift,
+                   attention=attention, name=name)

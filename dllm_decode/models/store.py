@@ -12,10 +12,16 @@ Layout, per transformer layer, indexed by absolute canvas position:
     h      (B, L, d_model)  the layer's input hidden state          (plans with write_hidden)
     q      (B, H, L, D)     queries after RoPE                       (plans with write_hidden)
 plus `kv_valid` (B, L): which positions hold K/V that were actually computed; attention over
-the store never uses a slot nobody wrote, and `flops`: what the request's forwards computed.
+the store never uses a slot nobody wrote, `flops`: what the request's forwards computed, and
+`attention`: the head-mean attention probabilities of the last forward whose plan asked for
+them (ComputePlan.attention; d2Cache's rollout reads them at its next step).
 A plan with `drift` (Elastic-Cache) also leaves `attn_mass` (B, n_layers, L), the attention its
 watched queries paid each key at each layer, and `refresh_from` (B,), the layer from which each
 row recomputed every position (n_layers: none).
+
+`shift` is the model's logit shift (0: the output at position p predicts p, LLaDA family; 1: it
+predicts p + 1, Dream family): a cache choosing which positions to recompute (dKV-Cache,
+d2Cache) feeds the positions whose outputs predict the ones it wants.
 """
 from __future__ import annotations
 
@@ -31,7 +37,8 @@ class CacheStore:
     """Per-layer K/V and sub-layer outputs of one request. Allocated lazily on the first write
     (zeros, so unwritten slots are finite); the (B, L) canvas shape is then fixed until clear()."""
 
-    def __init__(self) -> None:
+    def __init__(self, shift: int = 0) -> None:
+        self.shift = shift
         self.clear()
 
     def clear(self) -> None:
@@ -50,6 +57,8 @@ class CacheStore:
         self.meta: dict[str, Any] = {}
         # matmul FLOPs the forwards of this request actually computed (executor's count)
         self.flops: float = 0.0
+        # per layer (B, f, K): the last forward's head-mean attention, when its plan asked
+        self.attention: tuple[Tensor, ...] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -112,6 +121,8 @@ class CacheStore:
         for name in ("kv_valid", "attn_mass", "refresh_from"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).index_select(0, rows))
+        if self.attention is not None:
+            self.attention = tuple(a.index_select(0, rows) for a in self.attention)
         if self.shape is not None:
             self.shape = (int(rows.numel()), self.shape[1])
 

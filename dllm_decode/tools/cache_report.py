@@ -34,6 +34,8 @@ DUAL = "cache_policy={plugin: kv_block, mode: dual}"
 PREFIX = "cache_policy={plugin: kv_block, mode: prefix}"
 DLLM = "cache_policy={plugin: dllm_cache, prompt_interval: 100, response_interval: 7, rho: 0.25}"
 TAIL = "cache_policy=slowfast_tail"
+DKV = "cache_policy={plugin: dkv_cache, refresh_interval: 8}"
+NONE = "cache_policy=none"
 
 
 def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry, ...]:
@@ -57,8 +59,13 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("slowfast + dllm_cache (100, 7, 0.25)", "slowfast", one_block + (DLLM,)),
         ("slowfast + slowfast_tail", "slowfast", one_block + (TAIL,)),
         ("slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)", "slowfast-dllm-cache", one_block),
+        ("llada + dkv_cache (refresh 8)", "dkv-cache", llada),
+        ("threshold + dkv_cache (refresh 8)", "threshold", blocks + (DKV,)),
+        ("d2cache sampler (certainty prior), no cache", "d2cache", llada + (NONE,)),
+        ("d2cache sampler + d2cache (k 32, p 0.1)", "d2cache", llada),
         ("threshold + dpad (Gaussian, window 64)", "dpad", blocks),
         ("threshold + dpad + prefix KV cache", "dpad", blocks + ("cache_policy.kv_cache=prefix",)),
+        ("threshold + dpad + dual KV cache", "dpad", blocks + ("cache_policy.kv_cache=dual",)),
         ("threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache", (f"generation.gen_length={gen}",)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
@@ -71,6 +78,13 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                 Entry("dream-reference", "dream-block + kv_block dual, one block", "dream-fast-dllm", one),
                 Entry("dream-reference", "dream-block + dllm_cache (100, 7, 0.25), one block", "dream-block",
                       one + (DLLM,)),
+                Entry("dream-reference", "dream sampler (entropy), no cache", "dream-dkv-cache",
+                      (f"generation.gen_length={gen}", f"generation.steps={gen}", NONE)),
+                Entry("dream-reference", "dream sampler (entropy) + dkv_cache (refresh 16)", "dream-dkv-cache",
+                      (f"generation.gen_length={gen}", f"generation.steps={gen}")),
+                Entry("dream-reference", "d2cache sampler (certainty prior, top-p 0.9), no cache", "dream-d2cache",
+                      one + (NONE,)),
+                Entry("dream-reference", "d2cache sampler + d2cache (k 32, p 0.1, top-p 0.9)", "dream-d2cache", one),
                 Entry("dream-reference", "threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache",
                       (f"generation.gen_length={gen}",))]
     return tuple(out)

@@ -267,30 +267,135 @@ def test_v_verify_recomputes_only_least_similar(lib, family):
     assert (outs[0.0] - resp)[mask].abs().max() > 1e-6
 
 
+def _subset_expected(lib, W, model, ids, mask, index, pad, banks, L):
+    """What an index plan returns, from the naive forward: each row feeds only its real slots
+    (padding slots write nothing and take no part, so leaving them out changes no other query);
+    position p is predicted by the output at p (LLaDA family, p real) or at p - 1 (shifted
+    family, p - 1 real); a column whose position gets no prediction repeats the nearest one
+    before it that does (after it, for leading ones)."""
+    shift = 1 if model.spec.shift_logits else 0
+    logits, positions = [], []
+    for b, row in enumerate(index.tolist()):
+        fed = [p for j, p in enumerate(row) if pad is None or not pad[b, j]]
+        raw = lib.naive_row(W, ids[b], mask[b], fed, bank=banks[b], keys="bank")
+        slot = {p: k for k, p in enumerate(fed)}
+        ok = [j for j, p in enumerate(row) if p - shift in slot]
+        cols, pos = [], []
+        for j in range(len(row)):
+            src = max([r for r in ok if r <= j], default=min(ok))
+            cols.append(raw[slot[row[src] - shift]])
+            pos.append(row[src])
+        logits.append(torch.stack(cols))
+        positions.append(pos)
+    return torch.stack(logits), torch.tensor(positions)
+
+
+def _run_out(model, ids, mask, plan, store=None):
+    with torch.no_grad():
+        return model.execute(ids, mask, plan=plan, store=store)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dkv_delayed_subset(lib, family):
     model, W, ids0, mask = _setup(lib, family)
-    store = CacheStore()
+    store = model.new_store()
     _run(model, ids0, mask, ComputePlan.refresh(), store)
     banks = _naive_banks(lib, W, ids0, mask)
-    # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions
+    # step 1: row-specific query sets (still-masked + just-decoded positions), own RoPE positions;
+    # in a shifted family a fed position whose predecessor is not fed gets no prediction
     ids1 = lib.commit(ids0, [[6], [9], [13]], seed=51)
     index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
-    got = _run(model, ids1, mask, ComputePlan.subset(index), store)
-    want = _naive(lib, W, model, ids1, mask, index.tolist(), banks, keys="bank")
-    torch.testing.assert_close(got, want, **TIGHT)
-    # step 2 from a bool mask with unequal counts (topped up with the smallest other positions)
+    out = _run_out(model, ids1, mask, ComputePlan.subset(index), store)
+    want, pos = _subset_expected(lib, W, model, ids1, mask, index, None, banks, L)
+    torch.testing.assert_close(out.logits, want, **TIGHT)
+    assert out.positions.tolist() == pos.tolist()
+    if family == "dream":
+        assert out.positions[0].tolist() == [7, 7, 7, 11]
+    # step 2 from a bool mask with unequal counts: topped up with the smallest other positions,
+    # padding slots (their stored K/V stay, they take no part); with the model's shift every
+    # fed p's prediction for p + 1 joins the index
     ids2 = lib.commit(ids1, [[7], [8], [12]], seed=52)
     sel = torch.zeros(3, L, dtype=torch.bool)
     sel[0, [7, 10, 11]] = True
-    sel[1, [12, 13]] = True
+    sel[1, [5, 12]] = True
     sel[2, [9, 10, 11]] = True
-    plan = ComputePlan.subset(sel)
-    q = plan.query_positions(L)
-    assert q.shape == (3, 3) and q[1].tolist() == [0, 12, 13]
-    got = _run(model, ids2, mask, plan, store)
-    want = _naive(lib, W, model, ids2, mask, q.tolist(), banks, keys="bank")
-    torch.testing.assert_close(got, want, **TIGHT)
+    shift = store.shift
+    plan = ComputePlan.subset(sel, shift=shift)
+    if family == "llada":
+        assert plan.query_positions(L)[1].tolist() == [0, 5, 12]
+        assert plan.index_pad.tolist() == [[False] * 3, [True, False, False], [False] * 3]
+    else:
+        assert plan.query_positions(L)[1].tolist() == [0, 5, 6, 12, 13]
+        assert plan.index_pad[1].tolist() == [True, False, True, False, True]
+    k_before = [k.clone() for k in store.k]
+    out = _run_out(model, ids2, mask, plan, store)
+    want, pos = _subset_expected(lib, W, model, ids2, mask, plan.index, plan.index_pad, banks, L)
+    torch.testing.assert_close(out.logits, want, **TIGHT)
+    assert out.positions.tolist() == pos.tolist()
+    assert out.positions[1].tolist() == ([5, 5, 12] if family == "llada" else [6, 6, 6, 6, 13])
+    assert all(torch.equal(k[1, :, 0], k0[1, :, 0]) for k, k0 in zip(store.k, k_before))   # top-up kept
+    assert not all(torch.equal(k[1, :, 5], k0[1, :, 5]) for k, k0 in zip(store.k, k_before))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_subset_rows_compute_what_they_would_alone(lib, family):
+    """A padded batch of subset plans topped up to a common width: every row's logits (columns
+    that predict something) and store writes equal those of the row fed alone."""
+    model, W, ids0, mask = _setup(lib, family)
+    sel = torch.zeros(3, L, dtype=torch.bool)
+    sel[0, [6, 7, 8, 9, 10, 11, 12]] = True
+    sel[1, [9, 13]] = True
+    sel[2, [7, 8, 12]] = True
+    ids1 = lib.commit(ids0, [[6], [9], [13]], seed=61)
+    store = model.new_store()
+    _run(model, ids0, mask, ComputePlan.refresh(), store)
+    batch = _run_out(model, ids1, mask, ComputePlan.subset(sel, shift=store.shift), store)
+    for b in range(3):
+        alone = model.new_store()
+        _run(model, ids0[b:b + 1], mask[b:b + 1], ComputePlan.refresh(), alone)
+        one = _run_out(model, ids1[b:b + 1], mask[b:b + 1], ComputePlan.subset(sel[b:b + 1], shift=alone.shift), alone)
+        got = dict(zip(batch.positions[b].tolist(), batch.logits[b]))
+        want = dict(zip(one.positions[0].tolist(), one.logits[0]))
+        assert got.keys() == want.keys()
+        for p in want:
+            torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=1e-12)
+        for k, k1 in zip(store.k, alone.k):
+            torch.testing.assert_close(k[b], k1[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_weights_are_returned_and_kept(lib, family):
+    """plan.attention: per layer the head-mean attention probabilities of the fed queries over
+    the keys, equal to the naive forward's; logits equal the plan without them (explicit
+    softmax instead of the fused kernel: equal up to rounding); the store keeps the last ones."""
+    model, W, ids0, mask = _setup(lib, family)
+    store = model.new_store()
+    full = _run_out(model, ids0, mask, ComputePlan.refresh().with_(attention=True), store)
+    assert store.attention is full.attention and len(full.attention) == model.arch.n_layers
+    torch.testing.assert_close(full.logits, _run(model, ids0, mask, None), rtol=1e-12, atol=1e-12)
+    for b in range(3):
+        probs = []
+        lib.naive_row(W, ids0[b], mask[b], list(range(L)), attention=probs)
+        for layer, p in enumerate(probs):
+            torch.testing.assert_close(full.attention[layer][b], p, **TIGHT)
+            assert float(full.attention[layer][b][:, ~mask[b]].abs().sum()) == 0.0     # pads are no keys
+    banks = _naive_banks(lib, W, ids0, mask)
+    ids1 = lib.commit(ids0, [[6], [9], [13]], seed=71)
+    index = torch.tensor([[6, 7, 10, 11], [8, 9, 12, 13], [7, 11, 12, 13]])
+    plain_store = model.new_store()
+    _run(model, ids0, mask, ComputePlan.refresh(), plain_store)
+    plain = _run_out(model, ids1, mask, ComputePlan.subset(index), plain_store)
+    out = _run_out(model, ids1, mask, ComputePlan.subset(index, attention=True), store)
+    torch.testing.assert_close(out.logits, plain.logits, rtol=1e-12, atol=1e-12)
+    for b in range(3):
+        probs = []
+        lib.naive_row(W, ids1[b], mask[b], index[b].tolist(), bank=banks[b], keys="bank", attention=probs)
+        for layer, p in enumerate(probs):
+            assert out.attention[layer][b].shape == (4, L)
+            torch.testing.assert_close(out.attention[layer][b], p, **TIGHT)
+    assert store.attention is out.attention
+    with pytest.raises(ValueError, match="attention"):
+        ComputePlan.feature_step(P).with_(attention=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -403,10 +508,28 @@ def _kept_rows():
     return kept, keep
 
 
-def _at(got, plan, b, fed):
-    """The logits of row b at canvas positions `fed` from a sparse plan's output."""
-    q = plan.query_positions(L)[b].tolist()
-    return got[b, [q.index(p) for p in fed]]
+def _predicted(out, b):
+    """Row b of an index feed's output as {canvas position: logits}."""
+    return dict(zip(out.positions[b].tolist(), out.logits[b]))
+
+
+def _expected(raw, fed, index, shift, shift_from=None):
+    """{position: logits} an index feed should return for one row, from the naive raw outputs of
+    its real slots `fed`: position p of the index is predicted by the output at p (unshifted,
+    p real) or at p - 1 (shifted, p - 1 real; or p's own at shift_from)."""
+    slot = {p: j for j, p in enumerate(fed)}
+    if not shift:
+        return {p: raw[slot[p]] for p in index if p in slot}
+    want = {p: raw[slot[p - 1]] for p in index if p - 1 in slot}
+    if shift_from in slot and shift_from - 1 not in slot:
+        want[shift_from] = raw[slot[shift_from]]
+    return want
+
+
+def _assert_rows_match(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], **TIGHT)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -417,12 +540,14 @@ def test_sparse_feeds_each_row_its_own_positions(lib, family):
     kept, keep = _kept_rows()
     plan = ComputePlan.sparse(keep, keep=keep)
     assert plan.index.shape == (3, L) and plan.index_pad.sum(1).tolist() == [3, 3, 0]
-    got = _run(model, ids, mask, plan)
+    got = _run_out(model, ids, mask, plan)
     for b, fed in enumerate(kept):
-        want = lib.align(lib.naive_row(W, ids[b], mask[b], fed), fed, model.spec.shift_logits)
-        torch.testing.assert_close(_at(got, plan, b, fed), want, **TIGHT)
+        raw = lib.naive_row(W, ids[b], mask[b], fed)
+        want = _expected(raw, fed, plan.index[b].tolist(), model.spec.shift_logits)
+        _assert_rows_match(_predicted(got, b), want)
         alone = ComputePlan.sparse(keep[b:b + 1], keep=keep[b:b + 1])
-        torch.testing.assert_close(_at(_run(model, ids[b:b + 1], mask[b:b + 1], alone), alone, 0, fed), want, **TIGHT)
+        one = _predicted(_run_out(model, ids[b:b + 1], mask[b:b + 1], alone), 0)
+        _assert_rows_match(one, {p: want[p] for p in one})
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -445,12 +570,14 @@ def test_sparse_prefix_step_over_kept_store(lib, family):
     starts = [6, 7, 8]
     cols = torch.arange(L)[None, :]
     fed_mask = keep & (cols >= torch.tensor(starts)[:, None])
-    plan = ComputePlan.sparse(fed_mask, keys="store", keep=keep)
-    got = _run(model, ids1, mask, plan, store)
+    plan = ComputePlan.sparse(fed_mask, keys="store", keep=keep).with_(shift_from=torch.tensor(starts))
+    got = _run_out(model, ids1, mask, plan, store)
     for b, fed in enumerate(kept):
         step = [p for p in fed if p >= starts[b]]
         raw = lib.naive_row(W, ids1[b], mask[b], step, bank=banks[b], keys="bank")
-        torch.testing.assert_close(_at(got, plan, b, step), lib.align(raw, step, model.spec.shift_logits), **TIGHT)
+        want = _expected(raw, step, plan.index[b].tolist(), model.spec.shift_logits, starts[b])
+        assert starts[b] in want
+        _assert_rows_match(_predicted(got, b), want)
         # positions the row did not feed kept their stored K/V (top-ups included)
         quiet = [p for p in range(L) if p < starts[b]]
         torch.testing.assert_close(store.k[0][b, :, quiet], before[0][b, :, quiet], rtol=0, atol=0)
