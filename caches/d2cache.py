@@ -99,7 +99,8 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="d2Cache: a per-step query subset (certain masked tokens, the last step's "
                        "tokens, an attention-rollout nucleus) against cached K/V; its sampler and "
-                       "certainty-prior selection", options=Options, exact=False, requires=("compute_plans",),
+                       "certainty-prior selection", options=Options, exact=False,
+                       requires=("compute_plans", "bidirectional"),   # the rollout reads attention weights
                        pairs=(("cache_policy", "score"),))
 
 

@@ -155,7 +155,9 @@ def test_a_plugin_limited_to_a_family_is_refused_when_the_recipe_meets_the_model
 
 @pytest.mark.parametrize("recipe", [{"policy": "llada", "cache_policy": "dllm_cache"},
                                     {"policy": "slowfast", "score": "llada", "cache_policy": "slowfast_tail"},
-                                    {"policy": "llada", "cache_policy": "elastic_cache"}])
+                                    {"policy": "llada", "cache_policy": "elastic_cache"},
+                                    {"choose_span": "llada", "score": "d2cache", "select_tokens": "d2cache",
+                                     "cache_policy": "d2cache"}])
 def test_whole_canvas_plugins_are_refused_on_a_block_causal_model(recipe):
     """Feature reuse, shadow queries and the layer-adaptive executor have no block-causal form:
     refused when the recipe meets the model, not mid-decode."""
