@@ -74,7 +74,7 @@ from pydantic import Field
 from dllm_decode import Candidates, PluginMeta, PluginOptions, hookimpl
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.noise import gumbel_draws
-from dllm_decode.sampling import top_k_filter, top_p_filter, topk_mask
+from dllm_decode.sampling import dream_sample_tokens, topk_mask
 
 
 class Options(PluginOptions):
@@ -119,37 +119,11 @@ def on_request_start(scratch):
 
 # ----------------------------------------------------------------------------- score and selection
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None, alg: str,
-                  gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """d2Cache's ``sample_tokens``: (B, q, V) logits -> tokens (B, q), confidence (B, q) float64,
-    both on the tempered, top-p / top-k filtered distribution; at T > 0 the token is a Gumbel-max
-    draw (``gumbel`` (B, q, V)) from it, the same distribution as the code's categorical draw."""
-    logits = logits.to(torch.float64)
-    if temperature > 0:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    probs = torch.softmax(logits, dim=-1)                                   # (B, q, V)
-    if temperature > 0:
-        x0 = (logits + gumbel).argmax(dim=-1)
-        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        conf, x0 = probs.max(dim=-1)
-    if alg == "topk_margin":
-        top2 = torch.topk(probs, 2, dim=-1).values
-        conf = top2[..., 0] - top2[..., 1]
-    elif alg == "entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return x0, conf
-
-
 @hookimpl
 def score(state, logits, positions, options, scratch):
     T = state.config.temperature
     gumbel = gumbel_draws(state, positions, "d2cache.sample", logits.shape[-1]) if T > 0 else None
-    x0, conf = sample_tokens(logits, T, options.top_p, options.top_k, options.alg, gumbel)
+    x0, conf = dream_sample_tokens(logits, T, options.top_p, options.top_k, options.alg, gumbel)
     if scratch.get("conf0") is None:
         # the first forward's confidence over the canvas (it is a full forward): the cache ranks
         # masked positions by it for the rest of the request, as d2Cache's code does

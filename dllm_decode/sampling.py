@@ -95,3 +95,32 @@ def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor
     plus each row's best entry (Fast-dLLM's parallel decoding rule)."""
     best = topk_mask(confidence, torch.ones(confidence.shape[0], dtype=torch.long, device=confidence.device))
     return best | ((confidence >= threshold) & (confidence > float("-inf")))
+
+
+def dream_sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
+                  alg: str, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dream's ``sample_tokens`` (``generation_utils.py``; d2Cache's sampler is the same): (B, q, V)
+    logits -> tokens (B, q) long, confidence (B, q) float64.
+
+    At T > 0 the token is drawn by Gumbel-max over the filtered logits (``gumbel``: (B, q, V)
+    standard Gumbel noise), the same distribution as Dream's ``torch.multinomial`` on their
+    softmax but drawn from per-row noise."""
+    logits = logits.to(torch.float64)
+    if temperature > 0:
+        logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        logits = top_p_filter(logits, top_p)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)                                   # (B, q, V)
+    if temperature > 0:
+        x0 = (logits + gumbel).argmax(dim=-1)                               # (B, q)
+        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        conf, x0 = probs.max(dim=-1)
+    if alg == "topk_margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == "entropy":
+        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+    return x0, conf

@@ -36,7 +36,7 @@ from pydantic import Field
 from dllm_decode import Candidates, PluginMeta, PluginOptions, hookimpl
 from dllm_decode.blocks import current_block, steps_per_block_problems
 from dllm_decode.noise import draws, gumbel_draws
-from dllm_decode.sampling import gumbel_topk_keys, threshold_commit, top_k_filter, top_p_filter, topk_mask
+from dllm_decode.sampling import dream_sample_tokens, gumbel_topk_keys, threshold_commit, topk_mask
 
 Alg = Literal["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"]
 
@@ -79,39 +79,11 @@ def choose_span(state):
     return current_block(state)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
-                  alg: str, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dream's ``sample_tokens``: (B, q, V) logits -> tokens (B, q) long, confidence (B, q) float64.
-
-    At T > 0 the token is drawn by Gumbel-max over the filtered logits (``gumbel``: (B, q, V)
-    standard Gumbel noise), the same distribution as Dream's ``torch.multinomial`` on their
-    softmax but drawn from per-row noise."""
-    logits = logits.to(torch.float64)
-    if temperature > 0:
-        logits = logits / temperature
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    probs = torch.softmax(logits, dim=-1)                                   # (B, q, V)
-    if temperature > 0:
-        x0 = (logits + gumbel).argmax(dim=-1)                               # (B, q)
-        conf = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-    else:
-        conf, x0 = probs.max(dim=-1)
-    if alg == "topk_margin":
-        top2 = torch.topk(probs, 2, dim=-1).values
-        conf = top2[..., 0] - top2[..., 1]
-    elif alg == "entropy":
-        conf = (probs * torch.log(probs + 1e-10)).sum(-1)
-    return x0, conf
-
-
 @hookimpl
 def score(state, logits, positions, options):
     T = state.config.temperature
     gumbel = gumbel_draws(state, positions, "dream.sample", logits.shape[-1]) if T > 0 else None
-    x0, conf = sample_tokens(logits, T, options.top_p, options.top_k, options.alg, gumbel)
+    x0, conf = dream_sample_tokens(logits, T, options.top_p, options.top_k, options.alg, gumbel)
     return Candidates(tokens=x0, confidence=conf)
 
 

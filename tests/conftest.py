@@ -43,3 +43,15 @@ def tiny_dream():
 
     return build_random_model("dream", vocab_size=32, d_model=32, n_layers=2, n_heads=4, mask_token_id=31,
                               eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """Tiny random LLaDA and Dream models in float64 (48-token vocabulary, mask 47, EOS 1, pad 0,
+    seed 4) for the subset-cache parity tests (dKV-Cache, d2Cache): {"llada": ..., "dream": ...}."""
+    from dllm_decode.models import build_random_model
+
+    return {family: build_random_model(family, vocab_size=48, d_model=32, n_layers=2, n_heads=4,
+                                       n_kv_heads=4 if family == "llada" else 2, mask_token_id=47,
+                                       eos_token_id=1, pad_token_id=0, seed=4, dtype=torch.float64).eval()
+            for family in ("llada", "dream")}

@@ -5,12 +5,11 @@ models and the shipped reference models; the subsets really are partial and chan
 reference with another setting is caught, and every composition keeps the invariants."""
 
 import pytest
-import torch
 
 from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.errors import RecipeError
-from dllm_decode.models import ComputePlan, build_random_model
+from dllm_decode.models import ComputePlan
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.policy import resolve
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
@@ -21,17 +20,6 @@ from shipped import shipped_model_and_prompts
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
-
-
-def _tiny(family, seed=4):
-    return build_random_model(family, vocab_size=48, d_model=32, n_layers=2, n_heads=4,
-                              n_kv_heads=4 if family == "llada" else 2, mask_token_id=47,
-                              eos_token_id=1, pad_token_id=0, seed=seed, dtype=torch.float64).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return {family: _tiny(family) for family in ("llada", "dream")}
 
 
 def _recipe(gen, block, **options):
@@ -67,10 +55,10 @@ def _id(case):
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_matches_reference(family, case, tiny):
+def test_matches_reference(family, case, tiny_pair):
     gen, block, opts = case
     for batched in (False, True):
-        check_parity(tiny[family], _recipe(gen, block, **opts), _ref(**opts), PROMPTS4, batched=batched)
+        check_parity(tiny_pair[family], _recipe(gen, block, **opts), _ref(**opts), PROMPTS4, batched=batched)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -83,7 +71,7 @@ def test_matches_reference_on_the_shipped_model(family):
         check_parity(model, _recipe(64, 64, **opts), _ref(**opts), prompts, batched=batched)
 
 
-def test_subsets_are_partial_and_change_tokens(tiny, monkeypatch):
+def test_subsets_are_partial_and_change_tokens(tiny_pair, monkeypatch):
     """After the first forward every forward feeds a minority of the canvas, and the reused K/V
     change tokens against the same sampler without a cache."""
     widths = []
@@ -97,26 +85,26 @@ def test_subsets_are_partial_and_change_tokens(tiny, monkeypatch):
     for family in ("llada", "dream"):
         recipe = _recipe(24, 24, **SMALL)
         recipe["generation"]["batch_size"] = 4
-        cached = Decoder(tiny[family], recipe_from_dict(recipe)).generate(PROMPTS4).tokens
-        none = Decoder(tiny[family], recipe_from_dict({**recipe, "cache_policy": "none"})).generate(PROMPTS4).tokens
+        cached = Decoder(tiny_pair[family], recipe_from_dict(recipe)).generate(PROMPTS4).tokens
+        none = Decoder(tiny_pair[family], recipe_from_dict({**recipe, "cache_policy": "none"})).generate(PROMPTS4).tokens
         assert cached != none, family
     assert widths and max(widths) < 30 // 2
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_a_wrong_reference_is_caught(family, tiny):
+def test_a_wrong_reference_is_caught(family, tiny_pair):
     for wrong in (dict(rollout_p=0.1), dict(current_k=5), dict(inflate_w=2), dict(decode_sigma=5.0)):
         with pytest.raises(ParityMismatch):
-            check_parity(tiny[family], _recipe(24, 24, **SMALL), _ref(**{**SMALL, **wrong}), PROMPTS4)
+            check_parity(tiny_pair[family], _recipe(24, 24, **SMALL), _ref(**{**SMALL, **wrong}), PROMPTS4)
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-def test_invariants(family, tiny):
+def test_invariants(family, tiny_pair):
     """Small blocks (where the span, not the finished block, places the search window) and
     several tokens per step; the certainty-prior selection and the score also work with any
     other cache or none."""
-    check_invariants(tiny[family], _recipe(16, 4, current_k=6, inflate_w=2, num_transfer_tokens=2), PROMPTS4)
-    check_invariants(tiny[family], {**_recipe(16, 8), "cache_policy": {"plugin": "kv_block"}}, PROMPTS4)
+    check_invariants(tiny_pair[family], _recipe(16, 4, current_k=6, inflate_w=2, num_transfer_tokens=2), PROMPTS4)
+    check_invariants(tiny_pair[family], {**_recipe(16, 8), "cache_policy": {"plugin": "kv_block"}}, PROMPTS4)
 
 
 def test_recipe_checks():

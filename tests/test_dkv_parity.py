@@ -6,10 +6,8 @@ cache, the cache changes tokens otherwise, a reference with another refresh inte
 the Dream code's first cached set is caught, and every recipe composition keeps the invariants."""
 
 import pytest
-import torch
 
 import reference_dkv
-from dllm_decode.models import build_random_model
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dkv import dkv_dream_generate, dkv_llada_generate
 from reference_forward import weights
@@ -18,17 +16,6 @@ from shipped import shipped_model_and_prompts
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPTS4 = [[5, 9, 11, 3], [7, 2], [13, 14, 15, 16, 17, 18], [20]]
-
-
-def _tiny(family, seed=4):
-    return build_random_model(family, vocab_size=48, d_model=32, n_layers=2, n_heads=4,
-                              n_kv_heads=4 if family == "llada" else 2, mask_token_id=47,
-                              eos_token_id=1, pad_token_id=0, seed=seed, dtype=torch.float64).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return {family: _tiny(family) for family in ("llada", "dream")}
 
 
 def _llada_recipe(gen, block, steps, interval):
@@ -66,10 +53,10 @@ LLADA = [(24, 8, 24, 2), (24, 8, 24, 3), (24, 24, 24, 8), (24, 8, 12, 3), (32, 1
 
 
 @pytest.mark.parametrize("case", LLADA, ids=lambda c: "g{}b{}s{}r{}".format(*c))
-def test_llada_matches_reference(case, tiny):
+def test_llada_matches_reference(case, tiny_pair):
     gen, block, steps, interval = case
     for batched in (False, True):
-        check_parity(tiny["llada"], _llada_recipe(gen, block, steps, interval), _llada_ref(interval), PROMPTS4,
+        check_parity(tiny_pair["llada"], _llada_recipe(gen, block, steps, interval), _llada_ref(interval), PROMPTS4,
                      batched=batched)
 
 
@@ -80,10 +67,10 @@ DREAM = [(24, 24, 3, "entropy"), (24, 12, 3, "entropy"), (24, 12, 8, "maskgit_pl
 
 
 @pytest.mark.parametrize("case", DREAM, ids=lambda c: "g{}s{}r{}-{}".format(*c))
-def test_dream_matches_reference(case, tiny):
+def test_dream_matches_reference(case, tiny_pair):
     gen, steps, interval, alg = case
     for batched in (False, True):
-        check_parity(tiny["dream"], _dream_recipe(gen, steps, interval, alg), _dream_ref(interval, alg), PROMPTS4,
+        check_parity(tiny_pair["dream"], _dream_recipe(gen, steps, interval, alg), _dream_ref(interval, alg), PROMPTS4,
                      batched=batched)
 
 
@@ -103,7 +90,7 @@ def test_dream_matches_reference_on_dream_reference():
         check_parity(model, _dream_recipe(64, 32, 4), _dream_ref(4), prompts, batched=batched)
 
 
-def test_refresh_every_step_is_exact_and_caching_changes_tokens(tiny):
+def test_refresh_every_step_is_exact_and_caching_changes_tokens(tiny_pair):
     from dllm_decode.config import recipe_from_dict
     from dllm_decode.engine import Decoder
 
@@ -112,26 +99,26 @@ def test_refresh_every_step_is_exact_and_caching_changes_tokens(tiny):
         return Decoder(model, recipe_from_dict(recipe)).generate(PROMPTS4).tokens
 
     for family, recipe in (("llada", lambda r: _llada_recipe(24, 8, 24, r)), ("dream", lambda r: _dream_recipe(24, 12, r))):
-        none = tokens(tiny[family], {**recipe(1), "cache_policy": "none"})
-        assert tokens(tiny[family], recipe(1)) == none, family
-        assert tokens(tiny[family], recipe(4)) != none, family
+        none = tokens(tiny_pair[family], {**recipe(1), "cache_policy": "none"})
+        assert tokens(tiny_pair[family], recipe(1)) == none, family
+        assert tokens(tiny_pair[family], recipe(4)) != none, family
 
 
-def test_a_wrong_reference_is_caught(tiny, monkeypatch):
+def test_a_wrong_reference_is_caught(tiny_pair, monkeypatch):
     """Another refresh interval in the reference, and (Dream) a first cached set built like the
     later ones, both disagree with the plugin."""
     with pytest.raises(ParityMismatch):
-        check_parity(tiny["llada"], _llada_recipe(24, 24, 24, 3), _llada_ref(4), PROMPTS4)
+        check_parity(tiny_pair["llada"], _llada_recipe(24, 24, 24, 3), _llada_ref(4), PROMPTS4)
     with pytest.raises(ParityMismatch):
-        check_parity(tiny["dream"], _dream_recipe(24, 12, 3), _dream_ref(4), PROMPTS4)
+        check_parity(tiny_pair["dream"], _dream_recipe(24, 12, 3), _dream_ref(4), PROMPTS4)
     shift_un = reference_dkv._shift_un
     monkeypatch.setattr(reference_dkv, "_shift_un", lambda nonmask, wrap: shift_un(nonmask, 0))
     with pytest.raises(ParityMismatch):
-        check_parity(tiny["dream"], _dream_recipe(24, 12, 8), _dream_ref(8), PROMPTS4)
+        check_parity(tiny_pair["dream"], _dream_recipe(24, 12, 8), _dream_ref(8), PROMPTS4)
 
 
 @pytest.mark.parametrize("family,threshold", [("llada", 0.12), ("dream", 0.2)])
-def test_rows_refreshing_apart_keep_the_invariants(family, threshold, tiny):
+def test_rows_refreshing_apart_keep_the_invariants(family, threshold, tiny_pair):
     """Threshold decoding ends blocks at different steps per row, so one forward holds rows that
     refresh and rows that reuse, fed as subsets of different sizes: every row still decodes what
     it decodes alone, under guidance too."""
@@ -141,9 +128,9 @@ def test_rows_refreshing_apart_keep_the_invariants(family, threshold, tiny):
     recipe = {"choose_span": "llada", "score": "llada", "select_tokens": {"plugin": "threshold", "threshold": threshold},
               "cache_policy": {"plugin": "dkv_cache", "refresh_interval": 3},
               "generation": {"gen_length": 24, "block_length": 8, "steps": 24, "dtype": "float64"}}
-    check_invariants(tiny[family], recipe, PROMPTS4)
-    state = Decoder(tiny[family], recipe_from_dict({**recipe, "generation": {**recipe["generation"], "batch_size": 4}})
+    check_invariants(tiny_pair[family], recipe, PROMPTS4)
+    state = Decoder(tiny_pair[family], recipe_from_dict({**recipe, "generation": {**recipe["generation"], "batch_size": 4}})
                     ).generate(PROMPTS4, keep_states=True).states[0]
     assert any(len(set(r.span[:, 0].tolist())) > 1 for r in state.history), "rows never sat in different blocks"
     recipe["generation"]["cfg_scale"] = 1.0
-    check_invariants(tiny[family], recipe, PROMPTS4)
+    check_invariants(tiny_pair[family], recipe, PROMPTS4)
