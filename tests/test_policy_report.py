@@ -61,3 +61,21 @@ def test_every_shipped_recipe_is_documented_and_measured():
             assert f"`{name}`" in caches and name in measured_caches, name
     assert START in policies and "| llada-reference | baseline" in policies
     assert cache_report.START in caches and "| llada-reference | llada, 1 token" in caches
+
+
+def test_cache_report_agreement_names_real_rows_and_compares_completions():
+    """Every approximate row's no-cache partner is a row of the report, and `agreement` is the
+    share of equal completions (problems matched by task and index)."""
+    from dllm_decode.tools import cache_report
+
+    labels = {e.label for e in cache_report.entries(256)}
+    assert set(cache_report.NO_CACHE) <= labels and set(cache_report.NO_CACHE.values()) <= labels
+
+    def row(label, completions):
+        return {"model": "m", "label": label,
+                "problems": [{"task": "copy", "index": i, "completion": c} for i, c in enumerate(completions)]}
+
+    base, cached = "threshold 0.9, blocks of 32", "threshold + kv_block dual (Fast-dLLM)"
+    rows = [row(base, ["ab", "cd", "ef", "gh"]), row(cached, ["ab", "cx", "ef", "gh"]),
+            row("threshold + elastic_cache (window 16, gamma 0.9)", ["ab"] * 4)]
+    assert cache_report.agreement(rows) == [None, 0.75, None]

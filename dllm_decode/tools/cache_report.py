@@ -38,6 +38,44 @@ DKV = "cache_policy={plugin: dkv_cache, refresh_interval: 8}"
 NONE = "cache_policy=none"
 
 
+# approximate rows -> the row of the same model that decodes with the same policy and no cache:
+# the "agree" column is the share of problems whose completion equals that row's
+_LLADA, _THRESHOLD = "llada, 1 token / forward (baseline)", "threshold 0.9, blocks of 32"
+NO_CACHE: dict[str, str] = {
+    **{label: _LLADA for label in ("llada + kv_block dual", "llada + kv_block prefix",
+                                   "llada + dllm_cache (100, 7, 0.25)", "llada + dkv_cache (refresh 8)")},
+    **{label: _THRESHOLD for label in (
+        "threshold + kv_block dual (Fast-dLLM)", "threshold + kv_block prefix",
+        "threshold + dllm_cache (100, 7, 0.25)", "threshold + dkv_cache (refresh 8)",
+        "threshold + dpad (Gaussian, window 64)", "threshold + dpad + prefix KV cache",
+        "threshold + dpad + dual KV cache")},
+    **{label: "slowfast (code)" for label in (
+        "slowfast + kv_block dual", "slowfast + dllm_cache (100, 7, 0.25)", "slowfast + slowfast_tail",
+        "slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)")},
+    "d2cache sampler + d2cache (k 32, p 0.1)": "d2cache sampler (certainty prior), no cache",
+    "dream-block + kv_block dual, one block": "dream-block, threshold 0.9, one block",
+    "dream-block + dllm_cache (100, 7, 0.25), one block": "dream-block, threshold 0.9, one block",
+    "dream sampler (entropy) + dkv_cache (refresh 16)": "dream sampler (entropy), no cache",
+    "d2cache sampler + d2cache (k 32, p 0.1, top-p 0.9)": "d2cache sampler (certainty prior, top-p 0.9), no cache",
+}
+
+
+def agreement(rows: list[dict]) -> list[float | None]:
+    """Per row: the share of its problems whose completion equals its NO_CACHE row's (None: no
+    such row in `rows`)."""
+    by_label = {(r["model"], r["label"]): r for r in rows}
+    out = []
+    for r in rows:
+        base = by_label.get((r["model"], NO_CACHE.get(r["label"], "")))
+        if base is None:
+            out.append(None)
+            continue
+        want = {(p["task"], p["index"]): p["completion"] for p in base["problems"]}
+        same = [want.get((p["task"], p["index"])) == p["completion"] for p in r["problems"]]
+        out.append(sum(same) / max(1, len(same)))
+    return out
+
+
 def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry, ...]:
     """The rows for generation length ``gen``: (label, shipped recipe, extra overrides).
     ``policies=False``: only the baseline with each cache (a fixed number of forwards, so the
@@ -132,8 +170,10 @@ def run(models_dir: Path, tasks, n: int, seed: int, gen: int, dream: bool = True
 
 
 def render(rows: list[dict], tasks) -> str:
+    agree = {id(r): a for r, a in zip(rows, agreement(rows))}
     lead: list[Column] = [("model", lambda r, b: r["model"]), ("recipe", lambda r, b: r["label"])]
     tail: list[Column] = [("mean acc", lambda r, b: f"{r['accuracy']:.3f}"),
+                          ("agree", lambda r, b: "" if agree[id(r)] is None else f"{agree[id(r)]:.2f}"),
                           ("NFE / problem", lambda r, b: f"{r['nfe']:.1f}"),
                           ("GFLOP / problem", lambda r, b: f"{r['flops_per_problem'] / 1e9:.2f}"),
                           ("MFLOP / forward", lambda r, b: f"{r['flops_per_forward'] / 1e6:.1f}"),
@@ -156,18 +196,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", nargs="?", const="docs/caches.md", default=None,
                     help="replace the tables between the report markers of this file")
+    ap.add_argument("--from-json", metavar="FILE", help="render the tables of an earlier run's record "
+                    "(the .json --write leaves, e.g. docs/caches.json) instead of measuring")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     models = Path(a.models)
     tasks = a.tasks.split(",")
-    rows = run(models, tasks, a.n, a.seed, a.gen)
+    saved = json.loads(Path(a.from_json).read_text()) if a.from_json else None
+    rows = saved[str(a.gen)] if saved else run(models, tasks, a.n, a.seed, a.gen)
     parts = [f"### Generation length {a.gen}\n\n{a.n} held-out problems per task (seed {a.seed}), T = 0, "
              f"batches of 4, every row of a model interleaved batch by batch.\n\n{render(rows, tasks)}"]
-    record = {"machine": machine(), str(a.gen): rows}
+    record = {"machine": saved["machine"] if saved else machine(), str(a.gen): rows}
     cmd = "python -m dllm_decode.tools.cache_report --write"
 
     def publish() -> None:              # after each length, so a long run never loses the first
-        text = f"Machine: {machine()}.\n\n" + "\n\n".join(parts) + f"\n\nReproduce: `{cmd}`"
+        text = f"Machine: {record['machine']}.\n\n" + "\n\n".join(parts) + f"\n\nReproduce: `{cmd}`"
         print(text, flush=True)
         if a.write:
             write_between_markers(Path(a.write), text, START, END)
@@ -176,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     publish()
     if a.long:
         long_tasks = a.long_tasks.split(",")
-        long_rows = run(models, long_tasks, a.long_n, a.seed, a.long, dream=False, policies=False,
-                        max_length=a.long + 256)
+        long_rows = saved[str(a.long)] if saved else run(models, long_tasks, a.long_n, a.seed, a.long,
+                                                          dream=False, policies=False, max_length=a.long + 256)
         record[str(a.long)] = long_rows
         parts.append(f"### Generation length {a.long}: the cost of a forward\n\n{a.long_n} held-out "
                      f"problem(s) of {', '.join(long_tasks)}, one batch, the baseline (one token per forward, "
