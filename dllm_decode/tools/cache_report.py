@@ -36,6 +36,7 @@ DLLM = "cache_policy={plugin: dllm_cache, prompt_interval: 100, response_interva
 TAIL = "cache_policy=slowfast_tail"
 DKV = "cache_policy={plugin: dkv_cache, refresh_interval: 8}"
 NONE = "cache_policy=none"
+LEAP = "select_tokens={plugin: localleap, threshold: 0.9, relaxed_threshold: 0.75, radius: 4}"
 
 
 # approximate rows -> the row of the same model that decodes with the same policy and no cache:
@@ -53,6 +54,8 @@ NO_CACHE: dict[str, str] = {
         "slowfast + kv_block dual", "slowfast + dllm_cache (100, 7, 0.25)", "slowfast + slowfast_tail",
         "slowfast + slowfast_tail + dllm_cache (15, 5, 0.25)")},
     "d2cache sampler + d2cache (k 32, p 0.1)": "d2cache sampler (certainty prior), no cache",
+    "threshold + elastic_cache (window 16, gamma 0.9)": "threshold in a window of 16 masks, no cache",
+    "localleap + elastic_cache (window 16, gamma 0.9)": "localleap in a window of 16 masks, no cache",
     "dream-block + kv_block dual, one block": "dream-block, threshold 0.9, one block",
     "dream-block + dllm_cache (100, 7, 0.25), one block": "dream-block, threshold 0.9, one block",
     "dream sampler (entropy) + dkv_cache (refresh 16)": "dream sampler (entropy), no cache",
@@ -104,7 +107,12 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
         ("threshold + dpad (Gaussian, window 64)", "dpad", blocks),
         ("threshold + dpad + prefix KV cache", "dpad", blocks + ("cache_policy.kv_cache=prefix",)),
         ("threshold + dpad + dual KV cache", "dpad", blocks + ("cache_policy.kv_cache=dual",)),
+        ("threshold in a window of 16 masks, no cache", "elastic-cache", (f"generation.gen_length={gen}", NONE)),
         ("threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache", (f"generation.gen_length={gen}",)),
+        ("localleap, blocks of 32", "localleap", blocks),
+        ("localleap in a window of 16 masks, no cache", "elastic-cache",
+         (f"generation.gen_length={gen}", LEAP, NONE)),
+        ("localleap + elastic_cache (window 16, gamma 0.9)", "elastic-cache", (f"generation.gen_length={gen}", LEAP)),
     ]
     out = [Entry("llada-reference", label, recipe, over) for label, recipe, over in rows[:None if policies else 4]]
     if dream:
@@ -123,6 +131,8 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                 Entry("dream-reference", "d2cache sampler (certainty prior, top-p 0.9), no cache", "dream-d2cache",
                       one + (NONE,)),
                 Entry("dream-reference", "d2cache sampler + d2cache (k 32, p 0.1, top-p 0.9)", "dream-d2cache", one),
+                Entry("dream-reference", "threshold in a window of 16 masks, no cache", "elastic-cache",
+                      (f"generation.gen_length={gen}", NONE)),
                 Entry("dream-reference", "threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache",
                       (f"generation.gen_length={gen}",))]
     return tuple(out)
