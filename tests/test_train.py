@@ -399,3 +399,29 @@ def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
     ours, whole = _weights(run), _weights(tmp_path / "whole")
     assert all(torch.equal(v, ours[k]) for k, v in whole.items())
     assert _same_log(run, tmp_path / "whole")
+
+
+@pytest.mark.parametrize("family", ["ar", "llada"])
+def test_snapshot_writes_the_checkpoint_weights_as_a_loadable_model(tmp_path, family):
+    """--snapshot: a run stopped at a checkpoint becomes a model folder with exactly the
+    checkpoint's weights and the step, loadable by the family's loader; the run is untouched."""
+    run = tmp_path / "run"
+    cfg = {**_tiny(family, run).__dict__, "steps": 4, "checkpoint_every": 2, "stop_after": 2}
+    train(TrainConfig(**cfg), progress=False)
+    before = (run / "checkpoint.pt").read_bytes()
+    main(["--snapshot", str(run), "--out", str(tmp_path / "snap"), "--no-progress"])
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    meta = json.loads((tmp_path / "snap" / "training.json").read_text())
+    assert meta["snapshot"]["step"] == state["progress"]["step"] == 2
+    if family == "ar":
+        from dllm_decode.measure.evaluate import load_ar
+        model, _ = load_ar(str(tmp_path / "snap"))
+    else:
+        from dllm_decode.models import load_model
+        model, _ = load_model(tmp_path / "snap")
+    got = model.state_dict()
+    assert set(got) == set(state["model"])
+    assert all(torch.equal(got[k], v) for k, v in state["model"].items())
+    assert (run / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(SystemExit, match="needs --out"):
+        main(["--snapshot", str(run)])

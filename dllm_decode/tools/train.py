@@ -557,20 +557,44 @@ def _loop(run: Run, progress: bool) -> None:
         run.checkpoint()
 
 
-def _save_final(run: Run) -> None:
-    model, out, cfg = run.model, run.out, run.cfg
+def _write_model(model: torch.nn.Module, out: Path, cfg: TrainConfig, meta: dict, earlier: dict | None) -> None:
+    """Weights (the family's checkpoint format) and training.json of a model folder."""
     model.eval().requires_grad_(False)
     if cfg.family == "ar":
         model.save_pretrained(str(out))
     else:
         from dllm_decode.models import save_pretrained
         save_pretrained(model, out)
-    meta = {"config": asdict(cfg), "seconds": round(run.progress.elapsed, 1),
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+    meta = {"config": asdict(cfg), **meta, "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters())}
-    if run.earlier is not None:
-        meta["init"] = run.earlier
+    if earlier is not None:
+        meta["init"] = earlier
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _save_final(run: Run) -> None:
+    _write_model(run.model, run.out, run.cfg, {"seconds": round(run.progress.elapsed, 1),
+                                               "threads": torch.get_num_threads()}, run.earlier)
+
+
+def snapshot(run_dir: str | Path, out: str | Path) -> Path:
+    """The weights of run folder `run_dir`'s checkpoint.pt as a model folder `out` (weights,
+    tokenizer, training.json with the step it was taken at), loadable like a finished run's, so a
+    run can be evaluated part-way (e.g. ``python -m dllm_decode.tools.model_card OUT``). The run
+    itself is not touched."""
+    state = read_checkpoint(Path(run_dir))
+    out = Path(out)
+    if out.resolve() == Path(run_dir).resolve():
+        raise ValueError(f"--snapshot {run_dir}: write the snapshot to another folder (--out)")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = TrainConfig(**{**state["config"], "out": str(out)})
+    tok = save_char_tokenizer(out)
+    earlier = state["extra"].get("init")
+    model = build(cfg, tok, earlier, load_init=False)
+    model.load_state_dict(state["model"])
+    _write_model(model, out, cfg, {"snapshot": {"run": str(run_dir), "step": state["progress"]["step"]}},
+                 earlier)
+    return out
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -685,6 +709,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt, "
                     "with its own configuration (flags other than --stop-after, --check and "
                     "--no-progress are not used)")
+    ap.add_argument("--snapshot", metavar="RUN_DIR", help="write the weights of RUN_DIR's checkpoint.pt "
+                    "as a loadable model folder --out (to evaluate a run part-way), then exit")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--stop-after", type=int, default=None, metavar="N",
                     help="stop after the first N steps of the schedule (writing a checkpoint to "
@@ -728,6 +754,11 @@ def _config(a: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> None:
     a = _parser().parse_args(argv)
+    if a.snapshot:
+        if not a.out:
+            raise SystemExit("train --snapshot RUN_DIR needs --out DIR")
+        print(snapshot(a.snapshot, a.out))
+        return
     if a.resume:
         out = resume(a.resume, stop_after=a.stop_after, progress=not a.no_progress)
     elif not a.out:
