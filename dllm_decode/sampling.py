@@ -98,7 +98,7 @@ def threshold_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor
 
 
 def dream_sample_tokens(logits: torch.Tensor, temperature: float, top_p: float | None, top_k: int | None,
-                  alg: str, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        alg: str, gumbel: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Dream's ``sample_tokens`` (``generation_utils.py``; d2Cache's sampler is the same): (B, q, V)
     logits -> tokens (B, q) long, confidence (B, q) float64.
 

@@ -146,6 +146,8 @@ class Batcher:
             raise ValueError("task_groups (--task-groups) needs --batch-by-task")
         # each group's task indices; without groups every task is its own group
         self.groups = [[i for i, x in enumerate(g) if x == k] for k in sorted(set(g))] if g else None
+        # a group's odds: its tasks' summed odds
+        self.group_odds = [sum(w[i] if self.weights else 1.0 for i in grp) for grp in self.groups or ()]
         if cfg.batch_by_task:
             self._check_fit()
 
@@ -188,8 +190,7 @@ class Batcher:
         if self.groups is None:
             members = [self.rng.choices(range(len(self.tasks)), weights=self.weights or None)[0]]
         else:
-            odds = [sum(self.weights[i] if self.weights else 1.0 for i in grp) for grp in self.groups]
-            members = self.groups[self.rng.choices(range(len(self.groups)), weights=odds)[0]]
+            members = self.groups[self.rng.choices(range(len(self.groups)), weights=self.group_odds)[0]]
         longest = max((self.tasks[i] for i in members), key=lambda t: t.max_answer_tokens)
         canvas = None
         if cfg.family != "ar":
