@@ -19,6 +19,9 @@ rule (``resize_canvas``) grew rows, the engine has cleared the store and every r
 in-window logit shift at the window start is kept per row (``shift_from``); Fast-dLLM's Dream
 sampler sidesteps it by committing the block's first token at the refresh step, which is the
 ``dream`` policy's ``first_token: true``.
+
+Block-causal models are refused (``requires`` bidirectional): their exact cache is ``block_kv``,
+and a refresh every span start would only recompute what it keeps exactly.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Fast-dLLM block KV cache: refresh when a span starts, then feed the "
                        "span (dual) or span + suffix (prefix) against cached K/V",
-                       options=Options, exact=False, requires=("compute_plans",), resizable=True)
+                       options=Options, exact=False, requires=("compute_plans", "bidirectional"), resizable=True)
 
 
 @hookimpl

@@ -11,19 +11,23 @@ from typing import Any
 
 import torch
 
+from dllm_decode import block_mode
 from dllm_decode.noise import draws
 from dllm_decode.sampling import count_at_step, gumbel_perturb, token_probability, topk_mask
 from dllm_decode.state import Candidates, DecodeState
 
 
 def current_block(state: DecodeState) -> torch.Tensor:
-    """(B, 2) the first block (of ``generation.block_length``) that still holds a mask."""
+    """(B, 2) the first block (of ``generation.block_length``) that still holds a mask. Blocks
+    are counted from ``block_mode.origin``: ``gen_start``, or a block-causal model's own blocks
+    (a row's first block may then begin in its prompt; its span starts at ``gen_start``)."""
     bl = state.config.block
     masked = state.masked                                                   # (B, L)
     first = torch.where(masked.any(1), masked.long().argmax(1), state.length - 1)  # (B,)
-    start = state.gen_start + (first - state.gen_start).div(bl, rounding_mode="floor") * bl
+    origin = block_mode.origin(state)                                       # (B,)
+    start = origin + (first - origin).div(bl, rounding_mode="floor") * bl
     end = torch.clamp(start + bl, max=state.length)
-    return torch.stack([start, end], dim=1)
+    return torch.stack([start.clamp(min=state.gen_start), end], dim=1)
 
 
 def first_masked(state: DecodeState, where: torch.Tensor | None = None) -> torch.Tensor:

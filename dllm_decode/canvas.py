@@ -13,7 +13,8 @@ state to the new columns:
 - ``state.gen_length`` becomes ``L - gen_start``; this step's record (commits, confidences,
   re-masks, span) moves to the new columns too and keeps the ``Resize`` in
   ``state.last.resize``; older records keep the columns of their own step;
-- the request's cache stores are cleared (their FLOP counts kept): K/V of a moved position
+- the request's cache stores are cleared (their FLOP counts kept; widened instead when positions
+  are only appended and the caller asks to keep them, as a block-causal request does): K/V of a moved position
   belong to its old column (RoPE) and to a canvas without the new positions. A cache plugin
   that declares ``PluginMeta.resizable`` rebuilds what it reuses after a resize (``kv_block``
   refreshes); the loader refuses a canvas rule next to any plugin that does not declare it
@@ -99,9 +100,13 @@ def moved_columns(r: Resize, ends: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def apply_resize(state: DecodeState, r: Any, active: torch.Tensor, *, blame: Callable[[str], PluginError],
-                 pad_id: int, vocab_size: int) -> bool | None:
+                 pad_id: int, vocab_size: int, keep_stores: bool = False) -> bool | None:
     """Apply ``r`` (see the module doc) to ``state``. Returns whether every row is done
-    afterwards, or None when nothing grew (the state is untouched)."""
+    afterwards, or None when nothing grew (the state is untouched). ``keep_stores``: ``r`` only
+    appends (no column moves, as a block-causal request grows), so the cache stores are widened
+    to the new width and keep what they hold."""
+    if keep_stores and r.insert is not None:
+        raise blame("a Resize that keeps the cache stores may only append positions")
     ins, app, fill, W, grows = _checked(state, r, active, blame, vocab_size)
     if not grows:
         return None
@@ -133,7 +138,9 @@ def apply_resize(state: DecodeState, r: Any, active: torch.Tensor, *, blame: Cal
                                 remasked=None if rec.remasked is None else move(rec.remasked, False, False))
     state.span, state.ends, state.gen_length = span, new_ends, W - state.gen_start
     for store in (state.store, state.guide_store):
-        if store is not None and hasattr(store, "clear"):
+        if keep_stores and store is not None and hasattr(store, "widen"):
+            store.widen(W)
+        elif store is not None and hasattr(store, "clear"):
             flops = getattr(store, "flops", 0.0)
             store.clear()
             store.flops = flops

@@ -44,8 +44,8 @@ def _generate_parser(sub: Any) -> None:
     gen.add_argument("prompts", nargs="*", help="text prompts (tokenized with the model's tokenizer)")
     gen.add_argument("--input-ids", action="append", type=_parse_ids, default=[], metavar="1,2,3",
                      help="a prompt as token ids; repeat for several")
-    gen.add_argument("--recipe", default="llada", help="recipe file, or the name of a shipped recipe "
-                     "(default: llada)")
+    gen.add_argument("--recipe", help="recipe file, or the name of a shipped recipe (default: the model "
+                     "family's, sdar or llada2 for those block-diffusion checkpoints, else llada)")
     _recipe_flags(gen, "checkpoint directory (overrides the recipe's model.path)")
     gen.add_argument("--task", metavar="NAME[,NAME]", help="decode held-out problems of these tasks "
                      "(copy, repeat, case, distinct, add) and score them")
@@ -84,7 +84,8 @@ def _bench_parser(sub: Any) -> None:
 def _trace_parser(sub: Any) -> None:
     tr = sub.add_parser("trace", help="picture (and record) of the order in which a policy decoded one prompt")
     tr.add_argument("prompt", nargs="?", help="text prompt (default: a held-out problem, see --task)")
-    tr.add_argument("--recipe", default="llada", help="recipe file or shipped recipe name")
+    tr.add_argument("--recipe", help="recipe file or shipped recipe name (default: the model family's, "
+                    "as generate)")
     _recipe_flags(tr, "checkpoint directory")
     tr.add_argument("--input-ids", type=_parse_ids, metavar="1,2,3", help="the prompt as token ids")
     tr.add_argument("--task", default="copy", help="without a prompt: the task of the held-out problem")
@@ -97,8 +98,8 @@ def _trace_parser(sub: Any) -> None:
 def _serve_parser(sub: Any) -> None:
     srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching "
                          "(needs the serve extra: pip install 'dllm-decode[serve]')")
-    srv.add_argument("--recipe", default="llada", help="the default recipe: file or shipped name (default: "
-                     "llada); a request may name another shipped recipe")
+    srv.add_argument("--recipe", help="the default recipe: file or shipped name (default: the model family's, "
+                     "as generate); a request may name another shipped recipe")
     _recipe_flags(srv, "checkpoint directory")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -391,11 +392,19 @@ def _device_dtype_overrides(args: argparse.Namespace) -> list[str]:
     return out + ([f"generation.dtype={args.dtype}"] if args.dtype else [])
 
 
-def _load_recipe(args: argparse.Namespace, name: str, extra: list[str] = ()) -> Any:
+def _load_recipe(args: argparse.Namespace, name: str | None, extra: list[str] = ()) -> Any:
     """The recipe ``name`` with the --set overrides, then what --gen-length, --device and --dtype
-    set (as bench does: a one-block recipe stays one block)."""
+    set (as bench does: a one-block recipe stays one block). No name: the --model's family
+    recipe (``dllm_decode.recipes.default_recipe``), said on stderr when it is not llada."""
     from dllm_decode.config import load_recipe
     from dllm_decode.measure.bench import gen_length_overrides
+    from dllm_decode.recipes import default_recipe
+
+    if name is None:
+        name = args.recipe = default_recipe(args.model) if args.model else "llada"
+        if name != "llada":
+            print(f"dllm-decode: no --recipe given: using {name}, the official decoding loop of this model's family",
+                  file=sys.stderr)
 
     over = [*args.overrides, *extra, *_device_dtype_overrides(args)]
     if args.gen_length is not None:
@@ -444,7 +453,8 @@ def _load_model(path: str, recipe: Any, args: argparse.Namespace) -> tuple[Any, 
     else:
         what = f"{recipe.source or '<recipe>'}: model.device"
     check_device(recipe.model.device, what)
-    return load_model(path, dtype=recipe.generation.dtype, device=recipe.model.device)
+    return load_model(path, dtype=recipe.generation.dtype, device=recipe.model.device,
+                      block_size=recipe.model.block_size)
 
 
 def _task_problems(args: argparse.Namespace) -> list:

@@ -59,6 +59,7 @@ class Committed:
     flags: dict[str, bool]   # check name -> broken in any row (read in one host sync)
     masked: Tensor           # (B, L) bool: x == mask id
     finished: bool           # every row is finished
+    completed: bool = False  # some row took its last mask in this step
 
 
 def commit(canvas: Tensor, masked: Tensor, commit_step: Tensor, prompt_mask: Tensor, sel: Selection,
@@ -94,9 +95,10 @@ def commit(canvas: Tensor, masked: Tensor, commit_step: Tensor, prompt_mask: Ten
     masked_after = x == mask_id
     left = masked_after.any(dim=1)                                         # (B,)
     # every check reduced per row, then all at once: the step's one host sync
-    flags = torch.stack([rows[c] for c in CHECKS] + [left]).any(dim=1).tolist()
+    flags = torch.stack([rows[c] for c in CHECKS] + [left, active > left]).any(dim=1).tolist()
     return Committed(x=x, commit_step=steps, written=written, fill=fill, left=left, rows=rows,
-                     flags=dict(zip(CHECKS, flags[:-1])), masked=masked_after, finished=not flags[-1])
+                     flags=dict(zip(CHECKS, flags[:-2])), masked=masked_after, finished=not flags[-2],
+                     completed=flags[-1])
 
 
 def stop_at_eos(x: Tensor, commit_step: Tensor, step: int, mask_id: int, stop_ids: Tensor,

@@ -94,6 +94,8 @@ class ModelSection(_Strict):
 
     path: str | None = Field(None, description="Directory of a Hugging Face format checkpoint.")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+    block_size: int | None = Field(None, ge=1, description="Block-diffusion checkpoints (SDAR, LLaDA2, "
+                                   "Fast-dLLM v2): decode in blocks of this size instead of the config's.")
 
 
 class SlotEntry(_Strict):

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dllm_decode import block_mode
 from dllm_decode.commit import Committed
 from dllm_decode.errors import InputError, ModelOutputError, PluginError, RecipeError
 from dllm_decode.guidance import Guided
@@ -49,12 +50,19 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
             raise InputError(f"{where}: plugin {name!r} builds compute plans, but {model_name} runs only "
                              "plain forwards; use a model loaded by dllm_decode.models.load_model")
         block = getattr(spec, "block_size", None)
+        if "block_causal" in meta.requires and not block:
+            raise RecipeError(f"{where}: plugin {name!r} caches the blocks of a block-causal model, but "
+                              f"{model_name} is a {family} model that attends over the whole canvas")
         if "bidirectional" in meta.requires and block:
             raise RecipeError(f"{where}: plugin {name!r} needs attention over the whole canvas, but "
                               f"{model_name} is a block-causal {family} model (blocks of {block})")
         if meta.families and family is not None and family not in meta.families:
             raise RecipeError(f"{where}: plugin {name!r} supports model families {list(meta.families)}, "
                               f"not this {family} model ({model_name})")
+    block = getattr(spec, "block_size", None)
+    found = block_mode.problems(recipe, policy, block) if block and runs_plans else []
+    if found:
+        raise RecipeError("\n".join(found))
 
 
 def check_plan(blame: Any, plan: Any, plan_type: type, runs_plans: bool) -> None:

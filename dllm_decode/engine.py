@@ -8,7 +8,8 @@ iterating ``Decoder.steps``. One step is seven named stages (resize only with a 
     candidates  cand = spread(score(state, out))                    # (B, L), eligibility set
     select      sel = select_tokens(state, cand)
     commit      next canvas and violation flags, a pure function    (commit.py, one host sync)
-    resize      rows grown by the optional canvas rule              (canvas.py)
+    resize      rows grown by the optional canvas rule              (canvas.py), or by the next
+                block of a block-causal model                        (block_mode.py)
     observe     after_step(state)
 
 The engine owns every write to the state and checks each plugin's output, raising an error that
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from dllm_decode import contracts
+from dllm_decode import block_mode, contracts
 from dllm_decode.canvas import apply_resize
 from dllm_decode.commit import Committed, commit, spread
 from dllm_decode.config import Recipe
@@ -69,6 +70,8 @@ class Decoder:
         self.runs_plans = callable(getattr(model, "execute", None))
         contracts.check_model(self.recipe, self.policy, self.spec, self.eos_ids, self.runs_plans,
                               type(model).__name__)
+        # a block-causal model's request grows one block at a time (block_mode.py)
+        self.block_size = getattr(self.spec, "block_size", None) if self.runs_plans else None
         self.aux = load_auxiliary(self.policy, self._device(), self.gen.dtype)
 
     # ------------------------------------------------------------------ public API
@@ -106,7 +109,7 @@ class Decoder:
         store = factory() if callable(factory) else CacheStore()
         return new_state(prompts, self.gen, mask_id=self.mask_id, pad_id=self.pad_id, eos_ids=self.eos_ids,
                          device=self._device(), store=store, plugins=self.policy.plugin_names, seeds=seeds,
-                         max_length=getattr(self.spec, "max_length", None))
+                         max_length=getattr(self.spec, "max_length", None), block_size=self.block_size)
 
     @torch.inference_mode()
     def steps(self, prompts: Sequence[Sequence[int]] | DecodeState,
@@ -182,7 +185,8 @@ class Decoder:
                                    revocable=self.policy.revocable, idle_steps=self.policy.idle_steps,
                                    vocab_size=out.logits.shape[-1])
         self._write(state, done, sel, cand, active)
-        grown = self._resize(state, cand, active, out.logits.shape[-1]) if self.policy.resizes else None
+        grown = self._resize(state, cand, active, out.logits.shape[-1]) if self.policy.resizes else \
+            self._next_blocks(state, active) if state.blocks is not None and done.completed else None
         state.step += 1
         self._observe("after_step", state)
         return done.finished if grown is None else grown
@@ -268,6 +272,12 @@ class Decoder:
         r = self._call("resize_canvas", state, candidates=cand)
         return None if r is None else apply_resize(state, r, active, blame=self._blamer("resize_canvas", state),
                                                     pad_id=self.pad_id, vocab_size=vocab_size)
+
+    def _next_blocks(self, state: DecodeState, active: torch.Tensor) -> bool | None:
+        """Rows that finished their block grow by the next one (block_mode.py), as _resize."""
+        return apply_resize(state, block_mode.growth(state, active), active, keep_stores=True, pad_id=self.pad_id,
+                            blame=lambda msg: InputError(f"block-causal request at step {state.step}: {msg}"),
+                            vocab_size=int(self.spec.vocab_size))
 
     # ------------------------------------------------------------------ plugin calls
 

@@ -50,7 +50,8 @@ class PluginMeta:
     ``exact``: for caches, whether tokens equal those of a plain forward (None: not a cache).
     ``requires``: model capabilities the plugin needs: ``"compute_plans"`` (a model that runs
     ``ComputePlan``s), ``"bidirectional"`` (attention over the whole canvas: feature reuse,
-    shadow queries, attention weights and the layer-adaptive executor have no block-causal form).
+    shadow queries, attention weights and the layer-adaptive executor have no block-causal form),
+    ``"block_causal"`` (a model decoded block by block, whose finished blocks never change).
     Checked when the recipe meets the model.
     ``idle_steps``: as ``select_tokens``, may commit nothing in a step, because its reference
     schedule rounds a step's count down to zero (Dream) or draws it at random (Dream's

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from dllm_decode import block_mode
 from dllm_decode.eos import first_stop
 from dllm_decode.errors import InputError
 from dllm_decode.noise import RowNoise
@@ -90,27 +91,36 @@ def row_seeds(seeds: Sequence[int] | None, n: int, default: int) -> list[int]:
 
 def new_state(prompts: Sequence[Sequence[int]], gen: Any, *, mask_id: int, pad_id: int, eos_ids: list[int],
               device: torch.device, store: Any, plugins: Sequence[str],
-              seeds: Sequence[int] | None = None, max_length: int | None = None) -> DecodeState:
+              seeds: Sequence[int] | None = None, max_length: int | None = None,
+              block_size: int | None = None) -> DecodeState:
     """The state of one request: canvas ``[pad * k | prompt | MASK * gen_length]`` per row; each
-    row's random draws are keyed by its seed and prompt (``seeds``, default the recipe's)."""
-    G = gen.gen_length
+    row's random draws are keyed by its seed and prompt (``seeds``, default the recipe's). With
+    ``block_size`` (a block-causal model) a row holds only the masks of its first block and the
+    columns past its end are padding (:mod:`dllm_decode.block_mode`)."""
     lengths = [len(p) for p in prompts]
     P = max(lengths)
-    x = torch.full((len(prompts), P + G), mask_id, dtype=torch.long)
-    attn = torch.zeros((len(prompts), P + G), dtype=torch.bool)
+    blocks, ends = None, [P + gen.gen_length] * len(prompts)
+    if block_size:
+        blocks, ends = block_mode.layout(lengths, P, gen.gen_length, block_size, max_length, device)
+    W = max(ends)
+    x = torch.full((len(prompts), W), mask_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), W), dtype=torch.bool)
+    prompt_mask = torch.zeros_like(attn)
+    prompt_mask[:, :P] = True
     for i, p in enumerate(prompts):        # building the request, not the hot loop
         x[i, :P - len(p)] = pad_id
         x[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p):] = True
-    prompt_mask = torch.zeros_like(attn)
-    prompt_mask[:, :P] = True
+        attn[i, P - len(p):ends[i]] = True
+        x[i, ends[i]:] = pad_id             # past a row's end: padding, never written
+        prompt_mask[i, ends[i]:] = True
     generator = torch.Generator(device=device).manual_seed(gen.seed)
     return DecodeState(x=x.to(device), attention_mask=attn.to(device), prompt_mask=prompt_mask.to(device),
-                       gen_start=P, gen_length=G, mask_id=mask_id,
+                       gen_start=P, gen_length=W - P, mask_id=mask_id,
                        eos_ids=torch.tensor(eos_ids, dtype=torch.long, device=device),
                        config=gen, generator=generator, store=store,
                        noise=RowNoise.for_rows(prompts, row_seeds(seeds, len(prompts), gen.seed), device),
                        prompt_lengths=torch.tensor(lengths, dtype=torch.long, device=device), max_length=max_length,
+                       ends=torch.tensor(ends, dtype=torch.long, device=device), blocks=blocks,
                        scratch={name: {} for name in plugins})
 
 

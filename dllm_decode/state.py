@@ -3,8 +3,9 @@
 Every tensor is batched over rows. A row's canvas is ``[pad * k | prompt | MASK * gen_length]``:
 prompts are left-padded so that the generated region starts at the same column
 (``gen_start``) in every row, which keeps spans, blocks and caches simple column ranges. A
-``resize_canvas`` rule may grow rows during the request (``dllm_decode.canvas``); a row then
-ends at ``ends[b]`` and the columns past it are padding (not attended, never written).
+``resize_canvas`` rule may grow rows during the request (``dllm_decode.canvas``), and so does a
+block-causal model's request, one block at a time (``dllm_decode.block_mode``); a row then ends
+at ``ends[b]`` and the columns past it are padding (not attended, never written).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class DecodeState:
     prompt_lengths: torch.Tensor | None = None  # (B,) long, prompt tokens without padding
     ends: torch.Tensor = None     # (B,) long: each row's canvas end (L until a canvas rule grows rows)
     max_length: int | None = None  # the model's limit on a row's prompt + generated positions
+    blocks: Any = None            # block_mode.BlockLayout: a block-causal model's request grows by blocks
     commit_step: torch.Tensor = None  # (B, L) long, UNCOMMITTED until written
     span: torch.Tensor = None     # (B, 2) long, this step's span
     phase: str | None = None

@@ -24,3 +24,23 @@ def find_recipe(name_or_path: str) -> Path:
         return shipped[name_or_path]
     raise RecipeError(f"{name_or_path}: no such recipe file, and no shipped recipe of that name "
                       f"(shipped: {', '.join(shipped) or 'none'})")
+
+
+#: the shipped recipe a checkpoint of each block-causal family decodes with by default (its
+#: official loop's settings); every other family: ``llada``
+FAMILY_RECIPES = {"sdar": "sdar", "llada2": "llada2"}
+
+
+def default_recipe(model_dir: str | Path | None) -> str:
+    """The shipped recipe for the checkpoint in ``model_dir`` (read from its config.json): its
+    family's (``FAMILY_RECIPES``), else ``llada``. Unreadable configs give ``llada``; loading
+    the model reports them."""
+    import json
+
+    from dllm_decode.models.loader import detect_family
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        return FAMILY_RECIPES.get(detect_family(config), "llada")
+    except (OSError, ValueError, TypeError, AttributeError):   # CheckpointError is a ValueError
+        return "llada"

@@ -154,6 +154,7 @@ def test_a_plugin_limited_to_a_family_is_refused_when_the_recipe_meets_the_model
 
 
 @pytest.mark.parametrize("recipe", [{"policy": "llada", "cache_policy": "dllm_cache"},
+                                    {"policy": "llada", "cache_policy": "kv_block"},
                                     {"policy": "slowfast", "score": "llada", "cache_policy": "slowfast_tail"},
                                     {"policy": "llada", "cache_policy": "elastic_cache"},
                                     {"choose_span": "llada", "score": "d2cache", "select_tokens": "d2cache",
@@ -166,7 +167,7 @@ def test_whole_canvas_plugins_are_refused_on_a_block_causal_model(recipe):
     with pytest.raises(RecipeError, match=rf"plugin '{name}' needs attention over the whole canvas, but "
                                           r"SDARModel is a block-causal sdar model \(blocks of 4\)"):
         _decoder({}, recipe, model=sdar)
-    _decoder({}, {"policy": "llada", "cache_policy": "kv_block"}, model=sdar)   # a plain KV cache is fine
+    _decoder({}, {"policy": "llada", "cache_policy": "block_kv"}, model=sdar)   # its exact block cache is fine
 
 
 def test_eos_ids_outside_the_vocabulary_are_refused():

@@ -21,7 +21,7 @@ def test_the_top_level_holds_the_core_only():
     modules = {p.stem for p in PKG.glob("*.py")}
     assert modules == {"__init__", "__main__", "hookspecs", "plugins", "policy", "state", "engine", "config",
                        "errors", "sampling", "noise", "cli", "commit", "contracts", "guidance", "request", "eos",
-                       "blocks", "feature_cache", "records", "canvas"}
+                       "blocks", "feature_cache", "records", "canvas", "block_mode"}
     packages = {p.name for p in PKG.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {"models", "measure", "testing", "tools", "harness", "serve"}
 

@@ -63,6 +63,15 @@ def _tiny_llada():
                               eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64).eval()
 
 
+def _tiny_sdar():
+    import torch
+
+    from dllm_decode.models import build_random_model
+
+    return build_random_model("sdar", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mask_token_id=47,
+                              eos_token_id=1, pad_token_id=0, seed=3, dtype=torch.float64, block_size=4).eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_verifier(tmp_path_factory):
     """An autoregressive verifier for apd, sharing the 48-token vocabulary of the models below."""
@@ -107,7 +116,10 @@ def test_every_registered_plugin_in_every_slot_it_fills(plugin, slot, model, tin
     entry = {"plugin": plugin, **need["params"]}
     recipe = {"policy": "llada", slot: entry, **{s: {"plugin": p, **need["params"]} for s, p in need["with"].items()},
               "generation": {"gen_length": 16, "block_length": 8, "steps": 16}}
-    if "compute_plans" in meta_of(get_plugin_manager().get_plugin(plugin)).requires and isinstance(model, RandomLogitsModel):
+    requires = meta_of(get_plugin_manager().get_plugin(plugin)).requires
+    if "block_causal" in requires and not isinstance(model, RandomLogitsModel):
+        model, recipe["generation"]["block_length"] = _tiny_sdar(), 4      # decoded block by block
+    if "compute_plans" in requires and isinstance(model, RandomLogitsModel):
         with pytest.raises(InputError, match=plugin):       # a clear refusal, before any forward
             check_invariants(model, recipe)
         return

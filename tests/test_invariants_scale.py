@@ -50,9 +50,10 @@ VOCAB, MASK, EOS = 48, 47, 1
 def model(kind: str):
     if kind == "random-logits":
         return RandomLogitsModel(vocab_size=VOCAB, mask_token_id=MASK, eos_token_id=EOS, seed=11)
+    extra = {"block_size": 4} if kind == "sdar" else {}       # block-causal: decoded block by block
     return build_random_model(kind, vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4,
                               n_kv_heads=4 if kind == "llada" else 2, mask_token_id=MASK, eos_token_id=EOS,
-                              pad_token_id=0, seed=3, dtype=torch.float64).eval()
+                              pad_token_id=0, seed=3, dtype=torch.float64, **extra).eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,7 +250,11 @@ def _slots_for_pair(draw, pair: str) -> dict:
 
 def _kinds(data: dict) -> list[str]:
     requires = {r for name in _names(data) if name in PLUGINS for r in PLUGINS[name].meta.requires}
-    return ["llada", "dream"] if "compute_plans" in requires else ["random-logits", "llada", "dream"]
+    if "block_causal" in requires:
+        return ["sdar"]
+    if "bidirectional" in requires:
+        return ["llada", "dream"]
+    return ["llada", "dream", "sdar"] if "compute_plans" in requires else ["random-logits", "llada", "dream", "sdar"]
 
 
 def _names(data: dict) -> set[str]:

@@ -105,6 +105,7 @@ class Feed:
     attention: list[Tensor] | None = None   # per layer (B, f, K) head-mean attention (plan.attention)
     block: int | None = None      # block size of a block-causal model's forward, else None
     chunks: list | None = None    # block-causal: (canvas Sel, slice of the fed stream) per chunk
+    kends: list | None = None     # block-causal: per chunk, the key positions its attention spans
     kbuf: tuple | None = None     # block-causal keys='fed': scratch full-length (K, V) buffers
 
 
@@ -267,12 +268,16 @@ class Denoiser(nn.Module):
             frozen = pad if frozen is None else frozen | pad
         if store is not None and plan.writes:
             self._prepare_store(store, plan, fed, frozen, B, L, dev)
-        block = self._block_size(plan)
+        # an explicit mask (training with clean copies beside noisy ones) replaces block-causality
+        block = self._block_size(plan) if plan.attend is None else None
         kmask = _key_mask(plan, store, fed, mask, pad, bool(block), key_end, B, L, dev)
         feed = Feed(plan=plan, store=store, fed=fed, s=s, e=e, key_end=key_end, pos=pos, kmask=kmask,
                     frozen=frozen, limit=limit)
         if block:
             self._block_feed(feed, block)
+        if plan.attend is not None:                 # (B, f, f) per query, padding kept
+            rows = plan.attend.to(dev)[:, s:e, s:e]
+            feed.kmask = rows if kmask is None else rows & kmask[:, None, :]
         return feed
 
     def _block_size(self, plan: ComputePlan) -> int | None:
@@ -301,11 +306,19 @@ class Denoiser(nn.Module):
         feed.kmask = feed.kmask[:, None, :] & (blk[:, None, :n_keys] <= qb[:, :, None])   # (B, f, Lk)
         feed.block = block
         if not fed.is_range:
-            feed.chunks = [(fed, slice(None))]
+            feed.chunks, feed.kends = [(fed, slice(None))], [n_keys]
             return
         s, e = feed.s, feed.e
         edges = [s, *range((s // block + 1) * block, e, block), e]
         feed.chunks = [(Sel(a, b), slice(a - s, b - s)) for a, b in zip(edges, edges[1:])]
+        # A chunk [a, b)'s queries see no key at or past b + block - 1 (a left-padded row's block
+        # may run on past b). Attention spans exactly that many keys, zeros and masked past the
+        # canvas: its kernel's reduction order then depends on the chunk alone, never on how
+        # wide the canvas is, so K/V stored while the canvas was narrower are the same bits.
+        feed.kends = [b + block - 1 for b in edges[1:]]
+        extra = max(feed.kends) - n_keys
+        if extra > 0:
+            feed.kmask = F.pad(feed.kmask, (0, extra))
 
     def _prepare_store(self, store: CacheStore, plan: ComputePlan, fed: Sel, frozen: Tensor | None,
                        B: int, L: int, dev: torch.device) -> None:
@@ -472,9 +485,8 @@ class Denoiser(nn.Module):
             if plan.keys == "store" or plan.write_kv:
                 sel.put_unless(store.k[i], 2, k, keep)
                 sel.put_unless(store.v[i], 2, v, keep)
-        Lk = feed.kmask.shape[-1]
-        att = torch.cat([p.o(attend(q, K[:, :, :Lk], V[:, :, :Lk], feed.kmask[:, sl]))
-                         for q, (_, sl) in zip(qs, feed.chunks)], dim=1)   # (B, f, d)
+        att = torch.cat([p.o(attend(q, *_keys(K, V, kend), feed.kmask[:, sl, :kend]))
+                         for q, (_, sl), kend in zip(qs, feed.chunks, feed.kends)], dim=1)   # (B, f, d)
         if plan.write_features:
             feed.fed.put_unless(store.attn[i], 1, att, frozen)
         x = x + att
@@ -656,6 +668,14 @@ def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
             val = torch.randn(prm.shape, generator=g, dtype=torch.float64) / math.sqrt(prm.shape[1])
         prm.copy_(val.to(prm.dtype))
     return model
+
+
+def _keys(K: Tensor, V: Tensor, kend: int) -> tuple[Tensor, Tensor]:
+    """K, V (B, H, L, D) cut, or zero-padded, to `kend` key positions."""
+    n = kend - K.shape[2]
+    if n <= 0:
+        return K[:, :, :kend], V[:, :, :kend]
+    return F.pad(K, (0, 0, 0, n)), F.pad(V, (0, 0, 0, n))
 
 
 def _key_mask(plan: ComputePlan, store: CacheStore | None, fed: Sel, mask: Tensor | None,

@@ -126,10 +126,15 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
     return dev
 
 
+#: the config field holding a block-diffusion family's block size
+BLOCK_FIELDS = {"sdar": "block_size", "fast_dllm_v2": "bd_size", "llada2": "block_size"}
+
+
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", *, tokenizer: bool = True):
+               device: str | torch.device = "cpu", *, tokenizer: bool = True, block_size: int | None = None):
     """Load a LLaDA, Dream, SDAR, Fast-dLLM v2 or LLaDA2 checkpoint directory -> (Denoiser,
-    tokenizer or None).
+    tokenizer or None). ``block_size``: decode a block-diffusion checkpoint in blocks of this
+    size instead of its config's (as SDAR's ``generate.py --block_length`` does).
 
     :raises CheckpointError: naming the file at fault (config.json, a safetensors shard, the
         tokenizer), or the device; :class:`CheckpointNotFoundError` without a config.json.
@@ -141,6 +146,13 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     raw = _read_json(cfg_path, "model config")
     family = detect_family(raw, str(cfg_path))
     cfg = _config_for(family, raw, str(cfg_path))
+    if block_size is not None:
+        if family not in BLOCK_FIELDS:
+            raise CheckpointError(f"{cfg_path}: block_size {block_size} asked of a {family} model, which attends "
+                                  "bidirectionally; it applies to block-diffusion checkpoints")
+        if block_size < 1:
+            raise CheckpointError(f"{cfg_path}: block_size must be at least 1, got {block_size}")
+        cfg = replace(cfg, **{BLOCK_FIELDS[family]: block_size})
     dt, dev = resolve_dtype(dtype), check_device(device)
     tok = load_tokenizer(path, family) if tokenizer else None
     _fill_special_ids(cfg, tok, family, str(cfg_path))

@@ -195,6 +195,12 @@ class ComputePlan:
     block_size      Block-causal models only: the block size of this forward's attention (None:
                     the model's default, ModelSpec.block_size). A position's block is its RoPE
                     position // block_size; a query sees its own block and earlier ones.
+    attend          (B, L, L) bool: an explicit mask, query position x key position, ANDed with
+                    the padding mask; it replaces a block-causal model's own block mask. For
+                    training forwards that lay several views of a sequence on one canvas (block
+                    diffusion's noisy blocks beside the clean ones, with ``position_ids``
+                    repeating positions). Needs a range feed with keys='fed', no store writes and
+                    no shadow queries.
     name            Free-form label for tracing.
     """
 
@@ -223,6 +229,7 @@ class ComputePlan:
     drift: Drift | None = None
     shadow: Tensor | None = None
     block_size: int | None = None
+    attend: Tensor | None = None
     name: str = "full"
 
     def __post_init__(self) -> None:
@@ -276,6 +283,10 @@ class ComputePlan:
                 raise ValueError("drift does not combine with shadow, key_limit or write_window")
             if self.keys == "fed" and (self.index is not None or self.start != 0 or self.end is not None):
                 raise ValueError("a drift refresh feeds the whole canvas")
+        if self.attend is not None and (self.attend.dim() != 3 or self.attend.dtype != torch.bool or self.keys != "fed"
+                                        or self.index is not None or self.writes or self.shadow is not None):
+            raise ValueError("ComputePlan.attend must be a (B, L, L) bool mask on a range feed with keys='fed', "
+                             "no store writes and no shadow queries")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
@@ -331,7 +342,7 @@ class ComputePlan:
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
         rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
                 for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow",
-                          "keep", "index_pad")
+                          "keep", "index_pad", "attend")
                 if getattr(self, k) is not None}
         if self.drift is not None:
             rows["drift"] = self.drift.repeat_rows(n)

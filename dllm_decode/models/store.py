@@ -112,6 +112,28 @@ class CacheStore:
         self.h = [torch.zeros(B, L, d, dtype=dtype, device=device) for _ in range(n_layers)]
         self.q = [torch.zeros(B, n_heads, L, hd, dtype=dtype, device=device) for _ in range(n_layers)]
 
+    def widen(self, L: int) -> None:
+        """Grow the canvas to ``L`` positions at its end, keeping every tensor's values at their
+        positions (new positions unwritten): rows that grew by appended positions only (a
+        block-causal request's next block), so nothing moved."""
+        if self.shape is None or L == self.shape[1]:
+            return
+        n = L - self.shape[1]
+        if n < 0:
+            raise ValueError(f"CacheStore.widen({L}) would shrink a canvas of {self.shape[1]} positions")
+
+        def pad(t: Tensor, dim: int) -> Tensor:
+            return torch.cat([t, t.new_zeros(*t.shape[:dim], n, *t.shape[dim + 1:])], dim=dim)
+
+        for lst, dim in ((self.k, 2), (self.v, 2), (self.q, 2), (self.attn, 1), (self.ffn, 1), (self.h, 1)):
+            lst[:] = [pad(t, dim) for t in lst]
+        if self.kv_valid is not None:
+            self.kv_valid = pad(self.kv_valid, 1)
+        if self.attn_mass is not None:
+            self.attn_mass = pad(self.attn_mass, 2)
+        self.attention = None          # per-forward attention rows keep their own width: dropped
+        self.shape = (self.shape[0], L)
+
     # ------------------------------------------------------------------ batch surgery
     def select_rows(self, rows: Tensor) -> None:
         """Keep only the given batch rows (e.g. when finished rows leave the batch)."""

@@ -1,0 +1,49 @@
+"""The exact KV cache of block-causal models (SDAR, Fast-dLLM v2, LLaDA2), as a ``cache_policy``.
+
+A block-causal model's finished blocks never attend to later positions, and the engine decodes
+it one block at a time (``dllm_decode.block_mode``), so the keys and values of a finished block
+are final once they are computed from its final tokens: they are written to the request's store
+and never recomputed. The official loops (JetAstra/SDAR ``generate.py``) prefill the prompt's
+whole blocks, feed the current block against the cache at every step, and after the block's
+last commit run one more forward to store its final K/V. Here that last forward is folded into
+the next block's first: a step feeds, against the store, the range from the earliest block
+whose stored K/V are not yet final to the canvas end (``ComputePlan.block_step``); the first
+step feeds the whole canvas and writes its K/V (the prefill).
+
+Exact: every fed block is computed in canvas chunks of the block size, so the logits are the
+same bits as a plain block-causal forward of the whole canvas (``cache_policy: none``) as long
+as the fed range starts on a multiple of the block size, which is where it starts. Rows of a
+padded batch have their blocks at their own columns; the feed starts at the batch's earliest
+non-final block (rounded down to a canvas multiple of the block size), so a row may recompute up
+to one block it has already finished, from the same tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllm_decode.hookspecs import hookimpl
+from dllm_decode.models.plan import ComputePlan
+from dllm_decode.plugins import PluginMeta
+
+dllm_meta = PluginMeta(summary="Exact KV cache of block-causal models: finished blocks' K/V are stored once "
+                       "and never recomputed; each step feeds the current block",
+                       exact=True, requires=("compute_plans", "block_causal"), resizable=True)
+
+
+@hookimpl
+def cache_policy(state, scratch):
+    blocks = state.blocks
+    size = blocks.size
+    masked = state.masked                                                   # (B, L)
+    # each row's current block (the model's, holding its first mask), or its end when it has none
+    first = torch.where(masked.any(1), masked.long().argmax(1), state.ends)           # (B,)
+    current = blocks.origin + (first - blocks.origin).div(size, rounding_mode="floor") * size
+    final = scratch.get("final")               # (B,) columns before which the stored K/V are final
+    # this forward feeds every block before `current` with its final tokens: final afterwards
+    scratch["final"] = current if final is None else torch.maximum(final, current)
+    if final is None:
+        return ComputePlan.refresh(name="block_kv:prefill")           # the whole canvas, K/V kept
+    # one host read: the batched feed is a Python range, started on a canvas block boundary
+    start = int(final.min()) // size * size
+    return ComputePlan.block_step(start, state.length, name="block_kv")

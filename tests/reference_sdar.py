@@ -1,0 +1,59 @@
+"""SDAR's block-diffusion decoder (JetAstra/SDAR ``generate.py``, ``block_diffusion_generate``)
+re-derived plainly for one prompt, sharing no code with the engine, ``dllm_decode.block_mode`` or
+the ``block_kv`` cache it checks.
+
+As the original: the canvas is ``ceil((P + gen_length) / block) * block`` positions counted from
+the prompt's first token; the blocks the prompt fills are the prefill; every later block (the
+first one holding the prompt's tail) is denoised with ``steps`` forwards at most, ``block //
+steps`` tokens per step (the remainder on the first steps); ``low_confidence_static`` commits that
+many most confident masks, ``low_confidence_dynamic`` every mask above ``threshold`` when there are
+at least that many, else that many most confident; after each block, decoding stops if a stop id
+is anywhere in the generated region. The model's view is what the original's KV cache gives it:
+the block's logits given every earlier position (a plain forward of the canvas up to the block's
+end; the model's own block-causal mask hides nothing that forward includes).
+
+Deliberate differences, all at temperature 0 (the original always samples): tokens are the
+argmax and confidence their softmax probability (the original's ``top_k=1`` would give every
+token probability 1); the mask id is never a candidate (its logit is -inf), as the engine rules.
+The original's ``topk`` over ``-inf`` confidences when a step's count exceeds the block's masks
+(it then writes predictions over committed tokens) is refused here: callers pick schedules that
+never reach it.
+"""
+
+import torch
+
+
+def sdar_generate(model, prompt, *, mask_id, gen_length, block, steps, strategy="low_confidence_static",
+                  threshold=0.85, stop_ids=()):
+    """-> (generated ids up to the last decoded position, forwards that committed something)."""
+    P = len(prompt)
+    n_blocks = (P + gen_length + block - 1) // block
+    x = torch.full((1, n_blocks * block), mask_id, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    base, rem = block // steps, block % steps
+    schedule = [base + (1 if s < rem else 0) for s in range(steps)]
+    decoded_to, forwards = P, 0
+    for nb in range(P // block, n_blocks):
+        lo, hi = nb * block, (nb + 1) * block
+        for s in range(steps + 1):
+            masked = x[0, lo:hi] == mask_id
+            if not masked.any():
+                break
+            logits = model(x[:, :hi]).double()[0, lo:hi]                    # (block, V)
+            logits[:, mask_id] = float("-inf")
+            probs = torch.softmax(logits, dim=-1)
+            x0 = probs.argmax(dim=-1)
+            conf = torch.where(masked, probs.gather(1, x0[:, None])[:, 0], torch.tensor(float("-inf")))
+            k = schedule[s]
+            assert k <= int(masked.sum()), "schedule step larger than the block's masks (original's quirk)"
+            if strategy == "low_confidence_dynamic" and int((conf > threshold).sum()) >= k:
+                take = conf > threshold
+            else:
+                take = torch.zeros_like(masked)
+                take[torch.topk(conf, k).indices] = True
+            x[0, lo:hi] = torch.where(take, x0, x[0, lo:hi])
+            forwards += 1
+        decoded_to = hi
+        if any(int(t) in stop_ids for t in x[0, P:hi]):
+            break
+    return x[0, P:decoded_to].tolist(), forwards

@@ -1,0 +1,162 @@
+"""Block-causal requests (dllm_decode/block_mode.py) and their exact KV cache (caches/block_kv.py):
+token parity with SDAR's official decoder re-derived in tests/reference_sdar.py, alone and in a
+padded batch, the cache bit for bit against the uncached block-causal forward, per-row stopping,
+and the refusals."""
+
+import pytest
+import torch
+
+from dllm_decode import Decoder, load_recipe
+from dllm_decode.errors import RecipeError
+from dllm_decode.models import CacheStore, build_random_model
+from reference_sdar import sdar_generate
+
+MASK, EOS, PAD = 47, 1, 0
+PROMPTS = [[5, 9, 12, 3, 7], [20, 4], [8, 9, 10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34, 35, 36]]
+
+
+@pytest.fixture(scope="module")
+def sdar():
+    return build_random_model("sdar", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD, seed=4,
+                              dtype=torch.float64, block_size=4).eval()
+
+
+def recipe(select="llada", cache="block_kv", gen=16, block=4, per_block=4, threshold=0.05, stop=(), batch=4):
+    sets = [f"cache_policy={cache}", f"generation.gen_length={gen}", f"generation.block_length={block}",
+            f"generation.steps={gen // block * per_block}", f"generation.batch_size={batch}",
+            f"generation.eos.ids={list(stop)}"]
+    if select == "threshold":
+        sets += ["select_tokens.plugin=threshold", f"select_tokens.threshold={threshold}"]
+    return load_recipe("llada", sets)
+
+
+def reference(model, prompts, **kw):
+    return [sdar_generate(model, p, mask_id=MASK, **kw)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("cache", ["block_kv", "none"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_static_schedule_matches_sdar(sdar, cache, batch):
+    """One token per step (SDAR's defaults: block 4, 4 steps), prompts ending anywhere in a block."""
+    got = Decoder(sdar, recipe(cache=cache, batch=batch)).generate(PROMPTS).tokens
+    assert got == reference(sdar, PROMPTS, gen_length=16, block=4, steps=4, stop_ids=())
+
+
+def test_two_per_step_matches_sdar_on_whole_blocks():
+    """Blocks of 8 in 4 steps (two tokens per step) with prompts that fill whole blocks, where the
+    mask count of the first block is the block length (SDAR splits the block length, LLaDA the masks)."""
+    model = build_random_model("sdar", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD, seed=5,
+                               dtype=torch.float64, block_size=8).eval()
+    prompts = [list(range(2, 10)), list(range(10, 26))]
+    got = Decoder(model, recipe(gen=24, block=8, per_block=4, batch=2)).generate(prompts).tokens
+    assert got == reference(model, prompts, gen_length=24, block=8, steps=4, stop_ids=())
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dynamic_threshold_matches_sdar(sdar, batch):
+    """SDAR's low_confidence_dynamic at one token per step: every mask above the threshold, at
+    least one (Fast-dLLM's threshold rule, as the ``threshold`` plugin commits it)."""
+    dec = Decoder(sdar, recipe("threshold", threshold=0.045, batch=batch))
+    res = dec.generate(PROMPTS)
+    assert res.tokens == reference(sdar, PROMPTS, gen_length=16, block=4, steps=4,
+                                   strategy="low_confidence_dynamic", threshold=0.045, stop_ids=())
+    # the threshold took several tokens in some steps: the test exercises the parallel path
+    assert sum(r.nfe for r in res.rows) < sum(len(r.tokens) for r in res.rows)
+
+
+def test_rows_stop_at_the_block_where_a_stop_id_appears(sdar):
+    """Native variable length: a row stops after the block in which a stop id was committed, per
+    row in a padded batch; the others go on to their full length."""
+    common = [t for row in reference(sdar, PROMPTS, gen_length=16, block=4, steps=4) for t in row]
+    stop = max(set(common), key=common.count)                 # a token these rows do produce
+    want = reference(sdar, PROMPTS, gen_length=16, block=4, steps=4, stop_ids=(stop,))
+    res = Decoder(sdar, recipe(stop=[stop])).generate(PROMPTS)
+    assert res.tokens == want
+    full = reference(sdar, PROMPTS, gen_length=16, block=4, steps=4)
+    assert [len(r) for r in want] != [len(r) for r in full]       # somebody stopped early
+    assert any(len(w) == len(f) for w, f in zip(want, full))      # and somebody did not
+
+
+def test_the_cache_is_exact_bit_for_bit(sdar):
+    """Every step's logits for the positions both plans return are identical bits with the cache
+    and with a plain block-causal forward of the whole canvas; the cached forwards feed less."""
+    decs = {c: Decoder(sdar, recipe(cache=c)) for c in ("block_kv", "none")}
+    states = {c: d.start(PROMPTS) for c, d in decs.items()}
+    fed = {c: 0 for c in decs}
+    for step in range(200):
+        outs = {}
+        for c, d in decs.items():
+            plan = d.begin_step(states[c])
+            outs[c] = d.forward(states[c], plan)
+            fed[c] += outs[c].logits.shape[1]
+        cached, full = outs["block_kv"], outs["none"]
+        lo = cached.positions[0, 0]
+        assert torch.equal(cached.logits, full.logits[:, lo:]), f"step {step}"
+        done = [d.end_step(states[c], outs[c]) for c, d in decs.items()]
+        assert torch.equal(states["block_kv"].x, states["none"].x)
+        assert done[0] == done[1]
+        if done[0]:
+            break
+    assert fed["block_kv"] < fed["none"] / 2
+
+
+def test_store_is_widened_not_cleared_as_rows_grow(sdar):
+    dec = Decoder(sdar, recipe())
+    state = dec.start([PROMPTS[1]])
+    widths, valid = [], []
+    for state in dec.steps(state):
+        if state.store.kv_valid is not None:
+            widths.append(state.store.shape[1])
+            valid.append(int(state.store.kv_valid[0].sum()))
+    assert widths == sorted(widths) and widths[-1] > widths[0]
+    assert valid == sorted(valid)                             # nothing written was ever dropped
+
+
+def test_widen_keeps_values_at_their_positions():
+    store = CacheStore()
+    store.ensure_kv(2, 1, 2, 5, 3, torch.float64, torch.device("cpu"))
+    store.k[0].normal_()
+    store.kv_valid[0, :3] = True
+    before = store.k[0].clone()
+    store.widen(9)
+    assert store.shape == (1, 9) and store.k[0].shape[2] == 9
+    assert torch.equal(store.k[0][:, :, :5], before) and not store.k[0][:, :, 5:].any()
+    assert store.kv_valid[0].tolist() == [True] * 3 + [False] * 6
+    with pytest.raises(ValueError, match="shrink"):
+        store.widen(4)
+
+
+def test_row_lengths_follow_the_official_canvas(sdar):
+    """A row generates up to ceil((P + gen_length) / block) * block - P positions."""
+    res = Decoder(sdar, recipe()).generate(PROMPTS)
+    assert [len(r.tokens) for r in res.rows] == [-(-(len(p) + 16) // 4) * 4 - len(p) for p in PROMPTS]
+
+
+def test_refusals_name_the_key_or_plugin(sdar):
+    with pytest.raises(RecipeError, match=r"generation.block_length is 8, but the block-causal model decodes one "
+                                          r"block of 4 positions at a time"):
+        Decoder(sdar, recipe(block=8, gen=16, per_block=8))
+    with pytest.raises(RecipeError, match=r"resize_canvas: plugin 'daedal' moves columns"):
+        Decoder(sdar, load_recipe("daedal", ["generation.block_length=4"]))
+    llada = build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4, mask_token_id=MASK)
+    with pytest.raises(RecipeError, match=r"plugin 'block_kv' caches the blocks of a block-causal model, but "
+                                          r"LLaDAModel is a llada model"):
+        Decoder(llada, recipe())
+
+
+def test_a_checkpoint_decodes_at_another_block_size(sdar, tmp_path):
+    """load_model(block_size=) (recipe model.block_size) as SDAR's generate.py --block_length."""
+    from dllm_decode.errors import CheckpointError
+    from dllm_decode.models import load_model, save_pretrained
+
+    save_pretrained(sdar, tmp_path / "sdar")
+    eight, _ = load_model(tmp_path / "sdar", dtype="float64", tokenizer=False, block_size=8)
+    assert eight.spec.block_size == 8
+    res = Decoder(eight, recipe(block=8, gen=16, per_block=8)).generate(PROMPTS[:1])
+    assert res.tokens == reference(eight, PROMPTS[:1], gen_length=16, block=8, steps=8)
+    save_pretrained(build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4,
+                                       mask_token_id=MASK), tmp_path / "llada")
+    with pytest.raises(CheckpointError, match="block_size 8 asked of a llada model"):
+        load_model(tmp_path / "llada", tokenizer=False, block_size=8)
