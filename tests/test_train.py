@@ -158,11 +158,12 @@ def test_each_family_writes_a_loadable_checkpoint(tmp_path):
 
     from dllm_decode.models import load_model
 
-    for family in ("llada", "dream"):
+    for family in ("llada", "dream", "sdar"):
         out = train(_tiny(family, tmp_path / family, steps=1), progress=False)
         model, tok = load_model(out)
         assert model.spec.family == family and tok.mask_token_id == model.spec.mask_token_id
         assert model.spec.shift_logits == (family == "dream")
+        assert model.spec.block_size == (4 if family == "sdar" else None)
     out = train(_tiny("ar", tmp_path / "ar", steps=1), progress=False)
     ar = AutoModelForCausalLM.from_pretrained(str(out))
     assert ar.config.model_type == "llama" and ar.config.vocab_size == len(build_char_tokenizer())
@@ -218,7 +219,7 @@ def _same_log(a, b):
     return strip == [{k: v for k, v in x.items() if k != "seconds"} for x in _log(b)]
 
 
-@pytest.mark.parametrize("family", ["llada", "ar"])
+@pytest.mark.parametrize("family", ["llada", "ar", "sdar"])
 def test_resumed_run_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, family):
     """Stopped by --stop-after and resumed, or resumed from a periodic checkpoint, a run ends at
     exactly the weights and loss log of the same run left alone."""

@@ -7,6 +7,10 @@ this script wrote: Dream's parameter names are the LLaMA/Qwen2 ones, and its q/k
 LLaMA lacks) start at zero, so the adapted model's first forward equals the AR model's run without
 the causal mask. ``--family llada --init AR_DIR`` maps the same weights onto LLaDA's names; LLaDA
 predicts token i at position i, so there the head starts one position off and training realigns it.
+``--family sdar --init AR_DIR`` does what SDAR does with Qwen3 (arXiv 2510.06303): the same
+weights under the same names, Qwen3's per-head q/k RMSNorm added at weight one (the one change to
+the AR model's function, which training absorbs), the block-causal attention and no logit shift,
+then block-diffusion training (``train.block_diffusion_loss``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ _LLADA_NAMES = (
 
 
 def _rename(name: str, family: str) -> str:
-    if family == "dream":
+    if family in ("dream", "sdar"):           # LLaMA's names (Qwen2 / Qwen3 layouts)
         return name
     for pattern, repl in _LLADA_NAMES:
         new, n = re.subn(pattern, repl, name)
@@ -42,8 +46,8 @@ def _rename(name: str, family: str) -> str:
 
 def load_ar_weights_(model: torch.nn.Module, ar_state: dict[str, torch.Tensor], family: str, source: str) -> None:
     """Copy an AR (LlamaForCausalLM) state dict into diffusion `model` of `family` in place. Every
-    AR tensor must land on a parameter of the same shape; the only parameters left untouched are
-    Dream's q/k/v biases, which the caller has set to zero."""
+    AR tensor must land on a parameter of the same shape; the only parameters it has none for are
+    Dream's q/k/v biases (set to zero) and SDAR's q/k norms (set to one)."""
     own = model.state_dict()
     mapped = {_rename(k, family): v for k, v in ar_state.items() if not k.endswith("rotary_emb.inv_freq")}
     for k, v in mapped.items():
@@ -54,9 +58,10 @@ def load_ar_weights_(model: torch.nn.Module, ar_state: dict[str, torch.Tensor], 
                              f"{tuple(own[k].shape)} in the {family} model (same --d-model, --n-heads, "
                              "--n-kv-heads, --mlp-hidden as the AR run?)")
     left = [k for k in own if k not in mapped]
-    if any(not re.search(r"self_attn\.[qkv]_proj\.bias$", k) for k in left):
+    # Dream's q/k/v biases start at zero; SDAR's per-head q/k RMSNorm (Qwen3's) at weight one
+    if any(not re.search(r"self_attn\.([qkv]_proj\.bias|[qk]_norm\.weight)$", k) for k in left):
         raise ValueError(f"--init {source}: the AR checkpoint has no weights for {left[:3]}")
     model.load_state_dict(mapped, strict=False)
     with torch.no_grad():
         for k in left:
-            model.get_parameter(k).zero_()
+            model.get_parameter(k).fill_(1.0 if k.endswith("norm.weight") else 0.0)

@@ -61,7 +61,7 @@ from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, sa
 
 @dataclass
 class TrainConfig:
-    family: str = "llada"             # llada | dream | ar
+    family: str = "llada"             # llada | dream | sdar | ar
     out: str = "models/llada-reference"
     tasks: tuple[str, ...] = REFERENCE_MIX
     task_weights: tuple[float, ...] = ()   # sampling odds of `tasks`; () draws them with equal odds
@@ -94,6 +94,8 @@ class TrainConfig:
     task_groups: tuple[int, ...] = ()  # with batch_by_task: a group id per task; a batch mixes its group's tasks
     checkpoint_every: int = 0         # write checkpoint.pt every N steps (0: never by count)
     checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
+    block_size: int = 4               # sdar: the checkpoint's block size (config.json block_size)
+    block_sizes: tuple[int, ...] = ()  # sdar: block sizes trained at, one drawn per batch (): block_size
 
     def last_step(self) -> int:
         """Where this session of the run ends: the schedule's end, or stop_after."""
@@ -304,6 +306,40 @@ def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id
     return (ce * w).sum() / (B * (L - P))
 
 
+def block_attend(pos: Tensor, size: int) -> Tensor:
+    """Block diffusion's training mask over ``[noisy | clean]`` copies of a canvas whose RoPE
+    positions are ``pos`` (B, L): a noisy position sees the noisy positions of its own block and
+    the clean ones of earlier blocks; a clean position sees the clean ones of its block and earlier
+    blocks; nothing sees a noisy position from the clean copy. So every noisy block is denoised
+    given the clean blocks before it, as a block-causal decoder sees it. -> (B, 2L, 2L) bool."""
+    blk = torch.div(pos, size, rounding_mode="floor")                      # (B, L)
+    q, k = blk[:, :, None], blk[:, None, :]                                 # (B, L, 1), (B, 1, L)
+    top = torch.cat([q == k, k < q], dim=2)                                 # noisy queries
+    bottom = torch.cat([torch.zeros_like(top[..., :blk.shape[1]]), k <= q], dim=2)   # clean queries
+    return torch.cat([top, bottom], dim=1)
+
+
+def block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eps: float,
+                         gen: torch.Generator, size: int) -> Tensor:
+    """Block diffusion's loss (SDAR, arXiv 2510.06303; BD3-LM's two-copy form): the answer masked
+    iid with a per-row t, the noisy copy laid beside the clean one on one canvas of 2L positions
+    (RoPE positions repeated), attention by ``block_attend``; weighted cross-entropy (1/t) on the
+    masked answer positions, normalised by B * G as ``diffusion_loss``. All of a row's blocks are
+    trained in one forward of twice the length."""
+    from dllm_decode.models import ComputePlan
+
+    B, L = ids.shape
+    masked, weight = mask_canvas(ids, P, -1, eps, gen)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+    plan = ComputePlan(position_ids=torch.cat([pos, pos], dim=1), attend=block_attend(pos, size),
+                       name="block-diffusion-train")
+    logits = model.execute(torch.cat([noisy, ids], dim=1), torch.cat([att, att], dim=1), plan).logits[:, :L]
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
+    w = weight[:, None].expand(B, L)[masked]
+    return (ce * w).sum() / (B * (L - P))
+
+
 def ar_loss(model, ids: Tensor, att: Tensor, P: int) -> Tensor:
     """Next-token loss on the answer and its EOS; prompt tokens and padding are not targets."""
     B, L = ids.shape
@@ -339,7 +375,8 @@ def build(cfg: TrainConfig, tok, base: dict | None = None, load_init: bool = Tru
                                    mlp_hidden=cfg.mlp_hidden, mask_token_id=tok.mask_token_id,
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    eot_token_id=eot, max_length=cfg.max_length, rope_theta=10000.0,
-                                   norm_eps=1e-5 if adapt else None)   # the AR model's RMSNorm eps
+                                   norm_eps=1e-5 if adapt else None,   # the AR model's RMSNorm eps
+                                   **({"block_size": cfg.block_size} if cfg.family == "sdar" else {}))
     if cfg.init and load_init:
         _load_init_(model, cfg, base)
     elif not cfg.init:
@@ -478,6 +515,9 @@ def _step(run: Run, step: int) -> float:
     with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
         if cfg.family == "ar":
             loss = ar_loss(run.model, ids, att, P)
+        elif cfg.family == "sdar":
+            size = run.canvas_rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
+            loss = block_diffusion_loss(run.model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
         else:
             loss = diffusion_loss(run.model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
                                   run.gen, cfg.mask_mix, cfg.full_mask)
@@ -678,7 +718,10 @@ def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | N
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(description="Train a reference model on the task suite.")
-    ap.add_argument("--family", choices=("llada", "dream", "ar"), default=d.family)
+    ap.add_argument("--family", choices=("llada", "dream", "sdar", "ar"), default=d.family)
+    ap.add_argument("--block-size", type=int, default=d.block_size, help="sdar: the checkpoint's block size")
+    ap.add_argument("--block-sizes", default=None, help="sdar: block sizes to train at, comma-separated, "
+                    "one drawn per batch (default: --block-size)")
     ap.add_argument("--out", help="output folder (required unless --resume)")
     ap.add_argument("--tasks", default=",".join(d.tasks), help="task names, comma-separated, or a "
                     f"named mix ({', '.join(MIXES)})")
@@ -698,7 +741,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
                     help="share of rows whose whole answer is masked (see mask_canvas)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
-                    "this script; same family, or an AR one for llada/dream) instead of random weights")
+                    "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
                     help="run forward and loss under bfloat16 autocast (weights stay float32)")
     ap.add_argument("--batch-by-task", action="store_true", help="draw one task per batch")
@@ -750,7 +793,8 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
                        max_length=a.max_length, autocast=a.autocast, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
-                       checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every)
+                       checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every, block_size=a.block_size,
+                       block_sizes=tuple(int(x) for x in _floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
 
 
 def main(argv: list[str] | None = None) -> None:
