@@ -61,7 +61,8 @@ def _generate_parser(sub: Any) -> None:
 def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="measure several recipes side by side on held-out problems")
     bench.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE",
-                       help="recipe files or shipped recipe names; the first is the speedup baseline")
+                       help="recipe files or shipped recipe names; the first is the speedup baseline; "
+                       "RECIPE@DIR decodes that row with the checkpoint in DIR (rows of several models)")
     _recipe_flags(bench, "checkpoint directory")
     bench.add_argument("--task", default="copy,repeat,case", metavar="NAME[,NAME]",
                        help="tasks of the held-out problems (default copy,repeat,case)")
@@ -259,7 +260,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     common = [*args.overrides, *_device_dtype_overrides(args)]
     if args.batch_size:
         common.append(f"generation.batch_size={args.batch_size}")
-    named = [(_label(r), r) for r in args.recipes]
+    named = [_bench_row(r) for r in args.recipes]
     pm = get_plugin_manager(block=args.block)
     # every recipe error surfaces here, before any model loads
     recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
@@ -268,16 +269,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
     first = recipes[0][1]
     args.model = _model_path(args, first)
-    model, tokenizer = _load_model(args.model, first, args)
-    if tokenizer is None:
-        raise DllmDecodeError(f"{args.model}: no tokenizer files; bench needs one")
-    if args.max_length:
-        model.spec = dataclasses.replace(model.spec, max_length=max(args.max_length, model.spec.max_length))
+    loaded: dict[str, tuple[Any, Any]] = {}
+    for _, recipe in recipes:                # a row's own checkpoint (RECIPE@DIR), else --model
+        path = str(recipe.model.path or args.model)
+        if path not in loaded:
+            loaded[path] = _load_model(path, recipe, args)
+            if loaded[path][1] is None:
+                raise DllmDecodeError(f"{path}: no tokenizer files; bench needs one")
+            if args.max_length:
+                m = loaded[path][0]
+                m.spec = dataclasses.replace(m.spec, max_length=max(args.max_length, m.spec.max_length))
+    model, tokenizer = loaded[str(first.model.path or args.model)]
     ar = None
     if args.ar_model:
         from dllm_decode.measure.evaluate import load_ar
         ar = load_ar(args.ar_model, device=first.model.device)
-    runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args)
+    models = [loaded[str(r.model.path or args.model)] for _, r in recipes]
+    runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args, models)
     info = {**bench.machine_info(model, first), "model": str(args.model)}
     print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "
           f"gen {first.generation.gen_length}")
@@ -291,7 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _run_bench(bench: Any, model: Any, tokenizer: Any, recipes: list, problems: list, ar: Any, pm: Any,
-               args: argparse.Namespace) -> list:
+               args: argparse.Namespace, models: list | None = None) -> list:
     """bench.run_bench with a progress bar on a terminal."""
     chunk = max(r.generation.batch_size for _, r in recipes)
     bar = None
@@ -307,7 +315,7 @@ def _run_bench(bench: Any, model: Any, tokenizer: Any, recipes: list, problems: 
     try:
         return bench.run_bench(model, tokenizer, recipes, problems, chunk=chunk, ar=ar, pm=pm,
                                ar_tokens=max(r.generation.gen_length for _, r in recipes),
-                               warmup=not args.no_warmup, progress=progress)
+                               warmup=not args.no_warmup, progress=progress, models=models)
     finally:
         if bar is not None:
             bar.close()
@@ -410,6 +418,18 @@ def _load_recipe(args: argparse.Namespace, name: str | None, extra: list[str] = 
     if args.gen_length is not None:
         over += gen_length_overrides(name, args.gen_length, over)
     return load_recipe(find_recipe(name), overrides=over)
+
+
+def _bench_row(arg: str) -> tuple[str, str, list[str]]:
+    """A --recipes entry: ``RECIPE`` or ``RECIPE@DIR`` (that row decodes with the checkpoint in DIR,
+    to compare models, e.g. a block-diffusion one beside a full-attention one) -> (label, recipe,
+    its own overrides)."""
+    name, at, model = arg.rpartition("@") if "@" in arg else (arg, "", "")
+    if at and not model:
+        raise DllmDecodeError(f"--recipes {arg!r}: expected RECIPE@DIR, a checkpoint directory after @")
+    if not at:
+        return _label(arg), arg, []
+    return f"{_label(name)} @ {Path(model).name}", name, [f"model.path={json.dumps(model)}"]
 
 
 def _label(name: str) -> str:

@@ -130,3 +130,27 @@ def test_the_plot_numbers_every_point_apart_and_explains_the_colours():
     legend = " ".join(t.get_text() for t in fig.legends[0].get_texts())
     assert "Pareto-optimal" in legend and "dominated" in legend      # a lone red point is explained
     plt.close(fig)
+
+
+def test_cli_bench_rows_of_another_checkpoint(tmp_path, capsys):
+    """RECIPE@DIR: that row decodes with its own checkpoint (here a block-causal one beside the
+    full-attention model), in the same run and on the same problems."""
+    import shutil
+
+    from dllm_decode.models import build_random_model, load_model, save_pretrained
+
+    _, tok = load_model(MODEL)
+    sdar = build_random_model("sdar", vocab_size=len(tok), d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                              mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, block_size=4)
+    save_pretrained(sdar, tmp_path / "sdar")
+    for f in MODEL.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "sdar" / f.name)
+    rc = main(["bench", "--model", str(MODEL), "--recipes", "llada", f"sdar@{tmp_path / 'sdar'}", "--task", "copy",
+               "--n", "1", "--no-progress", "--no-warmup", "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["llada", "sdar @ sdar"]
+    assert rows[1]["recipe"]["model"]["path"] == str(tmp_path / "sdar")
+    assert main(["bench", "--recipes", "llada@", "--no-progress"]) == 2
+    assert "expected RECIPE@DIR" in capsys.readouterr().err

@@ -86,10 +86,10 @@ def gen_length_overrides(path: str, gen_length: int, overrides: Sequence[str] = 
     return out
 
 
-def expand_sweeps(named: Sequence[tuple[str, str]], overrides: Sequence[str], sweeps: Sequence[str],
+def expand_sweeps(named: Sequence[tuple], overrides: Sequence[str], sweeps: Sequence[str],
                   pm=None, gen_length: int | None = None) -> list[tuple[str, Recipe]]:
-    """Load each (label, recipe file or name) with the common overrides (and, with
-    ``gen_length``, :func:`gen_length_overrides`). Every sweep
+    """Load each (label, recipe file or name[, its own overrides]) with the common overrides
+    (and, with ``gen_length``, :func:`gen_length_overrides`). Every sweep
     ``slot.key=v1,v2`` turns each recipe that accepts the key (its plugin in that slot has such
     an option) into one recipe per value, labelled ``label[key=v]``; recipes that do not accept
     it stay as they are. A sweep no recipe accepts is an error."""
@@ -103,8 +103,8 @@ def expand_sweeps(named: Sequence[tuple[str, str]], overrides: Sequence[str], sw
         resolve_recipe(recipe, pm)
         return recipe
 
-    out = [(label, list(overrides) + (gen_length_overrides(path, gen_length, overrides) if gen_length else []),
-            path) for label, path in named]
+    out = [(label, [*overrides, *own] + (gen_length_overrides(path, gen_length, [*overrides, *own]) if gen_length
+                                        else []), path) for label, path, *rest in named for own in [rest[0] if rest else []]]
     for sweep in sweeps:
         key, _, raw = sweep.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
@@ -141,40 +141,44 @@ def _peak(device: torch.device) -> int:
 
 def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems: Sequence[Problem], *,
               chunk: int, ar: tuple[Any, Any] | None = None, ar_tokens: int = 96, pm=None,
-              warmup: bool = True, progress: Callable[[str, int], Any] | None = None) -> list[BenchRun]:
+              warmup: bool = True, progress: Callable[[str, int], Any] | None = None,
+              models: Sequence[tuple[Any, Any]] | None = None) -> list[BenchRun]:
     """Decode ``problems`` under every recipe, ``chunk`` problems at a time, recipes in turn
     within each chunk (interleaved), after one warm-up chunk per recipe. ``ar``: an
-    (``AutoModelForCausalLM``, tokenizer) pair decoded greedily as an extra row."""
+    (``AutoModelForCausalLM``, tokenizer) pair decoded greedily as an extra row. ``models``: a
+    (model, tokenizer) per recipe when the rows compare checkpoints (default: ``model`` for all)."""
     import time
 
     from dllm_decode.engine import Decoder
     from dllm_decode.measure.evaluate import evaluate_ar
 
-    decoders = [Decoder(model, r, pm=pm, tokenizer=tokenizer) for _, r in recipes]
+    models = list(models) if models is not None else [(model, tokenizer)] * len(recipes)
+    decoders = [Decoder(m, r, pm=pm, tokenizer=t) for (_, r), (m, t) in zip(recipes, models)]
     runs = [BenchRun(label, "diffusion", r.to_dict()) for label, r in recipes]
     if ar is not None:
         runs.append(BenchRun(f"autoregressive ({ar[0].config.model_type}, greedy, KV cache)", "autoregressive", None))
     device = decoders[0]._device() if decoders else torch.device("cpu")
-    eos = {int(model.spec.eos_token_id)} | ({int(model.spec.eot_token_id)} if model.spec.eot_token_id is not None
-                                           else set())
 
-    def encode(group):
-        return [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
+    def eos(m) -> set[int]:
+        return {int(m.spec.eos_token_id)} | ({int(m.spec.eot_token_id)} if m.spec.eot_token_id is not None else set())
+
+    def encode(group, tok):
+        return [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
 
     chunks = [list(problems[i:i + chunk]) for i in range(0, len(problems), chunk)]
     if warmup and chunks:
-        for dec in decoders:
-            dec.generate(encode(chunks[0][:1]))
+        for dec, (_, tok) in zip(decoders, models):
+            dec.generate(encode(chunks[0][:1], tok))
         if ar is not None:
             evaluate_ar(ar[0], ar[1], chunks[0][:1], max_new_tokens=ar_tokens)
     for group in chunks:
-        ids = encode(group)
-        for run, dec in zip(runs, decoders):
+        for run, dec, (m, tok) in zip(runs, decoders, models):
+            ids = encode(group, tok)
             _peak_reset(device)
             t0 = time.perf_counter()
             result = dec.generate(ids, keep_states=True)
             run.seconds += time.perf_counter() - t0
-            run.records += score_rows(group, result.rows, eos)
+            run.records += score_rows(group, result.rows, eos(m))
             run.peak_bytes = max(run.peak_bytes, _peak(device),
                                  *(int(s.counters.get("store_bytes", 0)) for s in result.states))
             if progress:
