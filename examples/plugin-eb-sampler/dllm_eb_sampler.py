@@ -42,7 +42,8 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="EB-Sampler: commit the longest low-entropy prefix whose entropy "
                        "mass beyond its maximum stays within gamma (example third-party plugin)",
-                       options=Options, pairs=(("select_tokens", "score"),))
+                       options=Options, pairs=(("select_tokens", "score"),),
+                       resizable=True)   # keeps nothing across steps: a growing canvas changes nothing
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

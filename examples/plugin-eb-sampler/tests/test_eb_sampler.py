@@ -97,3 +97,15 @@ def test_parity_on_llada_reference(kit):
     # means some forwards committed several, so the prefix rule is exercised, not just the fallback
     result = kit.check_parity(recipe(0.1, gen=32, block=16), eb_reference(0.1), prompts, model=model)
     assert all(r.nfe < 32 for r in result.rows), [r.nfe for r in result.rows]
+
+
+def test_inside_the_blocks_of_a_block_causal_model(kit):
+    """Block diffusion (SDAR-style, decoded block by block with the exact block cache): EB-Sampler
+    runs inside each block and every invariant holds, batch invariance included."""
+    from dllm_decode.models import build_random_model
+
+    sdar = build_random_model("sdar", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              mask_token_id=47, eos_token_id=1, pad_token_id=0, seed=1, dtype=torch.float64,
+                              block_size=4).eval()
+    for gamma in (0.0, 0.5, 1e9):
+        kit.check_invariants({**recipe(gamma, block=4), "cache_policy": "block_kv"}, PROMPTS, model=sdar)
