@@ -57,3 +57,45 @@ def sdar_generate(model, prompt, *, mask_id, gen_length, block, steps, strategy=
         if any(int(t) in stop_ids for t in x[0, P:hi]):
             break
     return x[0, P:decoded_to].tolist(), forwards
+
+
+def llada2_generate(model, prompt, *, mask_id, eos_id, gen_length, block=32, steps=32, threshold=0.95,
+                    minimal_topk=1):
+    """LLaDA2.0's ``generate()`` (the checkpoints' ``modeling_llada2_moe.py``, the greedy branch
+    of the copies that have one: argmax, softmax probability) re-derived for one prompt: blocks
+    from position 0 of a canvas rounded up to whole blocks; each step feeds the prefix up to the
+    current block's end (no cache); ``steps = min(steps, gen_length // minimal_topk)`` and a
+    step's count splits the block length, clamped to the masks left; every mask above
+    ``threshold`` when at least that many, else that many most confident; stop after a block
+    holding ``eos_id``; the answer is cut at ``gen_length`` and after its first EOS (kept).
+    -> (generated ids, forwards)."""
+    P = len(prompt)
+    steps = min(steps, gen_length // minimal_topk)
+    n_blocks = (P + gen_length + block - 1) // block
+    x = torch.full((1, n_blocks * block), mask_id, dtype=torch.long)
+    x[0, :P] = torch.tensor(prompt)
+    schedule = [block // steps + (1 if s < block % steps else 0) for s in range(steps)]
+    forwards = 0
+    for nb in range(P // block, n_blocks):
+        lo, hi = nb * block, (nb + 1) * block
+        for s in range(steps):
+            masked = x[0, lo:hi] == mask_id
+            if not masked.any():
+                break
+            logits = model(x[:, :hi]).double()[0, lo:hi]
+            logits[:, mask_id] = float("-inf")
+            probs = torch.softmax(logits, dim=-1)
+            x0 = probs.argmax(dim=-1)
+            conf = torch.where(masked, probs.gather(1, x0[:, None])[:, 0], torch.tensor(float("-inf")))
+            k = min(schedule[s], int(masked.sum()))
+            if int((conf > threshold).sum()) >= k:
+                take = conf > threshold
+            else:
+                take = torch.zeros_like(masked)
+                take[torch.topk(conf, k).indices] = True
+            x[0, lo:hi] = torch.where(take, x0, x[0, lo:hi])
+            forwards += 1
+        if (x[0, P:hi] == eos_id).any():
+            break
+    out = x[0, P:P + gen_length].tolist()
+    return (out[:out.index(eos_id) + 1] if eos_id in out else out), forwards

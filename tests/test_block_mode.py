@@ -9,7 +9,7 @@ import torch
 from dllm_decode import Decoder, load_recipe
 from dllm_decode.errors import RecipeError
 from dllm_decode.models import CacheStore, build_random_model
-from reference_sdar import sdar_generate
+from reference_sdar import llada2_generate, sdar_generate
 
 MASK, EOS, PAD = 47, 1, 0
 PROMPTS = [[5, 9, 12, 3, 7], [20, 4], [8, 9, 10, 11, 12, 13, 14, 15], [30, 31, 32, 33, 34, 35, 36]]
@@ -160,3 +160,26 @@ def test_a_checkpoint_decodes_at_another_block_size(sdar, tmp_path):
                                        mask_token_id=MASK), tmp_path / "llada")
     with pytest.raises(CheckpointError, match="block_size 8 asked of a llada model"):
         load_model(tmp_path / "llada", tokenizer=False, block_size=8)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_llada2_recipe_matches_llada2_generate(batch):
+    """The shipped llada2 recipe (blocks of 32 on the model's blocks, one step per position, every
+    mask above the threshold, at least one) against LLaDA2's generate() re-derived, on a tiny
+    mixture-of-experts LLaDA2 in blocks of 8, with its EOS: tokens up to the first EOS."""
+    model = build_random_model("llada2", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD, seed=2,
+                               dtype=torch.float64, block_size=8).eval()
+    gen, thr = 24, 0.05
+    common = [t for p in PROMPTS for t in llada2_generate(model, p, mask_id=MASK, eos_id=999, gen_length=gen,
+                                                          block=8, steps=8, threshold=thr)[0]]
+    stop = max(set(common), key=common.count)                # a token the model writes: stops some rows
+    rec = load_recipe("llada2", [f"generation.gen_length={gen}", "generation.block_length=8",
+                                 f"generation.steps={gen}", f"generation.batch_size={batch}",
+                                 f"select_tokens.threshold={thr}", f"generation.eos.ids=[{stop}]"])
+    rows = Decoder(model, rec).generate(PROMPTS).tokens
+    got = [(r[:r.index(stop) + 1] if stop in r else r)[:gen] for r in rows]
+    want = [llada2_generate(model, p, mask_id=MASK, eos_id=stop, gen_length=gen, block=8, steps=8,
+                            threshold=thr)[0] for p in PROMPTS]
+    assert got == want
+    assert any(stop in w for w in want) and any(stop not in w for w in want)
