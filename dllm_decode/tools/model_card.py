@@ -4,8 +4,9 @@
     python -m dllm_decode.tools.model_card models/llada-reference --write    # and rewrite README.md
 
 A diffusion checkpoint is decoded with the LLaDA baseline recipe at 1, 2, 4 and 8 tokens per
-step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; an autoregressive
-checkpoint (``AutoModelForCausalLM``) greedily. Every cell is exact match on the same held-out
+step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; a block-diffusion one
+(SDAR) block by block with the ``sdar`` recipe at block sizes 4, 8, 32 and thresholds 0.7, 0.9,
+1.0; an autoregressive checkpoint (``AutoModelForCausalLM``) greedily. Every cell is exact match on the same held-out
 problems, with the forward passes (NFE) and the wall seconds per problem.
 """
 
@@ -29,9 +30,52 @@ GRID = tuple((k, b) for k in TOKENS_PER_STEP for b in BLOCKS)
 KEEP = "## Limitations"     # a card section kept as written when the card is re-measured
 
 
+#: block-diffusion checkpoints: the shipped recipe of their family (its official loop) at these
+#: block sizes and thresholds (threshold 1.0: one token per forward)
+BLOCK_SIZES = (4, 8, 32)
+THRESHOLDS = (0.7, 0.9, 1.0)
+
+
+def family_of(path: Path) -> str:
+    """The checkpoint's family as the loader reads it, or 'ar' for an AutoModelForCausalLM."""
+    from dllm_decode.errors import CheckpointError
+    from dllm_decode.models.loader import detect_family
+
+    try:
+        return detect_family(json.loads((path / "config.json").read_text()))
+    except CheckpointError:
+        return "ar"
+
+
 def is_ar_checkpoint(path: Path) -> bool:
-    cfg = json.loads((path / "config.json").read_text())
-    return cfg.get("model_type") not in ("llada", "Dream")
+    return family_of(path) == "ar"
+
+
+def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int, grid,
+                progress: bool = True) -> list[dict]:
+    """A block-diffusion checkpoint decoded block by block with its family's recipe (exact block
+    cache) at each (block size, threshold) of ``grid``; the model loaded at that block size."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.measure.evaluate import evaluate
+    from dllm_decode.models import load_model
+    from dllm_decode.recipes import default_recipe, find_recipe
+
+    name = default_recipe(path)
+    problems = held_out(tasks, n, seed)
+    rows = []
+    for size, threshold in grid:
+        model, tok = load_model(path, block_size=size)
+        recipe = load_recipe(find_recipe(name), overrides=[
+            f"generation.gen_length={gen_length}", f"generation.block_length={size}",
+            f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
+            f"select_tokens.threshold={threshold}"])
+        res = evaluate(model, tok, recipe, problems)
+        rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
+                     "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
+        if progress:
+            cells = "  ".join(f"{t} {v['accuracy']:.3f}" for t, v in res.per_task.items())
+            print(f"block {size} threshold {threshold}: {cells}  nfe {res.nfe:.1f}", flush=True)
+    return rows
 
 
 def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
@@ -69,7 +113,8 @@ def ar_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: 
 
 
 def render(rows: list[dict], tasks) -> str:
-    head = "| tokens / step | block | " + " | ".join(f"{t} acc | {t} NFE | {t} s/prob" for t in tasks) + " |"
+    rule = "commit rule" if rows and str(rows[0]["tokens_per_step"]).startswith("threshold") else "tokens / step"
+    head = f"| {rule} | block | " + " | ".join(f"{t} acc | {t} NFE | {t} s/prob" for t in tasks) + " |"
     sep = "|---|---|" + "---:|---:|---:|" * len(tasks)
     lines = [head, sep]
     for r in rows:
@@ -230,9 +275,21 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
+           "sdar": f"SDAR (`config.json` model_type `sdar`, Qwen3 parameter names with per-head q/k RMSNorm, "
+                   f"block-causal attention in blocks of {cfg.get('block_size', 4)}, aligned logits)",
            "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
+    block = cfg["family"] == "sdar"
     objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
                  if ar else
+                 "Block diffusion, as SDAR adapts an autoregressive model (arXiv 2510.06303): started from "
+                 "the weights of the first stage below (the q/k norms SDAR's Qwen3 layout adds at one), "
+                 "per row a mask ratio t ~ U(0.001, 1), answer tokens masked with probability t, and every "
+                 "block of the noisy copy denoised given the clean blocks before it (the noisy and the "
+                 "clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
+                 "block_diffusion_loss`); cross-entropy on masked positions weighted 1/t. Block size drawn "
+                 f"per batch from {', '.join(map(str, cfg.get('block_sizes') or [cfg.get('block_size', 4)]))}; "
+                 f"answers padded with EOS to {'/'.join(map(str, first['canvas']))} tokens. "
+                 if block else
                  "LLaDA's supervised masked-diffusion objective: per row a mask ratio t ~ U(0.001, 1), "
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
@@ -241,6 +298,10 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     objective += " " + task_odds_sentence(first) + "".join(
         later_stage_sentence(n, m["config"], stages[n - 1][1]["config"]) for n, (_, m) in enumerate(stages) if n)
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
+                   "Decoded block by block with the `sdar` recipe (`recipes/sdar.yaml`: greedy tokens, every "
+                   "mask at or above the threshold and at least one per forward, the exact block KV cache), "
+                   "the checkpoint loaded at each block size (`load_model(..., block_size=)`); a row stops "
+                   "after the block holding its EOS." if block else
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")
     task_lines = "\n".join(f"- `{t}` ({get_task(t).kind}): {get_task(t).description}." for t in tasks)
@@ -252,7 +313,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                "code unless told: load the tokenizer alone with "
                f"`AutoTokenizer.from_pretrained(\"{rel}\", trust_remote_code=False)`.")
     card = CARD.format(
-        name=path.name, kind="small autoregressive model" if ar else f"small masked-diffusion model ({cfg['family']})",
+        name=path.name, kind="small autoregressive model" if ar else "small block-diffusion model (SDAR layout)"
+        if block else f"small masked-diffusion model ({cfg['family']})",
         format_line=("It serves as APD's verifier and as the autoregressive baseline; it shares the "
                      "diffusion models' tokenizer." if ar else ""),
         format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
@@ -310,9 +372,19 @@ def main(argv: list[str] | None = None) -> None:
         rerender(path, tasks, ar)
         return
     tables = []
+    family = family_of(path)
     if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))
+    elif family == "sdar":
+        trained = json.loads((path / "config.json").read_text())["block_size"]
+        tables.append((f"The `sdar` recipe at the checkpoint's block size, {a.n} problems per task:",
+                       block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed,
+                                   ((trained, 0.85), (trained, 1.0)))))
+        if a.grid_n:
+            tables.append((f"Block size x threshold, {a.grid_n} problems per task:",
+                           block_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed,
+                                       tuple((b, t) for b in BLOCK_SIZES for t in THRESHOLDS))))
     else:
         tables.append((f"Baseline recipe (one block over the canvas), {a.n} problems per task:",
                        diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE)))
