@@ -147,7 +147,7 @@ def test_cli_bench_rows_of_another_checkpoint(tmp_path, capsys):
     for f in MODEL.glob("tokenizer*"):
         shutil.copy(f, tmp_path / "sdar" / f.name)
     rc = main(["bench", "--model", str(MODEL), "--recipes", "llada", f"sdar@{tmp_path / 'sdar'}", "--task", "copy",
-               "--n", "1", "--no-progress", "--no-warmup", "--json", str(tmp_path / "b.json")])
+               "--n", "1", "--gen-length", "16", "--no-progress", "--no-warmup", "--json", str(tmp_path / "b.json")])
     assert rc == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["llada", "sdar @ sdar"]
