@@ -183,3 +183,31 @@ def test_llada2_recipe_matches_llada2_generate(batch):
                             threshold=thr)[0] for p in PROMPTS]
     assert got == want
     assert any(stop in w for w in want) and any(stop not in w for w in want)
+
+
+def test_every_builtin_select_rule_runs_inside_blocks_or_is_refused_by_name(sdar):
+    """Inside the blocks every built-in select_tokens plugin either decodes with every invariant
+    holding, or is refused when the recipe meets the model, naming the plugin; the four rules
+    that declare they follow a growing canvas run."""
+    from dllm_decode.config import recipe_from_dict
+    from dllm_decode.plugins import get_plugin_manager, list_plugins
+    from dllm_decode.testing import check_invariants
+
+    ran, refused = [], []
+    for info in list_plugins(get_plugin_manager()):
+        if info.distribution != "dllm-decode" or "select_tokens" not in info.slots or info.meta.auxiliary:
+            continue
+        slots = {"choose_span": "llada", "score": "llada", "cache_policy": "block_kv", "select_tokens": info.name}
+        for _, other in info.meta.pairs:             # a rule that reads its own score (or span)
+            slots[other] = info.name
+        data = {**slots, "generation": {"gen_length": 12, "block_length": 4, "steps": 12, "dtype": "float64"}}
+        try:
+            Decoder(sdar, recipe_from_dict(data))
+        except RecipeError as err:
+            assert f"plugin '{info.name}'" in str(err) or f"plugin {info.name!r}" in str(err), str(err)
+            refused.append(info.name)
+            continue
+        check_invariants(sdar, data, prompts=PROMPTS[:3])
+        ran.append(info.name)
+    assert {"llada", "threshold", "dream", "localleap"} <= set(ran), ran
+    assert {"klass", "slowfast", "wino"} <= set(refused), refused
