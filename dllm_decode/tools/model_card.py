@@ -217,7 +217,14 @@ def training_stages(meta: dict, out: str) -> list[tuple[str, dict]]:
 
 def train_command(out: str, cfg: dict) -> str:
     init = f" --init {cfg['init']}" if cfg.get("init") else ""
-    return f"python -m dllm_decode.tools.train --family {cfg['family']} --out {out}{init} {train_flags(cfg)}"
+    stop = f" --stop-after {cfg['stop_after']}" if cfg.get("stop_after") else ""
+    return f"python -m dllm_decode.tools.train --family {cfg['family']} --out {out}{init} {train_flags(cfg)}{stop}"
+
+
+def steps_text(cfg: dict) -> str:
+    """A stage's steps: its schedule, or the part of it a run stopped at (--stop-after)."""
+    stop = cfg.get("stop_after")
+    return f"{stop} (of a {cfg['steps']}-step schedule)" if stop and stop < cfg["steps"] else str(cfg["steps"])
 
 
 def task_odds_sentence(cfg: dict) -> str:
@@ -238,7 +245,7 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
     if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
         mix += " " + task_odds_sentence(cfg)
-    return (f" The {ordinal} stage starts from the weights of the one before and trains {cfg['steps']} "
+    return (f" The {ordinal} stage starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
             f"{mix}{full_mask_sentence(cfg)}")
@@ -319,7 +326,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                      "diffusion models' tokenizer." if ar else ""),
         format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
-        steps=" + ".join(str(m["config"]["steps"]) for _, m in stages),
+        steps=" + ".join(steps_text(m["config"]) for _, m in stages),
         batch_size=cfg["batch_size"], seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
         seconds=" + ".join(f'{m["seconds"]:.0f}' for _, m in stages),
         threads=f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
