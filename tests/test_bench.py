@@ -46,8 +46,8 @@ def test_table_columns_and_speedup_against_the_first_row():
     b = BenchRun("fast", "diffusion", None, [_record(True, 6, 40), _record(True, 4, 20)], seconds=0.5)
     assert b.tokens_per_forward == 6.0 and b.tokens_per_second == 120.0 and b.accuracy == 1.0
     table = render([a, b], {"device": "cpu", "torch": "x", "threads": 2, "dtype": "float32"})
-    assert "| fast | 1.000 | 5.0 | 6.00 | 120.0 | 0.2500 | 4.00x |" in table
-    assert "| base | 0.500 | 96.0 | 0.31 | 30.0 | 1.0000 | 1.00x |" in table
+    assert "| fast | 1.000 | 5.0 | 6.00 | 120.0 | 0.2500 | 4.00x | 50.00 |" in table       # 0.5 s / 10 forwards
+    assert "| base | 0.500 | 96.0 | 0.31 | 30.0 | 1.0000 | 1.00x | 10.42 |" in table      # 2 s / 192 forwards
 
 
 @pytest.fixture(scope="module")

@@ -60,11 +60,16 @@ class BenchRun:
     def seconds_per_problem(self) -> float:
         return self.seconds / max(1, self.n)
 
+    @property
+    def ms_per_forward(self) -> float:
+        """Wall time per model forward (the cost of one step; a cached or block step is cheaper)."""
+        return 1000.0 * self.seconds / max(1, sum(r.nfe for r in self.records))
+
     def summary(self, baseline: "BenchRun | None" = None) -> dict[str, Any]:
         out = {"label": self.label, "kind": self.kind, "n": self.n, "accuracy": self.accuracy,
                "nfe_per_problem": self.nfe, "tokens_per_forward": self.tokens_per_forward,
                "tokens_per_second": self.tokens_per_second, "seconds_per_problem": self.seconds_per_problem,
-               "peak_mib": self.peak_bytes / 2 ** 20}
+               "ms_per_forward": self.ms_per_forward, "peak_mib": self.peak_bytes / 2 ** 20}
         if baseline is not None:
             out["speedup"] = baseline.seconds_per_problem / self.seconds_per_problem if self.seconds else 0.0
         return out
@@ -213,13 +218,14 @@ def render(runs: Sequence[BenchRun], info: dict[str, Any]) -> str:
     base = runs[0] if runs else None
     lines = [f"device {info['device']} | torch {info['torch']} | {info['threads']} threads | dtype {info['dtype']}",
              "",
-             "| recipe | acc | NFE / problem | tokens / forward | tokens / s | s / problem | speedup | peak MiB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| recipe | acc | NFE / problem | tokens / forward | tokens / s | s / problem | speedup | ms / forward "
+             "| peak MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         s = run.summary(base)
         lines.append(f"| {run.label} | {s['accuracy']:.3f} | {s['nfe_per_problem']:.1f} | {s['tokens_per_forward']:.2f} | "
                      f"{s['tokens_per_second']:.1f} | {s['seconds_per_problem']:.4f} | {s['speedup']:.2f}x | "
-                     f"{s['peak_mib']:.1f} |")
+                     f"{s['ms_per_forward']:.2f} | {s['peak_mib']:.1f} |")
     return "\n".join(lines)
 
 
