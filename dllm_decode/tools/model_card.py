@@ -224,7 +224,8 @@ def train_command(out: str, cfg: dict) -> str:
 def steps_text(cfg: dict) -> str:
     """A stage's steps: its schedule, or the part of it a run stopped at (--stop-after)."""
     stop = cfg.get("stop_after")
-    return f"{stop} (of a {cfg['steps']}-step schedule)" if stop and stop < cfg["steps"] else str(cfg["steps"])
+    return f"{stop} (of a {cfg['steps']}-step schedule)".replace(" a 8", " an 8") if stop and stop < cfg["steps"] \
+        else str(cfg["steps"])
 
 
 def task_odds_sentence(cfg: dict) -> str:
@@ -289,7 +290,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
                  if ar else
                  "Block diffusion, as SDAR adapts an autoregressive model (arXiv 2510.06303): started from "
-                 "the weights of the first stage below (the q/k norms SDAR's Qwen3 layout adds at one), "
+                 "the first stage's weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout "
+                 "adds at one), "
                  "per row a mask ratio t ~ U(0.001, 1), answer tokens masked with probability t, and every "
                  "block of the noisy copy denoised given the clean blocks before it (the noisy and the "
                  "clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
