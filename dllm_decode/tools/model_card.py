@@ -224,8 +224,7 @@ def train_command(out: str, cfg: dict) -> str:
 def steps_text(cfg: dict) -> str:
     """A stage's steps: its schedule, or the part of it a run stopped at (--stop-after)."""
     stop = cfg.get("stop_after")
-    return f"{stop} (of a {cfg['steps']}-step schedule)".replace(" a 8", " an 8") if stop and stop < cfg["steps"] \
-        else str(cfg["steps"])
+    return f"{stop} (of its {cfg['steps']}-step schedule)" if stop and stop < cfg["steps"] else str(cfg["steps"])
 
 
 def task_odds_sentence(cfg: dict) -> str:
