@@ -211,3 +211,22 @@ def test_every_builtin_select_rule_runs_inside_blocks_or_is_refused_by_name(sdar
         ran.append(info.name)
     assert {"llada", "threshold", "dream", "localleap"} <= set(ran), ran
     assert {"klass", "slowfast", "wino"} <= set(refused), refused
+
+
+def test_generate_picks_the_family_recipe_for_the_shipped_block_diffusion_model(capsys):
+    """`dllm-decode generate --model models/sdar-reference` with no --recipe decodes block by
+    block with the sdar recipe (and says so), and a swapped select rule works inside the blocks."""
+    from pathlib import Path
+
+    from dllm_decode.cli import main
+
+    model = Path(__file__).resolve().parents[1] / "models" / "sdar-reference"
+    assert main(["generate", "--model", str(model), "--task", "copy,case", "--n", "2", "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "using sdar" in out.err and "exact match 1.000 on 4" in out.out
+    assert main(["generate", "--model", str(model), "--task", "repeat", "--n", "2", "--no-progress",
+                 "--set", "select_tokens=localleap"]) == 0
+    assert "exact match" in capsys.readouterr().out
+    assert main(["generate", "--model", str(model), "--task", "repeat", "--n", "1", "--no-progress",
+                 "--set", "select_tokens=klass", "--set", "score=klass"]) == 2
+    assert "plugin 'klass' does not declare that it follows a canvas that grows" in capsys.readouterr().err
