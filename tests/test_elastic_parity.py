@@ -207,3 +207,31 @@ def test_tracked_ties_match_reference(tiny_llada3):
     prompts = [[20], [5, 9, 11, 3], [7]]
     for batched in (False, True):
         check_parity(tiny_llada3, _recipe(12, 0.3, **opts), _ref(0.3, **opts), prompts, batched=batched)
+
+
+# --------------------------------------------------------------------------- Dream's schedule in the window
+
+def test_dream_schedule_in_the_sliding_window_is_refused_past_the_step_budget():
+    """Dream's linspace schedule restarts at every new span and may commit nothing until its
+    last step; the window starts a new span whenever its first mask is decoded, so a request
+    takes up to gen_length x steps-per-block steps (the slow run's plugin:elastic_cache:choose_span
+    counterexample: 8 x 6 = 48 > the default cap 32, found as a budget error mid-request). The
+    recipe is refused up front; with the budget raised to the bound it finishes within it, and
+    the rules that commit at every step are accepted as they are."""
+    from dllm_decode.errors import RecipeError
+
+    m = _scale_model("llada")
+    policy = {"plugin": "dream", "alg": "origin", "first_token": False, "threshold": 0.0}
+    window = _el(track_num=1, block_caching=False)
+    data = {"policy": policy, "choose_span": window, "generation": {**_gen(gen_length=8, block_length=8, steps=6),
+                                                                     "batch_size": 1}}
+    with pytest.raises(RecipeError, match=r"dream.*origin.*elastic_cache.*8 x 6 = 48.*generation\.max_steps \(32"):
+        Decoder(m, recipe_from_dict(data))
+    for alg in ("origin", "maskgit_plus"):
+        raised = {**data, "policy": {**policy, "alg": alg}, "generation": {**data["generation"], "max_steps": 48}}
+        row = Decoder(m, recipe_from_dict(raised)).generate([[2]]).rows[0]
+        assert m.spec.mask_token_id not in row.tokens and row.nfe <= 48
+    for ok in ({**policy, "alg": "confidence_threshold"}, {**policy, "first_token": True}):
+        check_invariants(m, {**data, "policy": ok}, [[2], [2, 2]])
+    # four steps per block: at most 4 x gen_length, the default cap
+    check_invariants(m, {**data, "generation": {**data["generation"], "steps": 4}}, [[2], [2, 2]])
