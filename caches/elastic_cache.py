@@ -10,8 +10,9 @@ window as ``choose_span``. Approximate.
   only masks at or before it are decoded.
 - ``cache_policy``: the first forward runs the whole canvas and stores, per layer, every
   position's input hidden state, query, key and value. Every later forward feeds only the
-  *tracked* positions (per layer, the ``track_num`` non-masked keys that received the most
-  attention from the window in the previous forward), the positions decoded in the previous step
+  *tracked* positions (per layer, the ``track_num`` keys that received the most attention from
+  the window in the previous forward, that forward's masks counted as zero, so that they are
+  tracked only where fewer unmasked keys are left), the positions decoded in the previous step
   and the window (with ``block_caching: false`` every masked position, while only the window is
   decoded), against the stored K/V of everything else. At every layer the tracked positions'
   attention as the store had it is compared with their attention now (cosine similarity across
@@ -29,7 +30,10 @@ dream`` with ``alg: confidence_threshold``, equal at T = 0 in float64).
 Differences from the code, which is batch 1: every row has its own window, tracked positions
 and switch layer; once any row switches the batch runs full width, a row that has not switched
 recomputing only its fed positions, so a row decodes alike alone and in a batch; left padding
-is never attended to nor tracked, and the similarity is averaged over the row's own keys; the
+is never attended to nor tracked, and the similarity is averaged over the row's own keys; ties
+in the tracked ranking (the zeroed masks, when fewer than ``track_num`` keys are unmasked) go
+to the lowest columns, where the code's ``topk`` orders them by an unspecified rule that
+depends on the row's length (a padded row would track other masks than alone); the
 drift test's attention weights are computed in at least float32 (the code's in the model
 dtype); the Dream code's duplicate query rows are fed once (they hold identical values); the EOS
 ids are ``generation.eos.ids`` (the code watches ``<|endoftext|>``). When every mask up to the
@@ -106,12 +110,21 @@ def choose_span(state, options, scratch):
 
 def _tracked(state, options, scratch) -> torch.Tensor:
     """(B, L) bool: per layer the track_num positions that the previous forward's window attended
-    to most, masked positions of that forward excluded (the code zeroes them) and padding never."""
+    to most, masked positions of that forward zeroed (as in the code: they are tracked only when
+    fewer than track_num others are left) and padding never. Ties (the zeroed masks) go to the
+    lowest columns: ``topk`` orders ties by an unspecified rule that depends on the row's length
+    and place, so a padded row would track other masks than alone."""
     mass = state.store.attn_mass[: state.batch_size]                         # (B, n_layers, L)
     mass = mass.masked_fill(scratch["excluded"][:, None, :], 0.0)
-    mass = mass.masked_fill(~state.attention_mask[:, None, :], float("-inf"))
-    top = mass.topk(options.track_num, dim=-1).indices.flatten(1)          # (B, n_layers * k)
-    return torch.zeros_like(state.masked).scatter_(1, top, True)
+    real = state.attention_mask[:, None, :].expand_as(mass)
+    mass = mass.masked_fill(~real, float("-inf"))
+    k = min(options.track_num, mass.shape[-1])
+    # a stable descending sort keeps equal masses in column order; left padding sorts last and
+    # is dropped where a row has fewer than track_num real positions
+    top = mass.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, n_layers, k)
+    ok = real.gather(-1, top)
+    hits = torch.zeros(state.masked.shape, dtype=torch.long, device=mass.device)
+    return hits.scatter_add_(1, top.flatten(1), ok.flatten(1).long()) > 0
 
 
 @hookimpl

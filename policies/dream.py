@@ -16,6 +16,10 @@ and Fast-dLLM's Dream block variant (``generation_utils_block.py``; §3.5) as pl
   ``confidence_threshold`` commits everything at or above ``threshold``, at least the best.
   ``first_token`` (Fast-dLLM's block sampler) commits only the block's first position at the
   first step of every block, then runs the schedule from index 1.
+  The schedule restarts at every new span start. Elastic-Cache's sliding window starts one
+  whenever its first mask is decoded, so a request may take ``gen_length x steps / blocks``
+  steps: past ``generation.max_steps`` the recipe is refused at load time (``confidence_threshold``
+  and ``first_token`` commit at every step and are not limited).
 
 Differences from the reference, all invisible at batch 1: the count uses each row's own masks
 where Dream takes the batch mean (equal there, since Dream's rows always hold the same number
@@ -62,15 +66,43 @@ dllm_meta = PluginMeta(summary="Dream sampler: linspace schedule, maskgit/margin
                        resizable=True)
 
 
+#: span plugins whose span starts at the row's first decodable mask (Elastic-Cache's sliding
+#: window): every commit of that mask starts a new span, and with it a new schedule
+SLIDING_SPANS = ("elastic_cache",)
+
+
+def _span_plugin(recipe, slots) -> str | None:
+    if "choose_span" in slots:
+        return "dream"
+    if recipe.choose_span is not None:
+        return recipe.choose_span.plugin
+    return recipe.policy.plugin if recipe.policy is not None else None
+
+
 @hookimpl
 def check_recipe(recipe, options, slots):
     gen = recipe.generation
     if "select_tokens" not in slots:
         return []
     problems = steps_per_block_problems(gen)
-    if not problems and options.first_token and options.alg != "confidence_threshold" and gen.total_steps // gen.blocks < 2:
+    spb = gen.total_steps // gen.blocks
+    if not problems and options.first_token and options.alg != "confidence_threshold" and spb < 2:
         problems.append(f"first_token needs at least 2 steps per block (generation.steps {gen.total_steps}, "
                         f"{gen.blocks} blocks): the first only commits the block's first position")
+    span = _span_plugin(recipe, slots)
+    if not problems and span in SLIDING_SPANS and options.alg != "confidence_threshold" and not options.first_token:
+        # the schedule restarts at every new span and may commit nothing until its last step:
+        # each slide of the window takes up to spb steps, each ends with at least one commit
+        worst, cap = gen.gen_length * spb, gen.max_steps or 4 * gen.gen_length
+        if worst > cap:
+            problems.append(
+                f"alg {options.alg!r} restarts its schedule of {spb} steps per block (generation.steps "
+                f"{gen.total_steps}, {gen.blocks} blocks) at every new span, and choose_span {span!r} starts one "
+                f"whenever its window's first mask is decoded: a request may take up to gen_length {gen.gen_length} "
+                f"x {spb} = {worst} steps, over generation.max_steps ({cap}"
+                f"{'' if gen.max_steps else ', default 4 x gen_length'}); use alg confidence_threshold (the "
+                f"Elastic-Cache code's rule) or first_token, at most {cap // gen.gen_length} steps per block, or "
+                f"raise generation.max_steps to {worst}")
     return problems
 
 

@@ -89,7 +89,9 @@ def _forward(W, ids, C, query, rows, masked, start, gamma, track_num):
                 start = li + 1
         mass = mw.sum(dim=(0, 1))
         mass[masked] = 0.0
-        C.track[li] = mass.topk(track_num).indices.tolist()
+        # the code's topk; its ties (the zeroed masks, tracked when fewer than track_num others
+        # are left) in column order, as the plugin breaks them
+        C.track[li] = sorted(range(N), key=lambda j: -float(mass[j]))[:track_num]
         x = x + att
         h2 = _rms(x, lw["n2"], W.eps)
         x = x + (F.silu(h2 @ lw["wg"].T) * (h2 @ lw["wu"].T)) @ lw["wd"].T

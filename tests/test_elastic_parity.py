@@ -154,3 +154,84 @@ def test_invariants(tiny_llada3, opts, temperature):
     check_invariants(tiny_llada3, recipe)
     check_invariants(tiny_llada3, {**recipe, "choose_span": "llada", "select_tokens": "llada",
                                    "generation": {**recipe["generation"], "block_length": 8}})
+
+
+# --------------------------------------------------------------------------- ties among the tracked
+
+def _scale_model(kind):
+    """The slow invariant run's tiny float64 models (tests/test_invariants_scale.py ``model``)."""
+    return build_random_model(kind, vocab_size=48, d_model=32, n_layers=2, n_heads=4,
+                              n_kv_heads=4 if kind == "llada" else 2, mask_token_id=47, eos_token_id=1,
+                              pad_token_id=0, seed=3, dtype=torch.float64).eval()
+
+
+def _gen(gen_length=4, block_length=1, steps=4, temperature=0.0):
+    return {"gen_length": gen_length, "block_length": block_length, "steps": steps, "temperature": temperature,
+            "seed": 0, "cfg_scale": 0.0, "dtype": "float64", "eos": {"stop": False, "deprioritize": False, "ban": False}}
+
+
+def _el(**opts):
+    return {"plugin": "elastic_cache", "window_length": 1, "gamma": 0.0, "track_num": 2, "block_caching": True, **opts}
+
+
+_LLADA = {"plugin": "llada", "remasking": "low_confidence"}
+#: counterexamples of the slow invariant run (and a Dream one of the same shape): a 1-token prompt
+#: leaves fewer unmasked keys than track_num, so zero-mass masks fill the tracked set, and topk's
+#: order among those ties depends on the row's length and place in the padded batch
+TIES = {
+    "cache_policy": ("llada", {"policy": _LLADA, "cache_policy": _el(), "generation": _gen()}, [[2], [2, 2]]),
+    "threshold": ("llada", {"policy": _LLADA, "select_tokens": {"plugin": "threshold", "mode": "threshold",
+                                                                "threshold": 0.9},
+                            "choose_span": _el(), "cache_policy": _el(), "generation": _gen()}, [[2], [2, 2]]),
+    "llada-sampled": ("llada", {"policy": _LLADA, "cache_policy": _el(), "generation": _gen(temperature=1.0)},
+                      [[43], [2, 2]]),
+    "dream": ("dream", {"policy": {"plugin": "dream", "alg": "confidence_threshold", "threshold": 0.0},
+                        "choose_span": _el(window_length=2, track_num=3, block_caching=False),
+                        "cache_policy": _el(window_length=2, track_num=3, block_caching=False),
+                        "generation": _gen(gen_length=8, block_length=4, steps=4)}, [[2], [2, 2]]),
+}
+
+
+@pytest.mark.parametrize("case", list(TIES))
+def test_tracked_ties_are_batch_invariant(case):
+    """Fewer unmasked keys than track_num: the masks (their attention zeroed, as in the code) tie
+    for the remaining tracked places; a row tracks the same ones alone and left-padded."""
+    kind, data, prompts = TIES[case]
+    check_invariants(_scale_model(kind), data, prompts)
+
+
+def test_tracked_ties_match_reference(tiny_llada3):
+    """The reference breaks the same ties in column order: a 1-token prompt with three tracked
+    tokens per layer and no refresh (the tracked masks' fresh K/V are what the window reads)."""
+    opts = dict(window_length=2, gamma=0.0, track_num=3)
+    prompts = [[20], [5, 9, 11, 3], [7]]
+    for batched in (False, True):
+        check_parity(tiny_llada3, _recipe(12, 0.3, **opts), _ref(0.3, **opts), prompts, batched=batched)
+
+
+# --------------------------------------------------------------------------- Dream's schedule in the window
+
+def test_dream_schedule_in_the_sliding_window_is_refused_past_the_step_budget():
+    """Dream's linspace schedule restarts at every new span and may commit nothing until its
+    last step; the window starts a new span whenever its first mask is decoded, so a request
+    takes up to gen_length x steps-per-block steps (the slow run's plugin:elastic_cache:choose_span
+    counterexample: 8 x 6 = 48 > the default cap 32, found as a budget error mid-request). The
+    recipe is refused up front; with the budget raised to the bound it finishes within it, and
+    the rules that commit at every step are accepted as they are."""
+    from dllm_decode.errors import RecipeError
+
+    m = _scale_model("llada")
+    policy = {"plugin": "dream", "alg": "origin", "first_token": False, "threshold": 0.0}
+    window = _el(track_num=1, block_caching=False)
+    data = {"policy": policy, "choose_span": window, "generation": {**_gen(gen_length=8, block_length=8, steps=6),
+                                                                     "batch_size": 1}}
+    with pytest.raises(RecipeError, match=r"dream.*origin.*elastic_cache.*8 x 6 = 48.*generation\.max_steps \(32"):
+        Decoder(m, recipe_from_dict(data))
+    for alg in ("origin", "maskgit_plus"):
+        raised = {**data, "policy": {**policy, "alg": alg}, "generation": {**data["generation"], "max_steps": 48}}
+        row = Decoder(m, recipe_from_dict(raised)).generate([[2]]).rows[0]
+        assert m.spec.mask_token_id not in row.tokens and row.nfe <= 48
+    for ok in ({**policy, "alg": "confidence_threshold"}, {**policy, "first_token": True}):
+        check_invariants(m, {**data, "policy": ok}, [[2], [2, 2]])
+    # four steps per block: at most 4 x gen_length, the default cap
+    check_invariants(m, {**data, "generation": {**data["generation"], "steps": 4}}, [[2], [2, 2]])
