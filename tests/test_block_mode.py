@@ -211,3 +211,13 @@ def test_every_builtin_select_rule_runs_inside_blocks_or_is_refused_by_name(sdar
         ran.append(info.name)
     assert {"llada", "threshold", "dream", "localleap"} <= set(ran), ran
     assert {"klass", "slowfast", "wino"} <= set(refused), refused
+
+
+def test_block_first_token_is_refused_without_blocks():
+    from dllm_decode.errors import PluginError
+
+    llada = build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4, mask_token_id=MASK)
+    rec = load_recipe("threshold", ["select_tokens.block_first_token=true", "generation.gen_length=8",
+                                    "generation.block_length=8", "generation.steps=8"])
+    with pytest.raises(PluginError, match=r"'threshold'.*block_first_token needs a block-causal model"):
+        Decoder(llada, rec).generate([[5, 6, 7]])
