@@ -74,6 +74,16 @@ def origin(state: DecodeState) -> torch.Tensor:
                                                                dtype=torch.long, device=state.device))
 
 
+def block_starts(state: DecodeState) -> torch.Tensor:
+    """(B, L) bool: the masked columns that open one of the model's blocks after a row's first
+    one (``(column - origin) % size == 0``). Rows hold masks in their current block only, so a
+    row has at most one, and only before the step that commits it. With the token shift
+    (Fast-dLLM v2) its logit is the previous block's last output."""
+    blocks: BlockLayout = state.blocks
+    rel = state.columns[None, :] - blocks.origin[:, None]                     # (B, L)
+    return state.masked & (rel > 0) & (rel % blocks.size == 0)
+
+
 def growth(state: DecodeState, active: torch.Tensor) -> Resize:
     """The next block for every row that finished its block this step and goes on (see the
     module doc); appends of 0 elsewhere. Batched, no host read (the canvas applies it)."""

@@ -9,6 +9,14 @@
   test for i = 1 is skipped). Reference quirk, kept: when the first failing index is the last
   one (i = N), all N tokens are still committed.
 
+``block_first_token`` (Fast-dLLM v2, NVlabs/Fast-dLLM ``v2/``, the checkpoints' ``generate``):
+on a block-causal model, a step in which a row may commit the first position of one of the
+model's blocks commits that position alone. Rows gain a block only after finishing the one
+before (``dllm_decode.block_mode``), so this is the new block's first step; with the token shift
+the position's logit is the finished block's last output, and its argmax is the token Fast-dLLM
+v2 appends after each block (from the forward that stores the block's K/V) before it decodes
+the next block's sub-blocks. The option refuses models without blocks.
+
 The span and the scores come from other slots (``llada`` by default), so ``steps`` only sets the
 engine's step cap here: decoding of a block runs until it has no mask left.
 """
@@ -21,6 +29,7 @@ import torch
 from pydantic import Field
 
 from dllm_decode import PluginMeta, PluginOptions, hookimpl
+from dllm_decode.block_mode import block_starts
 from dllm_decode.sampling import threshold_commit, topk_mask
 
 
@@ -32,6 +41,10 @@ class Options(PluginOptions):
                              "is committed (mode threshold).")
     factor: float = Field(1.0, gt=0.0, description="The factor f of the rule c_i >= 1 - f/(i+1) "
                           "(mode factor).")
+    block_first_token: bool = Field(False, description="Block-causal models (Fast-dLLM v2): when a "
+                                    "row may commit the first position of one of the model's blocks, "
+                                    "commit it alone (with the token shift: the argmax of the previous "
+                                    "block's last output).")
 
 
 dllm_meta = PluginMeta(summary="Fast-dLLM parallel decoding: commit above a confidence threshold "
@@ -54,8 +67,16 @@ def factor_count(confidence: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 @hookimpl
-def select_tokens(candidates, options):
+def select_tokens(state, candidates, options):
     conf = candidates.confidence
     if options.mode == "threshold":
-        return threshold_commit(conf, options.threshold)
-    return topk_mask(conf, factor_count(conf, options.factor))
+        commit = threshold_commit(conf, options.threshold)
+    else:
+        commit = topk_mask(conf, factor_count(conf, options.factor))
+    if options.block_first_token:
+        if state.blocks is None:
+            raise ValueError("block_first_token needs a block-causal model (one decoded block by block, "
+                             "ModelSpec.block_size); this model attends over the whole canvas")
+        first = block_starts(state) & (conf > float("-inf"))      # (B, L), one per row at most
+        commit = torch.where(first.any(dim=1, keepdim=True), first, commit)
+    return commit

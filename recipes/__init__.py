@@ -28,7 +28,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 #: the shipped recipe a checkpoint of each block-causal family decodes with by default (its
 #: official loop's settings); every other family: ``llada``
-FAMILY_RECIPES = {"sdar": "sdar", "llada2": "llada2"}
+FAMILY_RECIPES = {"sdar": "sdar", "llada2": "llada2", "fast_dllm_v2": "fast-dllm-v2"}
 
 
 def default_recipe(model_dir: str | Path | None) -> str:

@@ -9,6 +9,8 @@ import torch
 from dllm_decode import Decoder, load_recipe
 from dllm_decode.errors import RecipeError
 from dllm_decode.models import CacheStore, build_random_model
+from dllm_decode.recipes import find_recipe
+from reference_fdv2 import fdv2_generate
 from reference_sdar import llada2_generate, sdar_generate
 
 MASK, EOS, PAD = 47, 1, 0
@@ -230,3 +232,97 @@ def test_generate_picks_the_family_recipe_for_the_shipped_block_diffusion_model(
     assert main(["generate", "--model", str(model), "--task", "repeat", "--n", "1", "--no-progress",
                  "--set", "select_tokens=klass", "--set", "score=klass"]) == 2
     assert "plugin 'klass' does not declare that it follows a canvas that grows" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- Fast-dLLM v2
+
+#: prompt lengths 5 and 2 (inside the first block), 16 (two whole blocks: prefill, then the first
+#: token from the prompt's last output) and 11 (prefill of one block, the tail in the next); never 8,
+#: a prompt the original never sees (tests/reference_fdv2.py)
+FDV2_PROMPTS = [[5, 9, 12, 3, 7], [20, 4], list(range(2, 18)), [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+
+
+@pytest.fixture(scope="module")
+def fdv2():
+    return build_random_model("fast_dllm_v2", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD, seed=0,
+                              dtype=torch.float64, bd_size=8).eval()
+
+
+def fdv2_reference(model, prompt, gen, stop, thr):
+    """Fast-dLLM v2's generate() over the blocks our row covers: max_new_tokens counts blocks from
+    the one holding the prompt's last token, ours ends at ceil((P + gen) / 8) * 8."""
+    P = len(prompt)
+    max_new = -(-(P + gen) // 8) * 8 - P // 8 * 8
+    return fdv2_generate(model, prompt, mask_id=MASK, stop_id=stop, max_new_tokens=max_new, block=8, small_block=4,
+                         threshold=thr)
+
+
+def fdv2_stop(model, gen, thr):
+    """A token the original writes that stops some rows after a few tokens and never appears in another."""
+    free = [fdv2_reference(model, p, gen, 999, thr)[0] for p in FDV2_PROMPTS]
+    counts = {}
+    for row in free:
+        for t in row:
+            counts[t] = counts.get(t, 0) + 1
+    for t in sorted(counts, key=lambda t: (-counts[t], t)):
+        if any(t in row[3:] and t not in row[:3] for row in free) and any(t not in row for row in free):
+            return t
+    raise AssertionError("no stop token fits")
+
+
+@pytest.mark.parametrize("cache,batch", [("block_kv", 1), ("block_kv", 4), ("none", 4)])
+def test_fast_dllm_v2_recipe_matches_its_generate(fdv2, cache, batch):
+    """The shipped fast-dllm-v2 recipe against Fast-dLLM v2's generate() re-derived, on a tiny
+    Fast-dLLM v2 in blocks of 8 with sub-blocks of 4, alone and in a left-padded batch, with a
+    stop id some rows write: the same tokens up to the first stop; where a row runs to its
+    length the original has one token more (the next block's first, from the forward that
+    stores the last block's K/V). Forwards: the original's, less its separate prefill of a
+    prompt that ends inside a block and that last store forward."""
+    gen, thr = 24, 0.05
+    stop = fdv2_stop(fdv2, gen, thr)
+    rec = load_recipe("fast-dllm-v2", [f"generation.gen_length={gen}", "generation.block_length=4",
+                                       f"generation.steps={gen}", f"generation.batch_size={batch}",
+                                       f"select_tokens.threshold={thr}", f"generation.eos.ids=[{stop}]",
+                                       f"cache_policy={cache}"])
+    res = Decoder(fdv2, rec).generate(FDV2_PROMPTS)
+    hit = []
+    for prompt, row in zip(FDV2_PROMPTS, res.rows):
+        P = len(prompt)
+        want, forwards = fdv2_reference(fdv2, prompt, gen, stop, thr)
+        got = row.tokens[:row.tokens.index(stop) + 1] if stop in row.tokens else row.tokens
+        extra = len(want) - len(got)
+        assert extra in (0, 1) and got == want[:len(got)], (prompt, got, want)
+        if extra:                                     # ran to its length: ours ends with the block
+            assert len(got) == -(-(P + gen) // 8) * 8 - P
+        assert row.nfe == forwards - (P > 8 and P % 8 != 0) - extra, prompt
+        hit.append(stop in got)
+    assert any(hit) and not all(hit)
+    # the threshold took several tokens in some steps: the parallel path is exercised
+    assert sum(r.nfe for r in res.rows) < sum(len(r.tokens) for r in res.rows)
+
+
+def test_fast_dllm_v2_recipe_keeps_every_invariant(fdv2):
+    from dllm_decode.testing import check_invariants
+
+    check_invariants(fdv2, find_recipe("fast-dllm-v2"), prompts=FDV2_PROMPTS,
+                     overrides=["generation.gen_length=16", "generation.block_length=4", "generation.steps=16",
+                                "select_tokens.threshold=0.05", "generation.eos.ids=[21]"])
+
+
+def test_fast_dllm_v2_checkpoints_default_to_their_recipe(fdv2, tmp_path):
+    from dllm_decode.models import save_pretrained
+    from dllm_decode.recipes import default_recipe
+
+    save_pretrained(fdv2, tmp_path / "v2")
+    assert default_recipe(tmp_path / "v2") == "fast-dllm-v2"
+
+
+def test_block_first_token_is_refused_without_blocks():
+    from dllm_decode.errors import PluginError
+
+    llada = build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4, mask_token_id=MASK)
+    rec = load_recipe("threshold", ["select_tokens.block_first_token=true", "generation.gen_length=8",
+                                    "generation.block_length=8", "generation.steps=8"])
+    with pytest.raises(PluginError, match=r"'threshold'.*block_first_token needs a block-causal model"):
+        Decoder(llada, rec).generate([[5, 6, 7]])
