@@ -56,6 +56,7 @@ NO_CACHE: dict[str, str] = {
     "d2cache sampler + d2cache (k 32, p 0.1)": "d2cache sampler (certainty prior), no cache",
     "threshold + elastic_cache (window 16, gamma 0.9)": "threshold in a window of 16 masks, no cache",
     "localleap + elastic_cache (window 16, gamma 0.9)": "localleap in a window of 16 masks, no cache",
+    "sdar, threshold 0.85 + block_kv": "sdar, threshold 0.85, no cache",
     "dream-block + kv_block dual, one block": "dream-block, threshold 0.9, one block",
     "dream-block + dllm_cache (100, 7, 0.25), one block": "dream-block, threshold 0.9, one block",
     "dream sampler (entropy) + dkv_cache (refresh 16)": "dream sampler (entropy), no cache",
@@ -135,6 +136,19 @@ def entries(gen: int, dream: bool = True, policies: bool = True) -> tuple[Entry,
                       (f"generation.gen_length={gen}", NONE)),
                 Entry("dream-reference", "threshold + elastic_cache (window 16, gamma 0.9)", "elastic-cache",
                       (f"generation.gen_length={gen}",))]
+    if policies:
+        # the block-diffusion model, decoded block by block in its blocks of 4 (the llada2 and
+        # fast-dllm-v2 recipes' rules at that block size: their own 32 is the LLaDA2 / Fast-dLLM v2
+        # checkpoints')
+        sdar = (f"generation.gen_length={gen}", f"generation.steps={gen}")
+        at4 = sdar + ("generation.block_length=4",)
+        out += [Entry("sdar-reference", "sdar, 1 token / forward, no cache", "sdar",
+                      sdar + ("select_tokens.threshold=1.0", NONE)),
+                Entry("sdar-reference", "sdar, threshold 0.85, no cache", "sdar", sdar + (NONE,)),
+                Entry("sdar-reference", "sdar, threshold 0.85 + block_kv", "sdar", sdar),
+                Entry("sdar-reference", "llada2 rule (threshold 0.95) + block_kv, blocks of 4", "llada2", at4),
+                Entry("sdar-reference", "fast-dllm-v2 rule (first token alone, 0.9) + block_kv, blocks of 4",
+                      "fast-dllm-v2", at4)]
     return tuple(out)
 
 
