@@ -23,6 +23,23 @@ never reach it.
 import torch
 
 
+def denoise_step(model, x, lo, hi, masked, mask_id, k, threshold=None):
+    """One greedy step on the block x[0, lo:hi] given everything before it (a plain forward of the
+    canvas up to the block's end): every mask above ``threshold`` when at least ``k`` are (dynamic
+    rule; None: never), else the ``k`` most confident masks. Writes x in place."""
+    logits = model(x[:, :hi]).double()[0, lo:hi]                            # (block, V)
+    logits[:, mask_id] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    x0 = probs.argmax(dim=-1)
+    conf = torch.where(masked, probs.gather(1, x0[:, None])[:, 0], torch.tensor(float("-inf")))
+    if threshold is not None and int((conf > threshold).sum()) >= k:
+        take = conf > threshold
+    else:
+        take = torch.zeros_like(masked)
+        take[torch.topk(conf, k).indices] = True
+    x[0, lo:hi] = torch.where(take, x0, x[0, lo:hi])
+
+
 def sdar_generate(model, prompt, *, mask_id, gen_length, block, steps, strategy="low_confidence_static",
                   threshold=0.85, stop_ids=()):
     """-> (generated ids up to the last decoded position, forwards that committed something)."""
@@ -39,19 +56,10 @@ def sdar_generate(model, prompt, *, mask_id, gen_length, block, steps, strategy=
             masked = x[0, lo:hi] == mask_id
             if not masked.any():
                 break
-            logits = model(x[:, :hi]).double()[0, lo:hi]                    # (block, V)
-            logits[:, mask_id] = float("-inf")
-            probs = torch.softmax(logits, dim=-1)
-            x0 = probs.argmax(dim=-1)
-            conf = torch.where(masked, probs.gather(1, x0[:, None])[:, 0], torch.tensor(float("-inf")))
             k = schedule[s]
             assert k <= int(masked.sum()), "schedule step larger than the block's masks (original's quirk)"
-            if strategy == "low_confidence_dynamic" and int((conf > threshold).sum()) >= k:
-                take = conf > threshold
-            else:
-                take = torch.zeros_like(masked)
-                take[torch.topk(conf, k).indices] = True
-            x[0, lo:hi] = torch.where(take, x0, x[0, lo:hi])
+            denoise_step(model, x, lo, hi, masked, mask_id, k,
+                         threshold if strategy == "low_confidence_dynamic" else None)
             forwards += 1
         decoded_to = hi
         if any(int(t) in stop_ids for t in x[0, P:hi]):
@@ -82,18 +90,7 @@ def llada2_generate(model, prompt, *, mask_id, eos_id, gen_length, block=32, ste
             masked = x[0, lo:hi] == mask_id
             if not masked.any():
                 break
-            logits = model(x[:, :hi]).double()[0, lo:hi]
-            logits[:, mask_id] = float("-inf")
-            probs = torch.softmax(logits, dim=-1)
-            x0 = probs.argmax(dim=-1)
-            conf = torch.where(masked, probs.gather(1, x0[:, None])[:, 0], torch.tensor(float("-inf")))
-            k = min(schedule[s], int(masked.sum()))
-            if int((conf > threshold).sum()) >= k:
-                take = conf > threshold
-            else:
-                take = torch.zeros_like(masked)
-                take[torch.topk(conf, k).indices] = True
-            x[0, lo:hi] = torch.where(take, x0, x[0, lo:hi])
+            denoise_step(model, x, lo, hi, masked, mask_id, min(schedule[s], int(masked.sum())), threshold)
             forwards += 1
         if (x[0, P:hi] == eos_id).any():
             break
