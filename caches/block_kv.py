@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from dllm_decode.block_mode import block_start
 from dllm_decode.hookspecs import hookimpl
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginMeta
@@ -33,12 +34,11 @@ dllm_meta = PluginMeta(summary="Exact KV cache of block-causal models: finished 
 
 @hookimpl
 def cache_policy(state, scratch):
-    blocks = state.blocks
-    size = blocks.size
+    size = state.blocks.size
     masked = state.masked                                                   # (B, L)
     # each row's current block (the model's, holding its first mask), or its end when it has none
     first = torch.where(masked.any(1), masked.long().argmax(1), state.ends)           # (B,)
-    current = blocks.origin + (first - blocks.origin).div(size, rounding_mode="floor") * size
+    current = block_start(state, first, size)                                        # (B,)
     final = scratch.get("final")               # (B,) columns before which the stored K/V are final
     # this forward feeds every block before `current` with its final tokens: final afterwards
     scratch["final"] = current if final is None else torch.maximum(final, current)

@@ -74,6 +74,13 @@ def origin(state: DecodeState) -> torch.Tensor:
                                                                dtype=torch.long, device=state.device))
 
 
+def block_start(state: DecodeState, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """(B,) long: the first column of the block of ``size`` positions, counted from ``origin``,
+    that holds each row's column ``cols`` (B,)."""
+    o = origin(state)
+    return o + (cols - o).div(size, rounding_mode="floor") * size
+
+
 def block_starts(state: DecodeState) -> torch.Tensor:
     """(B, L) bool: the masked columns that open one of the model's blocks after a row's first
     one (``(column - origin) % size == 0``). Rows hold masks in their current block only, so a

@@ -24,8 +24,7 @@ def current_block(state: DecodeState) -> torch.Tensor:
     bl = state.config.block
     masked = state.masked                                                   # (B, L)
     first = torch.where(masked.any(1), masked.long().argmax(1), state.length - 1)  # (B,)
-    origin = block_mode.origin(state)                                       # (B,)
-    start = origin + (first - origin).div(bl, rounding_mode="floor") * bl
+    start = block_mode.block_start(state, first, bl)                        # (B,)
     end = torch.clamp(start + bl, max=state.length)
     return torch.stack([start.clamp(min=state.gen_start), end], dim=1)
 

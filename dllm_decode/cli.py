@@ -269,9 +269,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
     first = recipes[0][1]
     args.model = _model_path(args, first)
+    paths = [str(r.model.path or args.model) for _, r in recipes]   # a row's own checkpoint (RECIPE@DIR)
     loaded: dict[str, tuple[Any, Any]] = {}
-    for _, recipe in recipes:                # a row's own checkpoint (RECIPE@DIR), else --model
-        path = str(recipe.model.path or args.model)
+    for path, (_, recipe) in zip(paths, recipes):
         if path not in loaded:
             loaded[path] = _load_model(path, recipe, args)
             if loaded[path][1] is None:
@@ -279,12 +279,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if args.max_length:
                 m = loaded[path][0]
                 m.spec = dataclasses.replace(m.spec, max_length=max(args.max_length, m.spec.max_length))
-    model, tokenizer = loaded[str(first.model.path or args.model)]
+    models = [loaded[path] for path in paths]
+    model, tokenizer = models[0]
     ar = None
     if args.ar_model:
         from dllm_decode.measure.evaluate import load_ar
         ar = load_ar(args.ar_model, device=first.model.device)
-    models = [loaded[str(r.model.path or args.model)] for _, r in recipes]
     runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args, models)
     info = {**bench.machine_info(model, first), "model": str(args.model)}
     print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "

@@ -44,12 +44,12 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
     if bad:
         raise InputError(f"{where}: generation.eos.ids {bad} lie outside the model's vocabulary [0, {vocab})")
     family = getattr(spec, "family", None)
+    block = getattr(spec, "block_size", None)
     for name in policy.plugin_names:
         meta = policy.metas[name]
         if "compute_plans" in meta.requires and not runs_plans:
             raise InputError(f"{where}: plugin {name!r} builds compute plans, but {model_name} runs only "
                              "plain forwards; use a model loaded by dllm_decode.models.load_model")
-        block = getattr(spec, "block_size", None)
         if "block_causal" in meta.requires and not block:
             raise RecipeError(f"{where}: plugin {name!r} caches the blocks of a block-causal model, but "
                               f"{model_name} is a {family} model that attends over the whole canvas")
@@ -59,7 +59,6 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
         if meta.families and family is not None and family not in meta.families:
             raise RecipeError(f"{where}: plugin {name!r} supports model families {list(meta.families)}, "
                               f"not this {family} model ({model_name})")
-    block = getattr(spec, "block_size", None)
     found = block_mode.problems(recipe, policy, block) if block and runs_plans else []
     if found:
         raise RecipeError("\n".join(found))

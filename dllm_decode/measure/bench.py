@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dllm_decode.config import Recipe, load_recipe
+from dllm_decode.eos import stop_ids
 from dllm_decode.errors import RecipeError
 from dllm_decode.measure.evaluate import ProblemRecord, score_rows
 from dllm_decode.recipes import find_recipe
@@ -108,8 +109,10 @@ def expand_sweeps(named: Sequence[tuple], overrides: Sequence[str], sweeps: Sequ
         resolve_recipe(recipe, pm)
         return recipe
 
-    out = [(label, [*overrides, *own] + (gen_length_overrides(path, gen_length, [*overrides, *own]) if gen_length
-                                        else []), path) for label, path, *rest in named for own in [rest[0] if rest else []]]
+    out = []
+    for label, path, *own in named:
+        over = [*overrides, *(own[0] if own else [])]
+        out.append((label, over + (gen_length_overrides(path, gen_length, over) if gen_length else []), path))
     for sweep in sweeps:
         key, _, raw = sweep.partition("=")
         values = [v.strip() for v in raw.split(",") if v.strip()]
@@ -164,8 +167,7 @@ def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems:
         runs.append(BenchRun(f"autoregressive ({ar[0].config.model_type}, greedy, KV cache)", "autoregressive", None))
     device = decoders[0]._device() if decoders else torch.device("cpu")
 
-    def eos(m) -> set[int]:
-        return {int(m.spec.eos_token_id)} | ({int(m.spec.eot_token_id)} if m.spec.eot_token_id is not None else set())
+    stops = [set(stop_ids(m.spec)) for m, _ in models]                  # each row's model's EOS / end of turn
 
     def encode(group, tok):
         return [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in group]
@@ -177,13 +179,16 @@ def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems:
         if ar is not None:
             evaluate_ar(ar[0], ar[1], chunks[0][:1], max_new_tokens=ar_tokens)
     for group in chunks:
-        for run, dec, (m, tok) in zip(runs, decoders, models):
-            ids = encode(group, tok)
+        encoded: dict[int, list] = {}            # one encoding per tokenizer, not per row
+        for run, dec, (_, tok), stop in zip(runs, decoders, models, stops):
+            if id(tok) not in encoded:
+                encoded[id(tok)] = encode(group, tok)
+            ids = encoded[id(tok)]
             _peak_reset(device)
             t0 = time.perf_counter()
             result = dec.generate(ids, keep_states=True)
             run.seconds += time.perf_counter() - t0
-            run.records += score_rows(group, result.rows, eos(m))
+            run.records += score_rows(group, result.rows, stop)
             run.peak_bytes = max(run.peak_bytes, _peak(device),
                                  *(int(s.counters.get("store_bytes", 0)) for s in result.states))
             if progress:
