@@ -297,7 +297,7 @@ def test_task_groups_mix_their_tasks_and_never_another_group():
     for _ in range(16):
         ids, att, P = b.task_batch(rng)
         rows = [tok.decode(r[:P].tolist(), skip_special_tokens=True) for r in ids]
-        names = {"series" if r.startswith("from ") else "copy" if r.startswith("copy: ") else "chain" for r in rows}
+        names = {"series" if "until over" in r else "copy" if r.startswith("copy: ") else "chain" for r in rows}
         kinds.append(names)
         assert names <= {"copy", "chain"} or names == {"series"}
         group = ("series",) if names == {"series"} else ("copy", "chain")
@@ -424,5 +424,7 @@ def test_snapshot_writes_the_checkpoint_weights_as_a_loadable_model(tmp_path, fa
     assert set(got) == set(state["model"])
     assert all(torch.equal(got[k], v) for k, v in state["model"].items())
     assert (run / "checkpoint.pt").read_bytes() == before
+    logged = [json.loads(x)["step"] for x in (tmp_path / "snap" / "loss_log.jsonl").read_text().splitlines()]
+    assert logged == [0, 1]                       # the steps the checkpoint holds, for a later stage
     with pytest.raises(SystemExit, match="needs --out"):
         main(["--snapshot", str(run)])

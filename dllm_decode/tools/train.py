@@ -621,8 +621,9 @@ def _save_final(run: Run) -> None:
 def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     """The weights of run folder `run_dir`'s checkpoint.pt as a model folder `out` (weights,
     tokenizer, training.json with the step it was taken at), loadable like a finished run's, so a
-    run can be evaluated part-way (e.g. ``python -m dllm_decode.tools.model_card OUT``). The run
-    itself is not touched."""
+    run can be evaluated part-way (e.g. ``python -m dllm_decode.tools.model_card OUT``) or
+    started from (``--init OUT``: its loss log up to the checkpoint, and any earlier stage's, come
+    along for the reproduction check). The run itself is not touched."""
     state = read_checkpoint(Path(run_dir))
     out = Path(out)
     if out.resolve() == Path(run_dir).resolve():
@@ -633,8 +634,12 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     earlier = state["extra"].get("init")
     model = build(cfg, tok, earlier, load_init=False)
     model.load_state_dict(state["model"])
-    _write_model(model, out, cfg, {"snapshot": {"run": str(run_dir), "step": state["progress"]["step"]}},
-                 earlier)
+    step = state["progress"]["step"]
+    _write_model(model, out, cfg, {"snapshot": {"run": str(run_dir), "step": step}}, earlier)
+    for log in Path(run_dir).glob("loss_log*.jsonl"):    # a run logs past its last checkpoint
+        keep = [x for x in log.read_text().splitlines()
+                if x.strip() and (log.name != "loss_log.jsonl" or json.loads(x)["step"] < step)]
+        (out / log.name).write_text("".join(x + "\n" for x in keep))
     return out
 
 

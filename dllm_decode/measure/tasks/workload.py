@@ -5,15 +5,27 @@ a real use. Every answer is a worked trace, one line per step, then the ``#### A
 - ``echo``: copy a string of 16 to 120 letters; every answer position is fixed by the prompt, so
   parallel decoding cannot hurt. The workload mix uses the fixed-length ``copy`` as its control
   instead: at a variable offset the copy needs a content lookup small models learn slowly.
-- ``chain`` (arithmetic): 2 to 8 chained assignments (``b = a + 26``, ``c = b * 3``, some
-  reading two earlier variables), shuffled in among unrelated ones; the answer works each needed
-  line out (``b = a + 26 = 17 + 26 = 43``) and gives the asked variable.
+- ``chain`` (arithmetic): 2 to 8 operations applied in turn to a running value (``from 017 do
+  A+26 B*03``); the answer works one line per operation (``B*03: 043*03=129``), each line starting
+  from the value the line before ended with.
 - ``columns`` (arithmetic): addition or subtraction of 3- to 8-digit numbers, one worked line per
-  column from the right with its carry or borrow.
-- ``listops`` (dependency): sort (selection trace), reverse (taken from the end), or a running
-  count of letters, each with one line per item.
+  column from the right with its carry or borrow, then both numbers shifted past the columns done
+  and the digits written so far.
+- ``listops`` (dependency): sort (take the smallest), reverse (take the last) or a running count
+  of letters, one line per item with the list, its taken items blanked, and the result so far.
 - ``series`` (long): add a step to a start value until the total passes a limit, one worked line
   per addition; 400 to 900 tokens. When to stop depends on the last value written.
+
+Every worked line carries the state the next line needs, and the lines of one answer have one
+width (numbers zero-padded, taken items blanked rather than removed), so a line reads the line
+before it at fixed offsets, plus at most one read of the prompt keyed by a unique character
+(chain's step tag). Attention with rotary positions finds a fixed offset quickly; a read whose
+offset varies (the i-th column from the right, the i-th list item, a variable's line among
+distractors) is a lookup a small model learns slowly. Measured on the 12.8M-parameter AR model
+after 4,400 steps on the first version of these tasks, which read that way: teacher-forced, 15%
+of chain's and listops' characters were wrong and 9% of columns', and no held-out answer came out
+whole, while 250 steps on ``series`` alone (each line read from the line before) brought it to
+0.02 nats a character.
 
 Only characters of the character tokenizer's default set are used (tests check it), so models
 for the workload keep the shipped models' tokenizer and ids.
@@ -41,81 +53,63 @@ class Echo(Task):
         return f"echo: {s}\n", f"{s}\n{FINAL}{s}", {"n": n}
 
 
-def _chain_step(rng: random.Random, chain: list[tuple[str, int]], name: str) -> tuple[str, str, int]:
-    """One derived assignment of `chain` (names and values so far) -> (prompt line, worked line,
-    value). Values stay within 0..999 so every number is at most three digits."""
-    prev, pv = chain[-1]
-    if len(chain) >= 2 and rng.random() < 0.3:          # reads two earlier variables
-        other, ov = rng.choice(chain[:-1])
-        op = "+" if pv + ov <= 999 and (pv < ov or rng.random() < 0.5) else "-"
-        a, av, b, bv = (prev, pv, other, ov) if op == "+" or pv >= ov else (other, ov, prev, pv)
-        v = av + bv if op == "+" else av - bv
-        return f"{name} = {a} {op} {b}", f"{name} = {a} {op} {b} = {av} {op} {bv} = {v}", v
-    ops = [o for o, ok in (("+", pv <= 989), ("-", pv >= 10), ("*", 2 * pv <= 999)) if ok]
+TAGS = string.ascii_uppercase     # chain's step tags: a one-character key the answer looks up
+
+
+def _chain_op(rng: random.Random, v: int) -> tuple[str, int, int]:
+    """One step applied to value `v` -> (operator, operand, new value); values stay in 0..999."""
+    ops = [o for o, ok in (("+", v <= 989), ("-", v >= 10), ("*", 2 * v <= 999 and v > 0)) if ok]
     op = rng.choice(ops)
     if op == "*":
-        k = rng.randint(2, min(9, 999 // pv) if pv else 9)
-        v = pv * k
-    else:
-        k = rng.randint(1, min(99, 999 - pv) if op == "+" else min(99, pv))
-        v = pv + k if op == "+" else pv - k
-    return f"{name} = {prev} {op} {k}", f"{name} = {prev} {op} {k} = {pv} {op} {k} = {v}", v
+        k = rng.randint(2, min(9, 999 // v))
+        return op, k, v * k
+    k = rng.randint(1, min(99, 999 - v) if op == "+" else min(99, v))
+    return op, k, v + k if op == "+" else v - k
 
 
 class Chain(Task):
     name = "chain"
     kind = "arithmetic"
-    description = "2-8 chained assignments among distractors; each needed line worked out"
+    description = "2-8 chained operations on a running value, one worked line per step"
     steps = (2, 8)
-    max_answer_tokens = 300
-    # the start, 8 steps and 2 distractors, one line each, then the question
-    max_prompt_tokens = 11 * len("x = y + 99\n") + len("what is x?\n")
+    max_answer_tokens = len("from 999\n") + 8 * len("H+99: 999+99=999\n") + len(FINAL) + 3
+    max_prompt_tokens = len("from 999 do\n") + 8 * len(" H+99")
 
     def sample(self, rng: random.Random):
         n = rng.randint(*self.steps)
-        extra = rng.randint(0, 2)
-        names = rng.sample(string.ascii_lowercase, n + 1 + extra)
-        start = rng.randint(10, 99)
-        chain, prompt_lines, work = [(names[0], start)], [f"{names[0]} = {start}"], [f"{names[0]} = {start}"]
-        for name in names[1:n + 1]:
-            line, worked, v = _chain_step(rng, chain, name)
-            chain.append((name, v))
-            prompt_lines.append(line)
-            work.append(worked)
-        for name in names[n + 1:]:      # distractors: defined, never needed; inserted anywhere
-            line = f"{name} = {rng.randint(10, 99)}"
-            prompt_lines.insert(rng.randint(0, len(prompt_lines)), line)
-        ask, value = chain[-1]
-        prompt = "\n".join(prompt_lines) + f"\nwhat is {ask}?\n"
-        return prompt, "\n".join(work) + f"\n{FINAL}{value}", {"steps": n, "value": value}
+        v = rng.randint(10, 99)
+        prompt, work = f"from {v:03d} do", [f"from {v:03d}"]
+        for tag in TAGS[:n]:
+            op, k, nv = _chain_op(rng, v)
+            prompt += f" {tag}{op}{k:02d}"
+            work.append(f"{tag}{op}{k:02d}: {v:03d}{op}{k:02d}={nv:03d}")
+            v = nv
+        return prompt + "\n", "\n".join(work) + f"\n{FINAL}{v}", {"steps": n, "value": v}
 
 
-def _add_columns(a: int, b: int) -> list[str]:
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    lines, carry = [], 0
-    for i in range(max(len(xs), len(ys))):
-        x, y = int(xs[i]) if i < len(xs) else 0, int(ys[i]) if i < len(ys) else 0
-        s = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={s} write {s % 10} carry {s // 10}")
-        carry = s // 10
-    if carry:
-        lines.append(f"write {carry}")
-    return lines
+def _columns(a: str, b: str, op: str) -> tuple[list[str], str]:
+    """Worked lines of a op b (digit strings of one length n) -> (lines, result digits).
 
-
-def _sub_columns(a: int, b: int) -> list[str]:
-    xs, ys = str(a)[::-1], str(b)[::-1]
-    lines, borrow = [], 0
-    for i in range(len(xs)):
-        x, y = int(xs[i]), int(ys[i]) if i < len(ys) else 0
-        v = x - y - borrow
-        if v < 0:
-            lines.append(f"{x}+10-{y}-{borrow}={v + 10} write {v + 10} borrow 1")
-            borrow = 1
+    A line works one column from the right (``x+y+c=ss``, or ``1x-y-b=d`` whose leading 1 is the
+    borrow), then carries what the next line needs: both numbers shifted right by the column
+    done (zero-filled, so they keep their width) and the digits written so far, right-aligned
+    in n + 1 places."""
+    n, lines, flag, got = len(a), [], 0, ""
+    for i in range(n - 1, -1, -1):
+        x, y = int(a[i]), int(b[i])
+        if op == "+":
+            s = x + y + flag
+            head, flag, digit = f"{x}+{y}+{flag}={s:02d}", s // 10, s % 10
         else:
-            lines.append(f"{x}-{y}-{borrow}={v} write {v} borrow 0")
-            borrow = 0
-    return lines
+            borrow = int(x - y - flag < 0)
+            head, digit = f"{borrow}{x}-{y}-{flag}={x + 10 * borrow - y - flag}", x + 10 * borrow - y - flag
+            flag = borrow
+        got = str(digit) + got
+        if i == 0 and op == "+" and flag:
+            got = "1" + got
+        shifted = f"{'0' * (n - i)}{a[:i]}{op}{'0' * (n - i)}{b[:i]}"
+        lines.append(f"{head} | {shifted} | {got.rjust(n + 1, '_')}")
+    return lines, got
 
 
 class Columns(Task):
@@ -123,62 +117,67 @@ class Columns(Task):
     kind = "arithmetic"
     description = "3-8 digit addition or subtraction, one worked line per column with its carry"
     digits = (3, 8)
-    max_answer_tokens = 9 * len("9+9+1=19 write 9 carry 1\n") + len(FINAL) + 9
+    max_answer_tokens = 8 * len("9+9+1=19 | 00000000+00000000 | 999999999\n") + len(FINAL) + 9
     max_prompt_tokens = len("diff 99999999-99999999\n")
 
     def sample(self, rng: random.Random):
         a = rng.randint(10 ** (rng.randint(*self.digits) - 1), 10 ** self.digits[1] - 1)
         a = int(str(a)[:rng.randint(self.digits[0], self.digits[1])])      # 3-8 digits, uniform
         b = rng.randint(10 ** (rng.randint(1, len(str(a))) - 1), 10 ** len(str(a)) - 1)
-        if rng.random() < 0.5:
-            work, result, prompt = _add_columns(a, b), a + b, f"sum {a}+{b}\n"
-        else:
+        op = "+" if rng.random() < 0.5 else "-"
+        if op == "-":
             a, b = max(a, b), min(a, b)
-            work, result, prompt = _sub_columns(a, b), a - b, f"diff {a}-{b}\n"
-        return prompt, "\n".join(work) + f"\n{FINAL}{result}", {"a": a, "b": b}
+        lines, result = _columns(str(a), str(b).rjust(len(str(a)), "0"), op)
+        prompt = f"{'sum' if op == '+' else 'diff'} {a}{op}{b}\n"
+        return prompt, "\n".join(lines) + f"\n{FINAL}{int(result)}", {"a": a, "b": b}
 
 
-def _sort_trace(items: list[int]) -> tuple[list[str], str]:
-    rest, lines, out = list(items), [], []
-    while rest:
-        m = min(rest)
-        rest.remove(m)
-        out.append(m)
-        lines.append(f"take {m} left {' '.join(map(str, rest))}".rstrip())
-    return lines, " ".join(map(str, out))
+def _pick_trace(items: list[str], last: bool) -> tuple[list[str], list[str]]:
+    """One line per item: the item taken (the smallest, or the last left), the list with the
+    taken items blanked (so every item keeps its place), the items taken so far in their slots."""
+    rest, out, lines = list(items), [], []
+    blank = "__"
+    for _ in items:
+        left = [i for i, x in enumerate(rest) if x != blank]
+        i = left[-1] if last else min(left, key=lambda j: (rest[j], j))
+        out.append(rest[i])
+        rest[i] = blank
+        slots = out + [blank] * (len(items) - len(out))
+        lines.append(f"take {out[-1]} | {' '.join(rest)} | {' '.join(slots)}")
+    return lines, out
 
 
-def _reverse_trace(items: list[int]) -> tuple[list[str], str]:
-    lines = [f"take {items[i]} left {' '.join(map(str, items[:i]))}".rstrip() for i in range(len(items) - 1, -1, -1)]
-    return lines, " ".join(map(str, items[::-1]))
-
-
-def _count_trace(items: list[str]) -> tuple[list[str], str]:
-    seen: dict[str, int] = {}
+def _count_trace(items: str) -> tuple[list[str], str]:
+    """One line per letter: the letter, the list with the letters counted so far blanked, the
+    running counts of a to e."""
+    counts = dict.fromkeys("abcde", 0)
     lines = []
-    for c in items:
-        seen[c] = seen.get(c, 0) + 1
-        lines.append(f"{c} {seen[c]}")
-    return lines, " ".join(f"{c}{n}" for c, n in seen.items())
+    for i, c in enumerate(items):
+        counts[c] += 1
+        state = "".join(f"{k}{n}" for k, n in counts.items())
+        lines.append(f"{c} | {'_' * (i + 1)}{items[i + 1:]} | {state}")
+    return lines, state
 
 
 class ListOps(Task):
     name = "listops"
     kind = "dependency"
     description = "sort, reverse or running letter count of a list, one worked line per item"
-    max_answer_tokens = 400
-    max_prompt_tokens = len("count: \n") + 2 * 24 - 1
+    max_answer_tokens = 7 * len("take 99 | __ __ __ __ __ __ __ | 99 99 99 99 99 99 99\n") + len(FINAL) + 20
+    max_prompt_tokens = len("reverse: \n") + 3 * 7 - 1
 
     def sample(self, rng: random.Random):
         op = rng.choice(("sort", "reverse", "count"))
         if op == "count":
-            items = [rng.choice("abcde") for _ in range(rng.randint(6, 24))]
+            items = "".join(rng.choice("abcde") for _ in range(rng.randint(4, 12)))
             lines, final = _count_trace(items)
+            prompt = f"{op}: {items}\n"
         else:
-            items = [rng.randint(0, 99) for _ in range(rng.randint(4, 10))]
-            lines, final = (_sort_trace if op == "sort" else _reverse_trace)(items)
-        prompt = f"{op}: {' '.join(map(str, items))}\n"
-        return prompt, "\n".join(lines) + f"\n{FINAL}{final}", {"op": op, "items": items}
+            nums = [f"{rng.randint(0, 99):02d}" for _ in range(rng.randint(3, 7))]
+            lines, out = _pick_trace(nums, last=op == "reverse")
+            final = " ".join(out)
+            prompt = f"{op}: {' '.join(nums)}\n"
+        return prompt, "\n".join(lines) + f"\n{FINAL}{final}", {"op": op}
 
 
 class Series(Task):
