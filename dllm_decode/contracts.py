@@ -12,6 +12,7 @@ from dllm_decode import block_mode
 from dllm_decode.commit import Committed
 from dllm_decode.errors import InputError, ModelOutputError, PluginError, RecipeError
 from dllm_decode.guidance import Guided
+from dllm_decode.plugins import PluginOptions
 from dllm_decode.state import UNCOMMITTED, Candidates, DecodeState, Selection
 
 LONG = (torch.long, torch.int32, torch.int64)
@@ -47,13 +48,17 @@ def check_model(recipe: Any, policy: Any, spec: Any, eos_ids: list[int], runs_pl
     block = getattr(spec, "block_size", None)
     for name in policy.plugin_names:
         meta = policy.metas[name]
-        if "compute_plans" in meta.requires and not runs_plans:
+        options = policy.options.get(name)
+        needs = meta.requires + (options.requires() if isinstance(options, PluginOptions) else ())
+        if "compute_plans" in needs and not runs_plans:
             raise InputError(f"{where}: plugin {name!r} builds compute plans, but {model_name} runs only "
                              "plain forwards; use a model loaded by dllm_decode.models.load_model")
-        if "block_causal" in meta.requires and not block:
-            raise RecipeError(f"{where}: plugin {name!r} caches the blocks of a block-causal model, but "
+        if "block_causal" in needs and not block:
+            what = "caches the blocks of" if "block_causal" in meta.requires else \
+                f"with options {options.model_dump(exclude_defaults=True)} needs"
+            raise RecipeError(f"{where}: plugin {name!r} {what} a block-causal model, but "
                               f"{model_name} is a {family} model that attends over the whole canvas")
-        if "bidirectional" in meta.requires and block:
+        if "bidirectional" in needs and block:
             raise RecipeError(f"{where}: plugin {name!r} needs attention over the whole canvas, but "
                               f"{model_name} is a block-causal {family} model (blocks of {block})")
         if meta.families and family is not None and family not in meta.families:

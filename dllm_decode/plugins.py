@@ -36,6 +36,12 @@ class PluginOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def requires(self) -> tuple[str, ...]:
+        """Model capabilities these option values need beyond the plugin's ``requires`` (an
+        option that only works block by block, say), checked with them when the recipe meets
+        the model."""
+        return ()
+
 
 class NoOptions(PluginOptions):
     """Options of a plugin that takes none."""

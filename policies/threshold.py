@@ -15,7 +15,8 @@ model's blocks commits that position alone. Rows gain a block only after finishi
 before (``dllm_decode.block_mode``), so this is the new block's first step; with the token shift
 the position's logit is the finished block's last output, and its argmax is the token Fast-dLLM
 v2 appends after each block (from the forward that stores the block's K/V) before it decodes
-the next block's sub-blocks. The option refuses models without blocks.
+the next block's sub-blocks. A recipe with the option is refused at load on a model without
+blocks.
 
 The span and the scores come from other slots (``llada`` by default), so ``steps`` only sets the
 engine's step cap here: decoding of a block runs until it has no mask left.
@@ -46,6 +47,9 @@ class Options(PluginOptions):
                                     "commit it alone (with the token shift: the argmax of the previous "
                                     "block's last output).")
 
+    def requires(self) -> tuple[str, ...]:
+        return ("block_causal",) if self.block_first_token else ()
+
 
 dllm_meta = PluginMeta(summary="Fast-dLLM parallel decoding: commit above a confidence threshold "
                        "(or by the factor rule), always at least the best token", options=Options,
@@ -74,9 +78,6 @@ def select_tokens(state, candidates, options):
     else:
         commit = topk_mask(conf, factor_count(conf, options.factor))
     if options.block_first_token:
-        if state.blocks is None:
-            raise ValueError("block_first_token needs a block-causal model (one decoded block by block, "
-                             "ModelSpec.block_size); this model attends over the whole canvas")
         first = block_starts(state) & (conf > float("-inf"))      # (B, L), one per row at most
         commit = torch.where(first.any(dim=1, keepdim=True), first, commit)
     return commit

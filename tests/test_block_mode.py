@@ -319,10 +319,10 @@ def test_fast_dllm_v2_checkpoints_default_to_their_recipe(fdv2, tmp_path):
 
 
 def test_block_first_token_is_refused_without_blocks():
-    from dllm_decode.errors import PluginError
-
+    """Refused when the recipe meets the model, before any forward, naming plugin and option."""
     llada = build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4, mask_token_id=MASK)
     rec = load_recipe("threshold", ["select_tokens.block_first_token=true", "generation.gen_length=8",
                                     "generation.block_length=8", "generation.steps=8"])
-    with pytest.raises(PluginError, match=r"'threshold'.*block_first_token needs a block-causal model"):
-        Decoder(llada, rec).generate([[5, 6, 7]])
+    with pytest.raises(RecipeError, match=r"plugin 'threshold' with options \{.*'block_first_token': True.*\} "
+                                          r"needs a block-causal model, but .* attends over the whole canvas"):
+        Decoder(llada, rec)
