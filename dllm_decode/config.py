@@ -220,6 +220,9 @@ def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] 
     if not isinstance(data, dict):
         raise RecipeError(f"{_where(source)}: a recipe must be a mapping, got {type(data).__name__}")
     data = apply_overrides(dict(data), list(overrides))
+    if "source" in data:        # a field of the loaded recipe, set from where it was read
+        raise RecipeError(blame_overrides(f"{_where(source)}: unknown key 'source' (a recipe's source is the "
+                                          "file it is read from)", source, overrides))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:

@@ -17,9 +17,11 @@ def shipped_recipes() -> dict[str, Path]:
 def find_recipe(name_or_path: str) -> Path:
     """A recipe file path, or the name of a shipped recipe (``llada`` -> ``recipes/llada.yaml``)."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        return path                     # load_recipe reports a missing file with its path
     shipped = shipped_recipes()
+    # a file wins; a folder of the same name (a checkpoint called `sdar`, say) does not hide
+    # the shipped recipe
+    if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in shipped):
+        return path                     # load_recipe reports a missing or unreadable file with its path
     if name_or_path in shipped:
         return shipped[name_or_path]
     raise RecipeError(f"{name_or_path}: no such recipe file, and no shipped recipe of that name "

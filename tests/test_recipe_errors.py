@@ -122,6 +122,23 @@ def test_blocked_plugin(tmp_path, monkeypatch):
     assert "plugin 'llada' is blocked" in msg
 
 
+def test_a_source_key_is_refused_not_ignored(tmp_path, pm):
+    assert "unknown key 'source'" in _error(tmp_path, pm, GOOD + "source: elsewhere.yaml\n")
+
+
+def test_a_folder_named_like_a_shipped_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    from dllm_decode.recipes import find_recipe, shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sdar").mkdir()                   # e.g. a checkpoint folder
+    assert find_recipe("sdar") == shipped_recipes()["sdar"] and load_recipe("sdar").name == "sdar"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(RecipeError, match="mine: cannot read recipe"):
+        load_recipe("mine")
+    (tmp_path / "llada").write_text(GOOD)         # a file of that name is the user's choice
+    assert find_recipe("llada").resolve() == (tmp_path / "llada").resolve()
+
+
 def test_missing_file():
     with pytest.raises(RecipeError, match="nowhere.yaml: cannot read recipe"):
         load_recipe("nowhere.yaml")
