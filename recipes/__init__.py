@@ -18,12 +18,10 @@ def find_recipe(name_or_path: str) -> Path:
     """A recipe file path, or the name of a shipped recipe (``llada`` -> ``recipes/llada.yaml``)."""
     path = Path(name_or_path)
     shipped = shipped_recipes()
-    # a file wins; a folder of the same name (a checkpoint called `sdar`, say) does not hide
-    # the shipped recipe
-    if path.suffix in (".yaml", ".yml") or path.is_file() or (path.exists() and name_or_path not in shipped):
+    if name_or_path in shipped and not path.is_file():     # a folder of that name (a checkpoint
+        return shipped[name_or_path]                        # called `sdar`) does not hide it
+    if path.suffix in (".yaml", ".yml") or path.exists():
         return path                     # load_recipe reports a missing or unreadable file with its path
-    if name_or_path in shipped:
-        return shipped[name_or_path]
     raise RecipeError(f"{name_or_path}: no such recipe file, and no shipped recipe of that name "
                       f"(shipped: {', '.join(shipped) or 'none'})")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dllm_decode.measure.evaluate import load_ar
-from dllm_decode.measure.tasks import MIXES, get_mix, get_task
+from dllm_decode.measure.tasks import get_task, task_names
 
 CONTEXT = 30        # characters of answer shown before a first wrong one
 
@@ -36,7 +36,7 @@ class Reading:
 def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
     """Teacher-forced reading of `model` on the first `n` held-out problems of `task`."""
     eos = tok.eos_token_id
-    loss = chars = wrong = whole = 0.0
+    loss, chars, wrong, whole = 0.0, 0, 0, 0
     first = ""
     for p in get_task(task).problems("test", n, seed):
         prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
@@ -55,7 +55,7 @@ def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
             shown = tok.decode(target[max(0, i - CONTEXT):i].tolist())
             expected, got = tok.decode([int(target[i])]), tok.decode([int(logits[i].argmax())])
             first = f"...{shown}[{expected}->{got}]"
-    return Reading(task, n, loss / chars, wrong / chars, int(whole), first)
+    return Reading(task, n, loss / chars, wrong / chars, whole, first)
 
 
 def table(readings: list[Reading]) -> str:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
-        tasks = get_mix(a.tasks) if a.tasks in MIXES else tuple(t for t in a.tasks.split(",") if t)
+        tasks = task_names(a.tasks)
         for t in tasks:
             get_task(t)
     except KeyError as e:

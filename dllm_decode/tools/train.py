@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dllm_decode.measure.tasks import MIXES, REFERENCE_MIX, get_task
+from dllm_decode.measure.tasks import MIXES, REFERENCE_MIX, get_task, task_names
 from dllm_decode.tools.char_tokenizer import save_char_tokenizer
 from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, save_checkpoint
 
@@ -787,7 +787,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
             raise SystemExit(f"--canvas-weights has {len(weights)} entries for {len(canvas)} canvases")
     else:
         weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
-    tasks = MIXES[a.tasks] if a.tasks in MIXES else tuple(a.tasks.split(","))
+    tasks = task_names(a.tasks)
     task_weights = _floats(a.task_weights, "--task-weights") if a.task_weights else ()
     groups = tuple(int(x) for x in _floats(a.task_groups, "--task-groups")) if a.task_groups else ()
     return TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,

@@ -30,6 +30,11 @@ def get_task(name: str) -> Task:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(TASKS)}") from None
 
 
+def task_names(text: str) -> tuple[str, ...]:
+    """The task names a ``--tasks`` flag gives: a named mix, or names separated by commas."""
+    return MIXES[text] if text in MIXES else tuple(text.split(","))
+
+
 def get_mix(name: str) -> tuple[str, ...]:
     """The task names of a named mix ('reference', 'workload')."""
     try:
@@ -39,4 +44,4 @@ def get_mix(name: str) -> tuple[str, ...]:
 
 
 __all__ = ["Problem", "ProblemStream", "Task", "TASKS", "REFERENCE_MIX", "WORKLOAD_MIX", "MIXES",
-           "get_task", "get_mix", "extract_answer", "split_of"]
+           "get_task", "get_mix", "task_names", "extract_answer", "split_of"]
