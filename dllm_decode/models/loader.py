@@ -209,7 +209,10 @@ def _load_shard(model, shard: Path, expected: set[str], family: str, dt: torch.d
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # buffer some exporters save; RoPE tables are recomputed
                 raise CheckpointError(f"{shard}: unexpected parameter {name!r} for a {family} model")
-            part[name] = f.get_tensor(name).to(device=dev, dtype=dt)
+            # copy=True: a tensor already in `dt` comes back from safetensors 0.8 at an address
+            # that is not 64-byte aligned, and assign=True would keep it; its matmuls then round
+            # differently (last bit) from the same weights in a fresh allocation
+            part[name] = f.get_tensor(name).to(device=dev, dtype=dt, copy=True)
         model.load_state_dict(part, strict=False, assign=True)
     return set(part)
 
