@@ -48,7 +48,7 @@ def _generate_parser(sub: Any) -> None:
                      "family's, sdar or llada2 for those block-diffusion checkpoints, else llada)")
     _recipe_flags(gen, "checkpoint directory (overrides the recipe's model.path)")
     gen.add_argument("--task", metavar="NAME[,NAME]", help="decode held-out problems of these tasks "
-                     "(copy, repeat, case, distinct, add) and score them")
+                     "(names, comma-separated, or a named mix: reference, workload) and score them")
     gen.add_argument("--n", type=int, default=1, help="with --task: problems per task (default 1)")
     gen.add_argument("--task-seed", type=int, default=0, help="with --task: seed of the held-out stream")
     gen.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
@@ -65,7 +65,8 @@ def _bench_parser(sub: Any) -> None:
                        "RECIPE@DIR decodes that row with the checkpoint in DIR (rows of several models)")
     _recipe_flags(bench, "checkpoint directory")
     bench.add_argument("--task", default="copy,repeat,case", metavar="NAME[,NAME]",
-                       help="tasks of the held-out problems (default copy,repeat,case)")
+                       help="tasks of the held-out problems: names, comma-separated, or a named mix "
+                       "(reference, workload; default copy,repeat,case)")
     bench.add_argument("--n", type=int, default=8, help="problems per task (default 8)")
     bench.add_argument("--task-seed", type=int, default=0, help="seed of the held-out stream")
     bench.add_argument("--batch-size", type=int, help="rows decoded together, for every recipe")
@@ -478,10 +479,10 @@ def _load_model(path: str, recipe: Any, args: argparse.Namespace) -> tuple[Any, 
 
 
 def _task_problems(args: argparse.Namespace) -> list:
-    from dllm_decode.measure.tasks import get_task
+    from dllm_decode.measure.tasks import get_task, task_names
 
     problems = []
-    for name in args.task.split(","):
+    for name in task_names(args.task):
         try:
             task = get_task(name.strip())
         except KeyError as err:

@@ -90,6 +90,17 @@ def test_generate_scores_held_out_task_problems():
     assert bad.returncode == 2 and "unknown task 'nope'" in bad.stderr
 
 
+def test_task_flag_takes_a_named_mix():
+    """`--task workload` means the workload mix's tasks, as `--tasks` does in the training tools."""
+    import argparse
+
+    from dllm_decode.cli import _task_problems
+    from dllm_decode.measure.tasks import WORKLOAD_MIX
+
+    problems = _task_problems(argparse.Namespace(task="workload", n=1, task_seed=0))
+    assert [p.task for p in problems] == list(WORKLOAD_MIX)
+
+
 def test_model_card_command_writes_the_table(tmp_path):
     import shutil
 

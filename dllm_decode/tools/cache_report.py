@@ -26,7 +26,7 @@ import torch
 
 from dllm_decode.tools.policy_report import Entry
 from dllm_decode.tools.reporting import Column, held_out, machine, ratio_table, write_between_markers
-from dllm_decode.measure.tasks import REFERENCE_MIX
+from dllm_decode.measure.tasks import REFERENCE_MIX, task_names
 
 START, END = "<!-- cache-report:start -->", "<!-- cache-report:end -->"
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--long", type=int, default=1024, help="second generation length (0: skip)")
     ap.add_argument("--long-tasks", default="copy", help="tasks at the long length")
     ap.add_argument("--long-n", type=int, default=2, help="problems per task at the long length")
-    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX))
+    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX), help="task names, comma-separated, or a named mix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--write", nargs="?", const="docs/caches.md", default=None,
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     models = Path(a.models)
-    tasks = a.tasks.split(",")
+    tasks = list(task_names(a.tasks))
     saved = json.loads(Path(a.from_json).read_text()) if a.from_json else None
     rows = saved[str(a.gen)] if saved else run(models, tasks, a.n, a.seed, a.gen)
     parts = [f"### Generation length {a.gen}\n\n{a.n} held-out problems per task (seed {a.seed}), T = 0, "
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     publish()
     if a.long:
-        long_tasks = a.long_tasks.split(",")
+        long_tasks = list(task_names(a.long_tasks))
         long_rows = saved[str(a.long)] if saved else run(models, long_tasks, a.long_n, a.seed, a.long,
                                                           dream=False, policies=False, max_length=a.long + 256)
         record[str(a.long)] = long_rows

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_decode.measure.tasks import REFERENCE_MIX
+from dllm_decode.measure.tasks import REFERENCE_MIX, task_names
 from dllm_decode.tools.reporting import Column, held_out, machine, ratio_table, write_between_markers
 
 START, END = "<!-- policy-report:start -->", "<!-- policy-report:end -->"
@@ -111,7 +111,7 @@ def render(rows: list[dict], tasks) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Measure every shipped policy against the baseline.")
     ap.add_argument("--models", default="models", help="directory holding the reference models")
-    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX))
+    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX), help="task names, comma-separated, or a named mix")
     ap.add_argument("--n", type=int, default=50, help="held-out problems per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="replace the table between the report markers of this file")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    tasks = a.tasks.split(",")
+    tasks = list(task_names(a.tasks))
     rows = measure(Path(a.models), tasks, a.n, a.seed)
     cmd = "python -m dllm_decode.tools.policy_report" + (f" --n {a.n}" if a.n != 50 else "") + " --write"
     table = (f"{a.n} held-out problems per task (seed {a.seed}), generation length 96, T = 0. "
