@@ -370,6 +370,61 @@ def test_model_card_flags_rebuild_a_workload_config():
     assert "--checkpoint-minutes" not in train_flags(asdict(TrainConfig(checkpoint_minutes=10)))
 
 
+def test_model_card_flags_name_a_device_but_its_cpu_check_does_not():
+    """A run trained on a GPU prints `--device cuda` in its training command (the command must
+    rebuild its config), and the card's CPU check of its first steps leaves the device out."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import _config, _parser
+
+    cfg = TrainConfig(family="ar", out="x", device="cuda", steps=10)
+    flags = train_flags(asdict(cfg))
+    assert asdict(_config(_parser().parse_args(["--family", "ar", "--out", "x"] + flags.split()))) == asdict(cfg)
+    assert "--device" not in train_flags(asdict(cfg), device=False)
+    assert "--device" not in train_flags(asdict(TrainConfig(steps=10)))
+
+
+WORKLOAD_MODELS = ("ar-workload", "dream-workload", "llada-workload")
+
+
+def _first_stage(name: str) -> tuple[dict, dict]:
+    """(first stage's training.json, the checkpoint's own) of shipped checkpoint `name`."""
+    meta = first = json.loads((MODELS / name / "training.json").read_text())
+    while "init" in first:
+        first = first["init"]
+    return first, meta
+
+
+def test_workload_models_share_their_first_stage():
+    """The Dream and LLaDA workload models were adapted from the shipped AR workload model: their
+    first stage is its command and its loss log, so one rerun of it checks all three."""
+    ar, _ = _first_stage("ar-workload")
+    ar_log = (MODELS / "ar-workload" / "loss_log.jsonl").read_text()
+    for name in WORKLOAD_MODELS[1:]:
+        first, meta = _first_stage(name)
+        assert {**first["config"], "out": None} == {**ar["config"], "out": None}, name
+        assert (MODELS / name / stage_log(1)).read_text() == ar_log, name
+        assert meta["config"]["family"] == name.split("-")[0]
+
+
+@pytest.mark.slow
+def test_gpu_trained_workload_command_reproduces_its_first_steps_on_cpu(tmp_path):
+    """The AR workload model was trained on a GPU (bfloat16 autocast). Its command rerun on this
+    CPU for its first 11 steps (about ten minutes: 65,536-token batches) logs the shipped losses
+    at steps 0 and 10 within the rounding `--check` allows between machines: the same data,
+    initialisation and schedule on other kernels."""
+    first, _ = _first_stage("ar-workload")
+    log = _log(MODELS / "ar-workload")
+    cfg = dict(first["config"], out=str(tmp_path / "ar"), device="cpu", threads=2, stop_after=11)
+    train(TrainConfig(**cfg), progress=False)
+    ours = _log(tmp_path / "ar")
+    assert [line["step"] for line in ours] == [0, 10]
+    for mine, theirs in zip(ours, log):
+        assert (mine["step"], mine["lr"]) == (theirs["step"], theirs["lr"])
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3), (mine, theirs)
+
+
 def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
     """A run killed with SIGTERM (what `kill PID` sends) checkpoints the step it was at and
     exits; resumed, it reaches the weights of a run never interrupted."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dllm_decode.measure.tasks import REFERENCE_MIX, get_task
+from dllm_decode.measure.tasks import REFERENCE_MIX, get_task, task_names
 from dllm_decode.tools.reporting import held_out, machine
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -138,7 +138,7 @@ accuracy / speed trade-off to measure without any download. {format_line}
 | size | d_model {d_model}, {n_layers} layers, {n_heads} heads, MLP {mlp_hidden} |
 | tokenizer | `tokenizer.json`: one token per character, specials `<|pad|>` `<|startoftext|>` `<|endoftext|>` (EOS) `<|eot_id|>` `<|mdm_mask|>` (mask) |
 | tasks | {tasks} |
-| training | {steps} steps, batch {batch_size}, seed {seed}, {seconds} s on {threads} |
+| training | {steps} steps, {batch}, seed {seed}, {seconds} s on {threads} |
 
 {loading}
 
@@ -158,7 +158,7 @@ and test prompts are disjoint: a prompt is held out when `crc32(prompt) % 5 == 0
 
 {objective}
 
-Training is deterministic for a seed, a CPU and a thread count. To check that a machine
+Training is deterministic for a seed, a CPU and a thread count.{device_note} To check that a machine
 reproduces this checkpoint without the whole run, rerun {check_what} and compare
 the loss log with the one shipped here{check_where}:
 
@@ -181,9 +181,10 @@ python -m dllm_decode.tools.model_card {rel} {args}--write
 """
 
 
-def train_flags(cfg: dict) -> str:
+def train_flags(cfg: dict, device: bool = True) -> str:
     """The command-line flags that reproduce `cfg`: steps, seed and threads always (the thread
-    count decides the order floats add in, so the weights), the rest when not the defaults."""
+    count decides the order floats add in, so the weights), the rest when not the defaults;
+    `--device` when it was not the CPU, unless `device` is False (a CPU rerun of its first steps)."""
     from dataclasses import asdict
 
     from dllm_decode.tools.train import TrainConfig
@@ -201,6 +202,8 @@ def train_flags(cfg: dict) -> str:
                 continue
             shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             flags.append(f"--{key.replace('_', '-')} {shown}")
+    if device and cfg.get("device", "cpu") != "cpu":
+        flags.append(f"--device {cfg['device']}")
     equal = [1.0] * len(cfg.get("canvas", []))
     if "canvas_weights" in cfg and _norm(cfg["canvas"]) != _norm(default["canvas"]) \
             and _norm(cfg["canvas_weights"]) != _norm(equal):
@@ -277,8 +280,11 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     stages = training_stages(meta, rel)          # [(out, training.json)], first stage first
     first = stages[0][1]["config"]
     train_cmd = "\n".join(train_command(out, m["config"]) for out, m in stages)
+    device_name = meta.get("device_name")
+    # a device-sized batch takes tens of seconds a step on a CPU: check fewer steps there
+    check_steps = 11 if device_name else 100
     check_cmd = (f"python -m dllm_decode.tools.train --family {first['family']} --out runs/{path.name}-check "
-                 f"{train_flags(first)} --stop-after 100 --check {rel}")
+                 f"{train_flags(first, device=False)} --stop-after {check_steps} --check {rel}")
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
@@ -286,6 +292,9 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                    f"block-causal attention in blocks of {cfg.get('block_size', 4)}, aligned logits)",
            "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
     block = cfg["family"] == "sdar"
+    # a diffusion model adapted from an AR first stage: its objective is its first diffusion stage's
+    adapted = not ar and not block and first["family"] == "ar"
+    dfirst = next(m["config"] for _, m in stages if m["config"]["family"] != "ar") if adapted else first
     objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
                  if ar else
                  "Block diffusion, as SDAR adapts an autoregressive model (arXiv 2510.06303): started from "
@@ -298,13 +307,26 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  f"per batch from {', '.join(map(str, cfg.get('block_sizes') or [cfg.get('block_size', 4)]))}; "
                  f"answers padded with EOS to {'/'.join(map(str, first['canvas']))} tokens. "
                  if block else
+                 ("The first stage trains an autoregressive model by next-token prediction; the "
+                  "diffusion stages start from its weights (`dllm_decode/tools/adapt.py`: the same "
+                  "parameters, Dream's q/k/v biases at zero; Dream's logits shifted as the AR model's "
+                  "are, LLaDA's read unshifted). " if adapted else "") +
                  "LLaDA's supervised masked-diffusion objective: per row a mask ratio t ~ U(0.001, 1), "
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
-                 f"{'/'.join(map(str, first['canvas']))} tokens (sampled per batch), EOS included in the loss. "
-                 + mix_sentence(first.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(first))
+                 f"{'/'.join(map(str, dfirst['canvas']))} tokens (sampled per batch), EOS included in the loss. "
+                 + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst))
+
+    def before(n: int) -> dict:
+        """The stage a later stage's sentence is compared with: for the first diffusion stage of
+        an adapted model, its own masks (already in the objective) and the AR stage's task odds."""
+        prev = stages[n - 1][1]["config"]
+        if adapted and prev["family"] == "ar":
+            return {**stages[n][1]["config"], "task_weights": prev.get("task_weights")}
+        return prev
+
     objective += " " + task_odds_sentence(first) + "".join(
-        later_stage_sentence(n, m["config"], stages[n - 1][1]["config"]) for n, (_, m) in enumerate(stages) if n)
+        later_stage_sentence(n, m["config"], before(n)) for n, (_, m) in enumerate(stages) if n)
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
                    "Decoded block by block with the `sdar` recipe (`recipes/sdar.yaml`: greedy tokens, every "
                    "mask at or above the threshold and at least one per forward, the exact block KV cache), "
@@ -330,7 +352,14 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         steps=" + ".join(steps_text(m["config"]) for _, m in stages),
         batch_size=cfg["batch_size"], seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
         seconds=" + ".join(f'{m["seconds"]:.0f}' for _, m in stages),
-        threads=f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
+        threads=f"one {device_name} GPU (`--device {cfg['device']}`)" if device_name else
+        f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
+        batch=(f"{cfg['batch_tokens']:,} padded tokens a batch" if cfg.get("batch_tokens") and cfg.get("batch_by_task")
+               else f"batch {cfg['batch_size']}"),
+        device_note=(f" This checkpoint was trained on an {device_name}, whose kernels round "
+                     "differently from a CPU's: the check below reruns the first steps on the CPU, "
+                     "where the losses agree with the shipped log to the tolerance `--check` allows "
+                     "between machines." if device_name else ""),
         loading=loading, task_lines=task_lines, train_cmd=train_cmd, objective=objective,
         check_cmd=check_cmd,
         check_what="the command's first steps" if len(stages) == 1 else "the first stage's first steps",
@@ -351,19 +380,29 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     return card
 
 
+def card_args(n: int, grid_n: int | None, tasks, gen_length: int) -> str:
+    """The model_card flags that re-measure a card: problem counts, and the tasks and generation
+    length when they are not the defaults."""
+    args = f"--n {n} " + ("" if grid_n is None else f"--grid-n {grid_n} ")
+    if tuple(tasks) != REFERENCE_MIX:
+        args += f"--tasks {','.join(tasks)} "
+    return args + ("" if gen_length == 96 else f"--gen-length {gen_length} ")
+
+
 def rerender(path: Path, tasks, ar: bool) -> None:
     """Rewrite the card from its eval.json: same tables, same measuring machine, current text."""
     stored = json.loads((path / "eval.json").read_text())
     tables = [(t["title"], t["rows"]) for t in stored["tables"]]
+    tasks = tuple(tables[0][1][0]["tasks"])     # the tasks measured, whatever --tasks says
     n = [next(iter(rows[0]["tasks"].values()))["n"] for _, rows in tables]
-    args = f"--n {n[0]} " + ("" if ar else f"--grid-n {n[1] if len(n) > 1 else 0} ")
+    args = card_args(n[0], None if ar else (n[1] if len(n) > 1 else 0), tasks, stored["gen_length"])
     write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint directory (llada, dream or an AutoModelForCausalLM)")
-    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX))
+    ap.add_argument("--tasks", default=",".join(REFERENCE_MIX), help="task names, comma-separated, or a named mix")
     ap.add_argument("--n", type=int, default=200, help="held-out problems per task, headline table")
     ap.add_argument("--grid-n", type=int, default=50, help="held-out problems per task, full grid "
                     "(1/2/4/8 tokens per step x block 8/32/full); 0 skips the grid")
@@ -374,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--render", action="store_true", help="rewrite README.md from the tables already "
                     "in eval.json, without decoding (after a change to the card's text)")
     a = ap.parse_args(argv)
-    path, tasks = Path(a.model), tuple(a.tasks.split(","))
+    path, tasks = Path(a.model), task_names(a.tasks)
     ar = is_ar_checkpoint(path)
     if a.render:
         rerender(path, tasks, ar)
@@ -403,8 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         print(title)
         print(render(rows, tasks))
     if a.write:
-        args = f"--n {a.n} " + ("" if ar else f"--grid-n {a.grid_n} ")
-        write_card(path, tables, tasks, a.gen_length, a.seed, args)
+        write_card(path, tables, tasks, a.gen_length, a.seed, card_args(a.n, None if ar else a.grid_n, tasks,
+                                                                        a.gen_length))
 
 
 if __name__ == "__main__":

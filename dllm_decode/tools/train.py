@@ -608,6 +608,8 @@ def _write_model(model: torch.nn.Module, out: Path, cfg: TrainConfig, meta: dict
         save_pretrained(model, out)
     meta = {"config": asdict(cfg), **meta, "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters())}
+    if torch.device(cfg.device).type == "cuda":     # the card names the accelerator it trained on
+        meta["device_name"] = torch.cuda.get_device_name(torch.device(cfg.device))
     if earlier is not None:
         meta["init"] = earlier
     (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
