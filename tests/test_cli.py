@@ -116,6 +116,31 @@ def test_model_card_command_writes_the_table(tmp_path):
     assert json.loads((card / "eval.json").read_text())["tables"][0]["rows"][0]["tokens_per_step"] == 1
 
 
+def test_model_card_of_a_gpu_trained_diffusion_model_adapted_from_ar(tmp_path):
+    """dream-workload: trained on a GPU from an AR first stage. Its card names the GPU, prints
+    --device in the training commands but not in the CPU check of the first stage's first steps,
+    describes its batches in tokens, and gives the diffusion stage's canvases (not the AR
+    stage's defaults); its re-measure command keeps the tasks and generation length."""
+    import shutil
+
+    card = tmp_path / "dream-workload"
+    card.mkdir()
+    for f in ("config.json", "training.json", "eval.json"):
+        shutil.copy(ROOT / "models" / "dream-workload" / f, card / f)
+    out = subprocess.run([sys.executable, "-m", "dllm_decode.tools.model_card", str(card), "--render"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = (card / "README.md").read_text()
+    meta = json.loads((card / "training.json").read_text())
+    assert f"on one {meta['device_name']} GPU (`--device cuda`)" in text and "65,536 padded tokens a batch" in text
+    commands = [line for line in text.splitlines() if line.startswith("python -m dllm_decode.tools.train")]
+    assert len(commands) == 4 and all("--device cuda" in c for c in commands[:3])
+    assert "--stop-after 11 --check" in commands[3] and "--device" not in commands[3]
+    assert "--family ar" in commands[0] and "--family ar" in commands[3]
+    assert "a canvas of 256/512/1024 tokens" in text and "96/128/256" not in text
+    assert "--tasks copy,chain --gen-length 256 --write" in text
+
+
 def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     """--render rewrites README.md from the stored tables without decoding: the rows come from
     eval.json (a changed number there shows up in the card) and the machine line is the stored one."""

@@ -27,6 +27,7 @@ HEADLINE = ((1, None), (4, None))   # the baseline recipe (one block), one and f
 GRID = tuple((k, b) for k in TOKENS_PER_STEP for b in BLOCKS)
 
 
+GEN_LENGTH = 96                 # the default generation length of a card
 KEEP = "## Limitations"     # a card section kept as written when the card is re-measured
 
 
@@ -350,13 +351,13 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         format=fmt, params=meta["parameters"], d_model=cfg["d_model"], n_layers=cfg["n_layers"],
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
         steps=" + ".join(steps_text(m["config"]) for _, m in stages),
-        batch_size=cfg["batch_size"], seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
+        seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
         seconds=" + ".join(f'{m["seconds"]:.0f}' for _, m in stages),
         threads=f"one {device_name} GPU (`--device {cfg['device']}`)" if device_name else
         f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
         batch=(f"{cfg['batch_tokens']:,} padded tokens a batch" if cfg.get("batch_tokens") and cfg.get("batch_by_task")
                else f"batch {cfg['batch_size']}"),
-        device_note=(f" This checkpoint was trained on an {device_name}, whose kernels round "
+        device_note=(f" This checkpoint was trained on one {device_name}, whose kernels round "
                      "differently from a CPU's: the check below reruns the first steps on the CPU, "
                      "where the losses agree with the shipped log to the tolerance `--check` allows "
                      "between machines." if device_name else ""),
@@ -386,14 +387,14 @@ def card_args(n: int, grid_n: int | None, tasks, gen_length: int) -> str:
     args = f"--n {n} " + ("" if grid_n is None else f"--grid-n {grid_n} ")
     if tuple(tasks) != REFERENCE_MIX:
         args += f"--tasks {','.join(tasks)} "
-    return args + ("" if gen_length == 96 else f"--gen-length {gen_length} ")
+    return args + ("" if gen_length == GEN_LENGTH else f"--gen-length {gen_length} ")
 
 
-def rerender(path: Path, tasks, ar: bool) -> None:
+def rerender(path: Path, ar: bool) -> None:
     """Rewrite the card from its eval.json: same tables, same measuring machine, current text."""
     stored = json.loads((path / "eval.json").read_text())
     tables = [(t["title"], t["rows"]) for t in stored["tables"]]
-    tasks = tuple(tables[0][1][0]["tasks"])     # the tasks measured, whatever --tasks says
+    tasks = tuple(tables[0][1][0]["tasks"])     # the tasks measured
     n = [next(iter(rows[0]["tasks"].values()))["n"] for _, rows in tables]
     args = card_args(n[0], None if ar else (n[1] if len(n) > 1 else 0), tasks, stored["gen_length"])
     write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"])
@@ -406,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=200, help="held-out problems per task, headline table")
     ap.add_argument("--grid-n", type=int, default=50, help="held-out problems per task, full grid "
                     "(1/2/4/8 tokens per step x block 8/32/full); 0 skips the grid")
-    ap.add_argument("--gen-length", type=int, default=96)
+    ap.add_argument("--gen-length", type=int, default=GEN_LENGTH)
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out stream")
     ap.add_argument("--write", action="store_true", help="rewrite the directory's README.md and eval.json")
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     path, tasks = Path(a.model), task_names(a.tasks)
     ar = is_ar_checkpoint(path)
     if a.render:
-        rerender(path, tasks, ar)
+        rerender(path, ar)
         return
     tables = []
     family = family_of(path)
