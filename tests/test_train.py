@@ -76,6 +76,23 @@ def _log(d, name="loss_log.jsonl"):
     return [json.loads(line) for line in (Path(d) / name).read_text().splitlines()]
 
 
+def _first_stage(name: str) -> tuple[dict, dict]:
+    """(first stage's training.json, the checkpoint's own) of shipped checkpoint `name`: the
+    first stage's command and log are what a rerun checks (train.py: _earlier_stages)."""
+    from dllm_decode.tools.model_card import training_stages
+
+    meta = json.loads((MODELS / name / "training.json").read_text())
+    return training_stages(meta, name)[0][1], meta
+
+
+def _assert_same_losses(ours: list[dict], log: list[dict], label: str) -> None:
+    """A rerun's loss log against the shipped one: same steps and learning rates, losses within
+    1e-3 (another CPU or a GPU may round differently; other data or masks would miss by far more)."""
+    for mine, theirs in zip(ours, log):
+        assert (mine["step"], mine["lr"]) == (theirs["step"], theirs["lr"])
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3), (label, mine, theirs)
+
+
 @pytest.mark.parametrize("name", ["llada-reference", "dream-reference", "ar-reference"])
 def test_shipped_training_command_reproduces_its_first_steps(tmp_path, name):
     """The command that trained a shipped checkpoint (its first stage, when it was trained in
@@ -83,18 +100,13 @@ def test_shipped_training_command_reproduces_its_first_steps(tmp_path, name):
     initialisation and schedule. (The rerun of the whole command, and its accuracy, are in the
     model card.)"""
     shipped = MODELS / name
-    meta = first = json.loads((shipped / "training.json").read_text())
-    while "init" in first:      # the first stage's command and log (train.py: _earlier_stages)
-        first = first["init"]
+    first, meta = _first_stage(name)
     log = _log(shipped, "loss_log.jsonl" if first is meta else stage_log(1))
     cfg = dict(first["config"], out=str(tmp_path / name), stop_after=26)
     train(TrainConfig(**cfg), progress=False)
     ours = _log(tmp_path / name)
     assert [line["step"] for line in ours] == [0, 25]
-    for mine, theirs in zip(ours, log):
-        assert (mine["step"], mine["lr"]) == (theirs["step"], theirs["lr"])
-        # another CPU may round differently; other data or masks would miss by far more
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3), (name, mine, theirs)
+    _assert_same_losses(ours, log, name)
 
 
 def test_check_flag_compares_loss_logs(tmp_path, capsys):
@@ -388,14 +400,6 @@ def test_model_card_flags_name_a_device_but_its_cpu_check_does_not():
 WORKLOAD_MODELS = ("ar-workload", "dream-workload", "llada-workload")
 
 
-def _first_stage(name: str) -> tuple[dict, dict]:
-    """(first stage's training.json, the checkpoint's own) of shipped checkpoint `name`."""
-    meta = first = json.loads((MODELS / name / "training.json").read_text())
-    while "init" in first:
-        first = first["init"]
-    return first, meta
-
-
 def test_workload_models_share_their_first_stage():
     """The Dream and LLaDA workload models were adapted from the shipped AR workload model: their
     first stage is its command and its loss log, so one rerun of it checks all three."""
@@ -420,9 +424,7 @@ def test_gpu_trained_workload_command_reproduces_its_first_steps_on_cpu(tmp_path
     train(TrainConfig(**cfg), progress=False)
     ours = _log(tmp_path / "ar")
     assert [line["step"] for line in ours] == [0, 10]
-    for mine, theirs in zip(ours, log):
-        assert (mine["step"], mine["lr"]) == (theirs["step"], theirs["lr"])
-        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-3), (mine, theirs)
+    _assert_same_losses(ours, log, "ar-workload")
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
