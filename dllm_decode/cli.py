@@ -255,6 +255,7 @@ def _stream(decoder: Any, prompts: list[list[int]], tokenizer: Any, args: argpar
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dllm_decode.measure import bench
+    from dllm_decode.measure.evaluate import answers_longer_than, truncation_note
     from dllm_decode.plugins import get_plugin_manager
 
     _check_counts(args)
@@ -282,6 +283,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 m.spec = dataclasses.replace(m.spec, max_length=max(args.max_length, m.spec.max_length))
     models = [loaded[path] for path in paths]
     model, tokenizer = models[0]
+    too_long = answers_longer_than(problems, tokenizer, first.generation.gen_length)
+    note = truncation_note(too_long, first.generation.gen_length)
+    if note:
+        print(f"bench: {note}", file=sys.stderr)
     ar = None
     if args.ar_model:
         from dllm_decode.measure.evaluate import load_ar
@@ -292,6 +297,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"gen {first.generation.gen_length}")
     print(bench.render(runs, info))
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "no_progress")}
+    settings["answers_longer_than_gen_length"] = {t: k for t, (k, _) in too_long.items()}
     if args.json:
         Path(args.json).write_text(json.dumps(bench.to_json(runs, info, settings), indent=1) + "\n")
     if args.plot:

@@ -154,3 +154,38 @@ def test_cli_bench_rows_of_another_checkpoint(tmp_path, capsys):
     assert rows[1]["recipe"]["model"]["path"] == str(tmp_path / "sdar")
     assert main(["bench", "--recipes", "llada@", "--no-progress"]) == 2
     assert "expected RECIPE@DIR" in capsys.readouterr().err
+
+
+def test_answers_longer_than_the_generation_length_are_counted_per_task():
+    """The character tokenizer gives one token per character, so the count is the number of
+    reference answers with more characters than the generation length."""
+    from dllm_decode.measure.evaluate import answers_longer_than, truncation_note
+    from dllm_decode.models.loader import load_tokenizer
+    from dllm_decode.tools.reporting import held_out
+
+    tok = load_tokenizer(ROOT / "models" / "ar-workload")
+    problems = held_out(["chain", "listops"], 20, 0)
+    longest = {t: max(len(p.answer) for p in problems if p.task == t) for t in ("chain", "listops")}
+    g = longest["listops"] - 1
+    counts = answers_longer_than(problems, tok, g)
+    assert counts == {t: (sum(len(p.answer) > g for p in problems if p.task == t), 20) for t in ("chain", "listops")}
+    assert counts["listops"][0] >= 1
+    note = truncation_note(counts, g)
+    assert f"{counts['listops'][0]} of 20 `listops`" in note and str(g) in note
+    if counts["chain"][0] == 0:
+        assert "chain" not in note
+    fits = max(longest.values())
+    assert answers_longer_than(problems, tok, fits) == {"chain": (0, 20), "listops": (0, 20)}
+    assert truncation_note(answers_longer_than(problems, tok, fits), fits) is None
+
+
+def test_cli_bench_says_when_answers_cannot_fit_the_generation_length(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    args = ["bench", "--model", str(MODEL), "--recipes", "threshold", "--task", "copy", "--n", "2",
+            "--set", "generation.block_length=16", "--no-warmup", "--no-progress", "--json", str(out)]
+    assert main(args + ["--gen-length", "16"]) == 0
+    assert "generation length 16 is shorter than the reference answers of 2 of 2 `copy`" in capsys.readouterr().err
+    assert json.loads(out.read_text())["settings"]["answers_longer_than_gen_length"] == {"copy": 2}
+    assert main(args + ["--gen-length", "96"]) == 0
+    assert "shorter than" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["settings"]["answers_longer_than_gen_length"] == {"copy": 0}

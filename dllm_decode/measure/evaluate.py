@@ -78,6 +78,27 @@ def generated_tokens(ids: Sequence[int], eos_ids: Collection[int]) -> int:
     return min(first_stop(ids, eos_ids) + 1, len(ids))
 
 
+def answers_longer_than(problems: Sequence[Problem], tokenizer, gen_length: int) -> dict[str, tuple[int, int]]:
+    """Per task: (problems whose reference answer takes more than ``gen_length`` tokens, problems).
+    Those cannot be written in full at that generation length, so exact match on them is capped:
+    at gen 256, a quarter of the ``columns`` answers and almost half of the ``listops`` ones."""
+    counts: dict[str, list[int]] = {}
+    for p in problems:
+        c = counts.setdefault(p.task, [0, 0])
+        c[0] += len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) > gen_length
+        c[1] += 1
+    return {t: (k, n) for t, (k, n) in counts.items()}
+
+
+def truncation_note(counts: dict[str, tuple[int, int]], gen_length: int) -> str | None:
+    """One line naming the tasks whose answers do not all fit ``gen_length`` (None when all fit)."""
+    over = [f"{k} of {n} `{t}`" for t, (k, n) in counts.items() if k]
+    if not over:
+        return None
+    return (f"generation length {gen_length} is shorter than the reference answers of {', '.join(over)} "
+            "problems: those cannot be exact, so the accuracy there is capped (raise --gen-length)")
+
+
 def evaluate(model, tokenizer, recipe, problems: Sequence[Problem], pm=None, policy=None,
              progress: bool = False) -> EvalResult:
     """Decode every problem with `model` under `recipe` (task by task, batched as the recipe

@@ -245,11 +245,12 @@ def full_mask_sentence(cfg: dict) -> str:
 
 def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     """What the stage at index n (n >= 1) changes from the stage before it, in words."""
-    ordinal = ("second", "third", "fourth")[n - 1] if n <= 3 else f"stage {n + 1}"
+    words = ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
+    lead = f"The {words[n - 1]} stage" if n <= len(words) else f"Stage {n + 1}"
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
     if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
         mix += " " + task_odds_sentence(cfg)
-    return (f" The {ordinal} stage starts from the weights of the one before and trains {steps_text(cfg)} "
+    return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
             f"{mix}{full_mask_sentence(cfg)}")
@@ -400,6 +401,19 @@ def rerender(path: Path, ar: bool) -> None:
     write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"])
 
 
+def warn_truncated(path: Path, tasks, n: int, gen_length: int, seed: int) -> None:
+    """Say which tasks have reference answers longer than the generation length (capped accuracy)."""
+    import sys
+
+    from dllm_decode.measure.evaluate import answers_longer_than, truncation_note
+    from dllm_decode.models.loader import load_tokenizer
+
+    tok = load_tokenizer(path)
+    note = tok and truncation_note(answers_longer_than(held_out(tasks, n, seed), tok, gen_length), gen_length)
+    if note:
+        print(f"model_card: {note}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint directory (llada, dream or an AutoModelForCausalLM)")
@@ -419,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.render:
         rerender(path, ar)
         return
+    warn_truncated(path, tasks, a.n, a.gen_length, a.seed)
     tables = []
     family = family_of(path)
     if ar:
