@@ -157,6 +157,14 @@ def score(state, logits, positions, options, scratch):
     return Candidates(tokens=tokens, confidence=conf, info={"window": (a, b), "logits": window, "noise": noise})
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.25, where the older
+    ``past_key_values`` (the name up to 5.24) still works but warns, and goes away in 5.40."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor, end: int) -> tuple[torch.Tensor, int]:
     """Causal logits for canvas columns [c, end) -> ((B, end - c, V), c), feeding only what the
     cached prefix [0, c) does not hold."""
@@ -167,9 +175,10 @@ def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor
     if cache is None:
         cache = DynamicCache()
     pos = (attn.long().cumsum(1) - 1).clamp(min=0)                          # (B, L) padding-aware
+    kw = cache_keyword(verifier)
     out = verifier(input_ids=x[:, c:end], attention_mask=attn[:, :end].long(), position_ids=pos[:, c:end],
-                   past_key_values=cache, use_cache=True)
-    scratch["cache"] = out.past_key_values
+                   use_cache=True, **{kw: cache})
+    scratch["cache"] = getattr(out, kw)
     scratch["verifier_forwards"] += 1
     return out.logits, c
 

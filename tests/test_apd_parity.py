@@ -138,3 +138,36 @@ def test_bad_verifier_and_missing_plan_are_refused(models, verifier_dir, tmp_pat
                                "policy": {"plugin": "apd", "verifier": str(other)}})
     with pytest.raises(RecipeError, match="tokenizer of .* differs from the model's"):
         Decoder(models["llada"], recipe)
+
+
+def test_the_verifier_cache_goes_by_the_name_transformers_declares(models, verifier_dir):
+    """transformers 5.25 renamed the forward's ``past_key_values`` to ``cache``: the old name still
+    works there but warns (and goes in 5.40). The verifier is called by the name its forward
+    declares, so an APD decode logs no such warning on either side of the rename."""
+    import inspect
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from dllm_decode.models.loader import load_causal_lm
+    from dllm_decode.policies.apd import cache_keyword
+
+    verifier = load_causal_lm(str(verifier_dir))
+    assert cache_keyword(verifier) in inspect.signature(verifier.forward).parameters
+    logger = hf_logging.get_logger("transformers")
+    logger.warning_once.cache_clear()           # a warning already given this session would hide one
+
+    class Catch(logging.Handler):
+        seen: list[str] = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    handler = Catch()
+    logger.addHandler(handler)
+    try:
+        out = Decoder(models["llada"], _recipe(verifier_dir, 16, 4, mixture_weight=0.9)).generate(PROMPTS4, keep_states=True)
+    finally:
+        logger.removeHandler(handler)
+    assert out.states[0].counters["verifier_forwards"] >= 1
+    assert not [m for m in handler.seen if "deprecated" in m], handler.seen
