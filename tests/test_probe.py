@@ -1,15 +1,22 @@
 """tools.probe: the teacher-forced reading lines each answer character up with the logit that
 predicts it (the shipped AR model copies without a wrong character and knows nothing of the
-workload tasks), and bad flags are one error line."""
+workload tasks); a diffusion checkpoint is read in its left-to-right decoding states, the same
+numbers as one canvas per character built and read one at a time; bad flags are one error line."""
 
 from pathlib import Path
 
 import pytest
 
 from dllm_decode.measure.evaluate import load_ar
-from dllm_decode.tools.probe import main, probe_task, table
+import torch
+import torch.nn.functional as F
 
-AR = Path(__file__).resolve().parents[1] / "models" / "ar-reference"
+from dllm_decode.measure.tasks import get_task
+from dllm_decode.models import load_model
+from dllm_decode.tools.probe import main, probe_diffusion_task, probe_task, table
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+AR = MODELS / "ar-reference"
 
 
 def test_a_learned_task_reads_clean_and_an_unlearned_one_does_not():
@@ -23,7 +30,36 @@ def test_a_learned_task_reads_clean_and_an_unlearned_one_does_not():
     assert len(rows) == 4 and rows[2].startswith("| `copy` | 4 | 0.000 | 0.0% | 4 / 4 |")
 
 
+@pytest.mark.parametrize("name", ["llada-reference", "dream-reference"])
+def test_a_diffusion_reading_is_each_character_in_its_left_to_right_state(name):
+    """One canvas per character, built and read one at a time: prompt, the answer so far, masks to
+    the end of a gen-length canvas. The batched reading gives the same loss and misses, and the
+    small models, which learned `copy` and not `chain`, read them as the AR model does."""
+    model, tok = load_model(MODELS / name)
+    mask, eos, gen = model.spec.mask_token_id, model.spec.eos_token_id, 96
+    for task in ("copy", "chain"):
+        loss, wrong, chars = 0.0, 0, 0
+        for p in get_task(task).problems("test", 2, 0):
+            prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+            for i, want in enumerate(answer):
+                x = prompt + answer[:i] + [mask] * (max(gen, len(answer)) - i)
+                with torch.no_grad():
+                    row = model(torch.tensor([x]))[0, len(prompt) + i].float()
+                loss += F.cross_entropy(row[None], torch.tensor([want])).item()
+                wrong += int(row.argmax()) != want
+                chars += 1
+        got = probe_diffusion_task(model, tok, task, 2, gen_length=gen, rows=7)
+        assert got.wrong_share == wrong / chars
+        assert got.nats_per_char == pytest.approx(loss / chars, rel=1e-5)
+    copy = probe_diffusion_task(model, tok, "copy", 2, gen_length=gen)
+    chain = probe_diffusion_task(model, tok, "chain", 2, gen_length=gen)
+    assert copy.whole == 2 and copy.wrong_share == 0.0
+    assert chain.whole == 0 and chain.wrong_share > 0.3 and "->" in chain.first_wrong
+
+
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
+                                           (["--gen-length", "0"], "--gen-length must be at least 1"),
                                            (["--tasks", "copy,nope"], "unknown task 'nope'")])
 def test_bad_flags_are_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,18 +1,27 @@
-"""Teacher-forced reading of an autoregressive checkpoint on held-out task problems, for a model
-still in training: greedy decoding scores 0 on long answers until nearly every character is
-right, so this says where it stands before then. Per task: the loss per answer character (the
-answer and its EOS), the share of characters whose most likely prediction is wrong, how many
-answers have no wrong character, and the first wrong character of the first such answer in its
-context. (On a task that accepts several answers, such as ``case``, a character of another
-valid answer counts as wrong: the reading compares with the one reference answer.)
+"""Teacher-forced reading of a checkpoint on held-out task problems, for a model still in
+training: greedy decoding scores 0 on long answers until nearly every character is right, so
+this says where it stands before then. Per task: the loss per answer character (the answer and
+its EOS), the share of characters whose most likely prediction is wrong, how many answers have no
+wrong character, and the first wrong character of the first such answer in its context. (On a
+task that accepts several answers, such as ``case``, a character of another valid answer counts
+as wrong: the reading compares with the one reference answer.)
+
+An autoregressive checkpoint reads each character after the answer before it. A diffusion one
+(LLaDA, Dream) reads it in the state a left-to-right decode of one token per forward visits: the
+prompt, the answer before the character, and masks from it to the end of a canvas of
+``--gen-length`` positions (longer when the answer is), one canvas per character. A model that
+reads every character right there decodes the answer exactly in that order; where it does not,
+the reading tells a wrong value (``068*04=3``) from a decoding order that commits too early.
 
     python -m dllm_decode.tools.probe runs/ar-snap --tasks copy,chain,columns --n 8
+    python -m dllm_decode.tools.probe models/dream-workload --tasks chain --n 16
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,18 +42,17 @@ class Reading:
     first_wrong: str            # '...context[expected->predicted]' of the first imperfect answer
 
 
-def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
-    """Teacher-forced reading of `model` on the first `n` held-out problems of `task`."""
-    eos = tok.eos_token_id
+def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits) -> Reading:
+    """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer)``
+    gives (A, V) logits predicting the answer's A tokens (its EOS included) from token ids."""
     loss, chars, wrong, whole = 0.0, 0, 0, 0
     first = ""
     for p in get_task(task).problems("test", n, seed):
         prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
         answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
-        ids = torch.tensor([prompt + answer])
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()   # (A, V): predicts answer
-        target = ids[0, len(prompt):]
+            logits = answer_logits(prompt, answer).float()                      # (A, V)
+        target = torch.tensor(answer)
         miss = logits.argmax(-1) != target                                      # (A,)
         loss += F.cross_entropy(logits, target, reduction="sum").item()
         chars += len(answer)
@@ -56,6 +64,35 @@ def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
             expected, got = tok.decode([int(target[i])]), tok.decode([int(logits[i].argmax())])
             first = f"...{shown}[{expected}->{got}]"
     return Reading(task, n, loss / chars, wrong / chars, whole, first)
+
+
+def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
+    """Teacher-forced reading of an autoregressive `model` on the first `n` held-out problems of `task`."""
+    def answer_logits(prompt, answer):
+        ids = torch.tensor([prompt + answer])
+        return model(input_ids=ids).logits[0, len(prompt) - 1:-1]               # (A, V): predicts answer
+    return read_answers(tok, task, n, seed, tok.eos_token_id, answer_logits)
+
+
+def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_length: int = 256,
+                         rows: int = 64) -> Reading:
+    """The reading of a diffusion checkpoint (a ``Denoiser``) on the first `n` held-out problems of
+    `task`, each answer character in its left-to-right decoding state (module docstring)."""
+    mask = model.spec.mask_token_id
+
+    def answer_logits(prompt, answer):
+        P, A = len(prompt), len(answer)
+        target = torch.tensor(answer)                                           # (A,)
+        canvas = torch.full((A, P + max(gen_length, A)), mask)                  # row i reads character i
+        canvas[:, :P] = torch.tensor(prompt)
+        before = torch.arange(A)[None, :] < torch.arange(A)[:, None]            # (A, A): row i shows answer[:i]
+        canvas[:, P:P + A] = torch.where(before, target, torch.tensor(mask))
+        out = []
+        for s in range(0, A, rows):
+            idx = torch.arange(s, min(s + rows, A))
+            out.append(model(canvas[s:s + rows])[idx - s, P + idx])             # (r, V): each row's own position
+        return torch.cat(out)
+    return read_answers(tok, task, n, seed, model.spec.eos_token_id, answer_logits)
 
 
 def table(readings: list[Reading]) -> str:
@@ -70,14 +107,18 @@ def table(readings: list[Reading]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dllm_decode.tools.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="an autoregressive checkpoint folder (a training run's --snapshot)")
+    ap.add_argument("model", help="a checkpoint folder (autoregressive, LLaDA or Dream; a training run's --snapshot)")
     ap.add_argument("--tasks", default="workload", help="task names, comma-separated, or a named mix")
     ap.add_argument("--n", type=int, default=8, help="held-out problems per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--gen-length", type=int, default=256,
+                    help="diffusion checkpoints: canvas positions after the prompt (at least the answer's)")
     a = ap.parse_args(argv)
     if a.n < 1:
         ap.error(f"--n must be at least 1, got {a.n}")
+    if a.gen_length < 1:
+        ap.error(f"--gen-length must be at least 1, got {a.gen_length}")
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -86,9 +127,17 @@ def main(argv: list[str] | None = None) -> None:
             get_task(t)
     except KeyError as e:
         ap.error(f"--tasks: {e.args[0]}")
-    model, tok = load_ar(a.model)
-    model.eval()
-    print(table([probe_task(model, tok, t, a.n, a.seed) for t in tasks]))
+    from dllm_decode.tools.model_card import is_ar_checkpoint
+
+    if is_ar_checkpoint(Path(a.model)):
+        model, tok = load_ar(a.model)
+        model.eval()
+        print(table([probe_task(model, tok, t, a.n, a.seed) for t in tasks]))
+        return
+    from dllm_decode.models import load_model
+
+    model, tok = load_model(a.model)
+    print(table([probe_diffusion_task(model, tok, t, a.n, a.seed, a.gen_length) for t in tasks]))
 
 
 if __name__ == "__main__":
