@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dllm_decode.tools.demo_model import make_demo_model
 
@@ -114,6 +115,30 @@ def test_model_card_command_writes_the_table(tmp_path):
     assert "| 1 | full |" in text and "| 4 | full |" in text and "python -m dllm_decode.tools.train --family llada" in text
     assert "--stop-after 100 --check" in text     # the quick reproduction check
     assert json.loads((card / "eval.json").read_text())["tables"][0]["rows"][0]["tokens_per_step"] == 1
+
+
+def test_model_card_names_the_dtype_and_device_it_decoded_with(tmp_path):
+    """--dtype reaches the machine line, eval.json and the re-measure command, and --render keeps
+    them; a device torch cannot use here is refused in one line before anything loads."""
+    import shutil
+
+    card = tmp_path / "llada-reference"
+    shutil.copytree(ROOT / "models" / "llada-reference", card)
+    run = [sys.executable, "-m", "dllm_decode.tools.model_card", str(card), "--n", "2", "--grid-n", "0"]
+    out = subprocess.run(run + ["--dtype", "bfloat16", "--write"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    stored = json.loads((card / "eval.json").read_text())
+    assert stored["dtype"] == "bfloat16" and stored["machine"].endswith("bfloat16, batch decoding")
+    for step in ("written", "rendered"):
+        text = (card / "README.md").read_text()
+        assert "--n 2 --grid-n 0 --dtype bfloat16 --write" in text, step
+        assert "torch 2" in text and "bfloat16, batch decoding" in text, step
+        out = subprocess.run([*run[:4], "--render"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+    if not torch.cuda.is_available():
+        out = subprocess.run(run + ["--device", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and "--device 'cuda'" in out.stderr and "use cpu" in out.stderr
 
 
 def test_model_card_of_a_gpu_trained_diffusion_model_adapted_from_ar(tmp_path):

@@ -2,6 +2,8 @@
 
     python -m dllm_decode.tools.model_card models/llada-reference            # print the table
     python -m dllm_decode.tools.model_card models/llada-reference --write    # and rewrite README.md
+    python -m dllm_decode.tools.model_card models/dream-workload --tasks chain --gen-length 256 \
+        --device cuda --dtype bfloat16 --write                                  # on a GPU, named in the card
 
 A diffusion checkpoint is decoded with the LLaDA baseline recipe at 1, 2, 4 and 8 tokens per
 step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; a block-diffusion one
@@ -52,8 +54,14 @@ def is_ar_checkpoint(path: Path) -> bool:
     return family_of(path) == "ar"
 
 
+def where(device: str, dtype: str) -> list[str]:
+    """Recipe overrides that decode on ``device`` in ``dtype`` (nothing for the CPU in float32)."""
+    return ([] if device == "cpu" else [f"model.device={json.dumps(device)}"]) + (
+        [] if dtype == "float32" else [f"generation.dtype={dtype}"])
+
+
 def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int, grid,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """A block-diffusion checkpoint decoded block by block with its family's recipe (exact block
     cache) at each (block size, threshold) of ``grid``; the model loaded at that block size."""
     from dllm_decode.config import load_recipe
@@ -65,11 +73,11 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
     problems = held_out(tasks, n, seed)
     rows = []
     for size, threshold in grid:
-        model, tok = load_model(path, block_size=size)
+        model, tok = load_model(path, block_size=size, dtype=dtype, device=device)
         recipe = load_recipe(find_recipe(name), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={size}",
             f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
-            f"select_tokens.threshold={threshold}"])
+            f"select_tokens.threshold={threshold}", *where(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
                      "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
@@ -80,20 +88,20 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
 
 
 def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
-                    grid=GRID, progress: bool = True) -> list[dict]:
+                    grid=GRID, progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     from dllm_decode.config import load_recipe
     from dllm_decode.measure.evaluate import evaluate
     from dllm_decode.models import load_model
     from dllm_decode.recipes import find_recipe
 
-    model, tok = load_model(path)
+    model, tok = load_model(path, dtype=dtype, device=device)
     problems = held_out(tasks, n, seed)
     rows = []
     for k, block in grid:
         b = block or gen_length
         recipe = load_recipe(find_recipe("llada"), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={b}",
-            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}"])
+            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}", *where(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
@@ -104,10 +112,12 @@ def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int,
     return rows
 
 
-def ar_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int) -> list[dict]:
+def ar_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
+             device: str = "cpu", dtype: str = "float32") -> list[dict]:
     from dllm_decode.measure.evaluate import evaluate_ar, load_ar
 
-    model, tok = load_ar(str(path))
+    model, tok = load_ar(str(path), device=device)
+    model.to(getattr(torch, dtype))
     res = evaluate_ar(model, tok, held_out(tasks, n, seed), max_new_tokens=gen_length, batch_size=batch_size)
     return [{"tokens_per_step": 1, "block_length": "greedy (KV cache)", "tasks": res.per_task,
              "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem}]
@@ -271,10 +281,10 @@ def mix_sentence(mix) -> str:
 
 
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
-               args: str, measured_on: str | None = None) -> str:
+               args: str, measured_on: str | None = None, device: str = "cpu", dtype: str = "float32") -> str:
     """Write README.md and eval.json of `path`. `measured_on`: the machine line of tables
-    measured earlier (re-rendering); by default this machine's."""
-    measured_on = measured_on or machine()
+    measured earlier (re-rendering); by default this machine's (`device`, `dtype`)."""
+    measured_on = measured_on or machine(device, dtype)
     meta = json.loads((path / "training.json").read_text())
     cfg = meta["config"]
     ar = cfg["family"] == "ar"
@@ -376,19 +386,23 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     if KEEP in old:
         card += "\n" + old[old.index(KEEP):]    # hand-written notes survive a re-measure
     readme.write_text(card)
+    where = {} if (device, dtype) == ("cpu", "float32") else {"device": device, "dtype": dtype}
     (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": measured_on,
-                                                "tables": [{"title": t, "rows": r} for t, r in tables]},
+                                                **where, "tables": [{"title": t, "rows": r} for t, r in tables]},
                                                indent=2) + "\n")
     return card
 
 
-def card_args(n: int, grid_n: int | None, tasks, gen_length: int) -> str:
-    """The model_card flags that re-measure a card: problem counts, and the tasks and generation
-    length when they are not the defaults."""
+def card_args(n: int, grid_n: int | None, tasks, gen_length: int, device: str = "cpu",
+              dtype: str = "float32") -> str:
+    """The model_card flags that re-measure a card: problem counts, and the tasks, generation
+    length, device and dtype when they are not the defaults."""
     args = f"--n {n} " + ("" if grid_n is None else f"--grid-n {grid_n} ")
     if tuple(tasks) != REFERENCE_MIX:
         args += f"--tasks {','.join(tasks)} "
-    return args + ("" if gen_length == GEN_LENGTH else f"--gen-length {gen_length} ")
+    args += "" if gen_length == GEN_LENGTH else f"--gen-length {gen_length} "
+    args += "" if device == "cpu" else f"--device {device} "
+    return args + ("" if dtype == "float32" else f"--dtype {dtype} ")
 
 
 def rerender(path: Path, ar: bool) -> None:
@@ -397,8 +411,9 @@ def rerender(path: Path, ar: bool) -> None:
     tables = [(t["title"], t["rows"]) for t in stored["tables"]]
     tasks = tuple(tables[0][1][0]["tasks"])     # the tasks measured
     n = [next(iter(rows[0]["tasks"].values()))["n"] for _, rows in tables]
-    args = card_args(n[0], None if ar else (n[1] if len(n) > 1 else 0), tasks, stored["gen_length"])
-    write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"])
+    device, dtype = stored.get("device", "cpu"), stored.get("dtype", "float32")
+    args = card_args(n[0], None if ar else (n[1] if len(n) > 1 else 0), tasks, stored["gen_length"], device, dtype)
+    write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"], device, dtype)
 
 
 def warn_truncated(path: Path, tasks, n: int, gen_length: int, seed: int) -> None:
@@ -423,12 +438,23 @@ def main(argv: list[str] | None = None) -> None:
                     "(1/2/4/8 tokens per step x block 8/32/full); 0 skips the grid")
     ap.add_argument("--gen-length", type=int, default=GEN_LENGTH)
     ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--device", default="cpu", help="torch device to decode on, e.g. cuda (the card names it)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of the decode (the card names it)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out stream")
     ap.add_argument("--write", action="store_true", help="rewrite the directory's README.md and eval.json")
     ap.add_argument("--render", action="store_true", help="rewrite README.md from the tables already "
                     "in eval.json, without decoding (after a change to the card's text)")
     a = ap.parse_args(argv)
     path, tasks = Path(a.model), task_names(a.tasks)
+    from dllm_decode.errors import CheckpointError
+    from dllm_decode.models.loader import check_device
+
+    try:
+        check_device(a.device, "--device")
+    except CheckpointError as e:
+        ap.error(str(e))
+    on = dict(device=a.device, dtype=a.dtype)
     ar = is_ar_checkpoint(path)
     if a.render:
         rerender(path, ar)
@@ -438,28 +464,28 @@ def main(argv: list[str] | None = None) -> None:
     family = family_of(path)
     if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
-                       ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed)))
+                       ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, **on)))
     elif family == "sdar":
         trained = json.loads((path / "config.json").read_text())["block_size"]
         tables.append((f"The `sdar` recipe at the checkpoint's block size, {a.n} problems per task:",
                        block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed,
-                                   ((trained, 0.85), (trained, 1.0)))))
+                                   ((trained, 0.85), (trained, 1.0)), **on)))
         if a.grid_n:
             tables.append((f"Block size x threshold, {a.grid_n} problems per task:",
                            block_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed,
-                                       tuple((b, t) for b in BLOCK_SIZES for t in THRESHOLDS))))
+                                       tuple((b, t) for b in BLOCK_SIZES for t in THRESHOLDS), **on)))
     else:
         tables.append((f"Baseline recipe (one block over the canvas), {a.n} problems per task:",
-                       diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE)))
+                       diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE, **on)))
         if a.grid_n:
             tables.append((f"Tokens per step x block length, {a.grid_n} problems per task:",
-                           diffusion_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed, GRID)))
+                           diffusion_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed, GRID, **on)))
     for title, rows in tables:
         print(title)
         print(render(rows, tasks))
     if a.write:
-        write_card(path, tables, tasks, a.gen_length, a.seed, card_args(a.n, None if ar else a.grid_n, tasks,
-                                                                        a.gen_length))
+        write_card(path, tables, tasks, a.gen_length, a.seed,
+                   card_args(a.n, None if ar else a.grid_n, tasks, a.gen_length, a.device, a.dtype), **on)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,12 @@ def held_out(tasks, n: int, seed: int):
     return [p for name in tasks for p in get_task(name).problems("test", n, seed)]
 
 
-def machine() -> str:
+def machine(device: str = "cpu", dtype: str = "float32") -> str:
+    """The measuring machine in one line: the GPU's name on a CUDA device, else the CPU's threads."""
+    if str(device).startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {dtype}, batch decoding"
     return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"float32, batch decoding")
+            f"{dtype}, batch decoding")
 
 
 #: a table column: (header, cell of a row given the first row of the same model)
