@@ -54,7 +54,7 @@ def is_ar_checkpoint(path: Path) -> bool:
     return family_of(path) == "ar"
 
 
-def where(device: str, dtype: str) -> list[str]:
+def device_overrides(device: str, dtype: str) -> list[str]:
     """Recipe overrides that decode on ``device`` in ``dtype`` (nothing for the CPU in float32)."""
     return ([] if device == "cpu" else [f"model.device={json.dumps(device)}"]) + (
         [] if dtype == "float32" else [f"generation.dtype={dtype}"])
@@ -77,7 +77,7 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
         recipe = load_recipe(find_recipe(name), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={size}",
             f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
-            f"select_tokens.threshold={threshold}", *where(device, dtype)])
+            f"select_tokens.threshold={threshold}", *device_overrides(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
                      "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
@@ -101,7 +101,8 @@ def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int,
         b = block or gen_length
         recipe = load_recipe(find_recipe("llada"), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={b}",
-            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}", *where(device, dtype)])
+            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}",
+            *device_overrides(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
@@ -386,9 +387,9 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     if KEEP in old:
         card += "\n" + old[old.index(KEEP):]    # hand-written notes survive a re-measure
     readme.write_text(card)
-    where = {} if (device, dtype) == ("cpu", "float32") else {"device": device, "dtype": dtype}
+    decoded_on = {} if (device, dtype) == ("cpu", "float32") else {"device": device, "dtype": dtype}
     (path / "eval.json").write_text(json.dumps({"seed": seed, "gen_length": gen_length, "machine": measured_on,
-                                                **where, "tables": [{"title": t, "rows": r} for t, r in tables]},
+                                                **decoded_on, "tables": [{"title": t, "rows": r} for t, r in tables]},
                                                indent=2) + "\n")
     return card
 
