@@ -172,10 +172,11 @@ def verifier_logits(verifier, scratch: dict, x: torch.Tensor, attn: torch.Tensor
 
     cache = scratch["cache"]
     c = 0 if cache is None else cache.get_seq_length()
-    if cache is None:
+    if cache is None:                   # a request's first verifier forward: read the signature once
         cache = DynamicCache()
+        scratch["cache_keyword"] = cache_keyword(verifier)
     pos = (attn.long().cumsum(1) - 1).clamp(min=0)                          # (B, L) padding-aware
-    kw = cache_keyword(verifier)
+    kw = scratch["cache_keyword"]
     out = verifier(input_ids=x[:, c:end], attention_mask=attn[:, :end].long(), position_ids=pos[:, c:end],
                    use_cache=True, **{kw: cache})
     scratch["cache"] = getattr(out, kw)

@@ -54,12 +54,6 @@ def is_ar_checkpoint(path: Path) -> bool:
     return family_of(path) == "ar"
 
 
-def device_overrides(device: str, dtype: str) -> list[str]:
-    """Recipe overrides that decode on ``device`` in ``dtype`` (nothing for the CPU in float32)."""
-    return ([] if device == "cpu" else [f"model.device={json.dumps(device)}"]) + (
-        [] if dtype == "float32" else [f"generation.dtype={dtype}"])
-
-
 def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int, grid,
                 progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """A block-diffusion checkpoint decoded block by block with its family's recipe (exact block
@@ -77,7 +71,8 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
         recipe = load_recipe(find_recipe(name), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={size}",
             f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
-            f"select_tokens.threshold={threshold}", *device_overrides(device, dtype)])
+            f"select_tokens.threshold={threshold}", f"model.device={json.dumps(device)}",
+            f"generation.dtype={dtype}"])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
                      "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
@@ -102,7 +97,7 @@ def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int,
         recipe = load_recipe(find_recipe("llada"), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={b}",
             f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}",
-            *device_overrides(device, dtype)])
+            f"model.device={json.dumps(device)}", f"generation.dtype={dtype}"])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
