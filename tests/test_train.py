@@ -375,7 +375,7 @@ def test_model_card_flags_rebuild_a_workload_config():
 
     cfg = TrainConfig(family="dream", out="x", tasks=WORKLOAD_MIX, batch_by_task=True, batch_tokens=4096,
                       autocast="bf16", max_length=2048, n_kv_heads=6, canvas=(256, 1024),
-                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100)
+                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100, loss_weight="cart", cart_p=0.25)
     flags = train_flags(asdict(cfg)).split()
     again = _config(_parser().parse_args(["--family", "dream", "--out", "x"] + flags))
     assert asdict(again) == asdict(cfg)
@@ -485,3 +485,81 @@ def test_snapshot_writes_the_checkpoint_weights_as_a_loadable_model(tmp_path, fa
     assert logged == [0, 1]                       # the steps the checkpoint holds, for a later stage
     with pytest.raises(SystemExit, match="needs --out"):
         main(["--snapshot", str(run)])
+
+
+def _cart_by_hand(masked, att, p):
+    """Dream's CART weight written out position by position: 1/2 * sum over revealed i != n of
+    p (1-p)^(|n-i|-1), for masked n; 0 elsewhere."""
+    B, L = masked.shape
+    out = torch.zeros(B, L, dtype=torch.float64)
+    for b in range(B):
+        for n in range(L):
+            if not masked[b, n]:
+                continue
+            out[b, n] = sum(0.5 * p * (1 - p) ** (abs(n - i) - 1)
+                            for i in range(L) if i != n and att[b, i] and not masked[b, i])
+    return out
+
+
+def test_cart_weight_follows_dreams_formula():
+    from dllm_decode.tools.train import cart_weight
+
+    g = torch.Generator().manual_seed(0)
+    masked = torch.rand(3, 30, generator=g) < 0.5
+    att = torch.ones(3, 30, dtype=torch.long)
+    att[1, :4] = 0                    # left padding is not context
+    for p in (0.3, 0.7):
+        assert torch.allclose(cart_weight(masked, att, p).double(), _cart_by_hand(masked, att, p), atol=1e-6)
+    # a token between two revealed neighbours weighs most, one with none revealed nothing
+    row = torch.tensor([[False, True, False, True, True, True]])
+    w = cart_weight(row, torch.ones(1, 6), 0.3)[0]
+    assert w[1] > w[3] > w[4] and w[0] == 0
+
+
+def test_cart_loss_weighs_the_same_masks_by_their_context():
+    """--loss-weight cart draws the same masks (mdlm and cart losses agree token by token up to
+    their weights) and trains a run that differs from the 1/t one."""
+    tok = build_char_tokenizer()
+    ids, att, P = Batcher(_tiny("dream", "unused"), tok).next(80)
+    logits = torch.randn(ids.shape[0], ids.shape[1], len(tok))
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x, attention_mask=None):
+            self.seen = x
+            return logits
+
+    def loss(kind):
+        m = Fixed()
+        value = diffusion_loss(m, ids, att, P, tok.mask_token_id, tok.eos_token_id, 1e-3,
+                               torch.Generator().manual_seed(0), loss_weight=kind)
+        return value, m.seen
+
+    (mdlm, seen_a), (cart, seen_b) = loss("mdlm"), loss("cart")
+    assert torch.equal(seen_a, seen_b)
+    masked = seen_b == tok.mask_token_id
+    ce = torch.nn.functional.cross_entropy(logits[masked], ids[masked], reduction="none").double()
+    w = _cart_by_hand(masked, att, 0.3)[masked]
+    assert torch.isclose(cart.double(), (ce * w).sum() / (ids.shape[0] * (ids.shape[1] - P)), rtol=1e-5)
+    assert not torch.isclose(cart, mdlm)
+
+
+def test_cart_is_refused_where_it_means_nothing(tmp_path):
+    with pytest.raises(ValueError, match="family 'ar'"):
+        train(TrainConfig(**{**_tiny("ar", tmp_path / "a").__dict__, "loss_weight": "cart"}), progress=False)
+    with pytest.raises(ValueError, match="--cart-p 1.5"):
+        train(TrainConfig(**{**_tiny("dream", tmp_path / "d").__dict__, "loss_weight": "cart", "cart_p": 1.5}),
+              progress=False)
+
+
+def test_model_card_says_when_a_stage_weighs_tokens_by_context():
+    """A later stage trained with --loss-weight cart is described as such (with its p), a stage
+    that goes back to 1/t says so, and an unchanged one says nothing about weights."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import later_stage_sentence
+
+    base = asdict(TrainConfig(family="dream", steps=10))
+    cart = {**base, "loss_weight": "cart", "cart_p": 0.25}
+    assert "CART" in later_stage_sentence(1, cart, base) and "p = 0.25" in later_stage_sentence(1, cart, base)
+    assert "1/t again" in later_stage_sentence(2, base, cart)
+    assert "CART" not in later_stage_sentence(1, base, base) and "1/t" not in later_stage_sentence(1, base, base)

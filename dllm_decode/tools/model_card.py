@@ -249,6 +249,15 @@ def full_mask_sentence(cfg: dict) -> str:
             "EOS padding, weighted the same way." if cfg.get("full_mask", 0) else "")
 
 
+def weight_sentence(cfg: dict) -> str:
+    """How a diffusion stage weighs its masked tokens, when not LLaDA's 1/t."""
+    if cfg.get("loss_weight", "mdlm") != "cart":
+        return ""
+    return (" Each masked token's cross-entropy is weighted by its revealed context instead of 1/t "
+            f"(Dream's CART, arXiv 2508.15487: half the sum of p(1-p)^(d-1) over the revealed tokens at "
+            f"distance d, p = {float(cfg.get('cart_p', 0.3)):g}; `dllm_decode/tools/train.py: cart_weight`).")
+
+
 def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     """What the stage at index n (n >= 1) changes from the stage before it, in words."""
     words = ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
@@ -256,6 +265,9 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
     if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
         mix += " " + task_odds_sentence(cfg)
+    if (cfg.get("loss_weight", "mdlm"), cfg.get("cart_p", 0.3)) != (before.get("loss_weight", "mdlm"),
+                                                                    before.get("cart_p", 0.3)):
+        mix += weight_sentence(cfg) or " Masked tokens are weighted 1/t again."
     return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
@@ -323,7 +335,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
                  f"{'/'.join(map(str, dfirst['canvas']))} tokens (sampled per batch), EOS included in the loss. "
-                 + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst))
+                 + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst)
+                 + weight_sentence(dfirst))
 
     def before(n: int) -> dict:
         """The stage a later stage's sentence is compared with: for the first diffusion stage of

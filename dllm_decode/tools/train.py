@@ -80,6 +80,8 @@ class TrainConfig:
     eps: float = 1e-3
     mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
     full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
+    loss_weight: str = "mdlm"         # mdlm: 1/t (or G/#masked) per row | cart: per token (cart_weight)
+    cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -292,17 +294,38 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     return masked.to(ids.device), weight.to(ids.device)
 
 
+def cart_weight(masked: Tensor, att: Tensor, p: float) -> Tensor:
+    """Dream's context-adaptive token-level weights (CART, arXiv 2508.15487) -> (B, L).
+
+    A masked position n weighs 1/2 * sum over the revealed positions i != n of p (1-p)^(|n-i|-1):
+    a token whose neighbours are revealed (the prompt counts; left padding does not) is a
+    well-posed target and weighs up to 1, one far from any revealed token little. It replaces
+    the per-row 1/t, which weighs every masked token of a row alike. p = 0.3 as the dLLM
+    library's Dream trainer (ZHZisZZ/dllm, dllm/pipelines/dream/trainer.py)."""
+    L = masked.shape[1]
+    pos = torch.arange(L, device=masked.device)
+    dist = (pos[None, :] - pos[:, None]).abs()                                    # (L, L)
+    geo = 0.5 * p * (1 - p) ** (dist - 1).clamp(min=0).float()
+    geo = geo.masked_fill(dist == 0, 0.0)                                        # symmetric
+    revealed = (att.bool() & ~masked).float()                                    # (B, L)
+    return (revealed @ geo) * masked                                             # (B, L)
+
+
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
                    gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
-                   full: float = 0.0) -> Tensor:
+                   full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
-    positions, normalised by B * G (LLaDA's SFT form for iid rows)."""
+    positions, normalised by B * G (LLaDA's SFT form for iid rows). `loss_weight` "cart" weighs
+    each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same."""
     B, L = ids.shape
     masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     logits = model(noisy, attention_mask=att)                                  # (B, L, V)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
-    w = weight[:, None].expand(B, L)[masked]
+    if loss_weight == "cart":
+        w = cart_weight(masked, att, cart_p)[masked]
+    else:
+        w = weight[:, None].expand(B, L)[masked]
     return (ce * w).sum() / (B * (L - P))
 
 
@@ -472,6 +495,13 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     _settle_vector_math()
     if cfg.autocast not in ("none", "bf16"):
         raise ValueError(f"--autocast {cfg.autocast!r}: use 'none' or 'bf16'")
+    if cfg.loss_weight not in ("mdlm", "cart"):
+        raise ValueError(f"--loss-weight {cfg.loss_weight!r}: use 'mdlm' or 'cart'")
+    if cfg.loss_weight == "cart" and cfg.family not in ("llada", "dream"):
+        raise ValueError(f"--loss-weight cart weighs masked tokens; family {cfg.family!r} has no such loss "
+                         "(use it with --family llada or dream)")
+    if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
+        raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
     torch.manual_seed(cfg.seed)
     resumed = state is not None
     record = _init_record(cfg) if cfg.init and not resumed else None
@@ -520,7 +550,7 @@ def _step(run: Run, step: int) -> float:
             loss = block_diffusion_loss(run.model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
         else:
             loss = diffusion_loss(run.model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
-                                  run.gen, cfg.mask_mix, cfg.full_mask)
+                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
@@ -747,6 +777,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
                     help="share of rows whose whole answer is masked (see mask_canvas)")
+    ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=d.loss_weight,
+                    help="llada/dream: weigh masked tokens by 1/t per row (mdlm, LLaDA's) or by their "
+                    "revealed neighbours (cart, Dream's; see cart_weight)")
+    ap.add_argument("--cart-p", type=float, default=d.cart_p,
+                    help="with --loss-weight cart: the geometric decay with distance (0 < p < 1)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
@@ -797,6 +832,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
+                       loss_weight=a.loss_weight, cart_p=a.cart_p,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
                        max_length=a.max_length, autocast=a.autocast, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
