@@ -292,7 +292,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from dllm_decode.measure.evaluate import load_ar
         ar = load_ar(args.ar_model, device=first.model.device)
     runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args, models)
-    info = {**bench.machine_info(model, first), "model": str(args.model)}
+    info = {**bench.machine_info(bench.model_device(model), first.generation.dtype), "model": str(args.model)}
     print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "
           f"gen {first.generation.gen_length}")
     print(bench.render(runs, info))
@@ -403,8 +403,9 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 
 def _device_dtype_overrides(args: argparse.Namespace) -> list[str]:
-    out = [f"model.device={json.dumps(args.device)}"] if args.device else []
-    return out + ([f"generation.dtype={args.dtype}"] if args.dtype else [])
+    from dllm_decode.measure.bench import device_overrides
+
+    return device_overrides(args.device, args.dtype)
 
 
 def _load_recipe(args: argparse.Namespace, name: str | None, extra: list[str] = ()) -> Any:

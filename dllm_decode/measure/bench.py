@@ -8,6 +8,7 @@ from seeded generators and decoding draws only from each request's seeded genera
 
 from __future__ import annotations
 
+import json
 import platform
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -207,16 +208,25 @@ def run_bench(model, tokenizer, recipes: Sequence[tuple[str, Recipe]], problems:
 # ----------------------------------------------------------------------------- reporting
 
 
-def machine_info(model=None, recipe: Recipe | None = None) -> dict[str, Any]:
-    dev = "cpu"
-    if model is not None:
-        try:
-            d = next(model.parameters()).device
-            dev = torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({platform.machine()})"
-        except StopIteration:
-            pass
-    return {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "dtype": recipe.generation.dtype if recipe is not None else None, "python": platform.python_version()}
+def machine_info(device: str | torch.device = "cpu", dtype: str | None = None) -> dict[str, Any]:
+    """The measuring machine's fields: the GPU's name on a CUDA device, else the CPU's
+    architecture; torch, threads, the decoding dtype, Python. `tools.reporting.machine` writes
+    them as one line."""
+    d = torch.device(device)
+    name = torch.cuda.get_device_name(d) if d.type == "cuda" else f"cpu ({platform.machine()})"
+    return {"device": name, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "dtype": dtype, "python": platform.python_version()}
+
+
+def model_device(model) -> torch.device:
+    """Where a model's weights live (the CPU for one without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def device_overrides(device: str | None = None, dtype: str | None = None) -> list[str]:
+    """Recipe overrides that move decoding to `device` / `dtype` (None: leave the recipe's)."""
+    out = [f"model.device={json.dumps(device)}"] if device else []
+    return out + ([f"generation.dtype={dtype}"] if dtype else [])
 
 
 def render(runs: Sequence[BenchRun], info: dict[str, Any]) -> str:

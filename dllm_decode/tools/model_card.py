@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dllm_decode.measure.tasks import REFERENCE_MIX, get_task, task_names
+from dllm_decode.measure.bench import device_overrides
 from dllm_decode.tools.reporting import held_out, machine
 
 TOKENS_PER_STEP = (1, 2, 4, 8)
@@ -71,8 +72,7 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
         recipe = load_recipe(find_recipe(name), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={size}",
             f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
-            f"select_tokens.threshold={threshold}", f"model.device={json.dumps(device)}",
-            f"generation.dtype={dtype}"])
+            f"select_tokens.threshold={threshold}", *device_overrides(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
                      "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
@@ -97,7 +97,7 @@ def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int,
         recipe = load_recipe(find_recipe("llada"), overrides=[
             f"generation.gen_length={gen_length}", f"generation.block_length={b}",
             f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}",
-            f"model.device={json.dumps(device)}", f"generation.dtype={dtype}"])
+            *device_overrides(device, dtype)])
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,

@@ -3,12 +3,12 @@ ratio table and writing a table between a document's markers."""
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from dllm_decode.measure.bench import machine_info
 from dllm_decode.measure.tasks import get_task
 
 
@@ -17,11 +17,12 @@ def held_out(tasks, n: int, seed: int):
 
 
 def machine(device: str = "cpu", dtype: str = "float32") -> str:
-    """The measuring machine in one line: the GPU's name on a CUDA device, else the CPU's threads."""
-    if str(device).startswith("cuda"):
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {dtype}, batch decoding"
-    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"{dtype}, batch decoding")
+    """The measuring machine in one line: the GPU's name on a CUDA device, else the CPU's
+    architecture and threads (the fields `measure.bench.machine_info` records)."""
+    info = machine_info(device, dtype)
+    where = info["device"] if torch.device(device).type == "cuda" else \
+        f"{info['device'].removeprefix('cpu (').removesuffix(')')}, {info['threads']} threads"
+    return f"{where}, torch {info['torch']}, {dtype}, batch decoding"
 
 
 #: a table column: (header, cell of a row given the first row of the same model)
