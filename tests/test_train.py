@@ -375,7 +375,7 @@ def test_model_card_flags_rebuild_a_workload_config():
 
     cfg = TrainConfig(family="dream", out="x", tasks=WORKLOAD_MIX, batch_by_task=True, batch_tokens=4096,
                       autocast="bf16", max_length=2048, n_kv_heads=6, canvas=(256, 1024),
-                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100, loss_weight="cart", cart_p=0.25)
+                      canvas_weights=(1.0, 3.0), lr=1e-3, steps=100, loss_weight="cart", cart_p=0.25, compile=True)
     flags = train_flags(asdict(cfg)).split()
     again = _config(_parser().parse_args(["--family", "dream", "--out", "x"] + flags))
     assert asdict(again) == asdict(cfg)
@@ -563,3 +563,19 @@ def test_model_card_says_when_a_stage_weighs_tokens_by_context():
     assert "CART" in later_stage_sentence(1, cart, base) and "p = 0.25" in later_stage_sentence(1, cart, base)
     assert "1/t again" in later_stage_sentence(2, base, cart)
     assert "CART" not in later_stage_sentence(1, base, base) and "1/t" not in later_stage_sentence(1, base, base)
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(tmp_path):
+    """--compile trains the same model: the loss log of a compiled run matches the eager run's
+    within --check's cross-machine tolerance, and its checkpoint loads as an eager one (slow: the
+    compilation takes tens of seconds on a CPU)."""
+    from dllm_decode.tools.train import check_log
+
+    eager = train(_tiny("dream", tmp_path / "eager", steps=4), progress=False)
+    compiled = train(TrainConfig(**{**_tiny("dream", tmp_path / "compiled", steps=4).__dict__, "compile": True}),
+                     progress=False)
+    n, mismatch = check_log(compiled, eager)
+    assert n == 4 and mismatch is None
+    assert set(_weights(compiled)) == set(_weights(eager))
+    assert json.loads((compiled / "training.json").read_text())["config"]["compile"] is True

@@ -3,11 +3,16 @@ training run to a time budget.
 
     python -m dllm_decode.tools.step_time --family ar --sizes 384x6x1024,256x12x704 \
         --lengths 256,1024 --tokens 8192 --autocast none,bf16 --repeats 3
+    python -m dllm_decode.tools.step_time --family dream --sizes 512x4x1408 --lengths 1280 \
+        --tokens 65536 --autocast bf16 --compile eager,compile --device cuda
 
 A size is ``D_MODELxN_LAYERSxMLP_HIDDEN`` (heads: d_model / 64). Each row is a batch of
 ``tokens // length`` random sequences of `length` tokens through the very model and loss
 ``train`` uses; the step is timed `repeats` times after one warm-up and the minimum is reported,
-since other processes sharing the CPU only ever make a step slower. The process's CPU seconds per
+since other processes sharing the CPU only ever make a step slower. ``--compile eager,compile``
+times each setting without and with ``torch.compile`` (``train --compile``; the compiled warm-up
+step includes the compilation and is not counted). On a CUDA device the step is timed to the
+end of its kernels. The process's CPU seconds per
 step, divided by the thread count, are reported beside it: what the wall time would be with the
 cores to itself, less swayed by other load than the wall clock (waiting threads that spin still
 count, so it too can only overstate).
@@ -33,6 +38,7 @@ class Timing:
     length: int
     batch: int
     autocast: str
+    compile: str            # eager | compile
     seconds: float          # minimum over the repeats
     cpu_seconds: float      # minimum CPU seconds per step / threads
 
@@ -60,24 +66,28 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
     non-embedding parameters)."""
     tok = build_char_tokenizer()
     model = build(cfg, tok)
+    step_model = torch.compile(model, dynamic=True) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B = max(1, tokens // length)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, len(tok) - 5, (B, length), generator=g)       # (B, L) ordinary characters
-    att = torch.ones(B, length, dtype=torch.bool)
+    ids = torch.randint(10, len(tok) - 5, (B, length), generator=g).to(cfg.device)   # (B, L) characters
+    att = torch.ones(B, length, dtype=torch.bool, device=cfg.device)
     P = 32                                                                # a prompt; the rest is answer
+    kind = torch.device(cfg.device).type
     best = best_cpu = float("inf")
     for i in range(repeats + 1):
         t, c = time.perf_counter(), time.process_time()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        with torch.autocast(kind, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
             if cfg.family == "ar":
-                loss = ar_loss(model, ids, att, P)
+                loss = ar_loss(step_model, ids, att, P)
             else:
-                loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, 1e-3, g)
+                loss = diffusion_loss(step_model, ids, att, P, tok.mask_token_id, tok.eos_token_id, 1e-3, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if kind == "cuda":
+            torch.cuda.synchronize(cfg.device)
         if i:                                                             # the first is a warm-up
             best = min(best, time.perf_counter() - t)
             best_cpu = min(best_cpu, (time.process_time() - c) / torch.get_num_threads())
@@ -93,22 +103,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--autocast", default="none,bf16", help="comma-separated: none, bf16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compile", default="eager", help="comma-separated: eager, compile (torch.compile)")
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
+    modes = a.compile.split(",")
+    if not set(modes) <= {"eager", "compile"}:
+        raise SystemExit(f"--compile {a.compile!r}: expected eager and/or compile, comma-separated")
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.tokens} tokens per step, "
           f"minimum of {a.repeats}")
-    print("| size | non-embedding params | family | length | batch | autocast | s/step | CPU s/step / threads | tokens/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| size | non-embedding params | family | length | batch | autocast | compile | s/step "
+          "| CPU s/step / threads | tokens/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for size in a.sizes.split(","):
         d, n, m = parse_size(size)
         for length in (int(x) for x in a.lengths.split(",")):
             for ac in a.autocast.split(","):
-                cfg = TrainConfig(family=a.family, out="unused", d_model=d, n_layers=n, n_heads=d // 64,
-                                  mlp_hidden=m, max_length=max(1024, length), autocast=ac, threads=a.threads)
-                B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
-                t = Timing(size, ne, a.family, length, B, ac, s, cpu)
-                print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {s:.2f} | {cpu:.2f} | "
-                      f"{t.tokens_per_second:.0f} |", flush=True)
+                for mode in modes:
+                    cfg = TrainConfig(family=a.family, out="unused", d_model=d, n_layers=n, n_heads=d // 64,
+                                      mlp_hidden=m, max_length=max(1024, length), autocast=ac,
+                                      threads=a.threads, device=a.device, compile=mode == "compile")
+                    B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
+                    t = Timing(size, ne, a.family, length, B, ac, mode, s, cpu)
+                    print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {mode} | {s:.3f} "
+                          f"| {cpu:.2f} | {t.tokens_per_second:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ class TrainConfig:
     n_kv_heads: int = 0               # 0: the family's default (llada, ar: n_heads; dream: n_heads // 2)
     max_length: int = 1024            # positions the model declares (prompt + canvas must fit)
     autocast: str = "none"            # none | bf16: the forward and loss under bfloat16 autocast
+    compile: bool = False             # torch.compile the model (fused kernels: same math, other rounding)
     batch_by_task: bool = False       # one task per batch (drawn with task_weights), see Batcher
     batch_tokens: int = 0             # with batch_by_task: rows per batch fill this many padded tokens
     task_groups: tuple[int, ...] = ()  # with batch_by_task: a group id per task; a batch mixes its group's tasks
@@ -469,6 +470,7 @@ class Run:
     canvas_rng: random.Random
     progress: Progress = field(default_factory=Progress)
     earlier: dict | None = None         # the --init checkpoint's record, kept in training.json
+    compiled: torch.nn.Module | None = None   # --compile: the model's compiled forward (same weights)
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, {**asdict(self.cfg), "stop_after": None}, self.progress,
@@ -520,6 +522,9 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, out, tok, model, opt, batcher, gen, canvas_rng, earlier=earlier)
+    if cfg.compile:
+        # dynamic: batches change their rows and length (task, canvas, prompt) step by step
+        run.compiled = torch.compile(model, dynamic=True)
     if resumed:
         run.progress = restore(state, model, opt, batcher, gen, canvas_rng)
     return run
@@ -542,14 +547,15 @@ def _step(run: Run, step: int) -> float:
     ids, att = ids.to(cfg.device), att.to(cfg.device)
     for group in run.opt.param_groups:
         group["lr"] = lr_at(cfg, step)
+    model = run.model if run.compiled is None else run.compiled
     with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
         if cfg.family == "ar":
-            loss = ar_loss(run.model, ids, att, P)
+            loss = ar_loss(model, ids, att, P)
         elif cfg.family == "sdar":
             size = run.canvas_rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
-            loss = block_diffusion_loss(run.model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
+            loss = block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
         else:
-            loss = diffusion_loss(run.model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
+            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
                                   run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -786,6 +792,9 @@ def _parser() -> argparse.ArgumentParser:
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
                     help="run forward and loss under bfloat16 autocast (weights stay float32)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model: fused kernels, "
+                    "the same math rounded differently (a run's loss log then matches an uncompiled "
+                    "rerun only to --check's tolerance)")
     ap.add_argument("--batch-by-task", action="store_true", help="draw one task per batch")
     ap.add_argument("--task-groups", default=None, help="with --batch-by-task: a group id per task, "
                     "comma-separated (e.g. 0,0,0,0,1); a batch then draws one group and mixes its tasks "
@@ -834,7 +843,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
                        loss_weight=a.loss_weight, cart_p=a.cart_p,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
-                       max_length=a.max_length, autocast=a.autocast, batch_by_task=a.batch_by_task,
+                       max_length=a.max_length, autocast=a.autocast, compile=a.compile, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
                        checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every, block_size=a.block_size,
                        block_sizes=tuple(int(x) for x in _floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
