@@ -510,6 +510,8 @@ def test_cart_weight_follows_dreams_formula():
     att[1, :4] = 0                    # left padding is not context
     for p in (0.3, 0.7):
         assert torch.allclose(cart_weight(masked, att, p).double(), _cart_by_hand(masked, att, p), atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):     # as train --autocast bf16 computes them
+            assert torch.allclose(cart_weight(masked, att, p).double(), _cart_by_hand(masked, att, p), atol=1e-6)
     # a token between two revealed neighbours weighs most, one with none revealed nothing
     row = torch.tensor([[False, True, False, True, True, True]])
     w = cart_weight(row, torch.ones(1, 6), 0.3)[0]

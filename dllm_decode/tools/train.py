@@ -309,7 +309,8 @@ def cart_weight(masked: Tensor, att: Tensor, p: float) -> Tensor:
     geo = 0.5 * p * (1 - p) ** (dist - 1).clamp(min=0).float()
     geo = geo.masked_fill(dist == 0, 0.0)                                        # symmetric
     revealed = (att.bool() & ~masked).float()                                    # (B, L)
-    return (revealed @ geo) * masked                                             # (B, L)
+    with torch.autocast(masked.device.type, enabled=False):   # weights in float32 under --autocast bf16
+        return (revealed @ geo) * masked                                         # (B, L)
 
 
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
