@@ -565,6 +565,7 @@ def test_model_card_says_when_a_stage_weighs_tokens_by_context():
     assert "CART" in later_stage_sentence(1, cart, base) and "p = 0.25" in later_stage_sentence(1, cart, base)
     assert "1/t again" in later_stage_sentence(2, base, cart)
     assert "CART" not in later_stage_sentence(1, base, base) and "1/t" not in later_stage_sentence(1, base, base)
+    assert "1/t" not in later_stage_sentence(1, {**base, "cart_p": 0.5}, base)   # p alone means nothing under 1/t
 
 
 @pytest.mark.slow

@@ -265,8 +265,7 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
     if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
         mix += " " + task_odds_sentence(cfg)
-    if (cfg.get("loss_weight", "mdlm"), cfg.get("cart_p", 0.3)) != (before.get("loss_weight", "mdlm"),
-                                                                    before.get("cart_p", 0.3)):
+    if weight_sentence(cfg) != weight_sentence(before):
         mix += weight_sentence(cfg) or " Masked tokens are weighted 1/t again."
     return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
