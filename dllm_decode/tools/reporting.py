@@ -3,6 +3,7 @@ ratio table and writing a table between a document's markers."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ def machine(device: str = "cpu", dtype: str = "float32") -> str:
     architecture and threads (the fields `measure.bench.machine_info` records)."""
     info = machine_info(device, dtype)
     where = info["device"] if torch.device(device).type == "cuda" else \
-        f"{info['device'].removeprefix('cpu (').removesuffix(')')}, {info['threads']} threads"
+        f"{platform.machine()}, {info['threads']} threads"
     return f"{where}, torch {info['torch']}, {dtype}, batch decoding"
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from dllm_decode.tools.char_tokenizer import build_char_tokenizer
-from dllm_decode.tools.train import TrainConfig, ar_loss, build, diffusion_loss
+from dllm_decode.tools.train import TrainConfig, ar_loss, build, compiled, diffusion_loss
 
 
 @dataclass
@@ -66,7 +66,7 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
     non-embedding parameters)."""
     tok = build_char_tokenizer()
     model = build(cfg, tok)
-    step_model = torch.compile(model, dynamic=True) if cfg.compile else model
+    step_model = compiled(model) if cfg.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     B = max(1, tokens // length)
     g = torch.Generator().manual_seed(0)

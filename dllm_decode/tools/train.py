@@ -409,6 +409,12 @@ def build(cfg: TrainConfig, tok, base: dict | None = None, load_init: bool = Tru
     return model.to(cfg.device).train().requires_grad_(True)
 
 
+def compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The model's forward through torch.compile (--compile); the same parameters."""
+    # dynamic: batches change their rows and length (task, canvas, prompt) step by step
+    return torch.compile(model, dynamic=True)
+
+
 def _init_record(cfg: TrainConfig) -> dict:
     """The training.json of the checkpoint `cfg.init` names, checked against the family and size
     `cfg` asks for before anything is written (a mismatch would otherwise surface as a state-dict
@@ -524,8 +530,7 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, out, tok, model, opt, batcher, gen, canvas_rng, earlier=earlier)
     if cfg.compile:
-        # dynamic: batches change their rows and length (task, canvas, prompt) step by step
-        run.compiled = torch.compile(model, dynamic=True)
+        run.compiled = compiled(model)
     if resumed:
         run.progress = restore(state, model, opt, batcher, gen, canvas_rng)
     return run
