@@ -60,8 +60,17 @@ def test_a_diffusion_reading_is_each_character_in_its_left_to_right_state(name):
 
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),
                                            (["--gen-length", "0"], "--gen-length must be at least 1"),
-                                           (["--tasks", "copy,nope"], "unknown task 'nope'")])
+                                           (["--tasks", "copy,nope"], "unknown task 'nope'"),
+                                           (["--device", "nope"], "--device 'nope': not a torch device")])
 def test_bad_flags_are_one_error_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(AR), *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_device_flag_reads_the_same(capsys):
+    """``--device cpu`` names the default: the same table as without the flag."""
+    main([str(AR), "--tasks", "copy", "--n", "2"])
+    plain = capsys.readouterr().out
+    main([str(AR), "--tasks", "copy", "--n", "2", "--device", "cpu"])
+    assert capsys.readouterr().out == plain and "| `copy` | 2 |" in plain

@@ -15,6 +15,7 @@ the reading tells a wrong value (``068*04=3``) from a decoding order that commit
 
     python -m dllm_decode.tools.probe runs/ar-snap --tasks copy,chain,columns --n 8
     python -m dllm_decode.tools.probe models/dream-workload --tasks chain --n 16
+    python -m dllm_decode.tools.probe runs/dream-snap --n 200 --device cuda    # on a GPU
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits) -> 
 def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
     """Teacher-forced reading of an autoregressive `model` on the first `n` held-out problems of `task`."""
     def answer_logits(prompt, answer):
-        ids = torch.tensor([prompt + answer])
-        return model(input_ids=ids).logits[0, len(prompt) - 1:-1]               # (A, V): predicts answer
+        ids = torch.tensor([prompt + answer], device=model.device)
+        return model(input_ids=ids).logits[0, len(prompt) - 1:-1].cpu()         # (A, V): predicts answer
     return read_answers(tok, task, n, seed, tok.eos_token_id, answer_logits)
 
 
@@ -83,15 +84,15 @@ def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_lengt
     def answer_logits(prompt, answer):
         P, A = len(prompt), len(answer)
         target = torch.tensor(answer)                                           # (A,)
-        canvas = torch.full((A, P + max(gen_length, A)), mask)                  # row i reads character i
+        canvas = torch.full((A, P + max(gen_length, A)), mask, device=model.device)   # row i reads character i
         canvas[:, :P] = torch.tensor(prompt)
         before = torch.arange(A)[None, :] < torch.arange(A)[:, None]            # (A, A): row i shows answer[:i]
-        canvas[:, P:P + A] = torch.where(before, target, torch.tensor(mask))
+        canvas[:, P:P + A] = torch.where(before, target, torch.tensor(mask)).to(canvas.device)
         out = []
         for s in range(0, A, rows):
-            idx = torch.arange(s, min(s + rows, A))
+            idx = torch.arange(s, min(s + rows, A), device=canvas.device)
             out.append(model(canvas[s:s + rows])[idx - s, P + idx])             # (r, V): each row's own position
-        return torch.cat(out)
+        return torch.cat(out).cpu()
     return read_answers(tok, task, n, seed, model.spec.eos_token_id, answer_logits)
 
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=8, help="held-out problems per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (the reading is the same)")
     ap.add_argument("--gen-length", type=int, default=256,
                     help="diffusion checkpoints: canvas positions after the prompt (at least the answer's)")
     a = ap.parse_args(argv)
@@ -127,16 +129,23 @@ def main(argv: list[str] | None = None) -> None:
             get_task(t)
     except KeyError as e:
         ap.error(f"--tasks: {e.args[0]}")
+    from dllm_decode.errors import CheckpointError
+    from dllm_decode.models.loader import check_device
     from dllm_decode.tools.model_card import is_ar_checkpoint
 
+    try:
+        check_device(a.device, "--device")
+    except CheckpointError as e:
+        ap.error(str(e))
+
     if is_ar_checkpoint(Path(a.model)):
-        model, tok = load_ar(a.model)
+        model, tok = load_ar(a.model, device=a.device)
         model.eval()
         print(table([probe_task(model, tok, t, a.n, a.seed) for t in tasks]))
         return
     from dllm_decode.models import load_model
 
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, device=a.device)
     print(table([probe_diffusion_task(model, tok, t, a.n, a.seed, a.gen_length) for t in tasks]))
 
 
