@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=8, help="held-out problems per task")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (the reading is the same)")
+    ap.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     ap.add_argument("--gen-length", type=int, default=256,
                     help="diffusion checkpoints: canvas positions after the prompt (at least the answer's)")
     a = ap.parse_args(argv)
