@@ -582,3 +582,67 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     assert n == 4 and mismatch is None
     assert set(_weights(compiled)) == set(_weights(eager))
     assert json.loads((compiled / "training.json").read_text())["config"]["compile"] is True
+
+
+@pytest.mark.parametrize("family", ["dream", "ar"])
+def test_probe_every_reads_the_run_as_it_goes_and_leaves_its_weights_alone(tmp_path, family):
+    """--probe-every logs the left-to-right reading before the first step, every N steps and at
+    the end; the weights and loss log are those of the same run without it, and the last reading
+    is the one tools.probe gives of the written model."""
+    from dataclasses import asdict
+
+    from dllm_decode.measure.evaluate import load_ar
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.probe import read_model
+    from dllm_decode.tools.train import _config, _parser
+
+    cfg = _tiny(family, tmp_path / "plain", steps=5).__dict__
+    plain = train(TrainConfig(**cfg), progress=False)
+    probed = train(TrainConfig(**{**cfg, "out": str(tmp_path / "probed"), "probe_every": 2, "probe_n": 2,
+                                  "probe_tasks": ("copy", "chain")}), progress=False)
+    assert all(torch.equal(v, _weights(probed)[k]) for k, v in _weights(plain).items())
+    assert _same_log(plain, probed)
+    lines = _log(probed, "probe_log.jsonl")
+    assert [(x["steps"], x["task"]) for x in lines] == [(s, t) for s in (0, 2, 4, 5) for t in ("copy", "chain")]
+    assert lines[0] != lines[-2]                    # the reading moved as it trained
+    if family == "ar":
+        model, tok = load_ar(str(probed))
+    else:
+        from dllm_decode.models import load_model
+        model, tok = load_model(probed)
+    for line, r in zip(lines[-2:], read_model(model, tok, ["copy", "chain"], 2, gen_length=80)):
+        assert (line["task"], line["n"], line["whole"]) == (r.task, r.n, r.whole)
+        assert line["wrong_share"] == round(r.wrong_share, 5)
+        assert line["nats_per_char"] == pytest.approx(r.nats_per_char, rel=1e-4)
+    assert "probe" not in train_flags(asdict(TrainConfig(**{**cfg, "probe_every": 2, "probe_n": 3})))
+    a = _config(_parser().parse_args(["--out", "x", "--probe-every", "3", "--probe-tasks", "chain,copy"]))
+    assert (a.probe_every, a.probe_n, a.probe_tasks) == (3, 8, ("chain", "copy"))
+
+
+def test_a_resumed_run_keeps_its_readings_and_reads_on(tmp_path):
+    """Readings up to the checkpoint stay (the one taken at its step too), later ones are
+    dropped and taken again: the log is the uninterrupted run's."""
+    from dllm_decode.tools.train import resume
+
+    cfg = {**_tiny("llada", tmp_path / "whole", steps=5).__dict__, "probe_every": 2, "probe_n": 1,
+           "probe_tasks": ("copy",)}
+    whole = train(TrainConfig(**cfg), progress=False)
+    stopped = train(TrainConfig(**{**cfg, "out": str(tmp_path / "stopped"), "stop_after": 4}), progress=False)
+    assert [x["steps"] for x in _log(stopped, "probe_log.jsonl")] == [0, 2, 4]   # 4: read at the checkpoint
+    with (stopped / "probe_log.jsonl").open("a") as f:      # a reading past the checkpoint is dropped
+        f.write(json.dumps({"steps": 5, "task": "copy"}) + "\n")
+    resume(stopped, progress=False)
+    assert _log(stopped, "probe_log.jsonl") == _log(whole, "probe_log.jsonl")
+    assert [x["steps"] for x in _log(whole, "probe_log.jsonl")] == [0, 2, 4, 5]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"family": "sdar", "probe_every": 2}, "sdar model decodes block by block"),
+    ({"probe_every": -1}, "--probe-every -1"),
+    ({"probe_every": 2, "probe_n": 0}, "--probe-n 0"),
+    ({"probe_every": 2, "probe_tasks": ("nope",)}, "nope"),
+])
+def test_bad_probe_settings_fail_before_training(tmp_path, change, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        train(TrainConfig(**{**_tiny("llada", tmp_path / "x").__dict__, **change}), progress=False)
+    assert not (tmp_path / "x" / "loss_log.jsonl").exists()

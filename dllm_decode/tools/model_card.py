@@ -199,9 +199,9 @@ def train_flags(cfg: dict, device: bool = True) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key, value in cfg.items():
-        # checkpoint cadence and logging do not change the weights
+        # checkpoint cadence, logging and readings do not change the weights
         if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after",
-                   "checkpoint_every", "checkpoint_minutes"):
+                   "checkpoint_every", "checkpoint_minutes", "probe_every", "probe_n", "probe_tasks"):
             continue
         if key in ("steps", "seed", "threads") or (key in default and _norm(default[key]) != _norm(value)):
             if isinstance(value, bool):         # a switch: named when on

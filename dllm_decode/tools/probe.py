@@ -16,6 +16,8 @@ the reading tells a wrong value (``068*04=3``) from a decoding order that commit
     python -m dllm_decode.tools.probe runs/ar-snap --tasks copy,chain,columns --n 8
     python -m dllm_decode.tools.probe models/dream-workload --tasks chain --n 16
     python -m dllm_decode.tools.probe runs/dream-snap --n 200 --device cuda    # on a GPU
+
+A training run reads itself the same way as it goes with ``train --probe-every N`` (probe_log.jsonl).
 """
 
 from __future__ import annotations
@@ -96,6 +98,21 @@ def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_lengt
     return read_answers(tok, task, n, seed, model.spec.eos_token_id, answer_logits)
 
 
+def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: int = 256) -> list[Reading]:
+    """The reading of `model` (an autoregressive ``LlamaForCausalLM`` or a LLaDA / Dream
+    ``Denoiser``) on each of `tasks`, in eval mode; the caller's train/eval mode is restored."""
+    from dllm_decode.models.denoiser import Denoiser
+
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, Denoiser):
+            return [probe_diffusion_task(model, tok, t, n, seed, gen_length) for t in tasks]
+        return [probe_task(model, tok, t, n, seed) for t in tasks]
+    finally:
+        model.train(was_training)
+
+
 def table(readings: list[Reading]) -> str:
     lines = ["| task | problems | nats / char | chars wrong | answers with none wrong | first wrong (expected->predicted) |",
              "|---|---:|---:|---:|---:|---|"]
@@ -140,13 +157,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if is_ar_checkpoint(Path(a.model)):
         model, tok = load_ar(a.model, device=a.device)
-        model.eval()
-        print(table([probe_task(model, tok, t, a.n, a.seed) for t in tasks]))
-        return
-    from dllm_decode.models import load_model
+    else:
+        from dllm_decode.models import load_model
 
-    model, tok = load_model(a.model, device=a.device)
-    print(table([probe_diffusion_task(model, tok, t, a.n, a.seed, a.gen_length) for t in tasks]))
+        model, tok = load_model(a.model, device=a.device)
+    print(table(read_model(model, tok, tasks, a.n, a.seed, a.gen_length)))
 
 
 if __name__ == "__main__":

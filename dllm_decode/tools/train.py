@@ -35,6 +35,12 @@ draws one task per batch (so a batch pads to its own task's lengths, and a diffu
 canvas drawn among those its task fits), ``--batch-tokens`` sizes each batch to a token budget,
 ``--max-length`` declares positions beyond 1024, ``--autocast bf16`` runs the forward in bfloat16
 (master weights and optimizer stay float32). None of these changes what the other flags compute.
+
+``--probe-every N`` reads ``--probe-n`` held-out problems per task left to right (tools.probe)
+before the first step, every N steps and at the end, into probe_log.jsonl: a run's loss is no guide
+to how it decodes (a high rate lowers the loss fastest and reads worst), its reading is. The
+reading draws no random numbers and its time is not counted, so the weights and loss log are
+those of a run without it.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import re
 import signal
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -99,6 +106,9 @@ class TrainConfig:
     checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
     block_size: int = 4               # sdar: the checkpoint's block size (config.json block_size)
     block_sizes: tuple[int, ...] = ()  # sdar: block sizes trained at, one drawn per batch (): block_size
+    probe_every: int = 0              # read held-out problems left to right every N steps (0: never)
+    probe_n: int = 8                  # ... this many per task
+    probe_tasks: tuple[str, ...] = ()  # ... of these tasks (): the run's own
 
     def last_step(self) -> int:
         """Where this session of the run ends: the schedule's end, or stop_after."""
@@ -509,6 +519,14 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     if cfg.loss_weight == "cart" and cfg.family not in ("llada", "dream"):
         raise ValueError(f"--loss-weight cart weighs masked tokens; family {cfg.family!r} has no such loss "
                          "(use it with --family llada or dream)")
+    if cfg.probe_every < 0 or cfg.probe_n < 1:
+        raise ValueError(f"--probe-every {cfg.probe_every} --probe-n {cfg.probe_n}: use a step count "
+                         "of at least 0 (0: never) and at least 1 problem per task")
+    if cfg.probe_every and cfg.family == "sdar":
+        raise ValueError("--probe-every reads ar, llada and dream runs; an sdar model decodes block by "
+                         "block, which tools.probe does not model")
+    for t in cfg.probe_tasks:
+        get_task(t)                     # an unknown task fails here, not at the first reading
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
     torch.manual_seed(cfg.seed)
@@ -570,15 +588,33 @@ def _step(run: Run, step: int) -> float:
     return float(loss.detach())
 
 
-def _open_log(run: Run):
-    """loss_log.jsonl, written as it goes so a long run can be watched; a resumed run keeps the
-    lines of the steps its checkpoint covers and drops any logged after it."""
-    path = run.out / "loss_log.jsonl"
+def _open_log(run: Run, name: str = "loss_log.jsonl", key: str = "step", done: int = 0):
+    """A log of the run (loss_log.jsonl by default), written as it goes so a long run can be
+    watched; a resumed run keeps the lines its checkpoint covers (`key` below the checkpoint's
+    step plus `done`) and drops any logged after it."""
+    path = run.out / name
     if run.progress.step == 0:
         return path.open("w")
-    kept = [x for x in _read_log(path) if x["step"] < run.progress.step] if path.exists() else []
+    kept = [x for x in _read_log(path) if x[key] < run.progress.step + done] if path.exists() else []
     path.write_text("".join(json.dumps(x) + "\n" for x in kept))
     return path.open("a")
+
+
+def _probe(run: Run, log_file) -> None:
+    """One line per task in probe_log.jsonl: the left-to-right reading (tools.probe) of the
+    weights after `steps` optimizer steps, in float32 without autocast, as ``tools.probe`` reads a
+    snapshot. It draws no random numbers, so the run's weights are those of a run without it."""
+    from dllm_decode.tools.probe import read_model
+
+    cfg = run.cfg
+    tasks = list(cfg.probe_tasks or dict.fromkeys(cfg.tasks))
+    gen_length = min(cfg.canvas)        # a diffusion model reads at the run's shortest canvas
+    for task in tasks:                  # a line per task as it is read: a reading can take minutes
+        r, = read_model(run.model, run.tok, [task], cfg.probe_n, gen_length=gen_length)
+        log_file.write(json.dumps({"steps": run.progress.step, "task": r.task, "n": r.n,
+                                   "nats_per_char": round(r.nats_per_char, 5),
+                                   "wrong_share": round(r.wrong_share, 5), "whole": r.whole}) + "\n")
+        log_file.flush()
 
 
 class _Interrupt:
@@ -613,7 +649,17 @@ def _loop(run: Run, progress: bool) -> None:
         from tqdm import tqdm
         bar = tqdm(total=n_steps, initial=p.step, desc=f"train {cfg.family}", unit="step")
     t0 = last_save = time.perf_counter()
-    with _open_log(run) as log_file, _Interrupt() as interrupt:
+
+    def probe() -> None:            # its time is not training time: t0 moves past it
+        nonlocal t0
+        start = time.perf_counter()
+        _probe(run, probes)
+        t0 += time.perf_counter() - start
+
+    with _open_log(run) as log_file, _Interrupt() as interrupt, \
+            (_open_log(run, "probe_log.jsonl", "steps", done=1) if cfg.probe_every else nullcontext()) as probes:
+        if probes is not None and p.step == 0:
+            probe()
         while p.step < n_steps and not interrupt.hit:
             step = p.step
             val = _step(run, step)
@@ -627,6 +673,8 @@ def _loop(run: Run, progress: bool) -> None:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{p.running:.4f}")
+            if probes is not None and (p.step % cfg.probe_every == 0 or p.step == cfg.steps):
+                probe()
             due = (cfg.checkpoint_every and p.step % cfg.checkpoint_every == 0) or \
                 (cfg.checkpoint_minutes and time.perf_counter() - last_save >= 60 * cfg.checkpoint_minutes)
             if due and p.step < cfg.steps:
@@ -805,6 +853,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--task-groups", default=None, help="with --batch-by-task: a group id per task, "
                     "comma-separated (e.g. 0,0,0,0,1); a batch then draws one group and mixes its tasks "
                     "row by row, with the task odds")
+    ap.add_argument("--probe-every", type=int, default=d.probe_every, metavar="N",
+                    help="read held-out problems left to right (tools.probe) before the first step, every "
+                    "N steps and at the end, into probe_log.jsonl (0: never)")
+    ap.add_argument("--probe-n", type=int, default=d.probe_n, help="with --probe-every: problems per task")
+    ap.add_argument("--probe-tasks", default=None, help="with --probe-every: tasks to read, comma-"
+                    "separated, or a named mix (default: the run's)")
     ap.add_argument("--checkpoint-minutes", type=float, default=d.checkpoint_minutes,
                     help="also write checkpoint.pt every M minutes")
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint.pt, "
@@ -852,6 +906,8 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        max_length=a.max_length, autocast=a.autocast, compile=a.compile, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
                        checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every, block_size=a.block_size,
+                       probe_every=a.probe_every, probe_n=a.probe_n,
+                       probe_tasks=task_names(a.probe_tasks) if a.probe_tasks else (),
                        block_sizes=tuple(int(x) for x in _floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
 
 
