@@ -621,7 +621,8 @@ def test_probe_every_reads_the_run_as_it_goes_and_leaves_its_weights_alone(tmp_p
 
 def test_a_resumed_run_keeps_its_readings_and_reads_on(tmp_path):
     """Readings up to the checkpoint stay (the one taken at its step too), later ones are
-    dropped and taken again: the log is the uninterrupted run's."""
+    dropped and taken again: the log is the uninterrupted run's. A snapshot of the checkpoint
+    carries the readings it covers."""
     from dllm_decode.tools.train import resume
 
     cfg = {**_tiny("llada", tmp_path / "whole", steps=5).__dict__, "probe_every": 2, "probe_n": 1,
@@ -631,6 +632,8 @@ def test_a_resumed_run_keeps_its_readings_and_reads_on(tmp_path):
     assert [x["steps"] for x in _log(stopped, "probe_log.jsonl")] == [0, 2, 4]   # 4: read at the checkpoint
     with (stopped / "probe_log.jsonl").open("a") as f:      # a reading past the checkpoint is dropped
         f.write(json.dumps({"steps": 5, "task": "copy"}) + "\n")
+    main(["--snapshot", str(stopped), "--out", str(tmp_path / "snap")])
+    assert _log(tmp_path / "snap", "probe_log.jsonl") == _log(whole, "probe_log.jsonl")[:3]
     resume(stopped, progress=False)
     assert _log(stopped, "probe_log.jsonl") == _log(whole, "probe_log.jsonl")
     assert [x["steps"] for x in _log(whole, "probe_log.jsonl")] == [0, 2, 4, 5]

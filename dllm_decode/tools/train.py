@@ -715,7 +715,8 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     tokenizer, training.json with the step it was taken at), loadable like a finished run's, so a
     run can be evaluated part-way (e.g. ``python -m dllm_decode.tools.model_card OUT``) or
     started from (``--init OUT``: its loss log up to the checkpoint, and any earlier stage's, come
-    along for the reproduction check). The run itself is not touched."""
+    along for the reproduction check; so do its --probe-every readings up to the checkpoint). The
+    run itself is not touched."""
     state = read_checkpoint(Path(run_dir))
     out = Path(out)
     if out.resolve() == Path(run_dir).resolve():
@@ -732,6 +733,9 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
         keep = [x for x in log.read_text().splitlines()
                 if x.strip() and (log.name != "loss_log.jsonl" or json.loads(x)["step"] < step)]
         (out / log.name).write_text("".join(x + "\n" for x in keep))
+    probes = Path(run_dir) / "probe_log.jsonl"
+    if probes.exists():                                 # the readings of these weights and earlier ones
+        (out / probes.name).write_text("".join(json.dumps(x) + "\n" for x in _read_log(probes) if x["steps"] <= step))
     return out
 
 
