@@ -588,15 +588,27 @@ def _step(run: Run, step: int) -> float:
     return float(loss.detach())
 
 
-def _open_log(run: Run, name: str = "loss_log.jsonl", key: str = "step", done: int = 0):
+RUN_LOGS = ("loss_log.jsonl", "probe_log.jsonl")   # written as a run goes, past its checkpoints
+
+
+def _covered(path: Path, step: int) -> list[dict]:
+    """The lines of run log `path` that a checkpoint at `step` covers: a loss line's ``step`` is
+    the step it logs (those before `step`), a reading's ``steps`` the steps done when it was taken
+    (those up to `step`)."""
+    return [x for x in _read_log(path) if (x["steps"] <= step if "steps" in x else x["step"] < step)]
+
+
+def _write_log(path: Path, lines: list[dict]) -> None:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _open_log(run: Run, name: str = "loss_log.jsonl"):
     """A log of the run (loss_log.jsonl by default), written as it goes so a long run can be
-    watched; a resumed run keeps the lines its checkpoint covers (`key` below the checkpoint's
-    step plus `done`) and drops any logged after it."""
+    watched; a resumed run keeps the lines its checkpoint covers and drops any logged after it."""
     path = run.out / name
     if run.progress.step == 0:
         return path.open("w")
-    kept = [x for x in _read_log(path) if x[key] < run.progress.step + done] if path.exists() else []
-    path.write_text("".join(json.dumps(x) + "\n" for x in kept))
+    _write_log(path, _covered(path, run.progress.step) if path.exists() else [])
     return path.open("a")
 
 
@@ -657,7 +669,7 @@ def _loop(run: Run, progress: bool) -> None:
         t0 += time.perf_counter() - start
 
     with _open_log(run) as log_file, _Interrupt() as interrupt, \
-            (_open_log(run, "probe_log.jsonl", "steps", done=1) if cfg.probe_every else nullcontext()) as probes:
+            (_open_log(run, "probe_log.jsonl") if cfg.probe_every else nullcontext()) as probes:
         if probes is not None and p.step == 0:
             probe()
         while p.step < n_steps and not interrupt.hit:
@@ -729,13 +741,9 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     model.load_state_dict(state["model"])
     step = state["progress"]["step"]
     _write_model(model, out, cfg, {"snapshot": {"run": str(run_dir), "step": step}}, earlier)
-    for log in Path(run_dir).glob("loss_log*.jsonl"):    # a run logs past its last checkpoint
-        keep = [x for x in log.read_text().splitlines()
-                if x.strip() and (log.name != "loss_log.jsonl" or json.loads(x)["step"] < step)]
-        (out / log.name).write_text("".join(x + "\n" for x in keep))
-    probes = Path(run_dir) / "probe_log.jsonl"
-    if probes.exists():                                 # the readings of these weights and earlier ones
-        (out / probes.name).write_text("".join(json.dumps(x) + "\n" for x in _read_log(probes) if x["steps"] <= step))
+    for log in [*Path(run_dir).glob("loss_log*.jsonl"), *Path(run_dir).glob("probe_log.jsonl")]:
+        # a run logs past its last checkpoint; earlier stages' logs are whole
+        _write_log(out / log.name, _covered(log, step) if log.name in RUN_LOGS else _read_log(log))
     return out
 
 
