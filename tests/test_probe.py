@@ -1,7 +1,8 @@
 """tools.probe: the teacher-forced reading lines each answer character up with the logit that
 predicts it (the shipped AR model copies without a wrong character and knows nothing of the
 workload tasks); a diffusion checkpoint is read in its left-to-right decoding states, the same
-numbers as one canvas per character built and read one at a time; bad flags are one error line."""
+numbers as one canvas per character built and read one at a time (for a block-causal model, one
+that ends with the character's block); bad flags are one error line."""
 
 from pathlib import Path
 
@@ -56,6 +57,32 @@ def test_a_diffusion_reading_is_each_character_in_its_left_to_right_state(name):
     chain = probe_diffusion_task(model, tok, "chain", 2, gen_length=gen)
     assert copy.whole == 2 and copy.wrong_share == 0.0
     assert chain.whole == 0 and chain.wrong_share > 0.3 and "->" in chain.first_wrong
+
+
+def test_a_block_causal_reading_is_each_character_in_its_block_decode_state():
+    """SDAR decodes block by block: a character's state is the prompt, the answer before it and
+    masks to the end of its block (blocks counted from the first position, as SDAR's generate.py
+    lays the canvas), with no position after that block. Built that way one character at a time,
+    it gives the reading's loss and misses, though the reading's canvases run to gen-length."""
+    model, tok = load_model(MODELS / "sdar-reference")
+    mask, eos, size = model.spec.mask_token_id, model.spec.eos_token_id, model.spec.block_size
+    for task in ("copy", "chain"):
+        loss, wrong, chars = 0.0, 0, 0
+        for p in get_task(task).problems("test", 2, 0):
+            prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+            for i, want in enumerate(answer):
+                end = (len(prompt) + i) // size * size + size              # its block's end
+                x = prompt + answer[:i] + [mask] * (end - len(prompt) - i)
+                with torch.no_grad():
+                    row = model(torch.tensor([x]))[0, len(prompt) + i].float()
+                loss += F.cross_entropy(row[None], torch.tensor([want])).item()
+                wrong += int(row.argmax()) != want
+                chars += 1
+        got = probe_diffusion_task(model, tok, task, 2, gen_length=96, rows=5)
+        assert got.wrong_share == wrong / chars
+        assert got.nats_per_char == pytest.approx(loss / chars, rel=1e-5)
+        assert (got.whole == 2) if task == "copy" else (got.whole == 0 and got.wrong_share > 0.3)
 
 
 @pytest.mark.parametrize("argv, message", [(["--n", "0"], "--n must be at least 1"),

@@ -584,7 +584,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path):
     assert json.loads((compiled / "training.json").read_text())["config"]["compile"] is True
 
 
-@pytest.mark.parametrize("family", ["dream", "ar"])
+@pytest.mark.parametrize("family", ["dream", "ar", "sdar"])
 def test_probe_every_reads_the_run_as_it_goes_and_leaves_its_weights_alone(tmp_path, family):
     """--probe-every logs the left-to-right reading before the first step, every N steps and at
     the end; the weights and loss log are those of the same run without it, and the last reading
@@ -640,7 +640,6 @@ def test_a_resumed_run_keeps_its_readings_and_reads_on(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"family": "sdar", "probe_every": 2}, "sdar model decodes block by block"),
     ({"probe_every": -1}, "--probe-every -1"),
     ({"probe_every": 2, "probe_n": 0}, "--probe-n 0"),
     ({"probe_every": 2, "probe_tasks": ("nope",)}, "nope"),

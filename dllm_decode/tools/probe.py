@@ -12,6 +12,9 @@ prompt, the answer before the character, and masks from it to the end of a canva
 ``--gen-length`` positions (longer when the answer is), one canvas per character. A model that
 reads every character right there decodes the answer exactly in that order; where it does not,
 the reading tells a wrong value (``068*04=3``) from a decoding order that commits too early.
+A block-causal one (SDAR) reads the same canvases through its own block-causal attention, so a
+character sees the prompt, the answer before it and the masks to the end of its block, and nothing
+later: the state its block-by-block decode of one token per forward visits.
 
     python -m dllm_decode.tools.probe runs/ar-snap --tasks copy,chain,columns --n 8
     python -m dllm_decode.tools.probe models/dream-workload --tasks chain --n 16
@@ -99,7 +102,7 @@ def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_lengt
 
 
 def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: int = 256) -> list[Reading]:
-    """The reading of `model` (an autoregressive ``LlamaForCausalLM`` or a LLaDA / Dream
+    """The reading of `model` (an autoregressive ``LlamaForCausalLM`` or a LLaDA / Dream / SDAR
     ``Denoiser``) on each of `tasks`, in eval mode; the caller's train/eval mode is restored."""
     from dllm_decode.models.denoiser import Denoiser
 
@@ -125,7 +128,7 @@ def table(readings: list[Reading]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dllm_decode.tools.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="a checkpoint folder (autoregressive, LLaDA or Dream; a training run's --snapshot)")
+    ap.add_argument("model", help="a checkpoint folder (autoregressive, LLaDA, Dream or SDAR; a training run's --snapshot)")
     ap.add_argument("--tasks", default="workload", help="task names, comma-separated, or a named mix")
     ap.add_argument("--n", type=int, default=8, help="held-out problems per task")
     ap.add_argument("--seed", type=int, default=0)

@@ -522,9 +522,6 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     if cfg.probe_every < 0 or cfg.probe_n < 1:
         raise ValueError(f"--probe-every {cfg.probe_every} --probe-n {cfg.probe_n}: use a step count "
                          "of at least 0 (0: never) and at least 1 problem per task")
-    if cfg.probe_every and cfg.family == "sdar":
-        raise ValueError("--probe-every reads ar, llada and dream runs; an sdar model decodes block by "
-                         "block, which tools.probe does not model")
     for t in cfg.probe_tasks:
         get_task(t)                     # an unknown task fails here, not at the first reading
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
