@@ -648,3 +648,83 @@ def test_bad_probe_settings_fail_before_training(tmp_path, change, message):
     with pytest.raises((ValueError, KeyError), match=message):
         train(TrainConfig(**{**_tiny("llada", tmp_path / "x").__dict__, **change}), progress=False)
     assert not (tmp_path / "x" / "loss_log.jsonl").exists()
+
+
+def test_anneal_attend_opens_a_growing_share_of_the_non_causal_pairs():
+    """Step s of N attends causally (by RoPE position: a left-padding query sees the first real
+    token) plus a share (s + 1) / N of the other pairs, the same draw for every row and for a rerun
+    of the step; from step N - 1 on, full attention (None)."""
+    from dllm_decode.tools.train import anneal_attend
+
+    L = 200
+    att = torch.ones(2, L, dtype=torch.long)
+    att[1, :5] = 0                                                    # row 1: 5 left pads
+    upper = torch.ones(L, L, dtype=torch.bool).triu(1)                # key after query, row 0
+    for step, n in ((0, 10), (4, 10), (8, 10)):
+        a = anneal_attend(att, step, n, seed=3)
+        assert a.shape == (2, L, L) and a.dtype == torch.bool
+        assert a[0][~upper].all()                                     # causal pairs always open
+        share = a[0][upper].float().mean().item()
+        assert abs(share - (step + 1) / n) < 0.01                     # ~20,000 pairs
+        assert torch.equal(a, anneal_attend(att, step, n, seed=3))
+        assert not torch.equal(a, anneal_attend(att, step, n, seed=4))
+        assert a[1, :5, 5].all()                                      # pads see the first real token
+        assert torch.equal(a[1, 5:, 5:][~upper[5:, 5:]], torch.ones(int((~upper[5:, 5:]).sum()), dtype=torch.bool))
+    assert anneal_attend(att, 9, 10, seed=3) is None and anneal_attend(att, 50, 10, seed=3) is None
+
+
+def test_an_annealed_dream_starts_as_its_ar_model(tmp_path):
+    """Dream adapted from AR weights, attending causally (a share near 0), gives the AR model's
+    logits one position on (its shifted head), on a left-padded row too: what the annealing
+    starts from. With full attention it does not."""
+    from transformers import LlamaForCausalLM
+
+    from dllm_decode.models import ComputePlan, load_model
+    from dllm_decode.tools.train import anneal_attend
+
+    ar = train(_tiny("ar", tmp_path / "ar", steps=3), progress=False)
+    cfg = {**_tiny("dream", tmp_path / "dream", steps=0).__dict__, "init": str(ar), "n_kv_heads": 2}
+    model, tok = load_model(train(TrainConfig(**cfg), progress=False))
+    ar_model = LlamaForCausalLM.from_pretrained(str(ar)).eval()
+    text = tok("a = 17\nb = a + 26\n", add_special_tokens=False)["input_ids"] + [tok.mask_token_id] * 4
+    n = len(text)
+    ids = torch.tensor([text, [tok.pad_token_id] * 3 + text[:-3]])
+    att = torch.ones_like(ids)
+    att[1, :3] = 0
+    causal = anneal_attend(att, 0, 10 ** 9, seed=0)
+    assert torch.equal(causal[0], torch.ones(n, n, dtype=torch.bool).tril())   # the draw opened nothing
+    with torch.no_grad():
+        want = ar_model(input_ids=ids[:1]).logits                             # (1, n, V)
+        got = model(ids, attention_mask=att, plan=ComputePlan(attend=causal))
+        full = model(ids, attention_mask=att)
+    torch.testing.assert_close(got[0, 1:], want[0, :-1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1, 4:], want[0, :n - 4], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(full[0, 1:], want[0, :-1], rtol=1e-4, atol=1e-5)
+
+
+def test_an_annealed_run_resumes_bit_for_bit_and_differs_from_one_without(tmp_path):
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import _config, _parser, resume
+    from dataclasses import asdict
+
+    cfg = {**_tiny("dream", tmp_path / "whole", steps=5).__dict__, "attention_anneal": 4}
+    whole = train(TrainConfig(**cfg), progress=False)
+    stopped = train(TrainConfig(**{**cfg, "out": str(tmp_path / "stopped"), "stop_after": 2}), progress=False)
+    resume(stopped, progress=False)
+    assert all(torch.equal(v, _weights(stopped)[k]) for k, v in _weights(whole).items())
+    assert _same_log(whole, stopped)
+    plain = train(TrainConfig(**{**cfg, "out": str(tmp_path / "plain"), "attention_anneal": 0}), progress=False)
+    assert any(not torch.equal(v, _weights(plain)[k]) for k, v in _weights(whole).items())
+    assert "--attention-anneal 4" in train_flags(asdict(TrainConfig(**cfg)))
+    assert _config(_parser().parse_args(["--out", "x", "--attention-anneal", "7"])).attention_anneal == 7
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"family": "ar", "attention_anneal": 3}, "family 'ar' does not attend bidirectionally"),
+    ({"family": "sdar", "attention_anneal": 3}, "family 'sdar' does not attend bidirectionally"),
+    ({"attention_anneal": -1}, "--attention-anneal -1"),
+])
+def test_bad_anneal_settings_fail_before_training(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**_tiny("llada", tmp_path / "x").__dict__, **change}), progress=False)
+    assert not (tmp_path / "x" / "loss_log.jsonl").exists()

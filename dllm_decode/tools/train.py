@@ -89,6 +89,7 @@ class TrainConfig:
     full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
     loss_weight: str = "mdlm"         # mdlm: 1/t (or G/#masked) per row | cart: per token (cart_weight)
     cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
+    attention_anneal: int = 0         # llada/dream: open causal attention to full over N steps (anneal_attend)
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -323,16 +324,39 @@ def cart_weight(masked: Tensor, att: Tensor, p: float) -> Tensor:
         return (revealed @ geo) * masked                                         # (B, L)
 
 
+def anneal_attend(att: Tensor, step: int, steps: int, seed: int) -> Tensor | None:
+    """DiffuLLaMA's attention-mask annealing (arXiv 2410.17891; HKUNLP/DiffuLLaMA, ddm/trainer.py):
+    while adapting an AR model, step s (from 0) of `steps` attends causally plus a random share
+    (s + 1) / steps of the other query-key pairs, one draw for the batch, so the model leaves the
+    causal attention its weights were trained with gradually. -> (B, L, L) bool, or None once the
+    share reaches 1 (full attention). Causal by RoPE position (the attention mask's running count),
+    so a left-padding query still sees the first real token. The draw comes from its own generator
+    seeded by (seed, step): a resumed run redraws it, and the masks drawn are those of a run without it."""
+    share = (step + 1) / steps if steps else 1.0
+    if share >= 1:
+        return None
+    L = att.shape[1]
+    pos = (att.long().cumsum(-1) - 1).clamp(min=0)                             # (B, L)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    draw = (torch.rand(L, L, generator=g) < share).to(att.device)              # (L, L): query x key, rows share it
+    return (pos[:, None, :] <= pos[:, :, None]) | draw[None]                   # (B, L, L)
+
+
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
                    gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
-                   full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3) -> Tensor:
+                   full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3,
+                   attend: Tensor | None = None) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows). `loss_weight` "cart" weighs
-    each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same."""
+    each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same.
+    `attend` (B, L, L): which keys each query may see (``anneal_attend``); None: all of them."""
+    from dllm_decode.models import ComputePlan
+
     B, L = ids.shape
     masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    logits = model(noisy, attention_mask=att)                                  # (B, L, V)
+    plan = None if attend is None else ComputePlan(attend=attend, name="anneal-train")
+    logits = model(noisy, attention_mask=att, plan=plan)                       # (B, L, V)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
     if loss_weight == "cart":
         w = cart_weight(masked, att, cart_p)[masked]
@@ -519,6 +543,11 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     if cfg.loss_weight == "cart" and cfg.family not in ("llada", "dream"):
         raise ValueError(f"--loss-weight cart weighs masked tokens; family {cfg.family!r} has no such loss "
                          "(use it with --family llada or dream)")
+    if cfg.attention_anneal < 0:
+        raise ValueError(f"--attention-anneal {cfg.attention_anneal}: use a step count of at least 0 (0: off)")
+    if cfg.attention_anneal and cfg.family not in ("llada", "dream"):
+        raise ValueError(f"--attention-anneal opens an AR model's causal attention to a bidirectional "
+                         f"one; family {cfg.family!r} does not attend bidirectionally (use llada or dream)")
     if cfg.probe_every < 0 or cfg.probe_n < 1:
         raise ValueError(f"--probe-every {cfg.probe_every} --probe-n {cfg.probe_n}: use a step count "
                          "of at least 0 (0: never) and at least 1 problem per task")
@@ -576,8 +605,9 @@ def _step(run: Run, step: int) -> float:
             size = run.canvas_rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
             loss = block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
         else:
+            attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed) if cfg.attention_anneal else None
             loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
-                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p)
+                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
@@ -851,6 +881,9 @@ def _parser() -> argparse.ArgumentParser:
                     "revealed neighbours (cart, Dream's; see cart_weight)")
     ap.add_argument("--cart-p", type=float, default=d.cart_p,
                     help="with --loss-weight cart: the geometric decay with distance (0 < p < 1)")
+    ap.add_argument("--attention-anneal", type=int, default=d.attention_anneal, metavar="N",
+                    help="llada/dream from an AR --init: attend causally plus a share (s+1)/N of the other "
+                    "pairs at step s, full attention from step N-1 on (DiffuLLaMA's annealing; 0: off)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
@@ -910,7 +943,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
-                       loss_weight=a.loss_weight, cart_p=a.cart_p,
+                       loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
                        max_length=a.max_length, autocast=a.autocast, compile=a.compile, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
