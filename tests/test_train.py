@@ -566,6 +566,9 @@ def test_model_card_says_when_a_stage_weighs_tokens_by_context():
     assert "1/t again" in later_stage_sentence(2, base, cart)
     assert "CART" not in later_stage_sentence(1, base, base) and "1/t" not in later_stage_sentence(1, base, base)
     assert "1/t" not in later_stage_sentence(1, {**base, "cart_p": 0.5}, base)   # p alone means nothing under 1/t
+    annealed = {**base, "attention_anneal": 300}
+    assert "causal to full over its first 300 steps" in later_stage_sentence(1, annealed, base)
+    assert "causal" not in later_stage_sentence(2, base, annealed)      # each stage's own
 
 
 @pytest.mark.slow

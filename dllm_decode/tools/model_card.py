@@ -258,6 +258,16 @@ def weight_sentence(cfg: dict) -> str:
             f"distance d, p = {float(cfg.get('cart_p', 0.3)):g}; `dllm_decode/tools/train.py: cart_weight`).")
 
 
+def anneal_sentence(cfg: dict) -> str:
+    """How a diffusion stage opened its attention, when it annealed it (train --attention-anneal)."""
+    n = cfg.get("attention_anneal", 0)
+    if not n:
+        return ""
+    return (f" Its attention opens from causal to full over its first {n} steps (DiffuLLaMA's annealing, "
+            "arXiv 2410.17891: at step s, causal plus a random share (s + 1) / "
+            f"{n} of the other query-key pairs; `dllm_decode/tools/train.py: anneal_attend`).")
+
+
 def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     """What the stage at index n (n >= 1) changes from the stage before it, in words."""
     words = ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
@@ -270,7 +280,7 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
-            f"{mix}{full_mask_sentence(cfg)}")
+            f"{mix}{full_mask_sentence(cfg)}{anneal_sentence(cfg)}")
 
 
 def _norm(value):
@@ -335,7 +345,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
                  f"{'/'.join(map(str, dfirst['canvas']))} tokens (sampled per batch), EOS included in the loss. "
                  + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst)
-                 + weight_sentence(dfirst))
+                 + weight_sentence(dfirst) + anneal_sentence(dfirst))
 
     def before(n: int) -> dict:
         """The stage a later stage's sentence is compared with: for the first diffusion stage of

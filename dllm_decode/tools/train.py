@@ -24,6 +24,8 @@ with its own schedule, seed and masking; the new ``training.json`` keeps the fir
 record and loss log, so the model card can show both commands and ``--check`` can compare a
 rerun of either stage with the shipped logs. A diffusion run may also start from an AR
 checkpoint (``--family dream --init AR_DIR``, as Dream-7B was adapted from Qwen2.5; see adapt.py).
+``--attention-anneal N`` then opens the AR model's causal attention to full attention over the
+first N steps, as DiffuLLaMA did (``anneal_attend``), instead of switching it at once.
 
 Long runs checkpoint into their folder (``--checkpoint-every N`` steps, ``--checkpoint-minutes
 M``, on SIGTERM / Ctrl-C, and when ``--stop-after`` ends a run early): weights, optimizer, schedule
