@@ -31,25 +31,35 @@ def test_a_learned_task_reads_clean_and_an_unlearned_one_does_not():
     assert len(rows) == 4 and rows[2].startswith("| `copy` | 4 | 0.000 | 0.0% | 4 / 4 |")
 
 
+def _one_at_a_time(model, tok, task: str, canvas_end) -> tuple[float, int, int]:
+    """Loss, misses and characters of the first 2 held-out problems of `task`, each answer
+    character read from its own canvas: the prompt, the answer before it, and masks up to
+    ``canvas_end(prompt_length, i, answer_length)``."""
+    mask, eos = model.spec.mask_token_id, model.spec.eos_token_id
+    loss, wrong, chars = 0.0, 0, 0
+    for p in get_task(task).problems("test", 2, 0):
+        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+        P = len(prompt)
+        for i, want in enumerate(answer):
+            x = prompt + answer[:i] + [mask] * (canvas_end(P, i, len(answer)) - P - i)
+            with torch.no_grad():
+                row = model(torch.tensor([x]))[0, P + i].float()
+            loss += F.cross_entropy(row[None], torch.tensor([want])).item()
+            wrong += int(row.argmax()) != want
+            chars += 1
+    return loss, wrong, chars
+
+
 @pytest.mark.parametrize("name", ["llada-reference", "dream-reference"])
 def test_a_diffusion_reading_is_each_character_in_its_left_to_right_state(name):
     """One canvas per character, built and read one at a time: prompt, the answer so far, masks to
     the end of a gen-length canvas. The batched reading gives the same loss and misses, and the
     small models, which learned `copy` and not `chain`, read them as the AR model does."""
     model, tok = load_model(MODELS / name)
-    mask, eos, gen = model.spec.mask_token_id, model.spec.eos_token_id, 96
+    gen = 96
     for task in ("copy", "chain"):
-        loss, wrong, chars = 0.0, 0, 0
-        for p in get_task(task).problems("test", 2, 0):
-            prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
-            for i, want in enumerate(answer):
-                x = prompt + answer[:i] + [mask] * (max(gen, len(answer)) - i)
-                with torch.no_grad():
-                    row = model(torch.tensor([x]))[0, len(prompt) + i].float()
-                loss += F.cross_entropy(row[None], torch.tensor([want])).item()
-                wrong += int(row.argmax()) != want
-                chars += 1
+        loss, wrong, chars = _one_at_a_time(model, tok, task, lambda P, i, A: P + max(gen, A))
         got = probe_diffusion_task(model, tok, task, 2, gen_length=gen, rows=7)
         assert got.wrong_share == wrong / chars
         assert got.nats_per_char == pytest.approx(loss / chars, rel=1e-5)
@@ -65,20 +75,9 @@ def test_a_block_causal_reading_is_each_character_in_its_block_decode_state():
     lays the canvas), with no position after that block. Built that way one character at a time,
     it gives the reading's loss and misses, though the reading's canvases run to gen-length."""
     model, tok = load_model(MODELS / "sdar-reference")
-    mask, eos, size = model.spec.mask_token_id, model.spec.eos_token_id, model.spec.block_size
+    size = model.spec.block_size
     for task in ("copy", "chain"):
-        loss, wrong, chars = 0.0, 0, 0
-        for p in get_task(task).problems("test", 2, 0):
-            prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
-            answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
-            for i, want in enumerate(answer):
-                end = (len(prompt) + i) // size * size + size              # its block's end
-                x = prompt + answer[:i] + [mask] * (end - len(prompt) - i)
-                with torch.no_grad():
-                    row = model(torch.tensor([x]))[0, len(prompt) + i].float()
-                loss += F.cross_entropy(row[None], torch.tensor([want])).item()
-                wrong += int(row.argmax()) != want
-                chars += 1
+        loss, wrong, chars = _one_at_a_time(model, tok, task, lambda P, i, A: (P + i) // size * size + size)
         got = probe_diffusion_task(model, tok, task, 2, gen_length=96, rows=5)
         assert got.wrong_share == wrong / chars
         assert got.nats_per_char == pytest.approx(loss / chars, rel=1e-5)
