@@ -357,8 +357,8 @@ def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id
     B, L = ids.shape
     masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    plan = None if attend is None else ComputePlan(attend=attend, name="anneal-train")
-    logits = model(noisy, attention_mask=att, plan=plan)                       # (B, L, V)
+    plan = {} if attend is None else {"plan": ComputePlan(attend=attend, name="anneal-train")}
+    logits = model(noisy, attention_mask=att, **plan)                          # (B, L, V)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
     if loss_weight == "cart":
         w = cart_weight(masked, att, cart_p)[masked]
