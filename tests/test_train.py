@@ -672,7 +672,7 @@ def test_anneal_attend_opens_a_growing_share_of_the_non_causal_pairs():
         assert torch.equal(a, anneal_attend(att, step, n, seed=3))
         assert not torch.equal(a, anneal_attend(att, step, n, seed=4))
         assert a[1, :5, 5].all()                                      # pads see the first real token
-        assert torch.equal(a[1, 5:, 5:][~upper[5:, 5:]], torch.ones(int((~upper[5:, 5:]).sum()), dtype=torch.bool))
+        assert a[1, 5:, 5:][~upper[5:, 5:]].all()                     # the real tokens' causal pairs
     assert anneal_attend(att, 9, 10, seed=3) is None and anneal_attend(att, 50, 10, seed=3) is None
 
 

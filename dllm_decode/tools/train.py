@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dllm_decode.measure.tasks import MIXES, REFERENCE_MIX, get_task, task_names
+from dllm_decode.models.layers import position_ids_from_mask
 from dllm_decode.tools.char_tokenizer import save_char_tokenizer
 from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, save_checkpoint
 
@@ -338,7 +339,7 @@ def anneal_attend(att: Tensor, step: int, steps: int, seed: int) -> Tensor | Non
     if share >= 1:
         return None
     L = att.shape[1]
-    pos = (att.long().cumsum(-1) - 1).clamp(min=0)                             # (B, L)
+    pos = position_ids_from_mask(att, *att.shape, att.device)                  # (B, L): the model's RoPE positions
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     draw = (torch.rand(L, L, generator=g) < share).to(att.device)              # (L, L): query x key, rows share it
     return (pos[:, None, :] <= pos[:, :, None]) | draw[None]                   # (B, L, L)
@@ -392,7 +393,7 @@ def block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, 
     B, L = ids.shape
     masked, weight = mask_canvas(ids, P, -1, eps, gen)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(att, B, L, att.device)
     plan = ComputePlan(position_ids=torch.cat([pos, pos], dim=1), attend=block_attend(pos, size),
                        name="block-diffusion-train")
     logits = model.execute(torch.cat([noisy, ids], dim=1), torch.cat([att, att], dim=1), plan).logits[:, :L]
@@ -404,7 +405,7 @@ def block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, 
 def ar_loss(model, ids: Tensor, att: Tensor, P: int) -> Tensor:
     """Next-token loss on the answer and its EOS; prompt tokens and padding are not targets."""
     B, L = ids.shape
-    pos = (att.long().cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(att, B, L, att.device)
     logits = model(input_ids=ids, attention_mask=att.long(), position_ids=pos).logits    # (B, L, V)
     target = ids[:, 1:].clone()
     keep = att[:, 1:].clone()
@@ -607,7 +608,7 @@ def _step(run: Run, step: int) -> float:
             size = run.canvas_rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
             loss = block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
         else:
-            attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed) if cfg.attention_anneal else None
+            attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)          # None: full attention
             loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
                                   run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend)
     run.opt.zero_grad(set_to_none=True)
