@@ -209,23 +209,27 @@ class Denoiser(nn.Module):
                 + 2.0 * B * S * a.d_model * a.vocab_size
         if run.attention:
             feed.attention = []
+        hidden = [] if run.hidden else None
         for i, parts in enumerate(self.block_parts()):
             reuse = run.reuse_features and i not in run.full_layers
             layer = self._layer_block if feed.block else self._layer_reuse if reuse else self._layer_full
             x = layer(i, parts, x, feed)
+            if hidden is not None:
+                hidden.append(x)
+        hidden = None if hidden is None else tuple(hidden)
         attention = None if feed.attention is None else tuple(feed.attention)
         if attention is not None and store is not None:
             store.attention = attention
         if not fed.is_range:
             logits, positions = self._index_logits(x, run, fed.idx, L)
-            return ForwardOutput(logits, positions, attention=attention)
+            return ForwardOutput(logits, positions, attention=attention, hidden=hidden)
         positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
         if S:
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
             return ForwardOutput(self._logits(x[:, :-S], run, fed, feed.s, feed.e, L), positions,
                                  self._head(x[:, -S:]), attention=attention)
         return ForwardOutput(self._logits(x, run, fed, feed.s, feed.e, L, feed.block), positions,
-                             attention=attention)
+                             attention=attention, hidden=hidden)
 
     def _feed(self, input_ids: Tensor, attention_mask: Tensor | None, plan: ComputePlan,
               store: CacheStore | None) -> "Feed":

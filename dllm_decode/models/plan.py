@@ -201,6 +201,10 @@ class ComputePlan:
                     diffusion's noisy blocks beside the clean ones, with ``position_ids``
                     repeating positions). Needs a range feed with keys='fed', no store writes and
                     no shadow queries.
+    hidden          Also return the residual stream after every layer, (B, f, d) per layer
+                    (ForwardOutput.hidden; the final norm not applied): for training objectives
+                    that compare layers (REPR-ALIGN). Needs a range feed with keys='fed', no store
+                    writes and no shadow queries.
     name            Free-form label for tracing.
     """
 
@@ -230,6 +234,7 @@ class ComputePlan:
     shadow: Tensor | None = None
     block_size: int | None = None
     attend: Tensor | None = None
+    hidden: bool = False
     name: str = "full"
 
     def __post_init__(self) -> None:
@@ -287,6 +292,10 @@ class ComputePlan:
                                         or self.index is not None or self.writes or self.shadow is not None):
             raise ValueError("ComputePlan.attend must be a (B, L, L) bool mask on a range feed with keys='fed', "
                              "no store writes and no shadow queries")
+        if self.hidden and (self.keys != "fed" or self.index is not None or self.writes
+                            or self.shadow is not None):
+            raise ValueError("ComputePlan.hidden returns a plain forward's layers: it needs a range feed "
+                             "with keys='fed', no store writes and no shadow queries")
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")

@@ -25,7 +25,9 @@ record and loss log, so the model card can show both commands and ``--check`` ca
 rerun of either stage with the shipped logs. A diffusion run may also start from an AR
 checkpoint (``--family dream --init AR_DIR``, as Dream-7B was adapted from Qwen2.5; see adapt.py).
 ``--attention-anneal N`` then opens the AR model's causal attention to full attention over the
-first N steps, as DiffuLLaMA did (``anneal_attend``), instead of switching it at once.
+first N steps, as DiffuLLaMA did (``anneal_attend``), instead of switching it at once;
+``--repr-align W`` (Dream) adds REPR-ALIGN's pull of every layer's hidden states towards the frozen
+AR model's (``repr_align_loss``).
 
 Long runs checkpoint into their folder (``--checkpoint-every N`` steps, ``--checkpoint-minutes
 M``, on SIGTERM / Ctrl-C, and when ``--stop-after`` ends a run early): weights, optimizer, schedule
@@ -93,6 +95,7 @@ class TrainConfig:
     loss_weight: str = "mdlm"         # mdlm: 1/t (or G/#masked) per row | cart: per token (cart_weight)
     cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
     attention_anneal: int = 0         # llada/dream: open causal attention to full over N steps (anneal_attend)
+    repr_align: float = 0.0           # dream from an AR --init: weight of the layer alignment to it (repr_align_loss)
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -339,33 +342,64 @@ def anneal_attend(att: Tensor, step: int, steps: int, seed: int) -> Tensor | Non
     if share >= 1:
         return None
     L = att.shape[1]
-    pos = position_ids_from_mask(att, *att.shape, att.device)                  # (B, L): the model's RoPE positions
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     draw = (torch.rand(L, L, generator=g) < share).to(att.device)              # (L, L): query x key, rows share it
-    return (pos[:, None, :] <= pos[:, :, None]) | draw[None]                   # (B, L, L)
+    return causal_attend(att) | draw[None]                                     # (B, L, L)
+
+
+def causal_attend(att: Tensor) -> Tensor:
+    """An AR model's attention on a (B, L) padded canvas, by RoPE position (the attention mask's
+    running count), so a left-padding query still sees the first real token. -> (B, L, L) bool."""
+    pos = position_ids_from_mask(att, *att.shape, att.device)                  # (B, L)
+    return pos[:, None, :] <= pos[:, :, None]
+
+
+def repr_align_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], where: Tensor) -> Tensor:
+    """REPR-ALIGN (arXiv 2605.06885; pengzhangzhi/Open-dLLM, the Qwen3 model's `repr_align_wt`):
+    1 - the cosine similarity of the student's and the frozen teacher's hidden states, averaged
+    over the layers and the positions `where` (B, L) bool. student / teacher: per layer (B, L, d)."""
+    s = torch.stack([h[where] for h in student]).float()                       # (layers, n, d)
+    t = torch.stack([h[where] for h in teacher]).float()
+    return 1.0 - F.cosine_similarity(s, t, dim=-1).mean()
 
 
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
                    gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
                    full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3,
-                   attend: Tensor | None = None) -> Tensor:
+                   attend: Tensor | None = None, teacher=None, align: float = 0.0) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows). `loss_weight` "cart" weighs
     each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same.
-    `attend` (B, L, L): which keys each query may see (``anneal_attend``); None: all of them."""
+    `attend` (B, L, L): which keys each query may see (``anneal_attend``); None: all of them.
+    `teacher` (a Dream model holding the AR weights the run adapts, frozen) adds `align` times
+    ``repr_align_loss`` at the positions whose output carries a masked token's loss (shifted
+    logits: the position before it), the teacher reading the clean canvas causally, as the AR
+    model does."""
     from dllm_decode.models import ComputePlan
 
     B, L = ids.shape
     masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    plan = {} if attend is None else {"plan": ComputePlan(attend=attend, name="anneal-train")}
-    logits = model(noisy, attention_mask=att, **plan)                          # (B, L, V)
+    name = "anneal-train" if attend is not None else "train"
+    if teacher is None:
+        plan = {} if attend is None else {"plan": ComputePlan(attend=attend, name=name)}
+        logits, hidden = model(noisy, attention_mask=att, **plan), None        # (B, L, V)
+    else:
+        out = model.execute(noisy, att, ComputePlan(attend=attend, hidden=True, name=name))
+        logits, hidden = out.logits, out.hidden
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
     if loss_weight == "cart":
         w = cart_weight(masked, att, cart_p)[masked]
     else:
         w = weight[:, None].expand(B, L)[masked]
-    return (ce * w).sum() / (B * (L - P))
+    loss = (ce * w).sum() / (B * (L - P))
+    if teacher is None:
+        return loss
+    with torch.no_grad():
+        taught = teacher.execute(ids, att, ComputePlan(attend=causal_attend(att), hidden=True,
+                                                       name="repr-align-teacher")).hidden
+    before = torch.cat([masked[:, 1:], torch.zeros_like(masked[:, :1])], dim=1)   # (B, L): next is masked
+    return loss + align * repr_align_loss(hidden, taught, before)
 
 
 def block_attend(pos: Tensor, size: int) -> Tensor:
@@ -493,6 +527,16 @@ def _load_init_(model: torch.nn.Module, cfg: TrainConfig, base: dict) -> None:
         model.load_state_dict(load_model(path, tokenizer=False)[0].state_dict())
 
 
+def _teacher(cfg: TrainConfig, tok, record: dict) -> torch.nn.Module:
+    """--repr-align's teacher: the --init AR weights in the run's own (Dream) layout, frozen; it
+    reads causally (``causal_attend``), where it gives the AR model's hidden states. A resumed run
+    loads it again from --init, which must still be there."""
+    if not (Path(cfg.init) / "model.safetensors").exists():
+        raise FileNotFoundError(f"--repr-align: the AR checkpoint {cfg.init} (--init) holds no model.safetensors; "
+                                "the alignment's teacher is loaded from it, also when a run resumes")
+    return build(cfg, tok, record).eval().requires_grad_(False)
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to a tenth of the peak."""
     if step < cfg.warmup:
@@ -515,6 +559,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     earlier: dict | None = None         # the --init checkpoint's record, kept in training.json
     compiled: torch.nn.Module | None = None   # --compile: the model's compiled forward (same weights)
+    teacher: torch.nn.Module | None = None    # --repr-align: the --init AR weights, frozen (repr_align_loss)
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, {**asdict(self.cfg), "stop_after": None}, self.progress,
@@ -551,6 +596,12 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     if cfg.attention_anneal and cfg.family not in ("llada", "dream"):
         raise ValueError(f"--attention-anneal opens an AR model's causal attention to a bidirectional "
                          f"one; family {cfg.family!r} does not attend bidirectionally (use llada or dream)")
+    if cfg.repr_align < 0:
+        raise ValueError(f"--repr-align {cfg.repr_align}: use a weight of at least 0 (0: off)")
+    if cfg.repr_align and cfg.family != "dream":
+        raise ValueError(f"--repr-align aligns a Dream model's layers to the AR model it is adapted from "
+                         f"(shifted logits: the same position predicts the same token); family "
+                         f"{cfg.family!r} is not adapted that way (use --family dream)")
     if cfg.probe_every < 0 or cfg.probe_n < 1:
         raise ValueError(f"--probe-every {cfg.probe_every} --probe-n {cfg.probe_n}: use a step count "
                          "of at least 0 (0: never) and at least 1 problem per task")
@@ -564,8 +615,11 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_stages(Path(cfg.init), record, out) if record is not None else None
-    if resumed:     # the checkpoint holds the weights; --init need not exist any more
+    if resumed:     # the checkpoint holds the weights; --init need not exist any more (but see --repr-align)
         earlier = record = state["extra"]["init"]
+    if cfg.repr_align and (record is None or record["config"]["family"] != "ar"):
+        raise ValueError(f"--repr-align aligns to the AR model the run is adapted from: --init must name an "
+                         f"AR checkpoint (got {cfg.init!r})")
     tok = save_char_tokenizer(out)
     model = build(cfg, tok, record, load_init=not resumed)
     batcher = Batcher(cfg, tok)
@@ -576,6 +630,8 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     run = Run(cfg, out, tok, model, opt, batcher, gen, canvas_rng, earlier=earlier)
+    if cfg.repr_align:
+        run.teacher = _teacher(cfg, tok, record)
     if cfg.compile:
         run.compiled = compiled(model)
     if resumed:
@@ -610,7 +666,8 @@ def _step(run: Run, step: int) -> float:
         else:
             attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)          # None: full attention
             loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
-                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend)
+                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend,
+                                  run.teacher, cfg.repr_align)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
@@ -887,6 +944,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--attention-anneal", type=int, default=d.attention_anneal, metavar="N",
                     help="llada/dream from an AR --init: attend causally plus a share (s+1)/N of the other "
                     "pairs at step s, full attention from step N-1 on (DiffuLLaMA's annealing; 0: off)")
+    ap.add_argument("--repr-align", type=float, default=d.repr_align, metavar="W",
+                    help="dream from an AR --init: add W x (1 - cosine) between every layer's hidden states and "
+                    "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
@@ -947,6 +1007,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
+                       repr_align=a.repr_align,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
                        max_length=a.max_length, autocast=a.autocast, compile=a.compile, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
