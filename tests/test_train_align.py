@@ -113,7 +113,7 @@ def test_the_alignment_term_is_one_minus_the_mean_cosine_before_each_masked_toke
 
 
 def test_an_aligned_run_resumes_bit_for_bit_and_differs_from_one_without(tmp_path):
-    from dllm_decode.tools.model_card import align_sentence, train_flags
+    from dllm_decode.tools.model_card import adaptation_sentence, train_flags
     from dllm_decode.tools.train import _config, _parser
 
     ar = _ar(tmp_path)
@@ -130,7 +130,8 @@ def test_an_aligned_run_resumes_bit_for_bit_and_differs_from_one_without(tmp_pat
     assert all(a["loss"] > b["loss"] for a, b in zip(log(whole)[:1], log(plain)[:1]))   # the same batch, plus the term
     assert "--repr-align 5.0" in train_flags(asdict(cfg))
     assert _config(_parser().parse_args(["--out", "x", "--repr-align", "2"])).repr_align == 2.0
-    assert "5 times one minus the cosine" in align_sentence(asdict(cfg)) and align_sentence(asdict(TrainConfig())) == ""
+    assert "5 times one minus the cosine" in adaptation_sentence(asdict(cfg))
+    assert adaptation_sentence(asdict(TrainConfig())) == ""
 
 
 def test_a_resumed_aligned_run_needs_its_teacher(tmp_path):

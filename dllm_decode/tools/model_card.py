@@ -258,25 +258,18 @@ def weight_sentence(cfg: dict) -> str:
             f"distance d, p = {float(cfg.get('cart_p', 0.3)):g}; `dllm_decode/tools/train.py: cart_weight`).")
 
 
-def anneal_sentence(cfg: dict) -> str:
-    """How a diffusion stage opened its attention, when it annealed it (train --attention-anneal)."""
-    n = cfg.get("attention_anneal", 0)
-    if not n:
-        return ""
-    return (f" Its attention opens from causal to full over its first {n} steps (DiffuLLaMA's annealing, "
-            "arXiv 2410.17891: at step s, causal plus a random share (s + 1) / "
-            f"{n} of the other query-key pairs; `dllm_decode/tools/train.py: anneal_attend`).")
-
-
-def align_sentence(cfg: dict) -> str:
-    """The layer alignment a Dream stage added to its loss, when it did (train --repr-align)."""
-    w = cfg.get("repr_align", 0)
-    if not w:
-        return ""
-    return (f" The loss adds {float(w):g} times one minus the cosine similarity between every layer's hidden "
-            "states and those of the frozen AR model reading the clean canvas causally, at the positions "
-            "whose output predicts a masked token (REPR-ALIGN, arXiv 2605.06885; "
-            "`dllm_decode/tools/train.py: repr_align_loss`).")
+def adaptation_sentence(cfg: dict) -> str:
+    """What a diffusion stage adapting an AR model added, when it did: attention annealing
+    (train --attention-anneal) and the layer alignment to the AR model (train --repr-align)."""
+    n, w = cfg.get("attention_anneal", 0), cfg.get("repr_align", 0)
+    anneal = (f" Its attention opens from causal to full over its first {n} steps (DiffuLLaMA's annealing, "
+              "arXiv 2410.17891: at step s, causal plus a random share (s + 1) / "
+              f"{n} of the other query-key pairs; `dllm_decode/tools/train.py: anneal_attend`).") if n else ""
+    align = (f" The loss adds {float(w):g} times one minus the cosine similarity between every layer's hidden "
+             "states and those of the frozen AR model reading the clean canvas causally, at the positions "
+             "whose output predicts a masked token (REPR-ALIGN, arXiv 2605.06885; "
+             "`dllm_decode/tools/train.py: repr_align_loss`).") if w else ""
+    return anneal + align
 
 
 def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
@@ -291,7 +284,7 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
-            f"{mix}{full_mask_sentence(cfg)}{anneal_sentence(cfg)}{align_sentence(cfg)}")
+            f"{mix}{full_mask_sentence(cfg)}{adaptation_sentence(cfg)}")
 
 
 def _norm(value):
@@ -356,7 +349,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "positions weighted 1/t. Answers are padded with EOS to a canvas of "
                  f"{'/'.join(map(str, dfirst['canvas']))} tokens (sampled per batch), EOS included in the loss. "
                  + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst)
-                 + weight_sentence(dfirst) + anneal_sentence(dfirst) + align_sentence(dfirst))
+                 + weight_sentence(dfirst) + adaptation_sentence(dfirst))
 
     def before(n: int) -> dict:
         """The stage a later stage's sentence is compared with: for the first diffusion stage of
