@@ -154,7 +154,7 @@ def test_bad_alignment_settings_fail_before_training(tmp_path, change, message):
     cfg = {**asdict(_dream(tmp_path, ar, name="x", repr_align=1.0)), **change}
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**cfg), progress=False)
-    assert not (tmp_path / "x" / "loss_log.jsonl").exists()
+    assert not (tmp_path / "x").exists()
 
 
 def test_alignment_to_a_diffusion_checkpoint_is_refused(tmp_path):
@@ -162,3 +162,4 @@ def test_alignment_to_a_diffusion_checkpoint_is_refused(tmp_path):
     dream = train(_dream(tmp_path, ar, steps=1), progress=False)
     with pytest.raises(ValueError, match="AR checkpoint"):
         train(_tiny("dream", tmp_path / "y", init=str(dream), n_kv_heads=2, repr_align=1.0), progress=False)
+    assert not (tmp_path / "y").exists()

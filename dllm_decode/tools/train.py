@@ -612,14 +612,15 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     torch.manual_seed(cfg.seed)
     resumed = state is not None
     record = _init_record(cfg) if cfg.init and not resumed else None
+    adapted_from = (state["extra"]["init"] if resumed else record) or {"config": {"family": None}}
+    if cfg.repr_align and adapted_from["config"]["family"] != "ar":
+        raise ValueError(f"--repr-align aligns to the AR model the run is adapted from: --init must name an "
+                         f"AR checkpoint (got {cfg.init!r})")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_stages(Path(cfg.init), record, out) if record is not None else None
     if resumed:     # the checkpoint holds the weights; --init need not exist any more (but see --repr-align)
         earlier = record = state["extra"]["init"]
-    if cfg.repr_align and (record is None or record["config"]["family"] != "ar"):
-        raise ValueError(f"--repr-align aligns to the AR model the run is adapted from: --init must name an "
-                         f"AR checkpoint (got {cfg.init!r})")
     tok = save_char_tokenizer(out)
     model = build(cfg, tok, record, load_init=not resumed)
     batcher = Batcher(cfg, tok)
