@@ -288,19 +288,22 @@ class ComputePlan:
                 raise ValueError("drift does not combine with shadow, key_limit or write_window")
             if self.keys == "fed" and (self.index is not None or self.start != 0 or self.end is not None):
                 raise ValueError("a drift refresh feeds the whole canvas")
-        if self.attend is not None and (self.attend.dim() != 3 or self.attend.dtype != torch.bool or self.keys != "fed"
-                                        or self.index is not None or self.writes or self.shadow is not None):
-            raise ValueError("ComputePlan.attend must be a (B, L, L) bool mask on a range feed with keys='fed', "
-                             "no store writes and no shadow queries")
-        if self.hidden and (self.keys != "fed" or self.index is not None or self.writes
-                            or self.shadow is not None):
-            raise ValueError("ComputePlan.hidden returns a plain forward's layers: it needs a range feed "
-                             "with keys='fed', no store writes and no shadow queries")
+        self._check_training_fields()
         if self.shadow is not None:
             if self.shadow.dim() != 2 or self.shadow.dtype != torch.long:
                 raise ValueError("ComputePlan.shadow must be a (B, S) LongTensor of canvas positions")
             if self.keys != "fed" or self.writes or self.index is not None:
                 raise ValueError("shadow queries need a range feed with keys='fed' and no store writes")
+
+    def _check_training_fields(self) -> None:
+        """`attend` and `hidden` serve training forwards: a plain range feed, keys='fed', no store
+        writes, no shadow queries."""
+        if self.attend is not None and (self.attend.dim() != 3 or self.attend.dtype != torch.bool):
+            raise ValueError("ComputePlan.attend must be a (B, L, L) bool mask")
+        for name, on in (("attend", self.attend is not None), ("hidden", self.hidden)):
+            if on and (self.keys != "fed" or self.index is not None or self.writes or self.shadow is not None):
+                raise ValueError(f"ComputePlan.{name} needs a range feed with keys='fed', no store writes "
+                                 "and no shadow queries")
 
     # ------------------------------------------------------------------ helpers for the executor
     @property
