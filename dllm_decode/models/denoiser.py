@@ -222,7 +222,7 @@ class Denoiser(nn.Module):
             store.attention = attention
         if not fed.is_range:
             logits, positions = self._index_logits(x, run, fed.idx, L)
-            return ForwardOutput(logits, positions, attention=attention, hidden=hidden)
+            return ForwardOutput(logits, positions, attention=attention)
         positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
         if S:
             # the shadow queries' logits follow the fed ones (unshifted: LLaDA family only)
