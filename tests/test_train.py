@@ -16,10 +16,10 @@ from dllm_decode.tools.train import Batcher, TrainConfig, diffusion_loss, main, 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
 
-def _tiny(family, out, seed=0, steps=3):
+def _tiny(family, out, seed=0, steps=3, **kw):
     return TrainConfig(family=family, out=str(out), steps=steps, batch_size=4, d_model=16, n_layers=1,
                        n_heads=2, mlp_hidden=32, canvas=(80,), canvas_weights=(1.0,), warmup=1, seed=seed,
-                       log_every=1)
+                       log_every=1, **kw)
 
 
 def test_batch_layout_left_padded_prompt_then_answer_then_eos():
@@ -572,17 +572,19 @@ def test_model_card_says_when_a_stage_weighs_tokens_by_context():
 
 
 @pytest.mark.slow
-def test_compiled_training_follows_the_eager_run(tmp_path):
+@pytest.mark.parametrize("anneal", [0, 3])
+def test_compiled_training_follows_the_eager_run(tmp_path, anneal):
     """--compile trains the same model: the loss log of a compiled run matches the eager run's
-    within --check's cross-machine tolerance, and its checkpoint loads as an eager one (slow: the
-    compilation takes tens of seconds on a CPU)."""
+    within --check's cross-machine tolerance, and its checkpoint loads as an eager one; with
+    --attention-anneal too, whose steps pass a new attention mask each and switch to full
+    attention (no plan) part-way (slow: the compilation takes tens of seconds on a CPU)."""
     from dllm_decode.tools.train import check_log
 
-    eager = train(_tiny("dream", tmp_path / "eager", steps=4), progress=False)
-    compiled = train(TrainConfig(**{**_tiny("dream", tmp_path / "compiled", steps=4).__dict__, "compile": True}),
+    eager = train(_tiny("dream", tmp_path / "eager", steps=5, attention_anneal=anneal), progress=False)
+    compiled = train(_tiny("dream", tmp_path / "compiled", steps=5, attention_anneal=anneal, compile=True),
                      progress=False)
     n, mismatch = check_log(compiled, eager)
-    assert n == 4 and mismatch is None
+    assert n == 5 and mismatch is None
     assert set(_weights(compiled)) == set(_weights(eager))
     assert json.loads((compiled / "training.json").read_text())["config"]["compile"] is True
 

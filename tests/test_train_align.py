@@ -148,6 +148,7 @@ def test_a_resumed_aligned_run_needs_its_teacher(tmp_path):
     ({"family": "llada"}, "family 'llada' is not adapted that way"),
     ({"repr_align": -1.0}, "--repr-align -1.0"),
     ({"init": None}, "--init must name an AR checkpoint"),
+    ({"compile": True}, "--compile does not compile"),
 ])
 def test_bad_alignment_settings_fail_before_training(tmp_path, change, message):
     ar = _ar(tmp_path)

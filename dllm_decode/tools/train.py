@@ -602,6 +602,10 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
         raise ValueError(f"--repr-align aligns a Dream model's layers to the AR model it is adapted from "
                          f"(shifted logits: the same position predicts the same token); family "
                          f"{cfg.family!r} is not adapted that way (use --family dream)")
+    if cfg.repr_align and cfg.compile:
+        raise ValueError("--repr-align reads the student's hidden states through Denoiser.execute, which "
+                         "--compile does not compile (it compiles the model's forward): the run would train "
+                         "uncompiled; drop one of the two")
     if cfg.probe_every < 0 or cfg.probe_n < 1:
         raise ValueError(f"--probe-every {cfg.probe_every} --probe-n {cfg.probe_n}: use a step count "
                          "of at least 0 (0: never) and at least 1 problem per task")
@@ -947,7 +951,7 @@ def _parser() -> argparse.ArgumentParser:
                     "pairs at step s, full attention from step N-1 on (DiffuLLaMA's annealing; 0: off)")
     ap.add_argument("--repr-align", type=float, default=d.repr_align, metavar="W",
                     help="dream from an AR --init: add W x (1 - cosine) between every layer's hidden states and "
-                    "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off)")
+                    "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off; not with --compile)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
