@@ -7,8 +7,10 @@ training run to a time budget.
         --tokens 65536 --autocast bf16 --compile eager,compile --device cuda
 
 A size is ``D_MODELxN_LAYERSxMLP_HIDDEN`` (heads: d_model / 64). Each row is a batch of
-``tokens // length`` random sequences of `length` tokens through the very model and loss
-``train`` uses; the step is timed `repeats` times after one warm-up and the minimum is reported,
+``tokens // length`` random sequences of `length` tokens through the very model, loss and
+optimizer step ``train`` uses (with ``--mask-mix``, ``--loss-weight``, ``--attention-anneal`` and
+``--repr-align`` as ``train`` takes them: annealing's mask and REPR-ALIGN's teacher cost time too);
+the step is timed `repeats` times after one warm-up and the minimum is reported,
 since other processes sharing the CPU only ever make a step slower. ``--compile eager,compile``
 times each setting without and with ``torch.compile`` (``train --compile``; the compiled warm-up
 step includes the compilation and is not counted). On a CUDA device the step is timed to the
@@ -21,13 +23,16 @@ count, so it too can only overstate).
 from __future__ import annotations
 
 import argparse
+import copy
+import random
 import time
 from dataclasses import dataclass
 
 import torch
 
 from dllm_decode.tools.char_tokenizer import build_char_tokenizer
-from dllm_decode.tools.train import TrainConfig, ar_loss, build, compiled, diffusion_loss
+from dllm_decode.tools.train import (TrainConfig, apply_gradients, batch_loss, build, check_config, compiled,
+                                     optimizer)
 
 
 @dataclass
@@ -63,30 +68,27 @@ def non_embedding_parameters(model: torch.nn.Module, vocab: int) -> int:
 
 def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple[int, float, float, int]:
     """-> (batch rows, minimum wall seconds per step, minimum CPU seconds per step / threads,
-    non-embedding parameters)."""
+    non-embedding parameters). The step is ``train``'s own (``batch_loss``, ``apply_gradients``), so
+    the settings that add work (``--attention-anneal``'s mask, ``--repr-align``'s teacher, whose
+    weights here are a frozen copy of the student's) are in its time."""
+    check_config(cfg)
     tok = build_char_tokenizer()
     model = build(cfg, tok)
     step_model = compiled(model) if cfg.compile else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if cfg.repr_align else None
+    opt = optimizer(cfg, model)
     B = max(1, tokens // length)
     g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     ids = torch.randint(10, len(tok) - 5, (B, length), generator=g).to(cfg.device)   # (B, L) characters
     att = torch.ones(B, length, dtype=torch.bool, device=cfg.device)
     P = 32                                                                # a prompt; the rest is answer
-    kind = torch.device(cfg.device).type
     best = best_cpu = float("inf")
     for i in range(repeats + 1):
         t, c = time.perf_counter(), time.process_time()
-        with torch.autocast(kind, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-            if cfg.family == "ar":
-                loss = ar_loss(step_model, ids, att, P)
-            else:
-                loss = diffusion_loss(step_model, ids, att, P, tok.mask_token_id, tok.eos_token_id, 1e-3, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if kind == "cuda":
+        # schedule step 0: an annealed run's mask is on (any share of it costs the same)
+        apply_gradients(cfg, model, opt, batch_loss(cfg, step_model, tok, ids, att, P, 0, g, rng, teacher))
+        if torch.device(cfg.device).type == "cuda":
             torch.cuda.synchronize(cfg.device)
         if i:                                                             # the first is a warm-up
             best = min(best, time.perf_counter() - t)
@@ -96,7 +98,7 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Time a training step of candidate model sizes.")
-    ap.add_argument("--family", choices=("ar", "llada", "dream"), default="ar")
+    ap.add_argument("--family", choices=("ar", "llada", "dream", "sdar"), default="ar")
     ap.add_argument("--sizes", required=True, help="comma-separated D_MODELxN_LAYERSxMLP_HIDDEN")
     ap.add_argument("--lengths", default="256,1024", help="sequence lengths (prompt + answer / canvas)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per step (rows = tokens // length)")
@@ -105,10 +107,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="eager", help="comma-separated: eager, compile (torch.compile)")
     ap.add_argument("--device", default="cpu")
+    d = TrainConfig()
+    ap.add_argument("--block-size", type=int, default=d.block_size, help="sdar: the block size")
+    ap.add_argument("--mask-mix", default=",".join(str(x) for x in d.mask_mix),
+                    help="llada/dream: iid / block / eos row odds (as train's)")
+    ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=d.loss_weight)
+    ap.add_argument("--attention-anneal", type=int, default=0, metavar="N",
+                    help="llada/dream: time the step with train's annealing mask on (N >= 2)")
+    ap.add_argument("--repr-align", type=float, default=0.0, metavar="W",
+                    help="dream: time the step with REPR-ALIGN's teacher forward and term")
     a = ap.parse_args(argv)
     modes = a.compile.split(",")
     if not set(modes) <= {"eager", "compile"}:
         raise SystemExit(f"--compile {a.compile!r}: expected eager and/or compile, comma-separated")
+    mix = tuple(float(x) for x in a.mask_mix.split(","))
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.tokens} tokens per step, "
           f"minimum of {a.repeats}")
@@ -122,8 +134,13 @@ def main(argv: list[str] | None = None) -> None:
                 for mode in modes:
                     cfg = TrainConfig(family=a.family, out="unused", d_model=d, n_layers=n, n_heads=d // 64,
                                       mlp_hidden=m, max_length=max(1024, length), autocast=ac,
-                                      threads=a.threads, device=a.device, compile=mode == "compile")
-                    B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
+                                      threads=a.threads, device=a.device, compile=mode == "compile",
+                                      block_size=a.block_size, mask_mix=mix, loss_weight=a.loss_weight,
+                                      attention_anneal=a.attention_anneal, repr_align=a.repr_align)
+                    try:
+                        B, s, cpu, ne = time_step(cfg, length, a.tokens, a.repeats)
+                    except ValueError as e:             # check_config's refusals name the flag
+                        raise SystemExit(f"step_time: {e}") from None
                     t = Timing(size, ne, a.family, length, B, ac, mode, s, cpu)
                     print(f"| {size} | {ne / 1e6:.1f}M | {a.family} | {length} | {B} | {ac} | {mode} | {s:.3f} "
                           f"| {cpu:.2f} | {t.tokens_per_second:.0f} |", flush=True)

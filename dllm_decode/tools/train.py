@@ -578,12 +578,9 @@ def _settle_vector_math() -> None:
         torch.arange(n, dtype=dtype).exp()
 
 
-def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
-    """Build a run from scratch, or (with a checkpoint dict `state`) as that checkpoint left it.
-    The order of seeding and construction is the order the first reference models were trained in."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _settle_vector_math()
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse settings that contradict each other or the family, before anything is built or written
+    (a ValueError naming the flag)."""
     if cfg.autocast not in ("none", "bf16"):
         raise ValueError(f"--autocast {cfg.autocast!r}: use 'none' or 'bf16'")
     if cfg.loss_weight not in ("mdlm", "cart"):
@@ -613,6 +610,15 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
         get_task(t)                     # an unknown task fails here, not at the first reading
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
+
+
+def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
+    """Build a run from scratch, or (with a checkpoint dict `state`) as that checkpoint left it.
+    The order of seeding and construction is the order the first reference models were trained in."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _settle_vector_math()
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     resumed = state is not None
     record = _init_record(cfg) if cfg.init and not resumed else None
@@ -630,10 +636,7 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     batcher = Batcher(cfg, tok)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     canvas_rng = random.Random(f"canvas/{cfg.seed}")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    opt = optimizer(cfg, model)
     run = Run(cfg, out, tok, model, opt, batcher, gen, canvas_rng, earlier=earlier)
     if cfg.repr_align:
         run.teacher = _teacher(cfg, tok, record)
@@ -642,6 +645,14 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     if resumed:
         run.progress = restore(state, model, opt, batcher, gen, canvas_rng)
     return run
+
+
+def optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW, weight decay on the matrices only."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
 
 
 def _next_batch(run: Run) -> tuple[Tensor, Tensor, int]:
@@ -654,29 +665,41 @@ def _next_batch(run: Run) -> tuple[Tensor, Tensor, int]:
     return run.batcher.next(G)
 
 
+def batch_loss(cfg: TrainConfig, model, tok, ids: Tensor, att: Tensor, P: int, step: int,
+               gen: torch.Generator, rng: random.Random, teacher=None) -> Tensor:
+    """The loss `cfg` trains on for batch ids / att (B, L) with P prompt positions at schedule step
+    `step`, under the run's autocast: the forward of a training step (``_step``, and
+    ``tools.step_time``, which times it). `gen` draws the masks, `rng` SDAR's block size."""
+    with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+        if cfg.family == "ar":
+            return ar_loss(model, ids, att, P)
+        if cfg.family == "sdar":
+            size = rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
+            return block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, size)
+        attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)              # None: full attention
+        return diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
+                              cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend, teacher,
+                              cfg.repr_align)
+
+
+def apply_gradients(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
+    """Backward, clip, AdamW: the rest of a training step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+
+
 def _step(run: Run, step: int) -> float:
     """One optimizer step of the schedule -> its loss."""
-    cfg, tok = run.cfg, run.tok
+    cfg = run.cfg
     ids, att, P = _next_batch(run)
     ids, att = ids.to(cfg.device), att.to(cfg.device)
     for group in run.opt.param_groups:
         group["lr"] = lr_at(cfg, step)
     model = run.model if run.compiled is None else run.compiled
-    with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
-        if cfg.family == "ar":
-            loss = ar_loss(model, ids, att, P)
-        elif cfg.family == "sdar":
-            size = run.canvas_rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
-            loss = block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, run.gen, size)
-        else:
-            attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)          # None: full attention
-            loss = diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps,
-                                  run.gen, cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend,
-                                  run.teacher, cfg.repr_align)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-    run.opt.step()
+    loss = batch_loss(cfg, model, run.tok, ids, att, P, step, run.gen, run.canvas_rng, run.teacher)
+    apply_gradients(cfg, run.model, run.opt, loss)
     return float(loss.detach())
 
 
