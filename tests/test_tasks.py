@@ -80,13 +80,13 @@ def test_unknown_task_is_named():
 # --- the workload tasks: worked traces whose later lines use values written on earlier lines ---
 
 RANGES = {"echo": (30, 250), "chain": (45, 160), "columns": (80, 350), "listops": (100, 410),
-          "series": (400, 900)}
+          "series": (400, 900), "ladder": (400, 900)}
 
 
 def test_reference_mix_is_unchanged_and_the_workload_mix_is_named():
     assert REFERENCE_MIX == ("copy", "repeat", "case")
     assert get_mix("reference") == REFERENCE_MIX and get_mix("workload") == WORKLOAD_MIX == MIXES["workload"]
-    assert set(WORKLOAD_MIX) == set(RANGES) - {"echo"} | {"copy"}
+    assert set(WORKLOAD_MIX) == set(RANGES) - {"echo", "ladder"} | {"copy"}
     with pytest.raises(KeyError, match="unknown task mix 'nope'"):
         get_mix("nope")
 
@@ -116,8 +116,9 @@ def test_workload_answer_lengths_vary_within_their_range(name):
     assert len(set(lengths)) > 10        # (fixed-width lines: a length per item count, nearly)
 
 
-def test_the_long_task_needs_the_long_canvases():
-    lengths = [len(p.answer) for p in get_task("series").problems("test", 300)]
+@pytest.mark.parametrize("name", ["series", "ladder"])
+def test_the_long_task_needs_the_long_canvases(name):
+    lengths = [len(p.answer) for p in get_task(name).problems("test", 300)]
     assert min(lengths) > 256 and sum(n > 512 for n in lengths) > 60 and max(lengths) < 1024
 
 
@@ -260,6 +261,24 @@ def test_series_worked_lines_compute_the_answer():
             assert line == f"{total}+{k}={total + k}"
             total += k
         assert total > limit and int(final) == total
+
+
+def test_ladder_worked_lines_count_down_the_additions_the_prompt_asks_for():
+    """Every line adds the step to the value the line before ended with, in four fixed-width
+    digits, and counts the additions still to come; the last says 00 and the final line repeats
+    its result."""
+    import re
+
+    for p in get_task("ladder").problems("test", 100):
+        start, k, n = map(int, re.fullmatch(r"from (\d{4}) add (\d{2}), (\d{2}) times\n", p.prompt).groups())
+        lines, final = _trace(p)
+        assert len(lines) == n
+        total = start
+        for left, line in zip(range(n - 1, -1, -1), lines):
+            assert re.fullmatch(r"\d{2} \d{4}\+\d{2}=\d{4}", line)
+            assert (int(line[:2]), int(line[3:7]), int(line[8:10]), int(line[11:])) == (left, total, k, total + k)
+            total += k
+        assert final == f"{total:04d}" and get_task("ladder").score(p, p.answer)
 
 
 @pytest.mark.parametrize("name", sorted(RANGES))

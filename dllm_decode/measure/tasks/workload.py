@@ -15,6 +15,12 @@ a real use. Every answer is a worked trace, one line per step, then the ``#### A
   of letters, one line per item with the list, its taken items blanked, and the result so far.
 - ``series`` (long): add a step to a start value until the total passes a limit, one worked line
   per addition; 400 to 900 tokens. When to stop depends on the last value written.
+- ``ladder`` (long): add a step to a start value a given number of times, one worked line per
+  addition that also counts the additions left (``07 0371+18=0389``); 400 to 900 tokens. The
+  stop is read from the line before (``00``), where ``series`` compares the value with a limit
+  in the prompt, many lines back: the 12.8M-parameter AR model trained on the workload mix
+  never learned that comparison (its chance of stopping is no higher at the true stop than
+  lines before it), so every ``series`` answer it writes runs on.
 
 Every worked line carries the state the next line needs, and the lines of one answer have one
 width (numbers zero-padded, taken items blanked rather than removed), so a line reads the line
@@ -197,3 +203,19 @@ class Series(Task):
             answer = "\n".join(work) + f"\n{FINAL}{values[-1]}"
             if self.answer_range[0] <= len(answer) <= self.answer_range[1]:
                 return f"from {start} add {k} until over {limit}\n", answer, {"n": n}
+
+
+class Ladder(Task):
+    name = "ladder"
+    kind = "long"
+    description = "add a step to a start value a given number of times, counting down (400-900 tokens)"
+    rungs = (25, 55)
+    max_answer_tokens = 55 * len("54 9999+99=9999\n") + len(FINAL) + 4
+    max_prompt_tokens = len("from 9999 add 99, 55 times\n")
+
+    def sample(self, rng: random.Random):
+        start, k, n = rng.randint(10, 999), rng.randint(3, 29), rng.randint(*self.rungs)
+        values = [start + i * k for i in range(n + 1)]
+        work = [f"{n - 1 - i:02d} {values[i]:04d}+{k:02d}={values[i + 1]:04d}" for i in range(n)]
+        return (f"from {start:04d} add {k:02d}, {n:02d} times\n", "\n".join(work) + f"\n{FINAL}{values[-1]:04d}",
+                {"n": n})
