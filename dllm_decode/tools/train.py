@@ -974,7 +974,8 @@ def _parser() -> argparse.ArgumentParser:
                     "pairs at step s, full attention from step N-1 on (DiffuLLaMA's annealing; 0: off)")
     ap.add_argument("--repr-align", type=float, default=d.repr_align, metavar="W",
                     help="dream from an AR --init: add W x (1 - cosine) between every layer's hidden states and "
-                    "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off; not with --compile)")
+                    "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off; not with "
+                    "--compile)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
                     "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
