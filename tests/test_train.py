@@ -221,6 +221,63 @@ def test_full_rows_mask_the_whole_answer_and_keep_the_other_draws():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_end_rows_put_the_block_at_the_answers_end_and_keep_the_other_draws():
+    """end=1: every row reveals its answer up to a block start 0 to 40 positions before the
+    answer's end, masks that position, part of the next 31 and everything after; end=0 draws
+    exactly as before, and a row's place and weight follow its own answer length."""
+    from dllm_decode.tools.train import mask_canvas
+
+    P, G, eos = 5, 160, 2
+    ids = torch.full((200, P + G), 9)
+    length = torch.randint(1, 120, (200,), generator=torch.Generator().manual_seed(1))
+    for r, n in enumerate(length.tolist()):
+        ids[r, P + n:] = eos                     # an answer of n tokens, then EOS padding
+    masked, weight = mask_canvas(ids, P, eos_id=eos, eps=1e-3, gen=torch.Generator().manual_seed(0),
+                                 mix=(0.6, 0.2, 0.2), full=0.5, end=1.0)
+    assert not masked[:, :P].any()
+    starts = []
+    for row, n, w in zip(masked[:, P:], length.tolist(), weight):
+        s = int(row.long().argmax())             # the first masked position: the block's start
+        starts.append(n - s)
+        assert max(0, n - 40) <= s <= n
+        assert row[s + 32:].all() and not row[:s].any()
+        assert torch.isclose(w, torch.tensor(G / int(row.sum()), dtype=w.dtype))
+    assert len(set(starts)) > 30                 # the place before the end varies by row
+    in_block = masked[:, P:].float()
+    assert 0 < in_block.mean() < 1
+
+    def draw(end):
+        return mask_canvas(ids, P, eos, 1e-3, torch.Generator().manual_seed(3), (0.6, 0.2, 0.2), 0.2, end)
+    a, b = draw(0.0), draw(1e-9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"end_rows": 1.5}, "--end-rows 1.5"),
+    ({"end_rows": -0.1}, "--end-rows -0.1"),
+    ({"family": "ar", "end_rows": 0.2}, "family 'ar' has no such rows"),
+])
+def test_bad_end_rows_fail_before_training(tmp_path, change, message):
+    from dataclasses import asdict
+
+    cfg = {**asdict(_tiny("dream", tmp_path / "x")), **change}
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**cfg), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_end_rows_are_in_the_reproduction_flags_and_the_card():
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import full_mask_sentence, train_flags
+
+    cfg = asdict(TrainConfig(family="dream", end_rows=0.2))
+    assert "--end-rows 0.2" in train_flags(cfg)
+    assert "0.20 of the rows instead place a semi-autoregressive block" in full_mask_sentence(cfg)
+    assert "--end-rows" not in train_flags(asdict(TrainConfig(family="dream")))
+    assert full_mask_sentence(asdict(TrainConfig(family="dream"))) == ""
+
+
 def _weights(d):
     return load_file(str(Path(d) / "model.safetensors"))
 

@@ -245,8 +245,13 @@ def task_odds_sentence(cfg: dict) -> str:
 
 
 def full_mask_sentence(cfg: dict) -> str:
-    return (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part of the "
+    """The rows that replace a stage's mask schemes, when it had any (train --full-mask, --end-rows)."""
+    full = (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part of the "
             "EOS padding, weighted the same way." if cfg.get("full_mask", 0) else "")
+    end = (f" A share {float(cfg['end_rows']):.2f} of the rows instead place a semi-autoregressive block of 32 "
+           "at the answer's end (starting 0 to 40 positions before it, the rest of the canvas masked), "
+           "where decoding writes the final line and stops." if cfg.get("end_rows", 0) else "")
+    return full + end
 
 
 def weight_sentence(cfg: dict) -> str:

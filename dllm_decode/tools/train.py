@@ -92,6 +92,7 @@ class TrainConfig:
     eps: float = 1e-3
     mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
     full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
+    end_rows: float = 0.0             # share of rows whose block sits at the answer's end (mask_canvas)
     loss_weight: str = "mdlm"         # mdlm: 1/t (or G/#masked) per row | cart: per token (cart_weight)
     cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
     attention_anneal: int = 0         # llada/dream: open causal attention to full over N steps (anneal_attend)
@@ -254,7 +255,8 @@ class Batcher:
 
 
 def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
-                mix: tuple[float, float, float] = (1.0, 0.0, 0.0), full: float = 0.0) -> tuple[Tensor, Tensor]:
+                mix: tuple[float, float, float] = (1.0, 0.0, 0.0), full: float = 0.0,
+                end: float = 0.0) -> tuple[Tensor, Tensor]:
     """Choose the masked answer positions of each row -> masked (B, L) bool, weight (B,).
 
     A row follows one of three schemes (probabilities `mix`):
@@ -274,7 +276,14 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     digits hidden with probability t^n). Off by default. The shipped diffusion models use 0.2 in
     a short second stage (--init) after a first stage without it: from the start, the full rows
     held back learning `case` and `copy` (the model cards give the numbers).
+    A share `end` of rows, drawn after `full` (so a run without them keeps every earlier draw), is
+    a block row whose 32-position block starts 0 to 40 positions before the answer's end, its first
+    position always masked: the states in which a left-to-right decode writes the final line and
+    decides to stop. Uniform blocks put the decoding frontier there about once per answer's worth
+    of blocks; on a long answer (``ladder``: about 25 blocks of 32) a Dream model trained that way
+    had not learned to stop after 1,600 answers, where an AR model had after 800. Off by default.
     t is stratified over the batch, so every batch spans (eps, 1]."""
+
     B, L = ids.shape
     G = L - P
     u = torch.rand(1, generator=gen).item()
@@ -282,7 +291,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     draw = torch.rand(B, G, generator=gen)                                                # (B, G)
     iid = draw < t[:, None]
     masked = torch.zeros(B, L, dtype=torch.bool)
-    if mix[1] == 0 and mix[2] == 0 and full == 0:     # LLaDA's objective alone
+    if mix[1] == 0 and mix[2] == 0 and full == 0 and end == 0:     # LLaDA's objective alone
         masked[:, P:] = iid
         return masked.to(ids.device), (1.0 / t).to(ids.device)
 
@@ -306,6 +315,12 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
         whole = torch.rand(B, generator=gen) < full                                       # (B,)
         gen_mask = torch.where(whole[:, None], ~is_eos | (draw < v[:, None]), gen_mask)
         relative = relative | whole
+    if end > 0:         # drawn after the full rows, for the same reason
+        at_end = torch.rand(B, generator=gen) < end                                       # (B,)
+        s = (answer_len - (torch.rand(B, generator=gen) * 41).long()).clamp(min=0)        # (B,) block start
+        tail = (col == s[:, None]) | (col >= (s + 32)[:, None]) | ((col >= s[:, None]) & iid)
+        gen_mask = torch.where(at_end[:, None], tail, gen_mask)
+        relative = relative | at_end
     n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
     weight = torch.where(relative, G / n, 1.0 / t)
     masked[:, P:] = gen_mask
@@ -366,7 +381,7 @@ def repr_align_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], wh
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
                    gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
                    full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3,
-                   attend: Tensor | None = None, teacher=None, align: float = 0.0) -> Tensor:
+                   attend: Tensor | None = None, teacher=None, align: float = 0.0, end: float = 0.0) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows). `loss_weight` "cart" weighs
     each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same.
@@ -378,7 +393,7 @@ def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id
     from dllm_decode.models import ComputePlan
 
     B, L = ids.shape
-    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full)
+    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full, end)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     name = "anneal-train" if attend is not None else "train"
     if teacher is None:
@@ -608,6 +623,11 @@ def check_config(cfg: TrainConfig) -> None:
                          "of at least 0 (0: never) and at least 1 problem per task")
     for t in cfg.probe_tasks:
         get_task(t)                     # an unknown task fails here, not at the first reading
+    if not 0 <= cfg.end_rows <= 1:
+        raise ValueError(f"--end-rows {cfg.end_rows}: a share of the rows, between 0 and 1")
+    if cfg.end_rows and cfg.family not in ("llada", "dream"):
+        raise ValueError(f"--end-rows places masked-diffusion rows' block at the answer's end; family "
+                         f"{cfg.family!r} has no such rows (use llada or dream)")
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
@@ -679,7 +699,7 @@ def batch_loss(cfg: TrainConfig, model, tok, ids: Tensor, att: Tensor, P: int, s
         attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)              # None: full attention
         return diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
                               cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend, teacher,
-                              cfg.repr_align)
+                              cfg.repr_align, cfg.end_rows)
 
 
 def apply_gradients(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -964,6 +984,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
                     help="share of rows whose whole answer is masked (see mask_canvas)")
+    ap.add_argument("--end-rows", type=float, default=d.end_rows, metavar="F",
+                    help="llada/dream: share of rows whose semi-autoregressive block sits at the answer's "
+                    "end, where decoding writes the final line and stops (see mask_canvas; 0: off)")
     ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=d.loss_weight,
                     help="llada/dream: weigh masked tokens by 1/t per row (mdlm, LLaDA's) or by their "
                     "revealed neighbours (cart, Dream's; see cart_weight)")
@@ -1034,7 +1057,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
-                       mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask,
+                       mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
                        repr_align=a.repr_align,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
