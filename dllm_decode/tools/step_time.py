@@ -32,7 +32,7 @@ import torch
 
 from dllm_decode.tools.char_tokenizer import build_char_tokenizer
 from dllm_decode.tools.train import (TrainConfig, apply_gradients, batch_loss, build, check_config, compiled,
-                                     optimizer)
+                                     optimizer, parse_floats)
 
 
 @dataclass
@@ -107,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", default="eager", help="comma-separated: eager, compile (torch.compile)")
     ap.add_argument("--device", default="cpu")
-    d = TrainConfig()
-    ap.add_argument("--block-size", type=int, default=d.block_size, help="sdar: the block size")
-    ap.add_argument("--mask-mix", default=",".join(str(x) for x in d.mask_mix),
+    defaults = TrainConfig()
+    ap.add_argument("--block-size", type=int, default=defaults.block_size, help="sdar: the block size")
+    ap.add_argument("--mask-mix", default=",".join(str(x) for x in defaults.mask_mix),
                     help="llada/dream: iid / block / eos row odds (as train's)")
-    ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=d.loss_weight)
+    ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=defaults.loss_weight)
     ap.add_argument("--attention-anneal", type=int, default=0, metavar="N",
                     help="llada/dream: time the step with train's annealing mask on (N >= 2)")
     ap.add_argument("--repr-align", type=float, default=0.0, metavar="W",
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     modes = a.compile.split(",")
     if not set(modes) <= {"eager", "compile"}:
         raise SystemExit(f"--compile {a.compile!r}: expected eager and/or compile, comma-separated")
-    mix = tuple(float(x) for x in a.mask_mix.split(","))
+    mix = parse_floats(a.mask_mix, "--mask-mix")
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {a.tokens} tokens per step, "
           f"minimum of {a.repeats}")

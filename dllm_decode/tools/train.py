@@ -1034,7 +1034,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
+def parse_floats(text: str, flag: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -1043,21 +1043,21 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 
 def _config(a: argparse.Namespace) -> TrainConfig:
     d = TrainConfig()
-    canvas = tuple(int(c) for c in _floats(a.canvas, "--canvas"))
+    canvas = tuple(int(c) for c in parse_floats(a.canvas, "--canvas"))
     if a.canvas_weights:
-        weights = _floats(a.canvas_weights, "--canvas-weights")
+        weights = parse_floats(a.canvas_weights, "--canvas-weights")
         if len(weights) != len(canvas):
             raise SystemExit(f"--canvas-weights has {len(weights)} entries for {len(canvas)} canvases")
     else:
         weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
     tasks = task_names(a.tasks)
-    task_weights = _floats(a.task_weights, "--task-weights") if a.task_weights else ()
-    groups = tuple(int(x) for x in _floats(a.task_groups, "--task-groups")) if a.task_groups else ()
+    task_weights = parse_floats(a.task_weights, "--task-weights") if a.task_weights else ()
+    groups = tuple(int(x) for x in parse_floats(a.task_groups, "--task-groups")) if a.task_groups else ()
     return TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
                        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
-                       mask_mix=_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
+                       mask_mix=parse_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
                        repr_align=a.repr_align,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
@@ -1066,7 +1066,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every, block_size=a.block_size,
                        probe_every=a.probe_every, probe_n=a.probe_n,
                        probe_tasks=task_names(a.probe_tasks) if a.probe_tasks else (),
-                       block_sizes=tuple(int(x) for x in _floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
+                       block_sizes=tuple(int(x) for x in parse_floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
 
 
 def main(argv: list[str] | None = None) -> None:
