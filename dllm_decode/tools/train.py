@@ -283,7 +283,6 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     of blocks; on a long answer (``ladder``: about 25 blocks of 32) a Dream model trained that way
     had not learned to stop after 1,600 answers, where an AR model had after 800. Off by default.
     t is stratified over the batch, so every batch spans (eps, 1]."""
-
     B, L = ids.shape
     G = L - P
     u = torch.rand(1, generator=gen).item()
@@ -304,8 +303,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     answer_len = torch.where(is_eos.any(1), is_eos.long().argmax(1), G).clamp(min=1)     # (B,)
     n_blocks = (answer_len + bs - 1) // bs
     start = (torch.rand(B, generator=gen) * n_blocks).long() * bs                         # (B,)
-    in_block = (col >= start[:, None]) & (col < (start + bs)[:, None])
-    block = (in_block & iid) | (col >= (start + bs)[:, None])
+    block = _block_row(col, start, bs, iid)
     v = torch.rand(B, generator=gen)
     eos = torch.where(is_eos, draw < (t * v)[:, None], iid)
 
@@ -318,13 +316,19 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     if end > 0:         # drawn after the full rows, for the same reason
         at_end = torch.rand(B, generator=gen) < end                                       # (B,)
         s = (answer_len - (torch.rand(B, generator=gen) * 41).long()).clamp(min=0)        # (B,) block start
-        tail = (col == s[:, None]) | (col >= (s + 32)[:, None]) | ((col >= s[:, None]) & iid)
-        gen_mask = torch.where(at_end[:, None], tail, gen_mask)
+        gen_mask = torch.where(at_end[:, None], _block_row(col, s, 32, iid) | (col == s[:, None]), gen_mask)
         relative = relative | at_end
     n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
     weight = torch.where(relative, G / n, 1.0 / t)
     masked[:, P:] = gen_mask
     return masked.to(ids.device), weight.to(ids.device)
+
+
+def _block_row(col: Tensor, start: Tensor, size: Tensor | int, iid: Tensor) -> Tensor:
+    """A semi-autoregressive state -> (B, G) bool: before `start` (B,) revealed, the block of `size`
+    masked where `iid` (B, G) is, everything after it masked. col: (1, G) answer positions."""
+    in_block = (col >= start[:, None]) & (col < (start + size)[:, None])
+    return (in_block & iid) | (col >= (start + size)[:, None])
 
 
 def cart_weight(masked: Tensor, att: Tensor, p: float) -> Tensor:
