@@ -100,3 +100,73 @@ def test_the_device_flag_reads_the_same(capsys):
     plain = capsys.readouterr().out
     main([str(AR), "--tasks", "copy", "--n", "2", "--device", "cpu"])
     assert capsys.readouterr().out == plain and "| `copy` | 2 |" in plain
+
+
+def _stop_probs(logits_at, tok, eos, task: str, n: int):
+    """Per problem: P(stop token) at each line start of the answer, the final one last, every
+    position read from its own single-row forward (``logits_at(prompt, answer_so_far)``)."""
+    out = []
+    for p in get_task(task).problems("test", n, 0):
+        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(p.answer, add_special_tokens=False)["input_ids"]
+        text = tok.decode(answer)
+        starts = [0] + [i + 1 for i, c in enumerate(text[:-1]) if c == "\n"]   # a character tokenizer
+        assert text[starts[-1]:].startswith("####")
+        stop = answer[starts[-1]]
+        with torch.no_grad():
+            out.append([float(logits_at(prompt, answer[:i]).float().softmax(-1)[stop]) for i in starts])
+    return out
+
+
+def test_the_stop_reading_is_the_final_line_start_against_the_line_starts_before():
+    """``--stop`` reads P(``#``) where the final line starts and its highest value at the line
+    starts before (all, or the last K): the same numbers as one prefix forward per line start."""
+    from dllm_decode.tools.probe import ar_logits, read_stops
+
+    model, tok = load_ar(str(AR))
+    want = _stop_probs(lambda prompt, ans: model(input_ids=torch.tensor([prompt + ans])).logits[0, -1],
+                       tok, tok.eos_token_id, "chain", 4)
+    for lines in (None, 0, 1, 3):
+        got = read_stops(tok, "chain", 4, 0, tok.eos_token_id, ar_logits(model), lines)
+        assert got.at_stop == pytest.approx(sum(p[-1] for p in want) / 4, rel=1e-4)
+        if lines == 0:
+            assert got.earlier is None
+            continue
+        window = [p[:-1] if lines is None else p[max(0, len(p) - 1 - lines):-1] for p in want]
+        assert got.earlier == pytest.approx(sum(max(w) for w in window) / 4, rel=1e-4)
+    assert 0 <= got.top_at_stop <= 4 and got.lines == 3
+
+
+@pytest.mark.parametrize("name", ["llada-reference", "dream-reference"])
+def test_a_diffusion_stop_reading_is_the_left_to_right_state_at_the_stop(name):
+    """For a diffusion checkpoint each line start is read with the answer before it revealed and
+    masks to the end of a gen-length canvas, as the per-character reading does."""
+    from dllm_decode.tools.probe import diffusion_logits, read_stops
+
+    model, tok = load_model(MODELS / name)
+    mask, eos, gen = model.spec.mask_token_id, model.spec.eos_token_id, 160   # chain answers: at most 154 with EOS
+
+    def one(prompt, ans):
+        x = prompt + ans + [mask] * (gen - len(ans))
+        return model(torch.tensor([x]))[0, len(prompt) + len(ans)]
+
+    want = _stop_probs(one, tok, eos, "chain", 3)
+    got = read_stops(tok, "chain", 3, 0, eos, diffusion_logits(model, gen, rows=2))
+    assert got.at_stop == pytest.approx(sum(p[-1] for p in want) / 3, rel=1e-4)
+    assert got.earlier == pytest.approx(sum(max(p[:-1]) for p in want) / 3, rel=1e-4)
+
+
+def test_the_stop_flag_prints_the_stop_table(capsys):
+    main([str(AR), "--tasks", "copy,chain", "--n", "2", "--stop", "--stop-lines", "2"])
+    rows = capsys.readouterr().out.splitlines()
+    assert "highest P(stop) at the 2 line starts before" in rows[0] and len(rows) == 4
+    assert rows[2].startswith("| `copy` | 2 | 1.000 | 2 / 2 |") and rows[3].startswith("| `chain` | 2 |")
+    main([str(AR), "--tasks", "copy", "--n", "2", "--stop", "--stop-lines", "0"])
+    assert capsys.readouterr().out.splitlines()[2].endswith("| 2 / 2 |  |")      # no line start read before
+
+
+@pytest.mark.parametrize("argv", [["--stop-lines", "2"], ["--stop", "--stop-lines", "-1"]])
+def test_a_stop_window_needs_the_stop_flag_and_a_count(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(AR), *argv])
+    assert e.value.code == 2 and "--stop-lines must be at least 0, with --stop" in capsys.readouterr().err

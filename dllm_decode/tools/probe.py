@@ -19,6 +19,12 @@ later: the state its block-by-block decode of one token per forward visits.
     python -m dllm_decode.tools.probe runs/ar-snap --tasks copy,chain,columns --n 8
     python -m dllm_decode.tools.probe models/dream-workload --tasks chain --n 16
     python -m dllm_decode.tools.probe runs/dream-snap --n 200 --device cuda    # on a GPU
+    python -m dllm_decode.tools.probe models/dream-workload --tasks ladder --n 48 --gen-length 1024 --stop
+
+``--stop`` reads where answers end instead, for a long answer that a decode must stop at the
+right line: the probability of the final line's first token (the ``#`` of ``#### ANSWER``) where
+that line starts, whether it is the likeliest token there, and its highest probability at the
+line starts before (``--stop-lines K``: the last K of them), each in the same state as above.
 
 A training run reads itself the same way as it goes with ``train --probe-every N`` (probe_log.jsonl).
 """
@@ -49,15 +55,15 @@ class Reading:
 
 
 def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits) -> Reading:
-    """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer)``
-    gives (A, V) logits predicting the answer's A tokens (its EOS included) from token ids."""
+    """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer,
+    at)`` gives the logits predicting the answer's tokens (its EOS included) at positions `at`."""
     loss, chars, wrong, whole = 0.0, 0, 0, 0
     first = ""
     for p in get_task(task).problems("test", n, seed):
         prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
         answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
         with torch.no_grad():
-            logits = answer_logits(prompt, answer).float()                      # (A, V)
+            logits = answer_logits(prompt, answer, range(len(answer))).float()  # (A, V)
         target = torch.tensor(answer)
         miss = logits.argmax(-1) != target                                      # (A,)
         loss += F.cross_entropy(logits, target, reduction="sum").item()
@@ -72,46 +78,103 @@ def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits) -> 
     return Reading(task, n, loss / chars, wrong / chars, whole, first)
 
 
+@dataclass
+class StopReading:
+    task: str
+    n: int
+    at_stop: float              # mean P(stop token) where the final line starts
+    top_at_stop: int            # problems whose likeliest token there is the stop token
+    earlier: float | None       # mean over problems of its highest P at the line starts read before (None: none)
+    lines: int | None           # line starts read before the final one (None: all)
+
+
+def line_starts(tok, answer: list[int]) -> list[int]:
+    """Token positions where a line of `answer` begins: 0 and each one after a token ending in a newline."""
+    return [0] + [i + 1 for i, t in enumerate(answer[:-1]) if tok.decode([t]).endswith("\n")]
+
+
+def read_stops(tok, task: str, n: int, seed: int, eos: int, answer_logits, lines: int | None = None) -> StopReading:
+    """Where an answer stops: the probability of its final line's first token (the ``#`` of
+    ``#### ANSWER``, the stop token) at the start of that line, and the highest probability of
+    the same token at the `lines` line starts before it (all when None), each read in the state
+    ``answer_logits`` gives (``read_answers``), over the first `n` held-out problems of `task`. A
+    model that stops by the content reads high at the stop and low before it; one that stops by
+    length reads both alike."""
+    at_stop, top, earlier = [], 0, []
+    for p in get_task(task).problems("test", n, seed):
+        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+        starts = line_starts(tok, answer[:-1])
+        before = starts[:-1] if lines is None else starts[max(0, len(starts) - 1 - lines):-1]
+        stop = answer[starts[-1]]
+        with torch.no_grad():
+            probs = answer_logits(prompt, answer, [*before, starts[-1]]).float().softmax(-1)  # (R, V)
+        at_stop.append(float(probs[-1, stop]))
+        top += int(probs[-1].argmax()) == stop
+        if before:
+            earlier.append(float(probs[:-1, stop].max()))
+    return StopReading(task, n, sum(at_stop) / n, top, sum(earlier) / len(earlier) if earlier else None, lines)
+
+
+def ar_logits(model):
+    """``answer_logits(prompt, answer, at)`` of an autoregressive `model`: (len(at), V) logits
+    predicting the answer tokens at positions `at`, each after the answer before it."""
+    def answer_logits(prompt, answer, at):
+        ids = torch.tensor([prompt + answer], device=model.device)
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1]              # (A, V): predicts answer
+        return logits[torch.tensor(list(at), device=logits.device)].cpu()
+    return answer_logits
+
+
+def diffusion_logits(model, gen_length: int = 256, rows: int = 64):
+    """``answer_logits(prompt, answer, at)`` of a diffusion checkpoint (a ``Denoiser``): the logits
+    of the answer tokens at positions `at`, each in its left-to-right decoding state (module
+    docstring), one canvas per position, `rows` canvases per forward."""
+    mask = model.spec.mask_token_id
+
+    def answer_logits(prompt, answer, at):
+        P, A = len(prompt), len(answer)
+        at = torch.tensor(list(at))                                             # (R,)
+        canvas = torch.full((len(at), P + max(gen_length, A)), mask, device=model.device)  # row r reads at[r]
+        canvas[:, :P] = torch.tensor(prompt)
+        before = torch.arange(A)[None, :] < at[:, None]                         # (R, A): row r shows answer[:at[r]]
+        canvas[:, P:P + A] = torch.where(before, torch.tensor(answer), torch.tensor(mask)).to(canvas.device)
+        out = []
+        for s in range(0, len(at), rows):
+            r = torch.arange(s, min(s + rows, len(at)), device=canvas.device)
+            out.append(model(canvas[s:s + rows])[r - s, P + at[s:s + rows].to(canvas.device)])  # (r, V)
+        return torch.cat(out).cpu()
+    return answer_logits
+
+
 def probe_task(model, tok, task: str, n: int, seed: int = 0) -> Reading:
     """Teacher-forced reading of an autoregressive `model` on the first `n` held-out problems of `task`."""
-    def answer_logits(prompt, answer):
-        ids = torch.tensor([prompt + answer], device=model.device)
-        return model(input_ids=ids).logits[0, len(prompt) - 1:-1].cpu()         # (A, V): predicts answer
-    return read_answers(tok, task, n, seed, tok.eos_token_id, answer_logits)
+    return read_answers(tok, task, n, seed, tok.eos_token_id, ar_logits(model))
 
 
 def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_length: int = 256,
                          rows: int = 64) -> Reading:
     """The reading of a diffusion checkpoint (a ``Denoiser``) on the first `n` held-out problems of
     `task`, each answer character in its left-to-right decoding state (module docstring)."""
-    mask = model.spec.mask_token_id
-
-    def answer_logits(prompt, answer):
-        P, A = len(prompt), len(answer)
-        target = torch.tensor(answer)                                           # (A,)
-        canvas = torch.full((A, P + max(gen_length, A)), mask, device=model.device)   # row i reads character i
-        canvas[:, :P] = torch.tensor(prompt)
-        before = torch.arange(A)[None, :] < torch.arange(A)[:, None]            # (A, A): row i shows answer[:i]
-        canvas[:, P:P + A] = torch.where(before, target, torch.tensor(mask)).to(canvas.device)
-        out = []
-        for s in range(0, A, rows):
-            idx = torch.arange(s, min(s + rows, A), device=canvas.device)
-            out.append(model(canvas[s:s + rows])[idx - s, P + idx])             # (r, V): each row's own position
-        return torch.cat(out).cpu()
-    return read_answers(tok, task, n, seed, model.spec.eos_token_id, answer_logits)
+    return read_answers(tok, task, n, seed, model.spec.eos_token_id, diffusion_logits(model, gen_length, rows))
 
 
-def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: int = 256) -> list[Reading]:
+def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: int = 256,
+               stop: bool = False, lines: int | None = None) -> list[Reading] | list[StopReading]:
     """The reading of `model` (an autoregressive ``LlamaForCausalLM`` or a LLaDA / Dream / SDAR
-    ``Denoiser``) on each of `tasks`, in eval mode; the caller's train/eval mode is restored."""
+    ``Denoiser``) on each of `tasks`, in eval mode (with `stop`, where it stops: ``read_stops``);
+    the caller's train/eval mode is restored."""
     from dllm_decode.models.denoiser import Denoiser
 
+    diffusion = isinstance(model, Denoiser)
+    logits = diffusion_logits(model, gen_length) if diffusion else ar_logits(model)
+    eos = model.spec.eos_token_id if diffusion else tok.eos_token_id
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, Denoiser):
-            return [probe_diffusion_task(model, tok, t, n, seed, gen_length) for t in tasks]
-        return [probe_task(model, tok, t, n, seed) for t in tasks]
+        if stop:
+            return [read_stops(tok, t, n, seed, eos, logits, lines) for t in tasks]
+        return [read_answers(tok, t, n, seed, eos, logits) for t in tasks]
     finally:
         model.train(was_training)
 
@@ -126,6 +189,16 @@ def table(readings: list[Reading]) -> str:
     return "\n".join(lines)
 
 
+def stop_table(readings: list[StopReading]) -> str:
+    window = "all" if readings[0].lines is None else f"the {readings[0].lines}"
+    lines = [f"| task | problems | P(stop) at the stop | stop the top choice there | highest P(stop) at {window} line starts before |",
+             "|---|---:|---:|---:|---:|"]
+    for r in readings:
+        earlier = "" if r.earlier is None else f"{r.earlier:.3f}"
+        lines.append(f"| `{r.task}` | {r.n} | {r.at_stop:.3f} | {r.top_at_stop} / {r.n} | {earlier} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m dllm_decode.tools.probe", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="a checkpoint folder (autoregressive, LLaDA, Dream or SDAR; a training run's --snapshot)")
@@ -136,11 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     ap.add_argument("--gen-length", type=int, default=256,
                     help="diffusion checkpoints: canvas positions after the prompt (at least the answer's)")
+    ap.add_argument("--stop", action="store_true",
+                    help="read where answers stop instead: P(stop) of the final line's first token (#) "
+                         "at its start, against its highest P at the line starts before")
+    ap.add_argument("--stop-lines", type=int, default=None, metavar="K",
+                    help="with --stop: read the K line starts before the final one (default: all)")
     a = ap.parse_args(argv)
     if a.n < 1:
         ap.error(f"--n must be at least 1, got {a.n}")
     if a.gen_length < 1:
         ap.error(f"--gen-length must be at least 1, got {a.gen_length}")
+    if a.stop_lines is not None and (a.stop_lines < 0 or not a.stop):
+        ap.error(f"--stop-lines must be at least 0, with --stop; got {a.stop_lines}")
     if a.threads:
         torch.set_num_threads(a.threads)
     try:
@@ -164,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         from dllm_decode.models import load_model
 
         model, tok = load_model(a.model, device=a.device)
-    print(table(read_model(model, tok, tasks, a.n, a.seed, a.gen_length)))
+    readings = read_model(model, tok, tasks, a.n, a.seed, a.gen_length, a.stop, a.stop_lines)
+    print(stop_table(readings) if a.stop else table(readings))
 
 
 if __name__ == "__main__":
