@@ -329,8 +329,16 @@ def test_resume_in_stages_and_a_different_seed_differs(tmp_path):
 
 
 def test_resume_without_a_checkpoint_names_the_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+    with pytest.raises(SystemExit, match=f"train: --resume {tmp_path}: no checkpoint.pt"):
         main(["--resume", str(tmp_path), "--no-progress"])
+
+
+def test_a_refused_configuration_is_one_line_and_writes_nothing(tmp_path):
+    """The command line turns a configuration check's refusal into one error line (not a
+    traceback) before any folder is made."""
+    with pytest.raises(SystemExit, match="train: --end-rows .* family 'ar' has no such rows"):
+        main(["--family", "ar", "--out", str(tmp_path / "r"), "--end-rows", "0.5", "--steps", "2", "--no-progress"])
+    assert not (tmp_path / "r").exists()
 
 
 def test_workload_batches_hold_one_task_and_fill_the_token_budget():

@@ -895,12 +895,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 def resume(out: str | Path, stop_after: int | None = None, progress: bool = True) -> Path:
     """Continue the run whose checkpoint.pt is in `out` (its own config, seed and threads) to the
     end of its schedule, or to step `stop_after` -> the output folder."""
+    return _finish(_resumed(out, stop_after), progress)
+
+
+def _resumed(out: str | Path, stop_after: int | None) -> Run:
     state = read_checkpoint(Path(out))
     cfg = TrainConfig(**{**state["config"], "out": str(out), "stop_after": stop_after})
     run = _start(cfg, state)
     if stop_after is not None and stop_after < run.progress.step:
         raise ValueError(f"--stop-after {stop_after}: {out} is already at step {run.progress.step}")
-    return _finish(run, progress)
+    return run
 
 
 def _finish(run: Run, progress: bool) -> Path:
@@ -1080,12 +1084,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("train --snapshot RUN_DIR needs --out DIR")
         print(snapshot(a.snapshot, a.out))
         return
-    if a.resume:
-        out = resume(a.resume, stop_after=a.stop_after, progress=not a.no_progress)
-    elif not a.out:
+    if not a.resume and not a.out:
         raise SystemExit("train: --out DIR is required (or --resume DIR)")
-    else:
-        out = train(_config(a), progress=not a.no_progress)
+    try:        # a refused configuration or checkpoint is one line; an error while training is not
+        run = _resumed(a.resume, a.stop_after) if a.resume else _start(_config(a))
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train: {e}") from None
+    out = _finish(run, progress=not a.no_progress)
     print(out)
     if a.check:
         n, mismatch = check_log(out, Path(a.check))
