@@ -27,6 +27,7 @@ def test_dream_adapts_from_the_stage_ar_run_and_every_run_takes_its_init_shape(t
     assert "--d-model=512" in dream and "--n-kv-heads=8" in dream       # the AR model's 8 heads, shared
     assert "--d-model=128" in llada and "--n-kv-heads=4" in llada
     assert _flag(dream, "--attention-anneal") == "40" and "--attention-anneal" not in llada
+    assert _flag(dream, "--end-rows") == _flag(llada, "--end-rows") == "0.4" and "--end-rows" not in ar
     assert _flag(dream, "--steps") == "40" and _flag(dream, "--seed") != _flag(llada, "--seed")
     no_ar = train_command(StageConfig(out=tmp_path, ar_init=MODELS / "ar-workload", ar_steps=0), "dream",
                           tmp_path / "dream", 40)

@@ -5,10 +5,12 @@ command it prints before running:
 
 1. the AR model is continued on the task mix. It learns a task's arithmetic, and where a long
    answer stops, far faster than a masked-diffusion model does, and a Dream model adapted from it
-   starts with what it knows (docs/models.md, "A long task the AR model learns");
-2. Dream is adapted from that AR model and LLaDA is continued, side by side on one device. A
-   short timing run of both measures the step rate they share, and each schedule is sized to what
-   is left of ``--train-minutes``, so the learning rate finishes its decay;
+   starts with what it knows (docs/models.md, "Where a Dream model's stop comes from");
+2. Dream is adapted from that AR model and LLaDA is continued, side by side on one device, with
+   end rows (``train --end-rows``: with them a Dream model adapted from an AR model that stops
+   right learns the stop, where without them it keeps about half of the AR model's). A short
+   timing run of both measures the step rate they share, and each schedule is sized to what is
+   left of ``--train-minutes``, so the learning rate finishes its decay;
 3. the readings: where each model stops on ``ladder`` (``tools.probe --stop``), and a bench of
    the diffusion models at one token per forward with the AR row, at generation length 256 on the
    short tasks and 1024 on the long one (``OUT/bench-256.json``, ``OUT/bench-1024.json``).
@@ -53,6 +55,7 @@ class StageConfig:
     ar_minutes: float = 1.5        # the AR phase's deadline (its schedule should end well before)
     diffusion_lr: float = 2e-4
     attention_anneal: int = 500
+    end_rows: float = 0.4          # rows that write the final line and stop (train --end-rows)
     timing_steps: int = 30
     train_minutes: float = 6.0     # AR and diffusion phases together
     read_minutes: float = 3.0
@@ -88,7 +91,8 @@ def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[
     extra = ["--attention-anneal", str(min(cfg.attention_anneal, steps))] if family == "dream" else []
     return [*common, "--lr", str(cfg.diffusion_lr), "--warmup", str(min(100, steps // 10 + 1)),
             "--canvas", "256,512,1024", "--canvas-weights", "3,2,2", "--mask-mix", "0.2,0.6,0.2",
-            "--loss-weight", "cart", "--seed", str(cfg.seed + (1 if family == "dream" else 2)), *extra]
+            "--loss-weight", "cart", "--end-rows", str(cfg.end_rows),
+            "--seed", str(cfg.seed + (1 if family == "dream" else 2)), *extra]
 
 
 def _module(name: str, *args: str) -> list[str]:
@@ -201,7 +205,7 @@ HELP = {
     "short_tasks": "tasks read at --gen-length", "long_tasks": "tasks read at --long-gen-length, and where they stop",
     "batch_tokens": "tokens per training step", "ar_steps": "the AR schedule (0: no AR phase)",
     "ar_lr": "the AR peak rate", "ar_minutes": "the AR phase's deadline",
-    "diffusion_lr": "the diffusion runs' peak rate", "attention_anneal": "Dream's annealing steps (DiffuLLaMA's)",
+    "diffusion_lr": "the diffusion runs' peak rate", "end_rows": "the diffusion runs' share of end rows", "attention_anneal": "Dream's annealing steps (DiffuLLaMA's)",
     "timing_steps": "steps of the timing run", "train_minutes": "the AR and diffusion phases' deadline",
     "read_minutes": "the readings' deadline", "safety": "share of the measured time a diffusion schedule fills",
     "n": "held-out problems per task read", "gen_length": "generation length of the short tasks",
