@@ -191,8 +191,8 @@ def table(readings: list[Reading]) -> str:
 
 def stop_table(readings: list[StopReading]) -> str:
     window = "all" if readings[0].lines is None else f"the {readings[0].lines}"
-    lines = [f"| task | problems | P(stop) at the stop | stop the top choice there | highest P(stop) at {window} line starts before |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| task | problems | P(stop) at the stop | stop the top choice there | "
+             f"highest P(stop) at {window} line starts before |", "|---|---:|---:|---:|---:|"]
     for r in readings:
         earlier = "" if r.earlier is None else f"{r.earlier:.3f}"
         lines.append(f"| `{r.task}` | {r.n} | {r.at_stop:.3f} | {r.top_at_stop} / {r.n} | {earlier} |")

@@ -82,10 +82,11 @@ def shape_flags(init: Path) -> list[str]:
 def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[str]:
     """The ``tools.train`` command of one run of the stage."""
     init = {"ar": cfg.ar_init, "llada": cfg.llada_init}.get(family, cfg.out / "ar" if cfg.ar_steps else cfg.ar_init)
-    common = [*_module("dllm_decode.tools.train"), "--family", family, "--init", str(init), "--out", str(out), "--tasks", cfg.tasks,
-              "--task-weights", cfg.task_weights, "--batch-by-task", "--batch-tokens", str(cfg.batch_tokens),
-              "--autocast", "bf16", "--steps", str(steps), "--device", cfg.device, "--threads", str(cfg.threads),
-              "--log-every", "10", "--no-progress", *shape_flags(cfg.ar_init if family == "dream" else init)]
+    shape = shape_flags(cfg.ar_init if family == "dream" else init)     # the stage's AR run has --ar-init's shape
+    common = [*_module("dllm_decode.tools.train"), "--family", family, "--init", str(init), "--out", str(out),
+              "--tasks", cfg.tasks, "--task-weights", cfg.task_weights, "--batch-by-task",
+              "--batch-tokens", str(cfg.batch_tokens), "--autocast", "bf16", "--steps", str(steps),
+              "--device", cfg.device, "--threads", str(cfg.threads), "--log-every", "10", "--no-progress", *shape]
     if family == "ar":
         return [*common, "--lr", str(cfg.ar_lr), "--warmup", "20", "--seed", str(cfg.seed)]
     extra = ["--attention-anneal", str(min(cfg.attention_anneal, steps))] if family == "dream" else []
@@ -166,18 +167,20 @@ def train_phase(cfg: StageConfig, log) -> dict[str, Path | None]:
     else:
         models["ar"] = cfg.ar_init
     timing = {f: cfg.out / f"timing-{f}" for f in cfg.families}
-    run_until({f: [*train_command(cfg, f, timing[f], 10 ** 6), "--stop-after", str(cfg.timing_steps),
-                   "--log-every", "1"] for f in cfg.families}, end, log)
+    ended = run_until({f: [*train_command(cfg, f, timing[f], 10 ** 6), "--stop-after", str(cfg.timing_steps),
+                           "--log-every", "1"] for f in cfg.families}, end, log)
+    families = [f for f in cfg.families if ended[f] == "finished"]
+    if families != list(cfg.families):
+        log(f"no timing for {', '.join(f for f in cfg.families if f not in families)}: left out of the stage")
     left = end - time.monotonic()
-    steps = {f: max(1, int(cfg.safety * step_rate(timing[f]) * left)) for f in cfg.families}
-    log(f"timing: {', '.join(f'{f} {step_rate(timing[f]):.2f} steps/s' for f in cfg.families)} side by side; "
+    rate = {f: step_rate(timing[f]) for f in families}
+    steps = {f: max(1, int(cfg.safety * rate[f] * left)) for f in families}
+    log(f"timing: {', '.join(f'{f} {rate[f]:.2f} steps/s' for f in families)} side by side; "
         f"{left:.0f} s left: schedules of {steps}")
     for r in timing.values():
-        shutil.rmtree(r)
-    run_until({f: train_command(cfg, f, cfg.out / f, steps[f]) for f in cfg.families}, end, log)
-    for f in cfg.families:
-        models[f] = model_folder(cfg.out / f, log)
-    return models
+        shutil.rmtree(r, ignore_errors=True)
+    run_until({f: train_command(cfg, f, cfg.out / f, steps[f]) for f in families}, end, log)
+    return {**models, **{f: model_folder(cfg.out / f, log) for f in families}}
 
 
 def read_phase(cfg: StageConfig, models: dict[str, Path | None], log) -> None:
@@ -185,18 +188,18 @@ def read_phase(cfg: StageConfig, models: dict[str, Path | None], log) -> None:
     dev = ["--device", cfg.device]
     for name, path in models.items():
         if path is not None:
-            run_until({f"stop {name}": _module("dllm_decode.tools.probe", str(path), "--tasks", cfg.long_tasks,
-                                               "--n", str(cfg.n), "--gen-length", str(cfg.long_gen_length),
-                                               "--stop", *dev)}, end, log)
+            probe = _module("dllm_decode.tools.probe", str(path), "--tasks", cfg.long_tasks, "--n", str(cfg.n),
+                            "--gen-length", str(cfg.long_gen_length), "--stop", *dev)
+            run_until({f"stop {name}": probe}, end, log)
     rows = [f"llada@{models[f]}" for f in cfg.families if models.get(f) is not None]
     if not rows:
         return
     ar = ["--ar-model", str(models["ar"])] if models.get("ar") is not None else []
     for tasks, gen in ((cfg.short_tasks, cfg.gen_length), (cfg.long_tasks, cfg.long_gen_length)):
-        run_until({f"bench {gen}": [*_module("dllm_decode", "bench"), "--recipes", *rows, "--set", "generation.block_length=32",
-                                    "--task", tasks, "--n", str(cfg.n), "--batch-size", str(cfg.n),
-                                    "--gen-length", str(gen), "--dtype", "bfloat16", *dev, *ar, "--no-progress",
-                                    "--json", str(cfg.out / f"bench-{gen}.json")]}, end, log)
+        bench = [*_module("dllm_decode", "bench"), "--recipes", *rows, "--set", "generation.block_length=32",
+                 "--task", tasks, "--n", str(cfg.n), "--batch-size", str(cfg.n), "--gen-length", str(gen),
+                 "--dtype", "bfloat16", *dev, *ar, "--no-progress", "--json", str(cfg.out / f"bench-{gen}.json")]
+        run_until({f"bench {gen}": bench}, end, log)
 
 
 HELP = {
@@ -205,7 +208,8 @@ HELP = {
     "short_tasks": "tasks read at --gen-length", "long_tasks": "tasks read at --long-gen-length, and where they stop",
     "batch_tokens": "tokens per training step", "ar_steps": "the AR schedule (0: no AR phase)",
     "ar_lr": "the AR peak rate", "ar_minutes": "the AR phase's deadline",
-    "diffusion_lr": "the diffusion runs' peak rate", "end_rows": "the diffusion runs' share of end rows", "attention_anneal": "Dream's annealing steps (DiffuLLaMA's)",
+    "diffusion_lr": "the diffusion runs' peak rate", "end_rows": "the diffusion runs' share of end rows",
+    "attention_anneal": "Dream's annealing steps (DiffuLLaMA's)",
     "timing_steps": "steps of the timing run", "train_minutes": "the AR and diffusion phases' deadline",
     "read_minutes": "the readings' deadline", "safety": "share of the measured time a diffusion schedule fills",
     "n": "held-out problems per task read", "gen_length": "generation length of the short tasks",
