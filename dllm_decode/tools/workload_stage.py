@@ -52,7 +52,7 @@ class StageConfig:
     batch_tokens: int = 65536
     ar_steps: int = 900            # 0: no AR phase (Dream adapts from --ar-init as it is)
     ar_lr: float = 5e-4
-    ar_minutes: float = 1.5        # the AR phase's deadline (its schedule should end well before)
+    ar_minutes: float = 2.0        # the AR phase's deadline (an H200 made 13.8 AR steps/s: 900 in 65 s)
     diffusion_lr: float = 2e-4
     attention_anneal: int = 500
     end_rows: float = 0.4          # rows that write the final line and stop (train --end-rows)
