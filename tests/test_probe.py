@@ -170,3 +170,26 @@ def test_a_stop_window_needs_the_stop_flag_and_a_count(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main([str(AR), *argv])
     assert e.value.code == 2 and "--stop-lines must be at least 0, with --stop" in capsys.readouterr().err
+
+
+def test_the_first_k_characters_are_the_full_readings_first_k(capsys):
+    """``--first K`` reads each answer's first K characters only: the same misses there as a
+    prefix forward per problem, and the whole reading once K covers every answer."""
+    from dllm_decode.tools.probe import ar_logits, read_answers
+
+    model, tok = load_ar(str(AR))
+    eos, k = tok.eos_token_id, 6
+    wrong, whole = 0, 0
+    for p in get_task("chain").problems("test", 3, 0):
+        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
+        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+        miss = (logits.argmax(-1) != torch.tensor(answer))[:k]
+        wrong, whole = wrong + int(miss.sum()), whole + int(not miss.any())
+    got = read_answers(tok, "chain", 3, 0, eos, ar_logits(model), head=k)
+    assert (got.wrong_share, got.whole) == (wrong / (3 * k), whole)
+    assert read_answers(tok, "chain", 3, 0, eos, ar_logits(model), head=10_000) == probe_task(model, tok, "chain", 3)
+    with pytest.raises(SystemExit):
+        main([str(AR), "--first", "0"])
+    assert "--first must be at least 1, without --stop" in capsys.readouterr().err

@@ -25,6 +25,8 @@ later: the state its block-by-block decode of one token per forward visits.
 right line: the probability of the final line's first token (the ``#`` of ``#### ANSWER``) where
 that line starts, whether it is the likeliest token there, and its highest probability at the
 line starts before (``--stop-lines K``: the last K of them), each in the same state as above.
+``--first K`` reads only each answer's first K characters: a long answer's reading costs one
+canvas per character, and its errors tend to start in the first lines.
 
 A training run reads itself the same way as it goes with ``train --probe-every N`` (probe_log.jsonl).
 """
@@ -54,20 +56,22 @@ class Reading:
     first_wrong: str            # '...context[expected->predicted]' of the first imperfect answer
 
 
-def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits) -> Reading:
+def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits, head: int | None = None) -> Reading:
     """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer,
-    at)`` gives the logits predicting the answer's tokens (its EOS included) at positions `at`."""
+    at)`` gives the logits predicting the answer's tokens (its EOS included) at positions `at`.
+    With `head`, only each answer's first `head` tokens are read (and counted)."""
     loss, chars, wrong, whole = 0.0, 0, 0, 0
     first = ""
     for p in get_task(task).problems("test", n, seed):
         prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
         answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
         with torch.no_grad():
-            logits = answer_logits(prompt, answer, range(len(answer))).float()  # (A, V)
-        target = torch.tensor(answer)
+            read = len(answer) if head is None else min(head, len(answer))
+            logits = answer_logits(prompt, answer, range(read)).float()         # (A, V), A = read
+        target = torch.tensor(answer[:read])
         miss = logits.argmax(-1) != target                                      # (A,)
         loss += F.cross_entropy(logits, target, reduction="sum").item()
-        chars += len(answer)
+        chars += read
         wrong += int(miss.sum())
         whole += int(not miss.any())
         if not first and miss.any():
@@ -160,10 +164,11 @@ def probe_diffusion_task(model, tok, task: str, n: int, seed: int = 0, gen_lengt
 
 
 def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: int = 256,
-               stop: bool = False, lines: int | None = None) -> list[Reading] | list[StopReading]:
+               stop: bool = False, lines: int | None = None, head: int | None = None
+               ) -> list[Reading] | list[StopReading]:
     """The reading of `model` (an autoregressive ``LlamaForCausalLM`` or a LLaDA / Dream / SDAR
-    ``Denoiser``) on each of `tasks`, in eval mode (with `stop`, where it stops: ``read_stops``);
-    the caller's train/eval mode is restored."""
+    ``Denoiser``) on each of `tasks`, in eval mode (with `stop`, where it stops: ``read_stops``;
+    with `head`, each answer's first `head` tokens only); the caller's train/eval mode is restored."""
     from dllm_decode.models.denoiser import Denoiser
 
     diffusion = isinstance(model, Denoiser)
@@ -174,7 +179,7 @@ def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: 
     try:
         if stop:
             return [read_stops(tok, t, n, seed, eos, logits, lines) for t in tasks]
-        return [read_answers(tok, t, n, seed, eos, logits) for t in tasks]
+        return [read_answers(tok, t, n, seed, eos, logits, head) for t in tasks]
     finally:
         model.train(was_training)
 
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda")
     ap.add_argument("--gen-length", type=int, default=256,
                     help="diffusion checkpoints: canvas positions after the prompt (at least the answer's)")
+    ap.add_argument("--first", type=int, default=None, metavar="K",
+                    help="read only each answer's first K tokens (a long answer's costly reading, where its "
+                         "errors start)")
     ap.add_argument("--stop", action="store_true",
                     help="read where answers stop instead: P(stop) of the final line's first token (#) "
                          "at its start, against its highest P at the line starts before")
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--n must be at least 1, got {a.n}")
     if a.gen_length < 1:
         ap.error(f"--gen-length must be at least 1, got {a.gen_length}")
+    if a.first is not None and (a.first < 1 or a.stop):
+        ap.error(f"--first must be at least 1, without --stop; got {a.first}")
     if a.stop_lines is not None and (a.stop_lines < 0 or not a.stop):
         ap.error(f"--stop-lines must be at least 0, with --stop; got {a.stop_lines}")
     if a.threads:
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         from dllm_decode.models import load_model
 
         model, tok = load_model(a.model, device=a.device)
-    readings = read_model(model, tok, tasks, a.n, a.seed, a.gen_length, a.stop, a.stop_lines)
+    readings = read_model(model, tok, tasks, a.n, a.seed, a.gen_length, a.stop, a.stop_lines, a.first)
     print(stop_table(readings) if a.stop else table(readings))
 
 
