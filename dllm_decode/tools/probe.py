@@ -56,15 +56,20 @@ class Reading:
     first_wrong: str            # '...context[expected->predicted]' of the first imperfect answer
 
 
+def encoded_problems(tok, task: str, n: int, seed: int, eos: int):
+    """The first `n` held-out problems of `task` as token ids: (prompt, answer with its EOS)."""
+    for p in get_task(task).problems("test", n, seed):
+        yield (tok(p.prompt, add_special_tokens=False)["input_ids"],
+               tok(p.answer, add_special_tokens=False)["input_ids"] + [eos])
+
+
 def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits, head: int | None = None) -> Reading:
     """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer,
     at)`` gives the logits predicting the answer's tokens (its EOS included) at positions `at`.
     With `head`, only each answer's first `head` tokens are read (and counted)."""
     loss, chars, wrong, whole = 0.0, 0, 0, 0
     first = ""
-    for p in get_task(task).problems("test", n, seed):
-        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
-        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+    for prompt, answer in encoded_problems(tok, task, n, seed, eos):
         with torch.no_grad():
             read = len(answer) if head is None else min(head, len(answer))
             logits = answer_logits(prompt, answer, range(read)).float()         # (A, V), A = read
@@ -105,9 +110,7 @@ def read_stops(tok, task: str, n: int, seed: int, eos: int, answer_logits, lines
     model that stops by the content reads high at the stop and low before it; one that stops by
     length reads both alike."""
     at_stop, top, earlier = [], 0, []
-    for p in get_task(task).problems("test", n, seed):
-        prompt = tok(p.prompt, add_special_tokens=False)["input_ids"]
-        answer = tok(p.answer, add_special_tokens=False)["input_ids"] + [eos]
+    for prompt, answer in encoded_problems(tok, task, n, seed, eos):
         starts = line_starts(tok, answer[:-1])
         before = starts[:-1] if lines is None else starts[max(0, len(starts) - 1 - lines):-1]
         stop = answer[starts[-1]]

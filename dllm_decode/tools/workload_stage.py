@@ -74,7 +74,9 @@ def shape_flags(init: Path) -> list[str]:
         c = json.loads((init / "training.json").read_text())["config"]
     except (OSError, KeyError, json.JSONDecodeError) as e:
         raise SystemExit(f"workload_stage: {init}/training.json: not a checkpoint written by train ({e})")
-    kv = c.get("n_kv_heads") or (c["n_heads"] // 2 if c["family"] == "dream" else c["n_heads"])
+    from dllm_decode.tools.train import TrainConfig
+
+    kv = TrainConfig(**{k: v for k, v in c.items() if k in TrainConfig.__dataclass_fields__}).kv_heads()
     flags = [f"--{k.replace('_', '-')}={c[k]}" for k in SHAPE_KEYS]
     return flags + [f"--n-kv-heads={kv}", f"--max-length={c.get('max_length') or 2048}"]
 
