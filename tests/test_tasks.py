@@ -80,13 +80,13 @@ def test_unknown_task_is_named():
 # --- the workload tasks: worked traces whose later lines use values written on earlier lines ---
 
 RANGES = {"echo": (30, 250), "chain": (45, 160), "columns": (80, 350), "listops": (100, 410),
-          "series": (400, 900), "ladder": (400, 900)}
+          "series": (400, 900), "ladder": (400, 900), "columns-short": (80, 255), "listops-short": (100, 255)}
 
 
 def test_reference_mix_is_unchanged_and_the_workload_mix_is_named():
     assert REFERENCE_MIX == ("copy", "repeat", "case")
     assert get_mix("reference") == REFERENCE_MIX and get_mix("workload") == WORKLOAD_MIX == MIXES["workload"]
-    assert set(WORKLOAD_MIX) == set(RANGES) - {"echo", "ladder"} | {"copy"}
+    assert set(WORKLOAD_MIX) == set(RANGES) - {"echo", "ladder", "columns-short", "listops-short"} | {"copy"}
     with pytest.raises(KeyError, match="unknown task mix 'nope'"):
         get_mix("nope")
 
@@ -113,7 +113,8 @@ def test_workload_answer_lengths_vary_within_their_range(name):
     lo, hi = RANGES[name]
     assert lo <= min(lengths) and max(lengths) <= min(hi, task.max_answer_tokens), (min(lengths), max(lengths))
     assert max(lengths) - min(lengths) > (hi - lo) / 2     # spread over the range, not one length
-    assert len(set(lengths)) > 10        # (fixed-width lines: a length per item count, nearly)
+    # (fixed-width lines: a length per item count, nearly; the short variants count fewer items)
+    assert len(set(lengths)) > (5 if name.endswith("-short") else 10)
 
 
 @pytest.mark.parametrize("name", ["series", "ladder"])
@@ -180,14 +181,16 @@ def test_chain_worked_lines_compute_the_answer():
         assert int(final) == value
 
 
-def test_columns_worked_lines_compute_the_answer():
+@pytest.mark.parametrize("name, most", [("columns", 8), ("columns-short", 6)])
+def test_columns_worked_lines_compute_the_answer(name, most):
     import re
 
-    ops = set()
-    for p in get_task("columns").problems("test", 300):
+    ops, widths = set(), set()
+    for p in get_task(name).problems("test", 300):
         word, expr = p.prompt.split()
         a, op, b = re.fullmatch(r"(\d+)([+-])(\d+)", expr).groups()
-        assert word == {"+": "sum", "-": "diff"}[op] and 3 <= len(a) <= 8 and len(b) <= len(a)
+        assert word == {"+": "sum", "-": "diff"}[op] and 3 <= len(a) <= most and len(b) <= len(a)
+        widths.add(len(a))
         ops.add(op)
         n, b = len(a), b.rjust(len(a), "0")
         lines, final = _trace(p)
@@ -213,16 +216,18 @@ def test_columns_worked_lines_compute_the_answer():
             assert shifted == f"{zeros}{a[:col]}{op}{zeros}{b[:col]}" and written == got.rjust(n + 1, "_")
             flag = flag_out
         assert int(final) == int(got) == (int(a) + int(b) if op == "+" else int(a) - int(b))
-    assert ops == {"+", "-"}
+    assert ops == {"+", "-"} and widths == set(range(3, most + 1))
 
 
-def test_listops_worked_lines_compute_the_answer():
+@pytest.mark.parametrize("name, letters, numbers", [("listops", 12, 7), ("listops-short", 8, 5)])
+def test_listops_worked_lines_compute_the_answer(name, letters, numbers):
     from collections import Counter
 
-    seen_ops = set()
-    for p in get_task("listops").problems("test", 300):
+    seen_ops, sizes = set(), set()
+    for p in get_task(name).problems("test", 300):
         op, items = p.prompt.rstrip("\n").split(": ")
         seen_ops.add(op)
+        sizes.add((op == "count", len(items) if op == "count" else len(items.split())))
         lines, final = _trace(p)
         assert len({len(line) for line in lines}) == 1
         if op == "count":
@@ -247,6 +252,18 @@ def test_listops_worked_lines_compute_the_answer():
         expected = sorted(items, key=int) if op == "sort" else items[::-1]
         assert final.split() == out == expected
     assert seen_ops == {"sort", "reverse", "count"}
+    assert sizes == {(True, k) for k in range(4, letters + 1)} | {(False, k) for k in range(3, numbers + 1)}
+
+
+@pytest.mark.parametrize("name", ["columns-short", "listops-short"])
+def test_the_short_variants_fit_a_256_token_canvas_with_their_eos(name):
+    """Their answers (and one EOS) fit generation length 256, so a diffusion run trains them at
+    that canvas (train draws only canvases longer than a task's longest answer) and a table at
+    256 scores every problem; the full tasks' longest answers do not fit."""
+    task = get_task(name)
+    longest = max(len(p.answer) for s in ("train", "test") for p in task.problems(s, 2000))
+    assert longest == task.max_answer_tokens < 256
+    assert get_task(name.removesuffix("-short")).max_answer_tokens >= 256
 
 
 def test_series_worked_lines_compute_the_answer():

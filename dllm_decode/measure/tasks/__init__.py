@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dllm_decode.measure.tasks.base import Problem, ProblemStream, Task, extract_answer, split_of
 from dllm_decode.measure.tasks.catalog import Add, Case, Copy, Distinct, Repeat
-from dllm_decode.measure.tasks.workload import Chain, Columns, Echo, Ladder, ListOps, Series
+from dllm_decode.measure.tasks.workload import (Chain, Columns, ColumnsShort, Echo, Ladder, ListOps, ListOpsShort,
+                                                Series)
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (Copy, Repeat, Distinct, Case, Add,
-                                                    Echo, Chain, Columns, ListOps, Series, Ladder)}
+                                                    Echo, Chain, Columns, ListOps, Series, Ladder,
+                                                    ColumnsShort, ListOpsShort)}
 REFERENCE_MIX = ("copy", "repeat", "case")     # what the shipped reference models learned
 # what the workload models learn: multi-step worked traces, one long answer, and a copy control.
 # The control is the fixed-length copy: echo's variable-length copy of random letters needs a

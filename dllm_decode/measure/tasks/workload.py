@@ -13,6 +13,9 @@ a real use. Every answer is a worked trace, one line per step, then the ``#### A
   and the digits written so far.
 - ``listops`` (dependency): sort (take the smallest), reverse (take the last) or a running count
   of letters, one line per item with the list, its taken items blanked, and the result so far.
+- ``columns-short`` and ``listops-short``: the same on fewer digits and items, so that every
+  answer fits a 256-token canvas (about a quarter of ``columns`` answers and two fifths of
+  ``listops`` ones do not).
 - ``series`` (long): add a step to a start value until the total passes a limit, one worked line
   per addition; 400 to 900 tokens. When to stop depends on the last value written.
 - ``ladder`` (long): add a step to a start value a given number of times, one worked line per
@@ -172,18 +175,43 @@ class ListOps(Task):
     max_answer_tokens = 7 * len("take 99 | __ __ __ __ __ __ __ | 99 99 99 99 99 99 99\n") + len(FINAL) + 20
     max_prompt_tokens = len("reverse: \n") + 3 * 7 - 1
 
+    letters = (4, 12)           # how many letters a count reads
+    numbers = (3, 7)            # how many numbers a sort or a reverse takes
+
     def sample(self, rng: random.Random):
         op = rng.choice(("sort", "reverse", "count"))
         if op == "count":
-            items = "".join(rng.choice("abcde") for _ in range(rng.randint(4, 12)))
+            items = "".join(rng.choice("abcde") for _ in range(rng.randint(*self.letters)))
             lines, final = _count_trace(items)
             prompt = f"{op}: {items}\n"
         else:
-            nums = [f"{rng.randint(0, 99):02d}" for _ in range(rng.randint(3, 7))]
+            nums = [f"{rng.randint(0, 99):02d}" for _ in range(rng.randint(*self.numbers))]
             lines, out = _pick_trace(nums, last=op == "reverse")
             final = " ".join(out)
             prompt = f"{op}: {' '.join(nums)}\n"
         return prompt, "\n".join(lines) + f"\n{FINAL}{final}", {"op": op}
+
+
+class ColumnsShort(Columns):
+    """``columns`` at 3 to 6 digits: every answer fits a 256-token canvas (at 7 and 8 digits a
+    quarter of ``columns`` answers do not), so a table at generation length 256 measures the
+    decoding, not the truncation, and a diffusion model trains the task at that canvas too."""
+    name = "columns-short"
+    description = "3-6 digit addition or subtraction, one worked line per column (answers fit 256 tokens)"
+    digits = (3, 6)
+    max_answer_tokens = 6 * len("9+9+1=19 | 000000+000000 | 9999999\n") + len(FINAL) + 7
+    max_prompt_tokens = len("diff 999999-999999\n")
+
+
+class ListOpsShort(ListOps):
+    """``listops`` on lists that fit a 256-token canvas (3 to 5 numbers, 4 to 8 letters), as
+    ``columns-short``."""
+    name = "listops-short"
+    description = "sort, reverse or running count of 3-5 numbers or 4-8 letters (answers fit 256 tokens)"
+    letters = (4, 8)
+    numbers = (3, 5)
+    max_answer_tokens = 5 * len("take 99 | __ __ __ __ __ | 99 99 99 99 99\n") + len(FINAL) + 14
+    max_prompt_tokens = len("reverse: \n") + 3 * 5 - 1
 
 
 class Series(Task):
