@@ -524,6 +524,48 @@ def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
     assert _same_log(run, tmp_path / "whole")
 
 
+def test_a_signal_during_the_final_save_waits_for_the_whole_model_folder(tmp_path, monkeypatch):
+    """SIGINT arriving while the finished run writes its weights (a deadline landing on the last
+    step) neither interrupts the save nor leaves the weights without their training.json."""
+    import os
+    import signal
+
+    import dllm_decode.tools.train as train_mod
+
+    real = train_mod._write_model
+
+    def write_and_be_interrupted(model, out, *args):
+        os.kill(os.getpid(), signal.SIGINT)     # delivered now, between the weights and the record
+        real(model, out, *args)
+
+    monkeypatch.setattr(train_mod, "_write_model", write_and_be_interrupted)
+    try:
+        out = train(_tiny("ar", tmp_path / "run", steps=2), progress=False)
+    except KeyboardInterrupt:       # caught here, or pytest would take it for the user's and stop
+        pytest.fail("the signal interrupted the final save")
+    assert json.loads((out / "training.json").read_text())["config"]["steps"] == 2
+    assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="reads a GPU run's checkpoint on a machine without one")
+def test_a_gpu_runs_checkpoint_snapshots_on_a_machine_without_a_gpu(tmp_path):
+    """A checkpoint whose run trained with --device cuda becomes a model folder here too (the
+    weights are copied on the CPU); its record keeps the device the run trained on."""
+    run = tmp_path / "run"
+    train(TrainConfig(**{**_tiny("llada", run).__dict__, "steps": 4, "checkpoint_every": 2, "stop_after": 2}),
+          progress=False)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    state["config"]["device"] = "cuda"
+    torch.save(state, run / "checkpoint.pt")
+    main(["--snapshot", str(run), "--out", str(tmp_path / "snap"), "--no-progress"])
+    meta = json.loads((tmp_path / "snap" / "training.json").read_text())
+    assert meta["config"]["device"] == "cuda" and meta["snapshot"]["step"] == 2 and "device_name" not in meta
+    from dllm_decode.models import load_model
+
+    got = load_model(tmp_path / "snap")[0].state_dict()
+    assert set(got) == set(state["model"]) and all(torch.equal(got[k], v) for k, v in state["model"].items())
+
+
 @pytest.mark.parametrize("family", ["ar", "llada"])
 def test_snapshot_writes_the_checkpoint_weights_as_a_loadable_model(tmp_path, family):
     """--snapshot: a run stopped at a checkpoint becomes a model folder with exactly the

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode.tools.workload_stage import StageConfig, main, run_until, shape_flags, step_rate, train_command
+from dllm_decode.tools.workload_stage import (StageConfig, main, model_folder, run_until, shape_flags, step_rate,
+                                             train_command)
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -59,6 +60,23 @@ def test_a_command_past_the_deadline_is_sent_sigint_and_the_others_end_as_they_e
     assert ended == {"slow": "stopped at the deadline", "quick": "finished", "broken": "failed (exit 3)"}
     text = "\n".join(logged)
     assert "checkpoint written" in text and "[quick: finished]\ndone" in text
+
+
+def test_a_run_counts_as_finished_only_with_its_training_record(tmp_path):
+    """A run folder whose weights lack training.json (written last) is not taken as a model: its
+    checkpoint is snapshotted instead; without either there is no model."""
+    from dllm_decode.tools.train import TrainConfig, train
+
+    run = tmp_path / "run"
+    train(TrainConfig(family="llada", out=str(run), steps=4, batch_size=2, d_model=16, n_layers=1, n_heads=2,
+                      mlp_hidden=32, canvas=(80,), canvas_weights=(1.0,), warmup=1, checkpoint_every=2,
+                      stop_after=2), progress=False)
+    assert model_folder(run, print) == run
+    (run / "training.json").unlink()
+    snap = model_folder(run, print)
+    assert snap == tmp_path / "run-snapshot" and json.loads((snap / "training.json").read_text())["snapshot"]["step"] == 2
+    (run / "checkpoint.pt").unlink()
+    assert model_folder(run, print) is None
 
 
 def test_the_step_rate_leaves_out_the_first_logged_step(tmp_path):

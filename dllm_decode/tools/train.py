@@ -58,7 +58,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -790,9 +790,9 @@ class _Interrupt:
             signal.signal(sig, handler)
 
 
-def _loop(run: Run, progress: bool) -> None:
+def _loop(run: Run, progress: bool, interrupt: _Interrupt) -> None:
     """Run the schedule from the run's position to its end or `stop_after`; a run that stops
-    before the end of its schedule (stop_after, a signal) writes a checkpoint."""
+    before the end of its schedule (stop_after, a signal: `interrupt.hit`) writes a checkpoint."""
     cfg, p = run.cfg, run.progress
     n_steps = cfg.last_step()
     bar = None
@@ -807,7 +807,7 @@ def _loop(run: Run, progress: bool) -> None:
         _probe(run, probes)
         t0 += time.perf_counter() - start
 
-    with _open_log(run) as log_file, _Interrupt() as interrupt, \
+    with _open_log(run) as log_file, \
             (_open_log(run, "probe_log.jsonl") if cfg.probe_every else nullcontext()) as probes:
         if probes is not None and p.step == 0:
             probe()
@@ -849,7 +849,7 @@ def _write_model(model: torch.nn.Module, out: Path, cfg: TrainConfig, meta: dict
         save_pretrained(model, out)
     meta = {"config": asdict(cfg), **meta, "torch": torch.__version__,
             "parameters": sum(p.numel() for p in model.parameters())}
-    if torch.device(cfg.device).type == "cuda":     # the card names the accelerator it trained on
+    if torch.device(cfg.device).type == "cuda" and torch.cuda.is_available():   # the card names the accelerator
         meta["device_name"] = torch.cuda.get_device_name(torch.device(cfg.device))
     if earlier is not None:
         meta["init"] = earlier
@@ -876,7 +876,9 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     cfg = TrainConfig(**{**state["config"], "out": str(out)})
     tok = save_char_tokenizer(out)
     earlier = state["extra"].get("init")
-    model = build(cfg, tok, earlier, load_init=False)
+    # on the CPU whatever the run trained on: a snapshot only copies weights, and a run trained on
+    # a GPU can be snapshotted on a machine without one
+    model = build(replace(cfg, device="cpu"), tok, earlier, load_init=False)
     model.load_state_dict(state["model"])
     step = state["progress"]["step"]
     _write_model(model, out, cfg, {"snapshot": {"run": str(run_dir), "step": step}}, earlier)
@@ -911,9 +913,12 @@ def _finish(run: Run, progress: bool) -> Path:
     """Run the loop; weights and training.json once the schedule (or stop_after) is reached,
     not when a signal stopped it (its checkpoint is then the run's record)."""
     cfg = run.cfg
-    _loop(run, progress)
-    if run.progress.step == cfg.last_step():
-        _save_final(run)
+    # a signal during the final save waits for it: the weights alone, without their training.json,
+    # would be a folder that loads and says nothing of how it was trained
+    with _Interrupt() as interrupt:
+        _loop(run, progress, interrupt)
+        if run.progress.step == cfg.last_step():
+            _save_final(run)
     return run.out
 
 

@@ -11,9 +11,9 @@ command it prints before running:
    right learns the stop, where without them it keeps about half of the AR model's). A short
    timing run of both measures the step rate they share, and each schedule is sized to what is
    left of ``--train-minutes``, so the learning rate finishes its decay;
-3. the readings: where each model stops on ``ladder`` (``tools.probe --stop``), and a bench of
-   the diffusion models at one token per forward with the AR row, at generation length 256 on the
-   short tasks and 1024 on the long one (``OUT/bench-256.json``, ``OUT/bench-1024.json``).
+3. the readings: a bench of the diffusion models at one token per forward with the AR row, at
+   generation length 256 on the short tasks and 1024 on the long one (``OUT/bench-256.json``,
+   ``OUT/bench-1024.json``), then where each model stops on ``ladder`` (``tools.probe --stop``).
 
 Each command and the end of its output go to ``OUT/stage.log``. Every command stops at its
 phase's deadline: a training run is sent SIGINT and writes a checkpoint, which becomes a model
@@ -45,9 +45,10 @@ class StageConfig:
     ar_init: Path = Path("models/ar-workload")
     llada_init: Path = Path("models/llada-workload")
     families: tuple[str, ...] = ("dream", "llada")
-    tasks: str = "copy,chain,columns,listops,ladder"
+    # the short variants' answers fit a 256-position canvas: trained at it, and read at --gen-length
+    tasks: str = "copy,chain,columns-short,listops-short,ladder"
     task_weights: str = "1,4,2,2,2"
-    short_tasks: str = "copy,chain,columns,listops"     # read at --gen-length
+    short_tasks: str = "copy,chain,columns-short,listops-short"     # read at --gen-length
     long_tasks: str = "ladder"                          # read at --long-gen-length
     batch_tokens: int = 65536
     ar_steps: int = 900            # 0: no AR phase (Dream adapts from --ar-init as it is)
@@ -131,8 +132,9 @@ def run_until(commands: dict[str, list[str]], deadline: float, log) -> dict[str,
 
 
 def model_folder(run: Path, log) -> Path | None:
-    """`run` as a loadable model folder: itself when it finished, else a snapshot of its checkpoint."""
-    if (run / "model.safetensors").exists():
+    """`run` as a loadable model folder: itself when it finished (train writes training.json after
+    the weights), else a snapshot of its checkpoint."""
+    if (run / "training.json").exists():
         return run
     if not (run / "checkpoint.pt").exists():
         return None
@@ -186,22 +188,22 @@ def train_phase(cfg: StageConfig, log) -> dict[str, Path | None]:
 
 
 def read_phase(cfg: StageConfig, models: dict[str, Path | None], log) -> None:
+    """The benches first (the accuracies the stage is for), then where each model stops: a reading
+    cut by the deadline is the one that matters least."""
     end = time.monotonic() + 60 * cfg.read_minutes
     dev = ["--device", cfg.device]
+    rows = [f"llada@{models[f]}" for f in cfg.families if models.get(f) is not None]
+    ar = ["--ar-model", str(models["ar"])] if models.get("ar") is not None else []
+    for tasks, gen in ((cfg.short_tasks, cfg.gen_length), (cfg.long_tasks, cfg.long_gen_length)) if rows else ():
+        bench = [*_module("dllm_decode", "bench"), "--recipes", *rows, "--set", "generation.block_length=32",
+                 "--task", tasks, "--n", str(cfg.n), "--batch-size", str(cfg.n), "--gen-length", str(gen),
+                 "--dtype", "bfloat16", *dev, *ar, "--no-progress", "--json", str(cfg.out / f"bench-{gen}.json")]
+        run_until({f"bench {gen}": bench}, end, log)
     for name, path in models.items():
         if path is not None:
             probe = _module("dllm_decode.tools.probe", str(path), "--tasks", cfg.long_tasks, "--n", str(cfg.n),
                             "--gen-length", str(cfg.long_gen_length), "--stop", *dev)
             run_until({f"stop {name}": probe}, end, log)
-    rows = [f"llada@{models[f]}" for f in cfg.families if models.get(f) is not None]
-    if not rows:
-        return
-    ar = ["--ar-model", str(models["ar"])] if models.get("ar") is not None else []
-    for tasks, gen in ((cfg.short_tasks, cfg.gen_length), (cfg.long_tasks, cfg.long_gen_length)):
-        bench = [*_module("dllm_decode", "bench"), "--recipes", *rows, "--set", "generation.block_length=32",
-                 "--task", tasks, "--n", str(cfg.n), "--batch-size", str(cfg.n), "--gen-length", str(gen),
-                 "--dtype", "bfloat16", *dev, *ar, "--no-progress", "--json", str(cfg.out / f"bench-{gen}.json")]
-        run_until({f"bench {gen}": bench}, end, log)
 
 
 HELP = {
