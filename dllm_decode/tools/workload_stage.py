@@ -51,9 +51,11 @@ class StageConfig:
     short_tasks: str = "copy,chain,columns-short,listops-short"     # read at --gen-length
     long_tasks: str = "ladder"                          # read at --long-gen-length
     batch_tokens: int = 65536
-    ar_steps: int = 900            # 0: no AR phase (Dream adapts from --ar-init as it is)
+    # 0: no AR phase (Dream adapts from --ar-init as it is). 400 steps hold about 26M tokens; on a
+    # CPU 4M (200 steps of ladder alone, then 300 on the mix, at 8,192 tokens) taught the mix
+    ar_steps: int = 400
     ar_lr: float = 5e-4
-    ar_minutes: float = 2.0        # the AR phase's deadline (an H200 made 13.8 AR steps/s: 900 in 65 s)
+    ar_minutes: float = 1.5        # the AR phase's deadline (an H200 made 13.8 AR steps/s: 400 in 29 s)
     diffusion_lr: float = 2e-4
     attention_anneal: int = 500
     end_rows: float = 0.4          # rows that write the final line and stop (train --end-rows)
