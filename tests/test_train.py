@@ -831,6 +831,50 @@ def test_an_annealed_run_resumes_bit_for_bit_and_differs_from_one_without(tmp_pa
     assert _config(_parser().parse_args(["--out", "x", "--attention-anneal", "7"])).attention_anneal == 7
 
 
+@pytest.mark.parametrize("family, mlp", [("dream", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")),
+                                         ("llada", ("ff_proj", "up_proj", "ff_out"))])
+def test_mlp_lr_scale_zero_keeps_the_mlp_weights_and_trains_the_rest(tmp_path, family, mlp):
+    """--mlp-lr-scale 0 holds every MLP matrix at its starting value (LLaDA's names and Qwen2's)
+    while attention moves; 1 keeps the optimizer's two groups, so earlier checkpoints resume."""
+    from dllm_decode.tools.char_tokenizer import build_char_tokenizer
+    from dllm_decode.tools.train import build, optimizer
+
+    cfg = TrainConfig(**{**_tiny(family, tmp_path / "frozen").__dict__, "mlp_lr_scale": 0.0})
+    start = {k: v.detach().clone() for k, v in build(cfg, build_char_tokenizer()).state_dict().items()}
+    ours = _load_state(train(cfg, progress=False))
+    frozen = [k for k in ours if any(f".0.{m}." in k for m in mlp)]       # the one layer's
+    assert len(frozen) == 3 and all(torch.equal(ours[k], start[k]) for k in frozen)
+    moved = [k for k in ours if k not in frozen and ours[k].dim() >= 2]      # attention, embeddings, the head
+    assert len(moved) >= 5 and all(not torch.equal(ours[k], start[k]) for k in moved)
+    assert len(optimizer(TrainConfig(**_tiny(family, "x").__dict__), build(cfg, build_char_tokenizer())).param_groups) == 2
+
+
+def _load_state(out):
+    from dllm_decode.models import load_model
+    return load_model(out)[0].state_dict()
+
+
+def test_mlp_lr_scale_resumes_bit_for_bit_and_reaches_the_card(tmp_path):
+    """The MLP group's share survives a checkpoint (a resumed run ends at the uninterrupted
+    weights), a share of 0.5 trains otherwise than 1, and the card's command repeats the flag."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import _config, _parser, resume
+
+    cfg = {**_tiny("dream", tmp_path / "whole", steps=5).__dict__, "mlp_lr_scale": 0.5}
+    whole = train(TrainConfig(**cfg), progress=False)
+    stopped = train(TrainConfig(**{**cfg, "out": str(tmp_path / "stopped"), "stop_after": 2}), progress=False)
+    resume(stopped, progress=False)
+    assert all(torch.equal(v, _weights(stopped)[k]) for k, v in _weights(whole).items())
+    plain = train(TrainConfig(**{**cfg, "out": str(tmp_path / "plain"), "mlp_lr_scale": 1.0}), progress=False)
+    assert any(not torch.equal(v, _weights(plain)[k]) for k, v in _weights(whole).items())
+    assert "--mlp-lr-scale 0.5" in train_flags(asdict(TrainConfig(**cfg)))
+    assert _config(_parser().parse_args(["--out", "x", "--mlp-lr-scale", "0.25"])).mlp_lr_scale == 0.25
+    with pytest.raises(ValueError, match="--mlp-lr-scale -1"):
+        train(TrainConfig(**{**cfg, "out": str(tmp_path / "bad"), "mlp_lr_scale": -1.0}), progress=False)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"family": "ar", "attention_anneal": 3}, "family 'ar' does not attend bidirectionally"),
     ({"family": "sdar", "attention_anneal": 3}, "family 'sdar' does not attend bidirectionally"),

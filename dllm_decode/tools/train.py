@@ -97,6 +97,7 @@ class TrainConfig:
     cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
     attention_anneal: int = 0         # llada/dream: open causal attention to full over N steps (anneal_attend)
     repr_align: float = 0.0           # dream from an AR --init: weight of the layer alignment to it (repr_align_loss)
+    mlp_lr_scale: float = 1.0         # the MLP weights' rate as a share of the schedule's (optimizer)
     seed: int = 0
     threads: int = 2                  # fixed, so float reductions (and the weights) reproduce
     device: str = "cpu"
@@ -614,6 +615,8 @@ def check_config(cfg: TrainConfig) -> None:
                          f"one; family {cfg.family!r} does not attend bidirectionally (use llada or dream)")
     if cfg.repr_align < 0:
         raise ValueError(f"--repr-align {cfg.repr_align}: use a weight of at least 0 (0: off)")
+    if cfg.mlp_lr_scale < 0:
+        raise ValueError(f"--mlp-lr-scale {cfg.mlp_lr_scale}: use a share of at least 0 (0: MLP weights frozen)")
     if cfg.repr_align and cfg.family != "dream":
         raise ValueError(f"--repr-align aligns a Dream model's layers to the AR model it is adapted from "
                          f"(shifted logits: the same position predicts the same token); family "
@@ -671,12 +674,26 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     return run
 
 
+# a layer's MLP matrices: Llama / Qwen2 / SDAR (layers.N.mlp.*) and LLaDA (blocks.N.ff_proj / up_proj /
+# ff_out; its output head, transformer.ff_out, sits outside the blocks)
+MLP_WEIGHT = re.compile(r"\.(layers|blocks)\.\d+\.(mlp\.|ff_proj\.|up_proj\.|ff_out\.)")
+
+
 def optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """AdamW, weight decay on the matrices only."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    """AdamW, weight decay on the matrices only. With ``mlp_lr_scale`` other than 1 the MLP
+    matrices form a third group whose rate is that share of the schedule's (``lr_scale``):
+    layer-specific rates, one of the choices Radical Numerics' RND1 report studies for converting an
+    AR model. The bet here: the AR model's arithmetic lives largely in its MLP weights, while the
+    attention is what the move to bidirectional masks has to change."""
+    split = cfg.mlp_lr_scale != 1.0       # without it the groups, and so old checkpoints' states, stay as they were
+    mlp = [p for n, p in model.named_parameters() if split and p.dim() >= 2 and MLP_WEIGHT.search(n)]
+    seen = {id(p) for p in mlp}
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in seen]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if split:
+        groups.append({"params": mlp, "weight_decay": cfg.weight_decay, "lr_scale": cfg.mlp_lr_scale})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
 
 
 def _next_batch(run: Run) -> tuple[Tensor, Tensor, int]:
@@ -720,7 +737,7 @@ def _step(run: Run, step: int) -> float:
     ids, att, P = _next_batch(run)
     ids, att = ids.to(cfg.device), att.to(cfg.device)
     for group in run.opt.param_groups:
-        group["lr"] = lr_at(cfg, step)
+        group["lr"] = lr_at(cfg, step) * group.get("lr_scale", 1.0)
     model = run.model if run.compiled is None else run.compiled
     loss = batch_loss(cfg, model, run.tok, ids, att, P, step, run.gen, run.canvas_rng, run.teacher)
     apply_gradients(cfg, run.model, run.opt, loss)
@@ -989,6 +1006,9 @@ def _parser() -> argparse.ArgumentParser:
                  "log_every"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     ap.add_argument("--lr", type=float, default=d.lr)
+    ap.add_argument("--mlp-lr-scale", type=float, default=d.mlp_lr_scale, metavar="S",
+                    help="the MLP weights' rate as a share S of the schedule's (0: frozen), to adapt an AR "
+                    "model's attention faster than the MLP weights that hold much of what it computes")
     ap.add_argument("--canvas", default=",".join(map(str, d.canvas)),
                     help="generation lengths to train at, sampled per batch")
     ap.add_argument("--canvas-weights", default=None, help="sampling odds of the canvases (default: "
@@ -1072,7 +1092,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=parse_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
-                       repr_align=a.repr_align,
+                       repr_align=a.repr_align, mlp_lr_scale=a.mlp_lr_scale,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
                        max_length=a.max_length, autocast=a.autocast, compile=a.compile, batch_by_task=a.batch_by_task,
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
