@@ -27,7 +27,8 @@ checkpoint (``--family dream --init AR_DIR``, as Dream-7B was adapted from Qwen2
 ``--attention-anneal N`` then opens the AR model's causal attention to full attention over the
 first N steps, as DiffuLLaMA did (``anneal_attend``), instead of switching it at once;
 ``--repr-align W`` (Dream) adds REPR-ALIGN's pull of every layer's hidden states towards the frozen
-AR model's (``repr_align_loss``).
+AR model's (``repr_align_loss``); ``--mlp-lr-scale S`` trains the layers' MLP matrices at a share S
+of the rate (``optimizer``).
 
 Long runs checkpoint into their folder (``--checkpoint-every N`` steps, ``--checkpoint-minutes
 M``, on SIGTERM / Ctrl-C, and when ``--stop-after`` ends a run early): weights, optimizer, schedule
