@@ -282,6 +282,12 @@ def _weights(d):
     return load_file(str(Path(d) / "model.safetensors"))
 
 
+def _load_state(out):
+    """The state dict of a diffusion model folder, as its loader builds it (the names it trains under)."""
+    from dllm_decode.models import load_model
+    return load_model(out)[0].state_dict()
+
+
 def _same_log(a, b):
     """Loss logs equal but for the wall-clock seconds."""
     strip = [{k: v for k, v in x.items() if k != "seconds"} for x in _log(a)]
@@ -560,9 +566,7 @@ def test_a_gpu_runs_checkpoint_snapshots_on_a_machine_without_a_gpu(tmp_path):
     main(["--snapshot", str(run), "--out", str(tmp_path / "snap"), "--no-progress"])
     meta = json.loads((tmp_path / "snap" / "training.json").read_text())
     assert meta["config"]["device"] == "cuda" and meta["snapshot"]["step"] == 2 and "device_name" not in meta
-    from dllm_decode.models import load_model
-
-    got = load_model(tmp_path / "snap")[0].state_dict()
+    got = _load_state(tmp_path / "snap")
     assert set(got) == set(state["model"]) and all(torch.equal(got[k], v) for k, v in state["model"].items())
 
 
@@ -847,11 +851,6 @@ def test_mlp_lr_scale_zero_keeps_the_mlp_weights_and_trains_the_rest(tmp_path, f
     moved = [k for k in ours if k not in frozen and ours[k].dim() >= 2]      # attention, embeddings, the head
     assert len(moved) >= 5 and all(not torch.equal(ours[k], start[k]) for k in moved)
     assert len(optimizer(TrainConfig(**_tiny(family, "x").__dict__), build(cfg, build_char_tokenizer())).param_groups) == 2
-
-
-def _load_state(out):
-    from dllm_decode.models import load_model
-    return load_model(out)[0].state_dict()
 
 
 def test_mlp_lr_scale_resumes_bit_for_bit_and_reaches_the_card(tmp_path):
