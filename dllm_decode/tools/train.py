@@ -687,7 +687,7 @@ def optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer
     AR model. The bet here: the AR model's arithmetic lives largely in its MLP weights, while the
     attention is what the move to bidirectional masks has to change."""
     split = cfg.mlp_lr_scale != 1.0       # without it the groups, and so old checkpoints' states, stay as they were
-    mlp = [p for n, p in model.named_parameters() if split and p.dim() >= 2 and MLP_WEIGHT.search(n)]
+    mlp = [p for n, p in model.named_parameters() if p.dim() >= 2 and MLP_WEIGHT.search(n)] if split else []
     seen = {id(p) for p in mlp}
     decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in seen]
     no_decay = [p for p in model.parameters() if p.dim() < 2]

@@ -196,7 +196,8 @@ def read_phase(cfg: StageConfig, models: dict[str, Path | None], log) -> None:
     dev = ["--device", cfg.device]
     rows = [f"llada@{models[f]}" for f in cfg.families if models.get(f) is not None]
     ar = ["--ar-model", str(models["ar"])] if models.get("ar") is not None else []
-    for tasks, gen in ((cfg.short_tasks, cfg.gen_length), (cfg.long_tasks, cfg.long_gen_length)) if rows else ():
+    benches = ((cfg.short_tasks, cfg.gen_length), (cfg.long_tasks, cfg.long_gen_length)) if rows else ()
+    for tasks, gen in benches:          # none without a diffusion model to bench
         bench = [*_module("dllm_decode", "bench"), "--recipes", *rows, "--set", "generation.block_length=32",
                  "--task", tasks, "--n", str(cfg.n), "--batch-size", str(cfg.n), "--gen-length", str(gen),
                  "--dtype", "bfloat16", *dev, *ar, "--no-progress", "--json", str(cfg.out / f"bench-{gen}.json")]
