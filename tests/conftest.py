@@ -1,8 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.testing import RandomLogitsModel
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist every core already runs a worker; a second BLAS thread per worker
+    # would only spin against the other worker.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
