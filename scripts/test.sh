@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test suite (default: everything not marked slow), one pytest-xdist worker per core; a
-# worker steals queued tests from the other when it runs dry, so one long test does not leave a
+# worker that runs dry steals queued tests from another, so one long test does not leave a
 # core idle. Extra arguments go to pytest and come last, so `-n 0` runs it in one process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
