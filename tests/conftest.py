@@ -6,10 +6,11 @@ import torch
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.testing import RandomLogitsModel
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Under pytest-xdist every core already runs a worker; a second BLAS thread per worker
-    # would only spin against the other worker.
-    torch.set_num_threads(1)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    # Under pytest-xdist the workers share the cores: more BLAS threads than cores only spin
+    # against each other. A lone worker (-n 1) keeps torch's default.
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
 
 
 @pytest.fixture
