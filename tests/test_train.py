@@ -682,6 +682,23 @@ def test_model_card_says_when_a_stage_weighs_tokens_by_context():
     assert "causal" not in later_stage_sentence(2, base, annealed)      # each stage's own
 
 
+def test_model_card_names_the_canvas_odds_and_a_stage_that_changes_them():
+    """The card gives the canvases' odds (per task batch: among the canvases its answers fit), and
+    a later stage that draws other canvases, or the same ones with other odds, says so."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import canvas_sentence, later_stage_sentence
+
+    base = asdict(TrainConfig(family="dream", steps=10))
+    assert "96/128/256 tokens, drawn per batch with odds 6:2.5:1.5;" in canvas_sentence(base)
+    stage = {**base, "canvas": [256, 512, 1024], "canvas_weights": [6.0, 1.0, 1.0], "batch_by_task": True}
+    assert "odds 6:1:1 among those the batch's answers fit" in canvas_sentence(stage)
+    assert "drawn" not in canvas_sentence({**base, "canvas": [256], "canvas_weights": [1.0]})
+    assert "odds 6:1:1" in later_stage_sentence(1, stage, base)
+    assert "odds 3:2:2" in later_stage_sentence(1, {**stage, "canvas_weights": [3, 2, 2]}, stage)
+    assert "canvas" not in later_stage_sentence(1, stage, {**stage, "seed": 5})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("anneal", [0, 3])
 def test_compiled_training_follows_the_eager_run(tmp_path, anneal):

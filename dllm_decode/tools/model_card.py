@@ -284,12 +284,25 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
     if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
         mix += " " + task_odds_sentence(cfg)
+    if cfg["family"] != "ar" and canvas_sentence(cfg) != canvas_sentence(before):
+        mix += " " + canvas_sentence(cfg)
     if weight_sentence(cfg) != weight_sentence(before):
         mix += weight_sentence(cfg) or " Masked tokens are weighted 1/t again."
     return (f" {lead} starts from the weights of the one before and trains {steps_text(cfg)} "
             f"more steps on a new problem stream (seed {cfg['seed']}), the learning rate warming up to "
             f"{cfg['lr']:g} over {cfg['warmup']} steps and decaying to a tenth of that on a cosine."
             f"{mix}{full_mask_sentence(cfg)}{adaptation_sentence(cfg)}")
+
+
+def canvas_sentence(cfg: dict) -> str:
+    """How a diffusion stage pads its answers: the canvases and their odds (train.py's Batcher)."""
+    canvas, odds = cfg["canvas"], cfg.get("canvas_weights") or [1.0] * len(cfg["canvas"])
+    sizes = "/".join(map(str, canvas))
+    if len(canvas) == 1:
+        return f"Answers are padded with EOS to a canvas of {sizes} tokens, EOS included in the loss."
+    among = " among those the batch's answers fit" if cfg.get("batch_by_task") else ""
+    return (f"Answers are padded with EOS to a canvas of {sizes} tokens, drawn per batch with odds "
+            f"{':'.join(f'{float(w):g}' for w in odds)}{among}; EOS included in the loss.")
 
 
 def _norm(value):
@@ -343,7 +356,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                  "clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
                  "block_diffusion_loss`); cross-entropy on masked positions weighted 1/t. Block size drawn "
                  f"per batch from {', '.join(map(str, cfg.get('block_sizes') or [cfg.get('block_size', 4)]))}; "
-                 f"answers padded with EOS to {'/'.join(map(str, first['canvas']))} tokens. "
+                 f"answers padded with EOS to {'/'.join(map(str, cfg['canvas']))} tokens. "
                  if block else
                  ("The first stage trains an autoregressive model by next-token prediction; the "
                   "diffusion stages start from its weights (`dllm_decode/tools/adapt.py`: the same "
@@ -351,8 +364,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                   "are, LLaDA's read unshifted). " if adapted else "") +
                  "LLaDA's supervised masked-diffusion objective: per row a mask ratio t ~ U(0.001, 1), "
                  "answer tokens masked with probability t, the prompt never; cross-entropy on masked "
-                 "positions weighted 1/t. Answers are padded with EOS to a canvas of "
-                 f"{'/'.join(map(str, dfirst['canvas']))} tokens (sampled per batch), EOS included in the loss. "
+                 "positions weighted 1/t. " + canvas_sentence(dfirst) + " "
                  + mix_sentence(dfirst.get("mask_mix", (1.0, 0.0, 0.0))) + full_mask_sentence(dfirst)
                  + weight_sentence(dfirst) + adaptation_sentence(dfirst))
 
