@@ -30,6 +30,8 @@ def test_dream_adapts_from_the_stage_ar_run_and_every_run_takes_its_init_shape(t
     assert _flag(dream, "--attention-anneal") == "40" and "--attention-anneal" not in llada
     assert _flag(dream, "--end-rows") == _flag(llada, "--end-rows") == "0.4" and "--end-rows" not in ar
     assert _flag(dream, "--steps") == "40" and _flag(dream, "--seed") != _flag(llada, "--seed")
+    assert _flag(dream, "--canvas-weights") == _flag(llada, "--canvas-weights") == "6,1,1"
+    assert "--canvas" not in ar                         # an AR model trains without a canvas
     no_ar = train_command(StageConfig(out=tmp_path, ar_init=MODELS / "ar-workload", ar_steps=0), "dream",
                           tmp_path / "dream", 40)
     assert _flag(no_ar, "--init") == str(MODELS / "ar-workload")
@@ -94,6 +96,8 @@ def test_the_step_rate_leaves_out_the_first_logged_step(tmp_path):
     (["--ar-init", "nowhere"], "nowhere/training.json: not a checkpoint"),
     (["--long-tasks", "ladder,nope"], "--long-tasks: unknown task 'nope'"),
     (["--task-weights", "1,2"], "--task-weights 1,2: one per task of --tasks"),
+    (["--canvas-weights", "1,2"], "--canvas-weights 1,2: one per canvas of --canvas 256,512,1024"),
+    (["--canvas", "256,512", "--canvas-weights", "1,1"], "--canvas 256,512: task 'ladder' needs a canvas over"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message, capsys):
     out = tmp_path / "stage"

@@ -59,6 +59,12 @@ class StageConfig:
     diffusion_lr: float = 2e-4
     attention_anneal: int = 500
     end_rows: float = 0.4          # rows that write the final line and stop (train --end-rows)
+    # a batch's canvas is drawn among those its task's answers fit: ladder's only fit 1024, so the odds
+    # choose the short tasks' canvases. Mostly 256, their reading length: with odds 3,2,2 a step held
+    # about two thirds as many chain answers and the reading ended at 1.8x the wrong characters of 256
+    # alone (docs/models.md, "The stage's canvases and end rows"); the long ones keep their EOS tail
+    canvas: str = "256,512,1024"
+    canvas_weights: str = "6,1,1"
     timing_steps: int = 30
     train_minutes: float = 6.0     # AR and diffusion phases together
     read_minutes: float = 3.0
@@ -96,7 +102,7 @@ def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[
         return [*common, "--lr", str(cfg.ar_lr), "--warmup", "20", "--seed", str(cfg.seed)]
     extra = ["--attention-anneal", str(min(cfg.attention_anneal, steps))] if family == "dream" else []
     return [*common, "--lr", str(cfg.diffusion_lr), "--warmup", str(min(100, steps // 10 + 1)),
-            "--canvas", "256,512,1024", "--canvas-weights", "3,2,2", "--mask-mix", "0.2,0.6,0.2",
+            "--canvas", cfg.canvas, "--canvas-weights", cfg.canvas_weights, "--mask-mix", "0.2,0.6,0.2",
             "--loss-weight", "cart", "--end-rows", str(cfg.end_rows),
             "--seed", str(cfg.seed + (1 if family == "dream" else 2)), *extra]
 
@@ -216,6 +222,7 @@ HELP = {
     "batch_tokens": "tokens per training step", "ar_steps": "the AR schedule (0: no AR phase)",
     "ar_lr": "the AR peak rate", "ar_minutes": "the AR phase's deadline",
     "diffusion_lr": "the diffusion runs' peak rate", "end_rows": "the diffusion runs' share of end rows",
+    "canvas": "the diffusion runs' canvases", "canvas_weights": "their odds, among those a batch's task fits",
     "attention_anneal": "Dream's annealing steps (DiffuLLaMA's)",
     "timing_steps": "steps of the timing run", "train_minutes": "the AR and diffusion phases' deadline",
     "read_minutes": "the readings' deadline", "safety": "share of the measured time a diffusion schedule fills",
@@ -255,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{flag.replace('_', '-')}: {e.args[0]}")
     if len(cfg.task_weights.split(",")) != len(task_names(cfg.tasks)):
         ap.error(f"--task-weights {cfg.task_weights}: one per task of --tasks {cfg.tasks}")
+    if len(cfg.canvas_weights.split(",")) != len(cfg.canvas.split(",")):
+        ap.error(f"--canvas-weights {cfg.canvas_weights}: one per canvas of --canvas {cfg.canvas}")
+    longest = max((get_task(t) for t in task_names(cfg.tasks)), key=lambda t: t.max_answer_tokens)
+    if max(int(c) for c in cfg.canvas.split(",")) <= longest.max_answer_tokens:
+        ap.error(f"--canvas {cfg.canvas}: task {longest.name!r} needs a canvas over {longest.max_answer_tokens}")
     for init in (cfg.ar_init, *((cfg.llada_init,) if "llada" in families else ())):
         shape_flags(init)                       # a wrong --init is refused before any training
     out.mkdir(parents=True, exist_ok=True)
