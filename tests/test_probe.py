@@ -28,7 +28,29 @@ def test_a_learned_task_reads_clean_and_an_unlearned_one_does_not():
     assert chain.wrong_share > 0.5 and chain.whole == 0 and chain.nats_per_char > 2
     assert chain.first_wrong.endswith("]") and "->" in chain.first_wrong
     rows = table([copy, chain]).splitlines()
-    assert len(rows) == 4 and rows[2].startswith("| `copy` | 4 | 0.000 | 0.0% | 4 / 4 |")
+    assert len(rows) == 4 and rows[2].startswith("| `copy` | 4 | 0.000 | 0.0% |  | 4 / 4 |")
+
+
+def test_the_wrong_characters_after_an_equals_sign_are_the_results_share():
+    """A wrong character after an `=` on its line (a worked step's result) counts in the results'
+    share of the wrong ones; one before the `=`, or on a line without one, does not."""
+    from dllm_decode.tools.char_tokenizer import build_char_tokenizer
+    from dllm_decode.tools.probe import encoded_problems, read_answers
+
+    tok = build_char_tokenizer()
+    V = len(tok)
+    prompt, answer = next(encoded_problems(tok, "chain", 1, 0, tok.eos_token_id))
+    text = tok.decode(answer[:-1])                   # 'from 068\nA*04: 068*04=272\n...'
+    step = text.index("\n") + 1                      # a step line's first character
+    result = text.index("=", step) + 1               # its result's first digit
+    wrong = {0, step, result, result + 1}
+
+    def answer_logits(prompt, ans, at):              # right everywhere but at `wrong`
+        return torch.stack([F.one_hot(torch.tensor((ans[i] + (i in wrong)) % V), V).float() for i in at])
+
+    r = read_answers(tok, "chain", 1, 0, tok.eos_token_id, answer_logits)
+    assert r.wrong_share == 4 / len(answer) and r.whole == 0 and r.in_results == 0.5
+    assert "| 50% |" in table([r])
 
 
 def _one_at_a_time(model, tok, task: str, canvas_end) -> tuple[float, int, int]:

@@ -2,7 +2,9 @@
 training: greedy decoding scores 0 on long answers until nearly every character is right, so
 this says where it stands before then. Per task: the loss per answer character (the answer and
 its EOS), the share of characters whose most likely prediction is wrong, how many answers have no
-wrong character, and the first wrong character of the first such answer in its context. (On a
+wrong character, the share of the wrong ones that follow an ``=`` on their line (a worked step's
+result, where the arithmetic is), and the first wrong character of the first such answer in its
+context. (On a
 task that accepts several answers, such as ``case``, a character of another valid answer counts
 as wrong: the reading compares with the one reference answer.)
 
@@ -39,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from dllm_decode.measure.evaluate import load_ar
 from dllm_decode.measure.tasks import get_task, task_names
@@ -54,6 +57,7 @@ class Reading:
     wrong_share: float          # of answer characters (EOS included)
     whole: int                  # answers with no wrong character
     first_wrong: str            # '...context[expected->predicted]' of the first imperfect answer
+    in_results: float = 0.0     # of the wrong characters, the share after an '=' on their line
 
 
 def encoded_problems(tok, task: str, n: int, seed: int, eos: int):
@@ -63,11 +67,22 @@ def encoded_problems(tok, task: str, n: int, seed: int, eos: int):
                tok(p.answer, add_special_tokens=False)["input_ids"] + [eos])
 
 
+def after_equals(tok, answer: list[int]) -> Tensor:
+    """(A,) bool: which tokens of `answer` follow an ``=`` on their line (a worked step's result
+    and the line's end)."""
+    out, seen = [], False
+    for t in answer:
+        ch = tok.decode([t])
+        out.append(seen)
+        seen = False if ch.endswith("\n") else seen or "=" in ch
+    return torch.tensor(out, dtype=torch.bool)
+
+
 def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits, head: int | None = None) -> Reading:
     """The reading of the first `n` held-out problems of `task`; ``answer_logits(prompt, answer,
     at)`` gives the logits predicting the answer's tokens (its EOS included) at positions `at`.
     With `head`, only each answer's first `head` tokens are read (and counted)."""
-    loss, chars, wrong, whole = 0.0, 0, 0, 0
+    loss, chars, wrong, whole, results = 0.0, 0, 0, 0, 0
     first = ""
     for prompt, answer in encoded_problems(tok, task, n, seed, eos):
         with torch.no_grad():
@@ -78,13 +93,14 @@ def read_answers(tok, task: str, n: int, seed: int, eos: int, answer_logits, hea
         loss += F.cross_entropy(logits, target, reduction="sum").item()
         chars += read
         wrong += int(miss.sum())
+        results += int((miss & after_equals(tok, answer[:read])).sum())
         whole += int(not miss.any())
         if not first and miss.any():
             i = int(miss.nonzero()[0, 0])
             shown = tok.decode(target[max(0, i - CONTEXT):i].tolist())
             expected, got = tok.decode([int(target[i])]), tok.decode([int(logits[i].argmax())])
             first = f"...{shown}[{expected}->{got}]"
-    return Reading(task, n, loss / chars, wrong / chars, whole, first)
+    return Reading(task, n, loss / chars, wrong / chars, whole, first, results / wrong if wrong else 0.0)
 
 
 @dataclass
@@ -188,11 +204,12 @@ def read_model(model, tok, tasks: list[str], n: int, seed: int = 0, gen_length: 
 
 
 def table(readings: list[Reading]) -> str:
-    lines = ["| task | problems | nats / char | chars wrong | answers with none wrong | first wrong (expected->predicted) |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = ["| task | problems | nats / char | chars wrong | of them after `=` | answers with none wrong | "
+             "first wrong (expected->predicted) |", "|---|---:|---:|---:|---:|---:|---|"]
     for r in readings:
         shown = r.first_wrong.replace("\n", "\\n").replace("|", "\\|")
-        lines.append(f"| `{r.task}` | {r.n} | {r.nats_per_char:.3f} | {100 * r.wrong_share:.1f}% | "
+        results = f"{100 * r.in_results:.0f}%" if r.wrong_share else ""
+        lines.append(f"| `{r.task}` | {r.n} | {r.nats_per_char:.3f} | {100 * r.wrong_share:.1f}% | {results} | "
                      f"{r.whole} / {r.n} | {f'`{shown}`' if shown else ''} |")
     return "\n".join(lines)
 
