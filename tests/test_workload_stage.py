@@ -98,6 +98,8 @@ def test_the_step_rate_leaves_out_the_first_logged_step(tmp_path):
     (["--task-weights", "1,2"], "--task-weights 1,2: one per task of --tasks"),
     (["--canvas-weights", "1,2"], "--canvas-weights 1,2: one per canvas of --canvas 256,512,1024"),
     (["--canvas", "256,512", "--canvas-weights", "1,1"], "--canvas 256,512: task 'ladder' needs a canvas over"),
+    (["--canvas", "256,1k,x"], "--canvas 256,1k,x: expected comma-separated whole numbers"),
+    (["--canvas-weights", "6,1,one"], "--canvas-weights 6,1,one: expected comma-separated numbers"),
 ])
 def test_bad_flags_are_refused_before_anything_runs(tmp_path, argv, message, capsys):
     out = tmp_path / "stage"

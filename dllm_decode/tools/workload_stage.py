@@ -62,7 +62,8 @@ class StageConfig:
     # a batch's canvas is drawn among those its task's answers fit: ladder's only fit 1024, so the odds
     # choose the short tasks' canvases. Mostly 256, their reading length: with odds 3,2,2 a step held
     # about two thirds as many chain answers and the reading ended at 1.8x the wrong characters of 256
-    # alone (docs/models.md, "The stage's canvases and end rows"); the long ones keep their EOS tail
+    # alone, with 6,1,1 no worse than 256 alone (docs/models.md, "The stage's canvases and end rows");
+    # the long ones keep the short answers' EOS tail at long generation lengths
     canvas: str = "256,512,1024"
     canvas_weights: str = "6,1,1"
     timing_steps: int = 30
@@ -265,7 +266,15 @@ def main(argv: list[str] | None = None) -> None:
     if len(cfg.canvas_weights.split(",")) != len(cfg.canvas.split(",")):
         ap.error(f"--canvas-weights {cfg.canvas_weights}: one per canvas of --canvas {cfg.canvas}")
     longest = max((get_task(t) for t in task_names(cfg.tasks)), key=lambda t: t.max_answer_tokens)
-    if max(int(c) for c in cfg.canvas.split(",")) <= longest.max_answer_tokens:
+    try:
+        widest = max(int(c) for c in cfg.canvas.split(","))
+    except ValueError:
+        ap.error(f"--canvas {cfg.canvas}: expected comma-separated whole numbers")
+    try:
+        [float(w) for w in cfg.canvas_weights.split(",")]
+    except ValueError:
+        ap.error(f"--canvas-weights {cfg.canvas_weights}: expected comma-separated numbers")
+    if widest <= longest.max_answer_tokens:
         ap.error(f"--canvas {cfg.canvas}: task {longest.name!r} needs a canvas over {longest.max_answer_tokens}")
     for init in (cfg.ar_init, *((cfg.llada_init,) if "llada" in families else ())):
         shape_flags(init)                       # a wrong --init is refused before any training
