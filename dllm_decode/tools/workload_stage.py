@@ -263,18 +263,19 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{flag.replace('_', '-')}: {e.args[0]}")
     if len(cfg.task_weights.split(",")) != len(task_names(cfg.tasks)):
         ap.error(f"--task-weights {cfg.task_weights}: one per task of --tasks {cfg.tasks}")
-    if len(cfg.canvas_weights.split(",")) != len(cfg.canvas.split(",")):
-        ap.error(f"--canvas-weights {cfg.canvas_weights}: one per canvas of --canvas {cfg.canvas}")
-    longest = max((get_task(t) for t in task_names(cfg.tasks)), key=lambda t: t.max_answer_tokens)
     try:
-        widest = max(int(c) for c in cfg.canvas.split(","))
+        canvas = [int(c) for c in cfg.canvas.split(",")]
     except ValueError:
         ap.error(f"--canvas {cfg.canvas}: expected comma-separated whole numbers")
     try:
-        [float(w) for w in cfg.canvas_weights.split(",")]
+        odds = [float(w) for w in cfg.canvas_weights.split(",")]
     except ValueError:
         ap.error(f"--canvas-weights {cfg.canvas_weights}: expected comma-separated numbers")
-    if widest <= longest.max_answer_tokens:
+    if len(odds) != len(canvas):
+        ap.error(f"--canvas-weights {cfg.canvas_weights}: one per canvas of --canvas {cfg.canvas}")
+    # train refuses this too, but only once the stage has run its AR phase
+    longest = max((get_task(t) for t in task_names(cfg.tasks)), key=lambda t: t.max_answer_tokens)
+    if max(canvas) <= longest.max_answer_tokens:
         ap.error(f"--canvas {cfg.canvas}: task {longest.name!r} needs a canvas over {longest.max_answer_tokens}")
     for init in (cfg.ar_init, *((cfg.llada_init,) if "llada" in families else ())):
         shape_flags(init)                       # a wrong --init is refused before any training
