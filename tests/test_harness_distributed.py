@@ -38,17 +38,12 @@ def _one_process(log_dir):
 
     from dllm_decode.harness.lm import DllmDecodeLM
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        lm = DllmDecodeLM(model=MODEL, recipe="llada", batch_size=1, log_dir=str(log_dir), **SMALL)
-        return lm_eval.simple_evaluate(model=lm, tasks=["dllm_reference"], limit=LIMIT, log_samples=True,
-                                       task_manager=TaskManager(include_path=str(TASKS_DIR),
-                                                                include_defaults=False))
-    finally:
-        torch.set_num_threads(before)
+    lm = DllmDecodeLM(model=MODEL, recipe="llada", batch_size=1, log_dir=str(log_dir), **SMALL)
+    return lm_eval.simple_evaluate(model=lm, tasks=["dllm_reference"], limit=LIMIT, log_samples=True,
+                                   task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False))
 
 
+@pytest.mark.usefixtures("one_torch_thread")     # as the ranks' OMP_NUM_THREADS=1
 def test_two_processes_match_one(tmp_path):
     launcher = Path(sys.executable).with_name("accelerate")
     if not launcher.exists():

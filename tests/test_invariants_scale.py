@@ -333,14 +333,8 @@ def check_case(model_kind: str, data: dict, prompts: list[list[int]], pm=None) -
     return "checked"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (over ten times slower on a busy
-    machine); the previous setting is restored for the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny tensors: intra-op threads only add synchronisation (over ten times slower on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DEFAULT = settings(max_examples=3, deadline=None, derandomize=True, database=None,
