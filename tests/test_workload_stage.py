@@ -32,6 +32,8 @@ def test_dream_adapts_from_the_stage_ar_run_and_every_run_takes_its_init_shape(t
     assert _flag(dream, "--steps") == "40" and _flag(dream, "--seed") != _flag(llada, "--seed")
     assert _flag(dream, "--canvas-weights") == _flag(llada, "--canvas-weights") == "6,1,1"
     assert "--canvas" not in ar                         # an AR model trains without a canvas
+    assert _flag(ar, "--batch-tokens") == "65536"
+    assert _flag(dream, "--batch-tokens") == _flag(llada, "--batch-tokens") == "4096"     # small diffusion steps
     no_ar = train_command(StageConfig(out=tmp_path, ar_init=MODELS / "ar-workload", ar_steps=0), "dream",
                           tmp_path / "dream", 40)
     assert _flag(no_ar, "--init") == str(MODELS / "ar-workload")
@@ -121,7 +123,8 @@ def test_a_whole_stage_on_the_small_models(tmp_path):
     out = tmp_path / "stage"
     main(["--out", str(out), "--device", "cpu", "--ar-init", str(MODELS / "ar-reference"),
           "--llada-init", str(MODELS / "llada-reference"), "--tasks", "copy", "--task-weights", "1",
-          "--short-tasks", "copy", "--long-tasks", "chain", "--batch-tokens", "2048", "--ar-steps", "2",
+          "--short-tasks", "copy", "--long-tasks", "chain", "--batch-tokens", "2048",
+          "--diffusion-batch-tokens", "2048", "--ar-steps", "2",
           "--timing-steps", "3", "--train-minutes", "1", "--read-minutes", "2", "--n", "2",
           "--gen-length", "64", "--long-gen-length", "160", "--threads", "1"])
     for f in ("ar", "dream", "llada"):          # finished, or stopped at the deadline and snapshotted

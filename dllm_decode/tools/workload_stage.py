@@ -50,7 +50,11 @@ class StageConfig:
     task_weights: str = "1,4,2,2,2"
     short_tasks: str = "copy,chain,columns-short,listops-short"     # read at --gen-length
     long_tasks: str = "ladder"                          # read at --long-gen-length
-    batch_tokens: int = 65536
+    batch_tokens: int = 65536      # the AR phase's
+    # the diffusion runs' steps are small: at a fixed token budget the adaptation gains with the number
+    # of steps, not their size (600 steps of 4,096 tokens read chain with a third of the wrong characters
+    # of 150 steps of 16,384, at the same or twice the rate; docs/models.md, "Steps, not tokens")
+    diffusion_batch_tokens: int = 4096
     # 0: no AR phase (Dream adapts from --ar-init as it is). 400 steps hold about 26M tokens; on a
     # CPU 4M (200 steps of ladder alone, then 300 on the mix, at 8,192 tokens) taught the mix
     ar_steps: int = 400
@@ -97,7 +101,8 @@ def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[
     shape = shape_flags(cfg.ar_init if family == "dream" else init)     # the stage's AR run has --ar-init's shape
     common = [*_module("dllm_decode.tools.train"), "--family", family, "--init", str(init), "--out", str(out),
               "--tasks", cfg.tasks, "--task-weights", cfg.task_weights, "--batch-by-task",
-              "--batch-tokens", str(cfg.batch_tokens), "--autocast", "bf16", "--steps", str(steps),
+              "--batch-tokens", str(cfg.batch_tokens if family == "ar" else cfg.diffusion_batch_tokens),
+              "--autocast", "bf16", "--steps", str(steps),
               "--device", cfg.device, "--threads", str(cfg.threads), "--log-every", "10", "--no-progress", *shape]
     if family == "ar":
         return [*common, "--lr", str(cfg.ar_lr), "--warmup", "20", "--seed", str(cfg.seed)]
@@ -220,7 +225,8 @@ HELP = {
     "ar_init": "the AR checkpoint the stage continues", "llada_init": "the LLaDA checkpoint the stage continues",
     "tasks": "training tasks, comma-separated", "task_weights": "their sampling odds",
     "short_tasks": "tasks read at --gen-length", "long_tasks": "tasks read at --long-gen-length, and where they stop",
-    "batch_tokens": "tokens per training step", "ar_steps": "the AR schedule (0: no AR phase)",
+    "batch_tokens": "tokens per AR training step", "diffusion_batch_tokens": "tokens per diffusion training step",
+    "ar_steps": "the AR schedule (0: no AR phase)",
     "ar_lr": "the AR peak rate", "ar_minutes": "the AR phase's deadline",
     "diffusion_lr": "the diffusion runs' peak rate", "end_rows": "the diffusion runs' share of end rows",
     "canvas": "the diffusion runs' canvases", "canvas_weights": "their odds, among those a batch's task fits",
