@@ -51,9 +51,10 @@ class StageConfig:
     short_tasks: str = "copy,chain,columns-short,listops-short"     # read at --gen-length
     long_tasks: str = "ladder"                          # read at --long-gen-length
     batch_tokens: int = 65536      # the AR phase's
-    # the diffusion runs' steps are small: at a fixed token budget the adaptation gains with the number
-    # of steps, not their size (600 steps of 4,096 tokens read chain with a third of the wrong characters
-    # of 150 steps of 16,384, at the same or twice the rate; docs/models.md, "Steps, not tokens")
+    # the diffusion runs' steps are small: on a fixed token budget the adaptation learns from the number
+    # of steps more than their size (600 steps of 4,096 tokens read chain with a third of the wrong
+    # characters of 150 of 16,384, at the same or twice the rate, and fewer than 1,200 of 2,048;
+    # docs/models.md, "Steps, not tokens")
     diffusion_batch_tokens: int = 4096
     # 0: no AR phase (Dream adapts from --ar-init as it is). 400 steps hold about 26M tokens; on a
     # CPU 4M (200 steps of ladder alone, then 300 on the mix, at 8,192 tokens) taught the mix
