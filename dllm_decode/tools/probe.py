@@ -4,9 +4,8 @@ this says where it stands before then. Per task: the loss per answer character (
 its EOS), the share of characters whose most likely prediction is wrong, how many answers have no
 wrong character, the share of the wrong ones that follow an ``=`` on their line (a worked step's
 result, where the arithmetic is), and the first wrong character of the first such answer in its
-context. (On a
-task that accepts several answers, such as ``case``, a character of another valid answer counts
-as wrong: the reading compares with the one reference answer.)
+context. (On a task that accepts several answers, such as ``case``, a character of another valid
+answer counts as wrong: the reading compares with the one reference answer.)
 
 An autoregressive checkpoint reads each character after the answer before it. A diffusion one
 (LLaDA, Dream) reads it in the state a left-to-right decode of one token per forward visits: the
