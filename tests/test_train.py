@@ -252,6 +252,63 @@ def test_end_rows_put_the_block_at_the_answers_end_and_keep_the_other_draws():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_frontier_rows_reveal_a_prefix_and_mask_the_rest_and_keep_the_other_draws():
+    """frontier=1: every row reveals its answer before a frontier 0 to the answer's length and masks
+    everything from it on, EOS padding included, weighted G / #masked; the frontier takes every
+    place, not only block boundaries; frontier=0 draws exactly as before."""
+    from dllm_decode.tools.train import mask_canvas
+
+    P, G, eos = 5, 160, 2
+    ids = torch.full((400, P + G), 9)
+    length = torch.randint(1, 120, (400,), generator=torch.Generator().manual_seed(1))
+    for r, n in enumerate(length.tolist()):
+        ids[r, P + n:] = eos
+    masked, weight = mask_canvas(ids, P, eos_id=eos, eps=1e-3, gen=torch.Generator().manual_seed(0),
+                                 mix=(0.2, 0.6, 0.2), full=0.2, end=0.2, frontier=1.0)
+    assert not masked[:, :P].any()
+    fronts = set()
+    for row, n, w in zip(masked[:, P:], length.tolist(), weight):
+        f = int(row.long().argmax())             # the first masked position
+        assert 0 <= f <= n and row[f:].all() and not row[:f].any()
+        assert torch.isclose(w, torch.tensor(G / (G - f), dtype=w.dtype))
+        fronts.add(f)
+    assert {f % 8 for f in fronts} == set(range(8)) and 0 in fronts
+
+    def draw(frontier):
+        return mask_canvas(ids, P, eos, 1e-3, torch.Generator().manual_seed(3), (0.6, 0.2, 0.2), 0.2, 0.2,
+                           frontier)
+    a, b = draw(0.0), draw(1e-9)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c = draw(0.5)                                # about half the rows change, the others keep their draw
+    changed = (a[0] != c[0]).any(1).float().mean()
+    assert 0.3 < changed < 0.7
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"frontier_rows": 1.5}, "--frontier-rows 1.5"),
+    ({"frontier_rows": -0.1}, "--frontier-rows -0.1"),
+    ({"family": "ar", "frontier_rows": 0.2}, "family 'ar' has no such rows"),
+])
+def test_bad_frontier_rows_fail_before_training(tmp_path, change, message):
+    from dataclasses import asdict
+
+    cfg = {**asdict(_tiny("dream", tmp_path / "x")), **change}
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**cfg), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_frontier_rows_are_in_the_reproduction_flags_and_the_card():
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import full_mask_sentence, train_flags
+
+    cfg = asdict(TrainConfig(family="dream", frontier_rows=0.5))
+    assert "--frontier-rows 0.5" in train_flags(cfg)
+    assert "0.50 of the rows instead reveal the answer up to a frontier" in full_mask_sentence(cfg)
+    assert "--frontier-rows" not in train_flags(asdict(TrainConfig(family="dream")))
+
+
 @pytest.mark.parametrize("change, message", [
     ({"end_rows": 1.5}, "--end-rows 1.5"),
     ({"end_rows": -0.1}, "--end-rows -0.1"),

@@ -245,13 +245,17 @@ def task_odds_sentence(cfg: dict) -> str:
 
 
 def full_mask_sentence(cfg: dict) -> str:
-    """The rows that replace a stage's mask schemes, when it had any (train --full-mask, --end-rows)."""
+    """The rows that replace a stage's mask schemes, when it had any (train --full-mask, --end-rows,
+    --frontier-rows)."""
     full = (f" A share {cfg['full_mask']:.2f} of the rows instead mask the whole answer and part of the "
             "EOS padding, weighted the same way." if cfg.get("full_mask", 0) else "")
     end = (f" A share {float(cfg['end_rows']):.2f} of the rows instead place a semi-autoregressive block of 32 "
            "at the answer's end (starting 0 to 40 positions before it, the rest of the canvas masked), "
            "where decoding writes the final line and stops." if cfg.get("end_rows", 0) else "")
-    return full + end
+    frontier = (f" A share {float(cfg['frontier_rows']):.2f} of the rows instead reveal the answer up to a "
+                "frontier drawn uniformly over it and mask everything from there on, the state of a "
+                "left-to-right decode." if cfg.get("frontier_rows", 0) else "")
+    return full + end + frontier
 
 
 def weight_sentence(cfg: dict) -> str:

@@ -94,6 +94,7 @@ class TrainConfig:
     mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
     full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
     end_rows: float = 0.0             # share of rows whose block sits at the answer's end (mask_canvas)
+    frontier_rows: float = 0.0        # share of rows masked from a uniform frontier on (mask_canvas)
     loss_weight: str = "mdlm"         # mdlm: 1/t (or G/#masked) per row | cart: per token (cart_weight)
     cart_p: float = 0.3               # cart: the geometric decay of a revealed token's weight with distance
     attention_anneal: int = 0         # llada/dream: open causal attention to full over N steps (anneal_attend)
@@ -258,7 +259,7 @@ class Batcher:
 
 def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
                 mix: tuple[float, float, float] = (1.0, 0.0, 0.0), full: float = 0.0,
-                end: float = 0.0) -> tuple[Tensor, Tensor]:
+                end: float = 0.0, frontier: float = 0.0) -> tuple[Tensor, Tensor]:
     """Choose the masked answer positions of each row -> masked (B, L) bool, weight (B,).
 
     A row follows one of three schemes (probabilities `mix`):
@@ -284,6 +285,10 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     decides to stop. Uniform blocks put the decoding frontier there about once per answer's worth
     of blocks; on a long answer (``ladder``: about 25 blocks of 32) a Dream model trained that way
     had not learned to stop after 1,600 answers, where an AR model had after 800. Off by default.
+    A share `frontier` of rows, drawn last, reveals the answer up to a frontier drawn uniformly
+    from 0 to the answer's length and masks everything from it on (weight G / #masked): the state
+    a left-to-right decode is in before each commit, at every position, where block rows put
+    their revealed edge only at multiples of 8 or 32. Off by default.
     t is stratified over the batch, so every batch spans (eps, 1]."""
     B, L = ids.shape
     G = L - P
@@ -292,7 +297,7 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
     draw = torch.rand(B, G, generator=gen)                                                # (B, G)
     iid = draw < t[:, None]
     masked = torch.zeros(B, L, dtype=torch.bool)
-    if mix[1] == 0 and mix[2] == 0 and full == 0 and end == 0:     # LLaDA's objective alone
+    if mix[1] == 0 and mix[2] == 0 and full == 0 and end == 0 and frontier == 0:     # LLaDA's objective alone
         masked[:, P:] = iid
         return masked.to(ids.device), (1.0 / t).to(ids.device)
 
@@ -320,6 +325,11 @@ def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generat
         s = (answer_len - (torch.rand(B, generator=gen) * 41).long()).clamp(min=0)        # (B,) block start
         gen_mask = torch.where(at_end[:, None], _block_row(col, s, 32, iid) | (col == s[:, None]), gen_mask)
         relative = relative | at_end
+    if frontier > 0:    # drawn last, for the same reason
+        at_frontier = torch.rand(B, generator=gen) < frontier                             # (B,)
+        f = (torch.rand(B, generator=gen) * (answer_len + 1)).long()                      # (B,) 0..answer_len
+        gen_mask = torch.where(at_frontier[:, None], col >= f[:, None], gen_mask)
+        relative = relative | at_frontier
     n = gen_mask.sum(1).clamp(min=1)                                                      # (B,)
     weight = torch.where(relative, G / n, 1.0 / t)
     masked[:, P:] = gen_mask
@@ -387,7 +397,8 @@ def repr_align_loss(student: tuple[Tensor, ...], teacher: tuple[Tensor, ...], wh
 def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id: int, eps: float,
                    gen: torch.Generator, mix: tuple[float, float, float] = (1.0, 0.0, 0.0),
                    full: float = 0.0, loss_weight: str = "mdlm", cart_p: float = 0.3,
-                   attend: Tensor | None = None, teacher=None, align: float = 0.0, end: float = 0.0) -> Tensor:
+                   attend: Tensor | None = None, teacher=None, align: float = 0.0, end: float = 0.0,
+                   frontier: float = 0.0) -> Tensor:
     """Masked-diffusion loss on ids (B, P+G): weighted cross-entropy on the masked answer
     positions, normalised by B * G (LLaDA's SFT form for iid rows). `loss_weight` "cart" weighs
     each masked token by its revealed context instead (`cart_weight`); the masks drawn are the same.
@@ -399,7 +410,7 @@ def diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eos_id
     from dllm_decode.models import ComputePlan
 
     B, L = ids.shape
-    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full, end)
+    masked, weight = mask_canvas(ids, P, eos_id, eps, gen, mix, full, end, frontier)
     noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     name = "anneal-train" if attend is not None else "train"
     if teacher is None:
@@ -636,6 +647,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.end_rows and cfg.family not in ("llada", "dream"):
         raise ValueError(f"--end-rows places masked-diffusion rows' block at the answer's end; family "
                          f"{cfg.family!r} has no such rows (use llada or dream)")
+    if not 0 <= cfg.frontier_rows <= 1:
+        raise ValueError(f"--frontier-rows {cfg.frontier_rows}: a share of the rows, between 0 and 1")
+    if cfg.frontier_rows and cfg.family not in ("llada", "dream"):
+        raise ValueError(f"--frontier-rows masks masked-diffusion rows from a frontier on; family "
+                         f"{cfg.family!r} has no such rows (use llada or dream)")
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
@@ -721,7 +737,7 @@ def batch_loss(cfg: TrainConfig, model, tok, ids: Tensor, att: Tensor, P: int, s
         attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)              # None: full attention
         return diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
                               cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend, teacher,
-                              cfg.repr_align, cfg.end_rows)
+                              cfg.repr_align, cfg.end_rows, cfg.frontier_rows)
 
 
 def apply_gradients(cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, loss: Tensor) -> None:
@@ -1021,6 +1037,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--end-rows", type=float, default=d.end_rows, metavar="F",
                     help="llada/dream: share of rows whose semi-autoregressive block sits at the answer's "
                     "end, where decoding writes the final line and stops (see mask_canvas; 0: off)")
+    ap.add_argument("--frontier-rows", type=float, default=d.frontier_rows, metavar="F",
+                    help="llada/dream: share of rows revealed up to a uniform frontier and masked from it "
+                    "on, the state of a left-to-right decode (see mask_canvas; 0: off)")
     ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=d.loss_weight,
                     help="llada/dream: weigh masked tokens by 1/t per row (mdlm, LLaDA's) or by their "
                     "revealed neighbours (cart, Dream's; see cart_weight)")
@@ -1092,6 +1111,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
                        canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=parse_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
+                       frontier_rows=a.frontier_rows,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
                        repr_align=a.repr_align, mlp_lr_scale=a.mlp_lr_scale,
                        stop_after=a.stop_after, init=a.init, n_kv_heads=a.n_kv_heads,
