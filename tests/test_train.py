@@ -285,11 +285,12 @@ def test_frontier_rows_reveal_a_prefix_and_mask_the_rest_and_keep_the_other_draw
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"frontier_rows": 1.5}, "--frontier-rows 1.5"),
-    ({"frontier_rows": -0.1}, "--frontier-rows -0.1"),
-    ({"family": "ar", "frontier_rows": 0.2}, "family 'ar' has no such rows"),
+    *[c for key, flag in (("end_rows", "--end-rows"), ("frontier_rows", "--frontier-rows")) for c in (
+        ({key: 1.5}, f"{flag} 1.5"),
+        ({key: -0.1}, f"{flag} -0.1"),
+        ({"family": "ar", key: 0.2}, "family 'ar' has no such rows"))],
 ])
-def test_bad_frontier_rows_fail_before_training(tmp_path, change, message):
+def test_bad_row_shares_fail_before_training(tmp_path, change, message):
     from dataclasses import asdict
 
     cfg = {**asdict(_tiny("dream", tmp_path / "x")), **change}
@@ -298,40 +299,19 @@ def test_bad_frontier_rows_fail_before_training(tmp_path, change, message):
     assert not (tmp_path / "x").exists()
 
 
-def test_frontier_rows_are_in_the_reproduction_flags_and_the_card():
-    from dataclasses import asdict
-
-    from dllm_decode.tools.model_card import full_mask_sentence, train_flags
-
-    cfg = asdict(TrainConfig(family="dream", frontier_rows=0.5))
-    assert "--frontier-rows 0.5" in train_flags(cfg)
-    assert "0.50 of the rows instead reveal the answer up to a frontier" in full_mask_sentence(cfg)
-    assert "--frontier-rows" not in train_flags(asdict(TrainConfig(family="dream")))
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"end_rows": 1.5}, "--end-rows 1.5"),
-    ({"end_rows": -0.1}, "--end-rows -0.1"),
-    ({"family": "ar", "end_rows": 0.2}, "family 'ar' has no such rows"),
+@pytest.mark.parametrize("key, share, flag, sentence", [
+    ("end_rows", 0.2, "--end-rows 0.2", "0.20 of the rows instead place a semi-autoregressive block"),
+    ("frontier_rows", 0.5, "--frontier-rows 0.5", "0.50 of the rows instead reveal the answer up to a frontier"),
 ])
-def test_bad_end_rows_fail_before_training(tmp_path, change, message):
-    from dataclasses import asdict
-
-    cfg = {**asdict(_tiny("dream", tmp_path / "x")), **change}
-    with pytest.raises(ValueError, match=message):
-        train(TrainConfig(**cfg), progress=False)
-    assert not (tmp_path / "x").exists()
-
-
-def test_end_rows_are_in_the_reproduction_flags_and_the_card():
+def test_row_shares_are_in_the_reproduction_flags_and_the_card(key, share, flag, sentence):
     from dataclasses import asdict
 
     from dllm_decode.tools.model_card import full_mask_sentence, train_flags
 
-    cfg = asdict(TrainConfig(family="dream", end_rows=0.2))
-    assert "--end-rows 0.2" in train_flags(cfg)
-    assert "0.20 of the rows instead place a semi-autoregressive block" in full_mask_sentence(cfg)
-    assert "--end-rows" not in train_flags(asdict(TrainConfig(family="dream")))
+    cfg = asdict(TrainConfig(family="dream", **{key: share}))
+    assert flag in train_flags(cfg)
+    assert sentence in full_mask_sentence(cfg)
+    assert flag.split()[0] not in train_flags(asdict(TrainConfig(family="dream")))
     assert full_mask_sentence(asdict(TrainConfig(family="dream"))) == ""
 
 
