@@ -642,16 +642,13 @@ def check_config(cfg: TrainConfig) -> None:
                          "of at least 0 (0: never) and at least 1 problem per task")
     for t in cfg.probe_tasks:
         get_task(t)                     # an unknown task fails here, not at the first reading
-    if not 0 <= cfg.end_rows <= 1:
-        raise ValueError(f"--end-rows {cfg.end_rows}: a share of the rows, between 0 and 1")
-    if cfg.end_rows and cfg.family not in ("llada", "dream"):
-        raise ValueError(f"--end-rows places masked-diffusion rows' block at the answer's end; family "
-                         f"{cfg.family!r} has no such rows (use llada or dream)")
-    if not 0 <= cfg.frontier_rows <= 1:
-        raise ValueError(f"--frontier-rows {cfg.frontier_rows}: a share of the rows, between 0 and 1")
-    if cfg.frontier_rows and cfg.family not in ("llada", "dream"):
-        raise ValueError(f"--frontier-rows masks masked-diffusion rows from a frontier on; family "
-                         f"{cfg.family!r} has no such rows (use llada or dream)")
+    for key, what in (("end_rows", "places masked-diffusion rows' block at the answer's end"),
+                      ("frontier_rows", "masks masked-diffusion rows from a frontier on")):
+        share, flag = getattr(cfg, key), "--" + key.replace("_", "-")
+        if not 0 <= share <= 1:
+            raise ValueError(f"{flag} {share}: a share of the rows, between 0 and 1")
+        if share and cfg.family not in ("llada", "dream"):
+            raise ValueError(f"{flag} {what}; family {cfg.family!r} has no such rows (use llada or dream)")
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
