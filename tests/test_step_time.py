@@ -15,6 +15,7 @@ def _rows(out: str) -> list[list[str]]:
 @pytest.mark.parametrize("family, extra", [
     ("ar", []),
     ("sdar", ["--block-size", "4"]),
+    ("fast_dllm_v2", ["--block-size", "8"]),
     ("dream", ["--attention-anneal", "10", "--repr-align", "1", "--loss-weight", "cart",
                "--mask-mix", "0.2,0.6,0.2"]),
 ])

@@ -170,12 +170,12 @@ def test_each_family_writes_a_loadable_checkpoint(tmp_path):
 
     from dllm_decode.models import load_model
 
-    for family in ("llada", "dream", "sdar"):
+    for family in ("llada", "dream", "sdar", "fast_dllm_v2"):
         out = train(_tiny(family, tmp_path / family, steps=1), progress=False)
         model, tok = load_model(out)
         assert model.spec.family == family and tok.mask_token_id == model.spec.mask_token_id
-        assert model.spec.shift_logits == (family == "dream")
-        assert model.spec.block_size == (4 if family == "sdar" else None)
+        assert model.spec.shift_logits == (family in ("dream", "fast_dllm_v2"))
+        assert model.spec.block_size == (4 if family in ("sdar", "fast_dllm_v2") else None)
     out = train(_tiny("ar", tmp_path / "ar", steps=1), progress=False)
     ar = AutoModelForCausalLM.from_pretrained(str(out))
     assert ar.config.model_type == "llama" and ar.config.vocab_size == len(build_char_tokenizer())
@@ -331,7 +331,7 @@ def _same_log(a, b):
     return strip == [{k: v for k, v in x.items() if k != "seconds"} for x in _log(b)]
 
 
-@pytest.mark.parametrize("family", ["llada", "ar", "sdar"])
+@pytest.mark.parametrize("family", ["llada", "ar", "sdar", "fast_dllm_v2"])
 def test_resumed_run_reaches_the_uninterrupted_weights_bit_for_bit(tmp_path, family):
     """Stopped by --stop-after and resumed, or resumed from a periodic checkpoint, a run ends at
     exactly the weights and loss log of the same run left alone."""
@@ -754,7 +754,7 @@ def test_compiled_training_follows_the_eager_run(tmp_path, anneal):
     assert json.loads((compiled / "training.json").read_text())["config"]["compile"] is True
 
 
-@pytest.mark.parametrize("family", ["dream", "ar", "sdar"])
+@pytest.mark.parametrize("family", ["dream", "ar", "sdar", "fast_dllm_v2"])
 def test_probe_every_reads_the_run_as_it_goes_and_leaves_its_weights_alone(tmp_path, family):
     """--probe-every logs the left-to-right reading before the first step, every N steps and at
     the end; the weights and loss log are those of the same run without it, and the last reading
@@ -932,8 +932,13 @@ def test_mlp_lr_scale_resumes_bit_for_bit_and_reaches_the_card(tmp_path):
     ({"family": "ar", "attention_anneal": 3}, "family 'ar' does not attend bidirectionally"),
     ({"family": "sdar", "attention_anneal": 3}, "family 'sdar' does not attend bidirectionally"),
     ({"attention_anneal": -1}, "--attention-anneal -1"),
+    ({"family": "fast_dllm_v2", "block_sizes": (4, 8)}, "family 'fast_dllm_v2' trains at its one --block-size"),
+    ({"family": "sdar", "mask_mix": (0.5, 0.5, 0.0)}, "family 'sdar' masks each block by its own scheme"),
+    ({"family": "fast_dllm_v2", "full_mask": 0.2}, "family 'fast_dllm_v2' masks each block by its own scheme"),
+    ({"family": "fast_dllm_v2", "block_size": 0}, "--block-size 0"),
+    ({"family": "fast_dllm_v2", "loss_weight": "cart"}, "family 'fast_dllm_v2' has no such loss"),
 ])
-def test_bad_anneal_settings_fail_before_training(tmp_path, change, message):
+def test_settings_the_family_cannot_take_fail_before_training(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**{**_tiny("llada", tmp_path / "x").__dict__, **change}), progress=False)
     assert not (tmp_path / "x" / "loss_log.jsonl").exists()

@@ -58,3 +58,105 @@ def test_init_from_an_ar_checkpoint_adds_qk_norms_at_one(tmp_path):
     assert set(arw) <= set(ours) and all(torch.equal(v, ours[k]) for k, v in arw.items())
     norms = [k for k in ours if k.endswith(("q_norm.weight", "k_norm.weight"))]
     assert norms and all(bool((ours[k] == 1).all()) for k in norms)
+
+
+def _fdv2(size, seed=2):
+    return build_random_model("fast_dllm_v2", vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              mask_token_id=MASK, eos_token_id=1, pad_token_id=0, seed=seed, dtype=torch.float64,
+                              bd_size=size).eval()
+
+
+def test_fast_dllm_v2_loss_is_the_reference_objective():
+    """shifted_block_diffusion_loss against the training branch of Fast-dLLM v2's modeling.py, re-derived
+    one target at a time: each row seen with its masks and with their complement on the answer; a
+    masked token at i scored by the raw output at i - 1 of the noisy copy, which sees its own noisy
+    block and the clean blocks before it (a plain block-causal forward of those, the noisy block last),
+    also where i opens a block; unweighted cross-entropy summed and divided by the answer positions."""
+    from dllm_decode.tools.train import block_masks, shifted_block_diffusion_loss
+
+    size, P, eps = 4, 5, 1e-3
+    model = _fdv2(size)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 46, (2, P + 11), generator=g)
+    att = torch.ones_like(ids, dtype=torch.bool)
+    ids[1, :2], att[1, :2] = 0, False                                       # a left-padded prompt
+    loss = shifted_block_diffusion_loss(model, ids, att, P, MASK, eps, torch.Generator().manual_seed(7), size)
+
+    masked = block_masks(att, P, size, eps, torch.Generator().manual_seed(7))
+    answer = torch.zeros_like(masked)
+    answer[:, P:] = True
+    assert masked.any() and (answer & ~masked).any()
+    total, L = 0.0, ids.shape[1]
+    for view in (masked, answer & ~masked):
+        noisy = torch.where(view, MASK, ids)
+        for b in range(2):
+            first = int((~att[b]).sum())
+            for i in view[b].nonzero().flatten().tolist():
+                start = first + (i - 1 - first) // size * size                  # the block holding i - 1
+                end = min(start + size, L)
+                canvas = torch.cat([ids[b, :start], noisy[b, start:end]])[None]
+                raw = model.execute(canvas, att[b, :end][None], ComputePlan(shift=False)).logits[0, i - 1]
+                total += -torch.log_softmax(raw, -1)[ids[b, i]].item()
+    # the loss takes its cross-entropy in float32 (as under autocast); the reference sums in float64
+    torch.testing.assert_close(loss.double(), torch.tensor(total / (2 * (L - P)), dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
+def test_block_masks_draw_one_ratio_per_block():
+    """The prompt is never masked; within a block the masked count spreads as one t ~ U(0, 1) for the
+    block gives (variance 8/6 + 64/12 for blocks of 8, against 2 for independent coin flips), and the
+    next block of the same row draws its own t (their counts uncorrelated)."""
+    from dllm_decode.tools.train import block_masks
+
+    P, size = 8, 8
+    att = torch.ones(4000, P + 16, dtype=torch.bool)
+    m = block_masks(att, P, size, 1e-3, torch.Generator().manual_seed(0))
+    assert not m[:, :P].any()
+    a, b = m[:, P:P + 8].sum(1).double(), m[:, P + 8:].sum(1).double()
+    assert 5.5 < a.var().item() < 8.0 and 5.5 < b.var().item() < 8.0
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.08
+
+
+def test_fast_dllm_v2_from_an_ar_checkpoint_reads_as_it_with_blocks_of_one(tmp_path):
+    """Adapted from an AR checkpoint (q/k/v biases at zero, logits shifted as the AR model's), blocks of
+    one position are causal attention: the untrained model predicts every next token as the AR model
+    does. Blocks of four let a position see the rest of its block, and the reading changes."""
+    from transformers import AutoModelForCausalLM
+
+    from dllm_decode.models import load_model
+    from dllm_decode.tools.train import TrainConfig, train
+
+    tiny = dict(steps=2, batch_size=4, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32, canvas=(96,),
+                canvas_weights=(1.0,), threads=1, log_every=1)
+    ar = train(TrainConfig(family="ar", out=str(tmp_path / "ar"), **tiny), progress=False)
+    want = AutoModelForCausalLM.from_pretrained(str(ar)).eval()
+    ids = torch.randint(3, 40, (2, 20), generator=torch.Generator().manual_seed(1))
+    for size in (1, 4):
+        out = train(TrainConfig(family="fast_dllm_v2", out=str(tmp_path / f"b{size}"), init=str(ar), block_size=size,
+                                **{**tiny, "steps": 0}), progress=False)
+        model = load_model(out, tokenizer=False)[0]
+        assert model.spec.shift_logits and model.spec.block_size == size
+        with torch.no_grad():
+            got, ref = model(ids)[:, 1:], want(input_ids=ids).logits[:, :-1]
+        if size == 1:
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+        else:
+            assert (got - ref).abs().max() > 1e-3
+
+
+def test_a_fast_dllm_v2_run_writes_its_card(tmp_path):
+    """The model card of a Fast-dLLM v2 run names its format and objective, decodes it with the
+    fast-dllm-v2 recipe at its block size and gives the commands that retrain it."""
+    from dllm_decode.tools.model_card import main
+    from dllm_decode.tools.train import TrainConfig, train
+
+    tiny = dict(steps=2, batch_size=4, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32, canvas=(96,),
+                canvas_weights=(1.0,), threads=1, log_every=1, tasks=("copy",))
+    ar = train(TrainConfig(family="ar", out=str(tmp_path / "ar"), **tiny), progress=False)
+    out = train(TrainConfig(family="fast_dllm_v2", out=str(tmp_path / "fd"), init=str(ar), block_size=8, **tiny),
+                progress=False)
+    main([str(out), "--n", "2", "--grid-n", "0", "--gen-length", "96", "--write"])
+    text = (out / "README.md").read_text()
+    assert "Fast-dLLM v2 (`config.json` model_type `fast_dllm_qwen`" in text and "blocks of 8 (`bd_size`)" in text
+    assert "shifted_block_diffusion_loss" in text and "The `fast-dllm-v2` recipe at the checkpoint's block size" in text
+    assert "--family fast_dllm_v2" in text and "--block-size 8" in text

@@ -10,7 +10,11 @@ predicts token i at position i, so there the head starts one position off and tr
 ``--family sdar --init AR_DIR`` does what SDAR does with Qwen3 (arXiv 2510.06303): the same
 weights under the same names, Qwen3's per-head q/k RMSNorm added at weight one (the one change to
 the AR model's function, which training absorbs), the block-causal attention and no logit shift,
-then block-diffusion training (``train.block_diffusion_loss``).
+then block-diffusion training (``train.block_diffusion_loss``). ``--family fast_dllm_v2 --init
+AR_DIR`` does what Fast-dLLM v2 does with Qwen2.5 (arXiv 2509.26328): Dream's mapping (q/k/v biases
+at zero, logits shifted as the AR model's are), block-causal attention, then its block diffusion
+with complementary masks (``train.shifted_block_diffusion_loss``). With blocks of one position the
+adapted model's first forward is the AR model's.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ _LLADA_NAMES = (
 
 
 def _rename(name: str, family: str) -> str:
-    if family in ("dream", "sdar"):           # LLaMA's names (Qwen2 / Qwen3 layouts)
+    if family in ("dream", "sdar", "fast_dllm_v2"):     # LLaMA's names (Qwen2 / Qwen3 layouts)
         return name
     for pattern, repl in _LLADA_NAMES:
         new, n = re.subn(pattern, repl, name)
@@ -47,7 +51,7 @@ def _rename(name: str, family: str) -> str:
 def load_ar_weights_(model: torch.nn.Module, ar_state: dict[str, torch.Tensor], family: str, source: str) -> None:
     """Copy an AR (LlamaForCausalLM) state dict into diffusion `model` of `family` in place. Every
     AR tensor must land on a parameter of the same shape; the only parameters it has none for are
-    Dream's q/k/v biases (set to zero) and SDAR's q/k norms (set to one)."""
+    Dream's and Fast-dLLM v2's q/k/v biases (set to zero) and SDAR's q/k norms (set to one)."""
     own = model.state_dict()
     mapped = {_rename(k, family): v for k, v in ar_state.items() if not k.endswith("rotary_emb.inv_freq")}
     for k, v in mapped.items():

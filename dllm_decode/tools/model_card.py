@@ -7,9 +7,10 @@
 
 A diffusion checkpoint is decoded with the LLaDA baseline recipe at 1, 2, 4 and 8 tokens per
 step (steps = gen_length / k) and block lengths 8, 32 and the full canvas; a block-diffusion one
-(SDAR) block by block with the ``sdar`` recipe at block sizes 4, 8, 32 and thresholds 0.7, 0.9,
-1.0; an autoregressive checkpoint (``AutoModelForCausalLM``) greedily. Every cell is exact match on the same held-out
-problems, with the forward passes (NFE) and the wall seconds per problem.
+(SDAR, Fast-dLLM v2) block by block with its family's recipe (``sdar``, ``fast-dllm-v2``) at
+block sizes 4, 8, 32 and thresholds 0.7, 0.9, 1.0; an autoregressive checkpoint
+(``AutoModelForCausalLM``) greedily. Every cell is exact match on the same held-out problems, with
+the forward passes (NFE) and the wall seconds per problem.
 """
 
 from __future__ import annotations
@@ -327,6 +328,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                args: str, measured_on: str | None = None, device: str = "cpu", dtype: str = "float32") -> str:
     """Write README.md and eval.json of `path`. `measured_on`: the machine line of tables
     measured earlier (re-rendering); by default this machine's (`device`, `dtype`)."""
+    from dllm_decode.tools.train import BLOCK_FAMILIES
+
     measured_on = measured_on or machine(device, dtype)
     meta = json.loads((path / "training.json").read_text())
     cfg = meta["config"]
@@ -345,13 +348,27 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                     "logit i predicts token i+1)",
            "sdar": f"SDAR (`config.json` model_type `sdar`, Qwen3 parameter names with per-head q/k RMSNorm, "
                    f"block-causal attention in blocks of {cfg.get('block_size', 4)}, aligned logits)",
+           "fast_dllm_v2": f"Fast-dLLM v2 (`config.json` model_type `fast_dllm_qwen`, Qwen2 parameter names, "
+                           f"block-causal attention in blocks of {cfg.get('block_size', 4)} (`bd_size`), shifted "
+                           "logits: logit i predicts token i+1)",
            "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
-    block = cfg["family"] == "sdar"
+    block = cfg["family"] in BLOCK_FAMILIES
+    shifted_block = cfg["family"] == "fast_dllm_v2"
     # a diffusion model adapted from an AR first stage: its objective is its first diffusion stage's
     adapted = not ar and not block and first["family"] == "ar"
     dfirst = next(m["config"] for _, m in stages if m["config"]["family"] != "ar") if adapted else first
     objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
                  if ar else
+                 "Block diffusion, as Fast-dLLM v2 adapts an autoregressive model (arXiv 2509.26328): started "
+                 "from the first stage's weights, the autoregressive model's (q/k/v biases at zero), logits "
+                 "shifted as the AR model's are; per block of each row a mask ratio t ~ U(0.001, 1), answer "
+                 "tokens masked with probability t, each row seen twice with complementary masks, and every "
+                 "block of the noisy copy denoised given the clean blocks before it (the noisy and the clean "
+                 "canvas side by side in one forward, `dllm_decode/tools/train.py: "
+                 "shifted_block_diffusion_loss`); cross-entropy on masked positions, unweighted. Blocks of "
+                 f"{cfg.get('block_size', 4)}; answers padded with EOS to {'/'.join(map(str, cfg['canvas']))} "
+                 "tokens. "
+                 if shifted_block else
                  "Block diffusion, as SDAR adapts an autoregressive model (arXiv 2510.06303): started from "
                  "the first stage's weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout "
                  "adds at one), "
@@ -383,6 +400,11 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     objective += " " + task_odds_sentence(first) + "".join(
         later_stage_sentence(n, m["config"], before(n)) for n, (_, m) in enumerate(stages) if n)
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
+                   "Decoded block by block with the `fast-dllm-v2` recipe (`recipes/fast-dllm-v2.yaml`: "
+                   "greedy tokens, each block's first token from the previous block's last output, then "
+                   "every mask at or above the threshold and at least one per forward, the exact block KV "
+                   "cache), the checkpoint loaded at each block size (`load_model(..., block_size=)`), "
+                   "sub-blocks as long as the block; a row stops once its text ends in EOS." if shifted_block else
                    "Decoded block by block with the `sdar` recipe (`recipes/sdar.yaml`: greedy tokens, every "
                    "mask at or above the threshold and at least one per forward, the exact block KV cache), "
                    "the checkpoint loaded at each block size (`load_model(..., block_size=)`); a row stops "
@@ -491,7 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     path, tasks = Path(a.model), task_names(a.tasks)
     from dllm_decode.errors import CheckpointError
-    from dllm_decode.models.loader import check_device
+    from dllm_decode.models.loader import BLOCK_FIELDS, check_device
+    from dllm_decode.recipes import default_recipe
 
     try:
         check_device(a.device, "--device")
@@ -508,9 +531,9 @@ def main(argv: list[str] | None = None) -> None:
     if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, **on)))
-    elif family == "sdar":
-        trained = json.loads((path / "config.json").read_text())["block_size"]
-        tables.append((f"The `sdar` recipe at the checkpoint's block size, {a.n} problems per task:",
+    elif family in BLOCK_FIELDS:
+        trained = json.loads((path / "config.json").read_text())[BLOCK_FIELDS[family]]
+        tables.append((f"The `{default_recipe(path)}` recipe at the checkpoint's block size, {a.n} problems per task:",
                        block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed,
                                    ((trained, 0.85), (trained, 1.0)), **on)))
         if a.grid_n:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from dllm_decode.tools.char_tokenizer import build_char_tokenizer
-from dllm_decode.tools.train import (TrainConfig, apply_gradients, batch_loss, build, check_config, compiled,
-                                     optimizer, parse_floats)
+from dllm_decode.tools.train import (FAMILIES, TrainConfig, apply_gradients, batch_loss, build, check_config,
+                                     compiled, optimizer, parse_floats)
 
 
 @dataclass
@@ -98,7 +98,7 @@ def time_step(cfg: TrainConfig, length: int, tokens: int, repeats: int) -> tuple
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Time a training step of candidate model sizes.")
-    ap.add_argument("--family", choices=("ar", "llada", "dream", "sdar"), default="ar")
+    ap.add_argument("--family", choices=FAMILIES, default="ar")
     ap.add_argument("--sizes", required=True, help="comma-separated D_MODELxN_LAYERSxMLP_HIDDEN")
     ap.add_argument("--lengths", default="256,1024", help="sequence lengths (prompt + answer / canvas)")
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per step (rows = tokens // length)")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", default="eager", help="comma-separated: eager, compile (torch.compile)")
     ap.add_argument("--device", default="cpu")
     defaults = TrainConfig()
-    ap.add_argument("--block-size", type=int, default=defaults.block_size, help="sdar: the block size")
+    ap.add_argument("--block-size", type=int, default=defaults.block_size, help="sdar, fast_dllm_v2: the block size")
     ap.add_argument("--mask-mix", default=",".join(str(x) for x in defaults.mask_mix),
                     help="llada/dream: iid / block / eos row odds (as train's)")
     ap.add_argument("--loss-weight", choices=("mdlm", "cart"), default=defaults.loss_weight)

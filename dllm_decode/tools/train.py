@@ -12,6 +12,10 @@ canvas length and the EOS tokens are targets, as in LLaDA's SFT, so the model le
 generation canvas that is longer than its answer. The canvas length varies per batch so the
 model sees every length it will be decoded at.
 
+``sdar`` / ``fast_dllm_v2``: block diffusion (block-causal attention), from an AR ``--init`` as SDAR
+adapts Qwen3 (aligned logits, ``block_diffusion_loss``) and Fast-dLLM v2 adapts Qwen2.5 (shifted
+logits, complementary masks, ``shifted_block_diffusion_loss``).
+
 ``ar``: a standard ``LlamaForCausalLM`` trained by next-token prediction on the answer and one
 EOS (prompt tokens are not targets); it is APD's verifier and the autoregressive baseline.
 
@@ -72,9 +76,13 @@ from dllm_decode.tools.char_tokenizer import save_char_tokenizer
 from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, save_checkpoint
 
 
+FAMILIES = ("llada", "dream", "sdar", "fast_dllm_v2", "ar")
+BLOCK_FAMILIES = ("sdar", "fast_dllm_v2")      # block-causal, trained by block diffusion
+
+
 @dataclass
 class TrainConfig:
-    family: str = "llada"             # llada | dream | sdar | ar
+    family: str = "llada"             # llada | dream | sdar | fast_dllm_v2 | ar
     out: str = "models/llada-reference"
     tasks: tuple[str, ...] = REFERENCE_MIX
     task_weights: tuple[float, ...] = ()   # sampling odds of `tasks`; () draws them with equal odds
@@ -115,7 +123,7 @@ class TrainConfig:
     task_groups: tuple[int, ...] = ()  # with batch_by_task: a group id per task; a batch mixes its group's tasks
     checkpoint_every: int = 0         # write checkpoint.pt every N steps (0: never by count)
     checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
-    block_size: int = 4               # sdar: the checkpoint's block size (config.json block_size)
+    block_size: int = 4               # sdar, fast_dllm_v2: the block size (config.json block_size / bd_size)
     block_sizes: tuple[int, ...] = ()  # sdar: block sizes trained at, one drawn per batch (): block_size
     probe_every: int = 0              # read held-out problems left to right every N steps (0: never)
     probe_n: int = 8                  # ... this many per task
@@ -447,25 +455,65 @@ def block_attend(pos: Tensor, size: int) -> Tensor:
     return torch.cat([top, bottom], dim=1)
 
 
-def block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eps: float,
-                         gen: torch.Generator, size: int) -> Tensor:
-    """Block diffusion's loss (SDAR, arXiv 2510.06303; BD3-LM's two-copy form): the answer masked
-    iid with a per-row t, the noisy copy laid beside the clean one on one canvas of 2L positions
-    (RoPE positions repeated), attention by ``block_attend``; weighted cross-entropy (1/t) on the
-    masked answer positions, normalised by B * G as ``diffusion_loss``. All of a row's blocks are
-    trained in one forward of twice the length."""
+def noisy_copy_logits(model, noisy: Tensor, ids: Tensor, att: Tensor, size: int) -> Tensor:
+    """Block diffusion's training forward (BD3-LM's two-copy form): the noisy canvas laid beside the
+    clean one on one canvas of 2L positions (RoPE positions repeated), attention by ``block_attend``
+    -> the noisy copy's aligned logits (B, L, V). All of a row's blocks are denoised in one forward
+    of twice the length. In a shifted family the logit at p is the raw one at p - 1 of the noisy
+    copy, the position the reference loss reads it from (also at a block's first position)."""
     from dllm_decode.models import ComputePlan
 
     B, L = ids.shape
-    masked, weight = mask_canvas(ids, P, -1, eps, gen)
-    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
     pos = position_ids_from_mask(att, B, L, att.device)
     plan = ComputePlan(position_ids=torch.cat([pos, pos], dim=1), attend=block_attend(pos, size),
                        name="block-diffusion-train")
-    logits = model.execute(torch.cat([noisy, ids], dim=1), torch.cat([att, att], dim=1), plan).logits[:, :L]
+    return model.execute(torch.cat([noisy, ids], dim=1), torch.cat([att, att], dim=1), plan).logits[:, :L]
+
+
+def block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eps: float,
+                         gen: torch.Generator, size: int) -> Tensor:
+    """Block diffusion's loss (SDAR, arXiv 2510.06303): the answer masked iid with a per-row t, every
+    block denoised given the clean ones before it (``noisy_copy_logits``); weighted cross-entropy
+    (1/t) on the masked answer positions, normalised by B * G as ``diffusion_loss``."""
+    B, L = ids.shape
+    masked, weight = mask_canvas(ids, P, -1, eps, gen)
+    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+    logits = noisy_copy_logits(model, noisy, ids, att, size)
     ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")  # (n,)
     w = weight[:, None].expand(B, L)[masked]
     return (ce * w).sum() / (B * (L - P))
+
+
+def block_masks(att: Tensor, P: int, size: int, eps: float, gen: torch.Generator) -> Tensor:
+    """Fast-dLLM v2's masks -> (B, L) bool: a ratio t ~ U(0, 1) per block of each row (blocks of
+    `size` RoPE positions, counted from the row's first token as the reference counts them from
+    the sequence's), and each answer position masked with probability eps + (1 - eps) t of its
+    block; the prompt never."""
+    B, L = att.shape
+    blk = torch.div(position_ids_from_mask(att.cpu(), B, L, "cpu"), size, rounding_mode="floor")   # (B, L)
+    t = torch.rand(B, (L - 1) // size + 1, generator=gen)                                # (B, blocks)
+    draw = torch.rand(B, L, generator=gen) < (eps + (1 - eps) * t).gather(1, blk)        # (B, L)
+    draw[:, :P] = False
+    return draw.to(att.device)
+
+
+def shifted_block_diffusion_loss(model, ids: Tensor, att: Tensor, P: int, mask_id: int, eps: float,
+                                 gen: torch.Generator, size: int) -> Tensor:
+    """Fast-dLLM v2's loss (arXiv 2509.26328; the training branch of the checkpoints'
+    ``modeling.py``): ``block_masks`` and their complement on the answer as two views of every row
+    (so each answer token is a target exactly once), every block denoised given the clean ones
+    before it (``noisy_copy_logits``) with the AR model's token shift, and cross-entropy on the
+    masked positions unweighted, averaged over them (B * G: the two views mask each answer
+    position once). A step costs two views of a two-copy canvas: four times a row's tokens."""
+    B, L = ids.shape
+    masked = block_masks(att, P, size, eps, gen)
+    answer = torch.zeros_like(masked)
+    answer[:, P:] = True
+    views = torch.cat([masked, answer & ~masked])                                        # (2B, L)
+    ids2, att2 = ids.repeat(2, 1), att.repeat(2, 1)
+    noisy = torch.where(views, torch.full_like(ids2, mask_id), ids2)
+    logits = noisy_copy_logits(model, noisy, ids2, att2, size)
+    return F.cross_entropy(logits[views].float(), ids2[views], reduction="sum") / (B * (L - P))
 
 
 def ar_loss(model, ids: Tensor, att: Tensor, P: int) -> Tensor:
@@ -504,12 +552,19 @@ def build(cfg: TrainConfig, tok, base: dict | None = None, load_init: bool = Tru
                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                    eot_token_id=eot, max_length=cfg.max_length, rope_theta=10000.0,
                                    norm_eps=1e-5 if adapt else None,   # the AR model's RMSNorm eps
-                                   **({"block_size": cfg.block_size} if cfg.family == "sdar" else {}))
+                                   **_block_field(cfg))
     if cfg.init and load_init:
         _load_init_(model, cfg, base)
     elif not cfg.init:
         _init_weights_(model, cfg.seed, cfg.n_layers)
     return model.to(cfg.device).train().requires_grad_(True)
+
+
+def _block_field(cfg: TrainConfig) -> dict:
+    """A block-diffusion family's block size under its config.json name."""
+    from dllm_decode.models.loader import BLOCK_FIELDS
+
+    return {BLOCK_FIELDS[cfg.family]: cfg.block_size} if cfg.family in BLOCK_FAMILIES else {}
 
 
 def compiled(model: torch.nn.Module) -> torch.nn.Module:
@@ -649,6 +704,16 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"{flag} {share}: a share of the rows, between 0 and 1")
         if share and cfg.family not in ("llada", "dream"):
             raise ValueError(f"{flag} {what}; family {cfg.family!r} has no such rows (use llada or dream)")
+    if cfg.family in BLOCK_FAMILIES:
+        if cfg.block_size < 1 or any(b < 1 for b in cfg.block_sizes):
+            raise ValueError(f"--block-size {cfg.block_size} / --block-sizes {cfg.block_sizes}: block sizes of "
+                             "at least 1")
+        if cfg.block_sizes and cfg.family != "sdar":
+            raise ValueError(f"--block-sizes draws SDAR's block size per batch; family {cfg.family!r} trains at "
+                             "its one --block-size (the checkpoint's bd_size)")
+        if tuple(cfg.mask_mix) != (1.0, 0.0, 0.0) or cfg.full_mask:
+            raise ValueError(f"--mask-mix / --full-mask choose masked-diffusion rows; family {cfg.family!r} "
+                             "masks each block by its own scheme (use llada or dream)")
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
@@ -731,6 +796,8 @@ def batch_loss(cfg: TrainConfig, model, tok, ids: Tensor, att: Tensor, P: int, s
         if cfg.family == "sdar":
             size = rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
             return block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, size)
+        if cfg.family == "fast_dllm_v2":
+            return shifted_block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, cfg.block_size)
         attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)              # None: full attention
         return diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
                               cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend, teacher,
@@ -1006,8 +1073,9 @@ def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | N
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     ap = argparse.ArgumentParser(description="Train a reference model on the task suite.")
-    ap.add_argument("--family", choices=("llada", "dream", "sdar", "ar"), default=d.family)
-    ap.add_argument("--block-size", type=int, default=d.block_size, help="sdar: the checkpoint's block size")
+    ap.add_argument("--family", choices=FAMILIES, default=d.family)
+    ap.add_argument("--block-size", type=int, default=d.block_size,
+                    help="sdar, fast_dllm_v2: the checkpoint's block size")
     ap.add_argument("--block-sizes", default=None, help="sdar: block sizes to train at, comma-separated, "
                     "one drawn per batch (default: --block-size)")
     ap.add_argument("--out", help="output folder (required unless --resume)")
@@ -1050,7 +1118,7 @@ def _parser() -> argparse.ArgumentParser:
                     "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off; not with "
                     "--compile)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
-                    "this script; same family, or an AR one for llada/dream/sdar) instead of random weights")
+                    "this script; same family, or an AR one for llada/dream/sdar/fast_dllm_v2) instead of random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
                     help="run forward and loss under bfloat16 autocast (weights stay float32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model: fused kernels, "
