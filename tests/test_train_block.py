@@ -1,5 +1,7 @@
-"""Block-diffusion training (train --family sdar): the two-copy canvas gives every noisy block the
+"""Block-diffusion training (train --family sdar, fast_dllm_v2): the two-copy canvas gives every noisy block the
 view a block-causal decoder has of it, checked against plain block-causal forwards."""
+
+import json
 
 import torch
 
@@ -157,6 +159,7 @@ def test_a_fast_dllm_v2_run_writes_its_card(tmp_path):
                 progress=False)
     main([str(out), "--n", "2", "--grid-n", "0", "--gen-length", "96", "--write"])
     text = (out / "README.md").read_text()
-    assert "Fast-dLLM v2 (`config.json` model_type `fast_dllm_qwen`" in text and "blocks of 8 (`bd_size`)" in text
+    kind = json.loads((out / "config.json").read_text())["model_type"]         # the card names the real one
+    assert f"Fast-dLLM v2 (`config.json` model_type `{kind}`" in text and "blocks of 8 (`bd_size`)" in text
     assert "shifted_block_diffusion_loss" in text and "The `fast-dllm-v2` recipe at the checkpoint's block size" in text
     assert "--family fast_dllm_v2" in text and "--block-size 8" in text

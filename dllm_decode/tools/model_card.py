@@ -348,7 +348,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                     "logit i predicts token i+1)",
            "sdar": f"SDAR (`config.json` model_type `sdar`, Qwen3 parameter names with per-head q/k RMSNorm, "
                    f"block-causal attention in blocks of {cfg.get('block_size', 4)}, aligned logits)",
-           "fast_dllm_v2": f"Fast-dLLM v2 (`config.json` model_type `fast_dllm_qwen`, Qwen2 parameter names, "
+           "fast_dllm_v2": f"Fast-dLLM v2 (`config.json` model_type `Fast_dLLM_Qwen`, Qwen2 parameter names, "
                            f"block-causal attention in blocks of {cfg.get('block_size', 4)} (`bd_size`), shifted "
                            "logits: logit i predicts token i+1)",
            "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
