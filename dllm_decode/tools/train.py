@@ -1118,7 +1118,8 @@ def _parser() -> argparse.ArgumentParser:
                     "the frozen AR model's, where a masked token's loss is read (REPR-ALIGN; 0: off; not with "
                     "--compile)")
     ap.add_argument("--init", metavar="DIR", help="start from this checkpoint (same size, written by "
-                    "this script; same family, or an AR one for llada/dream/sdar/fast_dllm_v2) instead of random weights")
+                    "this script; same family, or an AR one for llada/dream/sdar/fast_dllm_v2) instead of "
+                    "random weights")
     ap.add_argument("--autocast", choices=("none", "bf16"), default=d.autocast,
                     help="run forward and loss under bfloat16 autocast (weights stay float32)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model: fused kernels, "
