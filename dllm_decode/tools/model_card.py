@@ -324,6 +324,40 @@ def mix_sentence(mix) -> str:
             "weighted by canvas length over masked count (`dllm_decode/tools/train.py: mask_canvas`).")
 
 
+def block_objective(cfg: dict) -> str:
+    """The objective sentence of a block-diffusion card: SDAR's (train.block_diffusion_loss) or
+    Fast-dLLM v2's (train.shifted_block_diffusion_loss); they share the two-copy forward."""
+    size = cfg.get("block_size", 4)
+    if cfg["family"] == "fast_dllm_v2":
+        start = ("Fast-dLLM v2 adapts an autoregressive model (arXiv 2509.26328): started from the first "
+                 "stage's weights, the autoregressive model's (q/k/v biases at zero), logits shifted as the AR "
+                 "model's are; per block of each row a mask ratio t ~ U(0.001, 1), answer tokens masked with "
+                 "probability t, each row seen twice with complementary masks, and ")
+        loss, weighting, sizes = "shifted_block_diffusion_loss", ", unweighted", f"Blocks of {size}"
+    else:
+        start = ("SDAR adapts an autoregressive model (arXiv 2510.06303): started from the first stage's "
+                 "weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout adds at one), per row "
+                 "a mask ratio t ~ U(0.001, 1), answer tokens masked with probability t, and ")
+        loss, weighting = "block_diffusion_loss", " weighted 1/t"
+        sizes = f"Block size drawn per batch from {', '.join(map(str, cfg.get('block_sizes') or [size]))}"
+    return (f"Block diffusion, as {start}every block of the noisy copy denoised given the clean blocks before "
+            f"it (the noisy and the clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
+            f"{loss}`); cross-entropy on masked positions{weighting}. {sizes}; answers padded with EOS to "
+            f"{'/'.join(map(str, cfg['canvas']))} tokens. ")
+
+
+def block_decode_line(family: str) -> str:
+    """How a block-diffusion card's tables were decoded: with the family's recipe, block by block."""
+    fd = family == "fast_dllm_v2"
+    recipe = "fast-dllm-v2" if fd else "sdar"
+    first = "each block's first token from the previous block's last output, then " if fd else ""
+    sub = ", sub-blocks as long as the block" if fd else ""
+    stop = "once its text ends in EOS" if fd else "after the block holding its EOS"
+    return (f"Decoded block by block with the `{recipe}` recipe (`recipes/{recipe}.yaml`: greedy tokens, {first}"
+            "every mask at or above the threshold and at least one per forward, the exact block KV cache), "
+            f"the checkpoint loaded at each block size (`load_model(..., block_size=)`){sub}; a row stops {stop}.")
+
+
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
                args: str, measured_on: str | None = None, device: str = "cpu", dtype: str = "float32") -> str:
     """Write README.md and eval.json of `path`. `measured_on`: the machine line of tables
@@ -353,32 +387,12 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                            "logits: logit i predicts token i+1)",
            "ar": "`LlamaForCausalLM` (standard transformers; `AutoModelForCausalLM.from_pretrained`)"}[cfg["family"]]
     block = cfg["family"] in BLOCK_FAMILIES
-    shifted_block = cfg["family"] == "fast_dllm_v2"
     # a diffusion model adapted from an AR first stage: its objective is its first diffusion stage's
     adapted = not ar and not block and first["family"] == "ar"
     dfirst = next(m["config"] for _, m in stages if m["config"]["family"] != "ar") if adapted else first
     objective = ("Next-token prediction on the answer and one EOS; prompt tokens are not targets."
                  if ar else
-                 "Block diffusion, as Fast-dLLM v2 adapts an autoregressive model (arXiv 2509.26328): started "
-                 "from the first stage's weights, the autoregressive model's (q/k/v biases at zero), logits "
-                 "shifted as the AR model's are; per block of each row a mask ratio t ~ U(0.001, 1), answer "
-                 "tokens masked with probability t, each row seen twice with complementary masks, and every "
-                 "block of the noisy copy denoised given the clean blocks before it (the noisy and the clean "
-                 "canvas side by side in one forward, `dllm_decode/tools/train.py: "
-                 "shifted_block_diffusion_loss`); cross-entropy on masked positions, unweighted. Blocks of "
-                 f"{cfg.get('block_size', 4)}; answers padded with EOS to {'/'.join(map(str, cfg['canvas']))} "
-                 "tokens. "
-                 if shifted_block else
-                 "Block diffusion, as SDAR adapts an autoregressive model (arXiv 2510.06303): started from "
-                 "the first stage's weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout "
-                 "adds at one), "
-                 "per row a mask ratio t ~ U(0.001, 1), answer tokens masked with probability t, and every "
-                 "block of the noisy copy denoised given the clean blocks before it (the noisy and the "
-                 "clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
-                 "block_diffusion_loss`); cross-entropy on masked positions weighted 1/t. Block size drawn "
-                 f"per batch from {', '.join(map(str, cfg.get('block_sizes') or [cfg.get('block_size', 4)]))}; "
-                 f"answers padded with EOS to {'/'.join(map(str, cfg['canvas']))} tokens. "
-                 if block else
+                 block_objective(cfg) if block else
                  ("The first stage trains an autoregressive model by next-token prediction; the "
                   "diffusion stages start from its weights (`dllm_decode/tools/adapt.py`: the same "
                   "parameters, Dream's q/k/v biases at zero; Dream's logits shifted as the AR model's "
@@ -400,15 +414,7 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     objective += " " + task_odds_sentence(first) + "".join(
         later_stage_sentence(n, m["config"], before(n)) for n, (_, m) in enumerate(stages) if n)
     decode_line = ("Greedy decoding with the KV cache; NFE = generated tokens including EOS." if ar else
-                   "Decoded block by block with the `fast-dllm-v2` recipe (`recipes/fast-dllm-v2.yaml`: "
-                   "greedy tokens, each block's first token from the previous block's last output, then "
-                   "every mask at or above the threshold and at least one per forward, the exact block KV "
-                   "cache), the checkpoint loaded at each block size (`load_model(..., block_size=)`), "
-                   "sub-blocks as long as the block; a row stops once its text ends in EOS." if shifted_block else
-                   "Decoded block by block with the `sdar` recipe (`recipes/sdar.yaml`: greedy tokens, every "
-                   "mask at or above the threshold and at least one per forward, the exact block KV cache), "
-                   "the checkpoint loaded at each block size (`load_model(..., block_size=)`); a row stops "
-                   "after the block holding its EOS." if block else
+                   block_decode_line(cfg["family"]) if block else
                    "LLaDA baseline recipe (`recipes/llada.yaml`: low-confidence remasking, temperature 0) "
                    "with steps = generation length / tokens-per-step.")
     task_lines = "\n".join(f"- `{t}` ({get_task(t).kind}): {get_task(t).description}." for t in tasks)
@@ -533,7 +539,8 @@ def main(argv: list[str] | None = None) -> None:
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, **on)))
     elif family in BLOCK_FIELDS:
         trained = json.loads((path / "config.json").read_text())[BLOCK_FIELDS[family]]
-        tables.append((f"The `{default_recipe(path)}` recipe at the checkpoint's block size, {a.n} problems per task:",
+        tables.append((f"The `{default_recipe(path)}` recipe at the checkpoint's block size, "
+                       f"{a.n} problems per task:",
                        block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed,
                                    ((trained, 0.85), (trained, 1.0)), **on)))
         if a.grid_n:
