@@ -937,6 +937,8 @@ def test_mlp_lr_scale_resumes_bit_for_bit_and_reaches_the_card(tmp_path):
     ({"family": "fast_dllm_v2", "full_mask": 0.2}, "family 'fast_dllm_v2' masks each block by its own scheme"),
     ({"family": "fast_dllm_v2", "block_size": 0}, "--block-size 0"),
     ({"family": "fast_dllm_v2", "loss_weight": "cart"}, "family 'fast_dllm_v2' has no such loss"),
+    ({"fit_canvas": True}, "a 'llada' model fills a whole generation canvas"),
+    ({"family": "ar", "fit_canvas": True}, "a 'ar' model pads nothing"),
 ])
 def test_settings_the_family_cannot_take_fail_before_training(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):

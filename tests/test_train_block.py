@@ -3,6 +3,7 @@ view a block-causal decoder has of it, checked against plain block-causal forwar
 
 import json
 
+import pytest
 import torch
 
 from dllm_decode.models import ComputePlan, build_random_model
@@ -155,11 +156,49 @@ def test_a_fast_dllm_v2_run_writes_its_card(tmp_path):
     tiny = dict(steps=2, batch_size=4, d_model=16, n_layers=1, n_heads=2, mlp_hidden=32, canvas=(96,),
                 canvas_weights=(1.0,), threads=1, log_every=1, tasks=("copy",))
     ar = train(TrainConfig(family="ar", out=str(tmp_path / "ar"), **tiny), progress=False)
-    out = train(TrainConfig(family="fast_dllm_v2", out=str(tmp_path / "fd"), init=str(ar), block_size=8, **tiny),
-                progress=False)
+    out = train(TrainConfig(family="fast_dllm_v2", out=str(tmp_path / "fd"), init=str(ar), block_size=8,
+                            fit_canvas=True, **tiny), progress=False)
     main([str(out), "--n", "2", "--grid-n", "0", "--gen-length", "96", "--write"])
     text = (out / "README.md").read_text()
     kind = json.loads((out / "config.json").read_text())["model_type"]         # the card names the real one
     assert f"Fast-dLLM v2 (`config.json` model_type `{kind}`" in text and "blocks of 8 (`bd_size`)" in text
     assert "shifted_block_diffusion_loss" in text and "The `fast-dllm-v2` recipe at the checkpoint's block size" in text
-    assert "--family fast_dllm_v2" in text and "--block-size 8" in text
+    assert "--family fast_dllm_v2" in text and "--block-size 8" in text and "--fit-canvas" in text
+    assert "padded with EOS to the end of the block holding the EOS of the batch's longest answer" in text
+
+
+@pytest.mark.parametrize("family, sizes, by_task", [("fast_dllm_v2", (), True), ("sdar", (4, 6), True),
+                                                    ("sdar", (), False)])
+def test_a_fitted_canvas_ends_at_the_block_holding_the_longest_answers_eos(family, sizes, by_task):
+    """--fit-canvas: every row's answer, its EOS and the rest of that EOS's block (blocks counted from
+    the row's first token; for SDAR's drawn sizes, every size's block) lie on the canvas, and one
+    position less would cut one of them; the budget sizes the rows by the task's longest answer."""
+    import math
+    import random
+
+    from dllm_decode.measure.tasks import get_task
+    from dllm_decode.tools.char_tokenizer import build_char_tokenizer
+    from dllm_decode.tools.train import Batcher, TrainConfig
+
+    tok = build_char_tokenizer()
+    cfg = TrainConfig(family=family, out="unused", tasks=("copy", "chain"), batch_by_task=by_task,
+                      batch_tokens=4096 if by_task else 0, batch_size=8, block_size=4, block_sizes=sizes,
+                      fit_canvas=True, canvas=(512,), canvas_weights=(1.0,))
+    unit = math.lcm(*(sizes or (4,)))
+    b, rng, widths = Batcher(cfg, tok), random.Random(0), set()
+    for _ in range(10):
+        ids, att, P = b.task_batch(rng) if by_task else b.next(None)
+        G = ids.shape[1] - P
+        need = []
+        for row, keep in zip(ids, att):
+            p = int(keep[:P].sum())
+            a = int((row[P:] == tok.eos_token_id).long().argmax())                  # the answer's length
+            assert (row[P + a:] == tok.eos_token_id).all() and keep[P:].all()
+            need.append(-(-(p + a + 1) // unit) * unit - p)                          # the EOS block's end
+        assert max(need) == G                                                        # all fit; G - 1 would not
+        widths.add(G)
+        if by_task:
+            task = get_task("copy" if tok.decode(ids[0, :P].tolist(), skip_special_tokens=True)
+                            .startswith("copy") else "chain")
+            assert ids.shape[0] == 4096 // (task.max_prompt_tokens + task.max_answer_tokens + unit)
+    assert len(widths) > 1 and max(widths) < 512

@@ -299,8 +299,14 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
             f"{mix}{full_mask_sentence(cfg)}{adaptation_sentence(cfg)}")
 
 
+# train --fit-canvas (train.fitted_canvas), in words
+FITTED = "to the end of the block holding the EOS of the batch's longest answer"
+
+
 def canvas_sentence(cfg: dict) -> str:
     """How a diffusion stage pads its answers: the canvases and their odds (train.py's Batcher)."""
+    if cfg.get("fit_canvas"):
+        return f"Answers are padded with EOS {FITTED}, EOS included in the loss."
     canvas, odds = cfg["canvas"], cfg.get("canvas_weights") or [1.0] * len(cfg["canvas"])
     sizes = "/".join(map(str, canvas))
     if len(canvas) == 1:
@@ -342,8 +348,8 @@ def block_objective(cfg: dict) -> str:
         sizes = f"Block size drawn per batch from {', '.join(map(str, cfg.get('block_sizes') or [size]))}"
     return (f"Block diffusion, as {start}every block of the noisy copy denoised given the clean blocks before "
             f"it (the noisy and the clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
-            f"{loss}`); cross-entropy on masked positions{weighting}. {sizes}; answers padded with EOS to "
-            f"{'/'.join(map(str, cfg['canvas']))} tokens. ")
+            f"{loss}`); cross-entropy on masked positions{weighting}. {sizes}; answers padded with EOS "
+            f"{FITTED if cfg.get('fit_canvas') else 'to ' + '/'.join(map(str, cfg['canvas'])) + ' tokens'}. ")
 
 
 def block_decode_line(family: str) -> str:

@@ -98,6 +98,7 @@ class TrainConfig:
     mlp_hidden: int = 384
     canvas: tuple[int, ...] = (96, 128, 256)   # generation lengths sampled per batch
     canvas_weights: tuple[float, ...] = (6.0, 2.5, 1.5)
+    fit_canvas: bool = False          # sdar, fast_dllm_v2: each batch's canvas fitted to its answers (fitted_canvas)
     eps: float = 1e-3
     mask_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)   # iid / block / eos rows (mask_canvas)
     full_mask: float = 0.0            # share of rows whose whole answer is masked (mask_canvas)
@@ -132,6 +133,10 @@ class TrainConfig:
     def last_step(self) -> int:
         """Where this session of the run ends: the schedule's end, or stop_after."""
         return self.steps if self.stop_after is None else min(self.steps, self.stop_after)
+
+    def fit_unit(self) -> int:
+        """What a fitted canvas is rounded to: every block size the run trains at divides it."""
+        return math.lcm(*(self.block_sizes or (self.block_size,)))
 
     def kv_heads(self) -> int:
         if self.n_kv_heads:
@@ -208,7 +213,8 @@ class Batcher:
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
         """-> ids (B, P + G) long, attention mask (B, P + G) bool, prompt width P. With
         `canvas` None (AR) the answer gets one EOS and rows are right-padded instead."""
-        return self.layout([self._sample() for _ in range(self.cfg.batch_size)], canvas)
+        rows = [self._sample() for _ in range(self.cfg.batch_size)]
+        return self.layout(rows, fitted_canvas(rows, self.cfg.fit_unit()) if self.cfg.fit_canvas else canvas)
 
     def task_batch(self, canvas_rng: random.Random) -> tuple[Tensor, Tensor, int]:
         """One batch of a single task (drawn with the task odds) -> as `next`. A diffusion batch's
@@ -227,12 +233,15 @@ class Batcher:
             members = self.groups[self.rng.choices(range(len(self.groups)), weights=self.group_odds)[0]]
         longest = max((self.tasks[i] for i in members), key=lambda t: t.max_answer_tokens)
         canvas = None
-        if cfg.family != "ar":
+        if cfg.fit_canvas:              # bounds the fitted canvas (see fitted_canvas); no draw
+            bound = longest.max_answer_tokens + cfg.fit_unit()
+        elif cfg.family != "ar":
             fits = [(c, w) for c, w in zip(cfg.canvas, cfg.canvas_weights) if c > longest.max_answer_tokens]
             canvas = canvas_rng.choices([c for c, _ in fits], weights=[w for _, w in fits])[0]
         n = cfg.batch_size
         if cfg.batch_tokens:
-            width = max(self.tasks[i].max_prompt_tokens for i in members) + (canvas or longest.max_answer_tokens + 1)
+            width = max(self.tasks[i].max_prompt_tokens for i in members) + \
+                (bound if cfg.fit_canvas else canvas or longest.max_answer_tokens + 1)
             n = max(1, cfg.batch_tokens // width)
         rows = []
         for _ in range(n):
@@ -240,7 +249,7 @@ class Batcher:
                 self.rng.choices(members, weights=[self.weights[j] for j in members] if self.weights else None)[0]
             p = next(self.streams[i])
             rows.append((self._encode(p.prompt), self._encode(p.answer)))
-        return self.layout(rows, canvas)
+        return self.layout(rows, fitted_canvas(rows, cfg.fit_unit()) if cfg.fit_canvas else canvas)
 
     def layout(self, rows: list[tuple[list[int], list[int]]], canvas: int | None) -> tuple[Tensor, Tensor, int]:
         """Rows of (prompt ids, answer ids) -> ids (B, P + G), attention mask (B, P + G), P."""
@@ -263,6 +272,15 @@ class Batcher:
                 ids[b, P + len(a):] = self.eos
                 att[b, P:] = True
         return ids, att, P
+
+
+def fitted_canvas(rows: list[tuple[list[int], list[int]]], unit: int) -> int:
+    """The shortest canvas holding every row's answer, its EOS and the rest of the block that EOS
+    falls in, blocks of `unit` counted from the row's first token (as ``block_masks`` and the
+    decoder count them), so each row's last block is whole. At most the longest answer + `unit`;
+    a block-causal decoder stops at the block holding EOS, so longer EOS padding teaches it
+    nothing and costs a step positions (a block family's step is four times them)."""
+    return max(-(-(len(p) + len(a) + 1) // unit) * unit - len(p) for p, a in rows)
 
 
 def mask_canvas(ids: Tensor, P: int, eos_id: int, eps: float, gen: torch.Generator,
@@ -714,6 +732,11 @@ def check_config(cfg: TrainConfig) -> None:
         if tuple(cfg.mask_mix) != (1.0, 0.0, 0.0) or cfg.full_mask:
             raise ValueError(f"--mask-mix / --full-mask choose masked-diffusion rows; family {cfg.family!r} "
                              "masks each block by its own scheme (use llada or dream)")
+    if cfg.fit_canvas and cfg.family not in BLOCK_FAMILIES:
+        raise ValueError(f"--fit-canvas fits each batch's canvas to its answers for a block-causal decoder, which "
+                         f"stops at the block holding EOS; a {cfg.family!r} model "
+                         + ("pads nothing" if cfg.family == "ar" else "fills a whole generation canvas")
+                         + " (use --family sdar or fast_dllm_v2)")
     if cfg.loss_weight == "cart" and not 0 < cfg.cart_p < 1:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
@@ -781,7 +804,7 @@ def _next_batch(run: Run) -> tuple[Tensor, Tensor, int]:
         return run.batcher.task_batch(run.canvas_rng)
     if cfg.family == "ar":
         return run.batcher.next(None)
-    G = run.canvas_rng.choices(cfg.canvas, weights=cfg.canvas_weights)[0]
+    G = None if cfg.fit_canvas else run.canvas_rng.choices(cfg.canvas, weights=cfg.canvas_weights)[0]
     return run.batcher.next(G)
 
 
@@ -1095,6 +1118,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="generation lengths to train at, sampled per batch")
     ap.add_argument("--canvas-weights", default=None, help="sampling odds of the canvases (default: "
                     "6,2.5,1.5 for the default canvases, else equal)")
+    ap.add_argument("--fit-canvas", action="store_true", help="sdar / fast_dllm_v2: each batch's canvas ends "
+                    "at the block holding its longest answer's EOS instead of a drawn --canvas (which then "
+                    "only bounds the answers and sets the probe's length)")
     ap.add_argument("--mask-mix", default=",".join(map(str, d.mask_mix)),
                     help="probabilities of iid / block / eos masking rows (see mask_canvas)")
     ap.add_argument("--full-mask", type=float, default=d.full_mask,
@@ -1175,7 +1201,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
                        batch_size=a.batch_size, lr=a.lr, warmup=a.warmup, d_model=a.d_model,
                        n_layers=a.n_layers, n_heads=a.n_heads, mlp_hidden=a.mlp_hidden, canvas=canvas,
-                       canvas_weights=weights, seed=a.seed, threads=a.threads, device=a.device,
+                       canvas_weights=weights, fit_canvas=a.fit_canvas, seed=a.seed, threads=a.threads, device=a.device,
                        mask_mix=parse_floats(a.mask_mix, "--mask-mix"), full_mask=a.full_mask, end_rows=a.end_rows,
                        frontier_rows=a.frontier_rows,
                        loss_weight=a.loss_weight, cart_p=a.cart_p, attention_anneal=a.attention_anneal,
