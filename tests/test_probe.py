@@ -95,7 +95,8 @@ def test_a_block_causal_reading_is_each_character_in_its_block_decode_state():
     """SDAR decodes block by block: a character's state is the prompt, the answer before it and
     masks to the end of its block (blocks counted from the first position, as SDAR's generate.py
     lays the canvas), with no position after that block. Built that way one character at a time,
-    it gives the reading's loss and misses, though the reading's canvases run to gen-length."""
+    it gives the reading's loss and misses (the reading's canvases end with the block of their
+    chunk's last character: in chunks of 5, most of them well before gen-length)."""
     model, tok = load_model(MODELS / "sdar-reference")
     size = model.spec.block_size
     for task in ("copy", "chain"):
