@@ -15,7 +15,7 @@ same bits as a plain block-causal forward of the whole canvas (``cache_policy: n
 as the fed range starts on a multiple of the block size, which is where it starts. Rows of a
 padded batch have their blocks at their own columns; the feed starts at the batch's earliest
 non-final block (rounded down to a canvas multiple of the block size), so a row may recompute up
-to one block it has already finished, from the same tokens.
+to one block it has already finished, from the same tokens. A finished row does not count.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ def cache_policy(state, scratch):
     scratch["final"] = current if final is None else torch.maximum(final, current)
     if final is None:
         return ComputePlan.refresh(name="block_kv:prefill")           # the whole canvas, K/V kept
+    # A row with no mask left is finished (one that goes on got its next block at the end of the
+    # last step): nothing of it is read again, so it must not hold the feed back while the batch's
+    # longer rows go on (it did: every step fed from the first finished row's end, a range that
+    # grew with every block the others decoded).
+    pending = torch.where(masked.any(1), final, final.max())                        # (B,)
     # one host read: the batched feed is a Python range, started on a canvas block boundary
-    start = int(final.min()) // size * size
+    start = int(pending.min()) // size * size
     return ComputePlan.block_step(start, state.length, name="block_kv")

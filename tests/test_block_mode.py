@@ -104,6 +104,34 @@ def test_the_cache_is_exact_bit_for_bit(sdar):
     assert fed["block_kv"] < fed["none"] / 2
 
 
+def test_a_finished_row_does_not_hold_the_feed_back(sdar):
+    """Rows of a batch stop at their own blocks: once a row has finished, the steps feed the blocks of
+    the rows still decoding (at most three blocks: rows' blocks sit at their own columns, and a step
+    also feeds the block finished last), not the range from the finished row's end, which grew with
+    every block the others decoded. The rows still decoding get the same logit bits as from the uncached
+    forward, and the batch the same tokens."""
+    full = reference(sdar, PROMPTS, gen_length=32, block=4, steps=4)
+    early = [t for row in full for t in row[:8]]
+    for stop in sorted(set(early), key=early.count, reverse=True):     # a stop id some rows meet early
+        lengths = [len(r) for r in reference(sdar, PROMPTS, gen_length=32, block=4, steps=4, stop_ids=(stop,))]
+        if min(lengths) <= 8 and max(lengths) >= 24:
+            break
+    decs = {c: Decoder(sdar, recipe(cache=c, gen=32, stop=[stop])) for c in ("block_kv", "none")}
+    states = {c: d.start(PROMPTS) for c, d in decs.items()}
+    widths = []
+    for step in range(200):
+        outs = {c: d.forward(states[c], d.begin_step(states[c])) for c, d in decs.items()}
+        cached, whole = outs["block_kv"], outs["none"]
+        widths.append(cached.logits.shape[1])
+        live = states["none"].masked.any(1)                       # a finished row's logits are read by nobody
+        assert torch.equal(cached.logits[live], whole.logits[live, cached.positions[0, 0]:]), f"step {step}"
+        done = [d.end_step(states[c], outs[c]) for c, d in decs.items()]
+        assert torch.equal(states["block_kv"].x, states["none"].x) and done[0] == done[1]
+        if done[0]:
+            break
+    assert len(widths) >= 24 and max(widths[1:]) <= 3 * 4, widths
+
+
 def test_store_is_widened_not_cleared_as_rows_grow(sdar):
     dec = Decoder(sdar, recipe())
     state = dec.start([PROMPTS[1]])
