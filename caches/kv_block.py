@@ -55,16 +55,21 @@ def on_request_start(scratch):
     scratch["span"] = None
 
 
-def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode: str) -> ComputePlan:
+def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode: str,
+               live: torch.Tensor | None = None) -> ComputePlan:
     """The plan for one step: ``span`` (B, 2) this step's spans, ``prev`` (B, 2) the spans the
-    store was last built for (None: nothing cached yet)."""
+    store was last built for (None: nothing cached yet), ``live`` (B,) the rows still decoding
+    (None: all). A finished row's logits are read by nobody: it gets an empty window, so it does
+    not stretch the batch's feed (its last span, often the canvas's last block, did)."""
     if prev is None:
         return ComputePlan.refresh()
-    fresh = (span != prev).any(dim=1)                                       # (B,) new span: refresh
+    live = torch.ones_like(span[:, 0], dtype=torch.bool) if live is None or not live.any() else live
+    fresh = (span != prev).any(dim=1) & live                                # (B,) new span: refresh
     lo = torch.where(fresh, 0, span[:, 0])                                  # (B,) rewritten window
     hi = torch.where(fresh, length, span[:, 1] if mode == "dual" else length)
+    lo, hi = torch.where(live, lo, length), torch.where(live, hi, 0)
     # one host read: the batched feed is a Python range
-    start, end, all_fresh = torch.stack([lo.min(), hi.max(), fresh.all().long()]).tolist()
+    start, end, all_fresh = torch.stack([lo.min(), hi.max(), (fresh | ~live).all().long()]).tolist()
     if all_fresh:
         return ComputePlan.refresh()
     return ComputePlan.dual_step(start, end, write_window=torch.stack([lo, hi], dim=1), shift_from=lo,
@@ -77,6 +82,6 @@ def cache_policy(state, options, scratch):
     # a canvas rule that grew rows cleared the store and moved the columns: refresh
     resized = state.last is not None and state.last.resize is not None
     prev = None if resized or (every is not None and state.nfe % every == 0) else scratch["span"]
-    plan = block_plan(state.span, prev, state.length, options.mode)
+    plan = block_plan(state.span, prev, state.length, options.mode, state.masked.any(1))
     scratch["span"] = state.span.clone()        # a span plugin may reuse its tensor in place
     return plan

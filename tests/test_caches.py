@@ -86,6 +86,33 @@ def test_kv_block_is_approximate_and_prefix_differs_from_dual():
     assert outs["prefix"] != outs["none"] and outs["dual"] != outs["none"] and outs["dual"] != outs["prefix"]
 
 
+def test_kv_block_finished_rows_do_not_stretch_the_feed(shipped):
+    """A row that has stopped (EOS) gets an empty window: once one row is left, its dual steps feed
+    its block alone (a finished row's moved span had made them feed the whole canvas), and every
+    row decodes the tokens it decodes alone."""
+    model, prompts = shipped["llada"]
+    data = {"choose_span": "llada", "score": "llada", "select_tokens": {"plugin": "threshold", "threshold": 0.9},
+            "cache_policy": {"plugin": "kv_block", "mode": "dual"},
+            "generation": {"gen_length": 64, "block_length": 8, "steps": 64, "eos": {"stop": True}}}
+    data = {**data, "generation": {**data["generation"], "batch_size": len(prompts), "dtype": "float64"}}
+    dec = Decoder(model, recipe_from_dict(data))
+    state, alone_steps = dec.start(prompts), 0
+    dec.open(state)
+    while True:
+        last = int(state.masked.any(1).sum()) == 1
+        plan = dec.begin_step(state)
+        out = dec.forward(state, plan)
+        if last and plan.name == "kv_block:dual":
+            assert out.logits.shape[1] == 8, f"step {state.step}"
+            alone_steps += 1
+        if dec.end_step(state, out):
+            break
+    dec.close(state)
+    assert alone_steps >= 1
+    batch = _decode(model, data, prompts).tokens
+    assert batch == [_decode(model, data, [p]).tokens[0] for p in prompts]
+
+
 # ----------------------------------------------------------------------------- dLLM-Cache
 DLLM_SETTINGS = [dict(prompt_interval=100, response_interval=7, rho=0.25),
                  dict(prompt_interval=3, response_interval=2, rho=0.5),
