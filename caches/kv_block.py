@@ -63,7 +63,7 @@ def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode:
     not stretch the batch's feed (its last span, often the canvas's last block, did)."""
     if prev is None:
         return ComputePlan.refresh()
-    live = torch.ones_like(span[:, 0], dtype=torch.bool) if live is None or not live.any() else live
+    live = torch.ones_like(span[:, 0], dtype=torch.bool) if live is None else live   # none live: a refresh
     fresh = (span != prev).any(dim=1) & live                                # (B,) new span: refresh
     lo = torch.where(fresh, 0, span[:, 0])                                  # (B,) rewritten window
     hi = torch.where(fresh, length, span[:, 1] if mode == "dual" else length)
