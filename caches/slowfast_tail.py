@@ -81,6 +81,13 @@ def tail_limits(state, scratch) -> torch.Tensor:
 @hookimpl
 def cache_policy(state, options, scratch):
     limit = tail_limits(state, scratch)                                     # (B,)
+    # A finished row (no mask left) is read by nobody; its stale limit (a finished row is back in
+    # explore, uncut) must not keep the batch's feed at the canvas end while the others are cut:
+    # it takes the live rows' widest limit (not 0: its logits must stay finite for the engine's
+    # check). With no row live it keeps its own.
+    live = state.masked.any(1)                                                 # (B,)
+    widest = torch.where(live, limit, 0).max()
+    limit = torch.where(live | ~live.any(), limit, widest)
     # the one host read: the batched feed's length, and whether any row is cut at all
     end, any_cut = torch.stack([limit.max(), (limit < state.length).any().long()]).tolist()
     key_limit = limit if any_cut else None

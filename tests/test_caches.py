@@ -231,6 +231,28 @@ def test_slowfast_tail_matches_reference(name, settings, gen, block, shipped):
         assert cut_seen, "no forward was cut: the test would be vacuous"
 
 
+def test_slowfast_tail_finished_rows_do_not_undo_the_cut(shipped):
+    """A row that has stopped (EOS) is back in explore, uncut; it no longer holds the batch's feed at the
+    canvas end, so the rows left still get their cut forwards, and every row decodes as it does alone."""
+    model, prompts = shipped["llada"]
+    data = {"policy": {"plugin": "slowfast", "tau_high": 0.999}, "score": "llada",
+            "cache_policy": {"plugin": "slowfast_tail"},
+            "generation": {"gen_length": 64, "block_length": 32, "eos": {"stop": True},
+                           "batch_size": len(prompts), "dtype": "float64"}}
+    dec = Decoder(model, recipe_from_dict(data))
+    state, cut_after_a_stop = dec.start(prompts), 0
+    dec.open(state)
+    while True:
+        stopped = not bool(state.masked.any(1).all())
+        plan = dec.begin_step(state)
+        cut_after_a_stop += stopped and plan.end is not None and plan.end < state.length
+        if dec.end_step(state, dec.forward(state, plan)):
+            break
+    dec.close(state)
+    assert cut_after_a_stop >= 3
+    assert _decode(model, data, prompts).tokens == [_decode(model, data, [p]).tokens[0] for p in prompts]
+
+
 class _Counting:
     """Plain forwards through the model under test's own full path (no plan)."""
 
