@@ -124,3 +124,27 @@ def test_invariants(tiny_llada, opts, temperature):
     recipe["generation"].update(temperature=temperature, eos={"stop": True})
     check_invariants(tiny_llada, recipe)
     check_invariants(tiny_llada, {**recipe, "select_tokens": "llada"})
+
+
+def test_a_finished_row_does_not_widen_the_feed():
+    """The shipped recipe stops rows at EOS. A finished row keeps its prompt alone: the rows left
+    keep their suffix dropout (before, the set a row drew as it finished was the whole canvas, and
+    every later step fed all of it), and every row decodes as it does alone."""
+    from dllm_decode.config import load_recipe
+
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=3)
+    recipe = load_recipe("dpad", ["generation.gen_length=128", f"generation.batch_size={len(prompts)}",
+                                  "generation.dtype=float64"])
+    dec = Decoder(model, recipe)
+    state, narrow_after_a_stop = dec.start(prompts), 0
+    dec.open(state)
+    while True:
+        stopped = not bool(state.masked.any(1).all())
+        out = dec.forward(state, dec.begin_step(state))
+        narrow_after_a_stop += stopped and out.logits.shape[1] < state.length
+        if dec.end_step(state, out):
+            break
+    dec.close(state)
+    assert narrow_after_a_stop >= 3
+    alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
+    assert Decoder(model, recipe).generate(prompts).tokens == alone
