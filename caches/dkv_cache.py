@@ -88,9 +88,13 @@ def cache_policy(state, options, scratch):
     full = i % options.refresh_interval == 0
     if shift == 0:
         full = full | (i == 1)
+    # A finished row (no mask left) is read by nobody: no refresh and no query, so it does not
+    # widen the batch's subset (its span moves as it finishes, which had made it refresh whole).
+    live = state.masked.any(1)                                              # (B,)
+    full = full & live
     # host reads: whether every row refreshes (then one plain refresh forward), and the
     # subset's width (in ComputePlan.subset); both while building the plan, not in the forward
-    if bool(full.all()):
+    if bool((full | ~live).all()):
         return ComputePlan.refresh(name="dkv:refresh")
-    queries = delayed_queries(state, shift) | full[:, None]                 # refreshed rows: whole
+    queries = (delayed_queries(state, shift) | full[:, None]) & live[:, None]   # refreshed rows: whole
     return ComputePlan.subset(queries, shift=shift, name="dkv")

@@ -134,3 +134,29 @@ def test_rows_refreshing_apart_keep_the_invariants(family, threshold, tiny_pair)
     assert any(len(set(r.span[:, 0].tolist())) > 1 for r in state.history), "rows never sat in different blocks"
     recipe["generation"]["cfg_scale"] = 1.0
     check_invariants(tiny_pair[family], recipe, PROMPTS4)
+
+
+def test_a_finished_row_does_not_widen_the_subset():
+    """Rows stopped at EOS under the threshold rule sit in different blocks: a finished row neither
+    refreshes nor queries (its span moved as it finished, which made it refresh the whole canvas in
+    the rows left's steps), and every row decodes as it does alone."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.engine import Decoder
+
+    model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=3)
+    recipe = load_recipe("dkv-cache", ["generation.gen_length=64", "generation.steps=64", "generation.eos.stop=true",
+                                       f"generation.batch_size={len(prompts)}", "generation.dtype=float64",
+                                       "select_tokens={plugin: threshold, threshold: 0.9}"])
+    dec = Decoder(model, recipe)
+    state, narrow_after_a_stop = dec.start(prompts), 0
+    dec.open(state)
+    while True:
+        stopped = not bool(state.masked.any(1).all())
+        out = dec.forward(state, dec.begin_step(state))
+        narrow_after_a_stop += stopped and out.logits.shape[1] < state.length
+        if dec.end_step(state, out):
+            break
+    dec.close(state)
+    assert narrow_after_a_stop >= 1
+    alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
+    assert Decoder(model, recipe).generate(prompts).tokens == alone
