@@ -11,6 +11,7 @@ import reference_dkv
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dkv import dkv_dream_generate, dkv_llada_generate
 from reference_forward import weights
+from batch_feeds import fed_widths
 from shipped import shipped_model_and_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -147,16 +148,8 @@ def test_a_finished_row_does_not_widen_the_subset():
     recipe = load_recipe("dkv-cache", ["generation.gen_length=64", "generation.steps=64", "generation.eos.stop=true",
                                        f"generation.batch_size={len(prompts)}", "generation.dtype=float64",
                                        "select_tokens={plugin: threshold, threshold: 0.9}"])
-    dec = Decoder(model, recipe)
-    state, narrow_after_a_stop = dec.start(prompts), 0
-    dec.open(state)
-    while True:
-        stopped = not bool(state.masked.any(1).all())
-        out = dec.forward(state, dec.begin_step(state))
-        narrow_after_a_stop += stopped and out.logits.shape[1] < state.length
-        if dec.end_step(state, out):
-            break
-    dec.close(state)
+    steps = fed_widths(Decoder(model, recipe), prompts)
+    narrow_after_a_stop = sum(live < len(prompts) and width < length for live, width, length in steps)
     assert narrow_after_a_stop >= 1
     alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
     assert Decoder(model, recipe).generate(prompts).tokens == alone

@@ -13,6 +13,7 @@ from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dpad import dpad_generate
+from batch_feeds import fed_widths
 from shipped import shipped_model_and_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -135,16 +136,8 @@ def test_a_finished_row_does_not_widen_the_feed():
     model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=3)
     recipe = load_recipe("dpad", ["generation.gen_length=128", f"generation.batch_size={len(prompts)}",
                                   "generation.dtype=float64"])
-    dec = Decoder(model, recipe)
-    state, narrow_after_a_stop = dec.start(prompts), 0
-    dec.open(state)
-    while True:
-        stopped = not bool(state.masked.any(1).all())
-        out = dec.forward(state, dec.begin_step(state))
-        narrow_after_a_stop += stopped and out.logits.shape[1] < state.length
-        if dec.end_step(state, out):
-            break
-    dec.close(state)
+    steps = fed_widths(Decoder(model, recipe), prompts)
+    narrow_after_a_stop = sum(live < len(prompts) and width < length for live, width, length in steps)
     assert narrow_after_a_stop >= 3
     alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
     assert Decoder(model, recipe).generate(prompts).tokens == alone
