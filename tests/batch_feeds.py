@@ -1,17 +1,26 @@
-"""What each step of a batched decode fed, for the tests that check a finished row does not widen
+"""What the steps of a batched decode fed, for the tests that check a finished row does not widen
 the batch's feed."""
 
+from dllm_decode.engine import Decoder
 
-def fed_widths(dec, prompts) -> list[tuple[int, int, int]]:
-    """Decode `prompts` with the Decoder `dec` step by step -> per step (rows still decoding before
-    it, positions its forward returned logits for, canvas length)."""
-    state, steps = dec.start(prompts), []
+
+def narrow_after_a_stop(model, recipe, prompts) -> int:
+    """Decode `prompts` step by step -> how many steps, taken after a row had finished, returned
+    logits for fewer positions than the canvas holds."""
+    dec = Decoder(model, recipe)
+    state, narrow = dec.start(prompts), 0
     dec.open(state)
     while True:
-        live = int(state.masked.any(1).sum())
+        stopped = not bool(state.masked.any(1).all())
         out = dec.forward(state, dec.begin_step(state))
-        steps.append((live, out.logits.shape[1], state.length))
+        narrow += stopped and out.logits.shape[1] < state.length
         if dec.end_step(state, out):
             break
     dec.close(state)
-    return steps
+    return narrow
+
+
+def decodes_as_alone(model, recipe, prompts) -> bool:
+    """Whether every row of the batch gets the tokens it gets decoded alone."""
+    alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
+    return Decoder(model, recipe).generate(prompts).tokens == alone

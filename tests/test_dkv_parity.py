@@ -11,7 +11,7 @@ import reference_dkv
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dkv import dkv_dream_generate, dkv_llada_generate
 from reference_forward import weights
-from batch_feeds import fed_widths
+from batch_feeds import decodes_as_alone, narrow_after_a_stop
 from shipped import shipped_model_and_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -142,14 +142,10 @@ def test_a_finished_row_does_not_widen_the_subset():
     refreshes nor queries (its span moved as it finished, which made it refresh the whole canvas in
     the rows left's steps), and every row decodes as it does alone."""
     from dllm_decode.config import load_recipe
-    from dllm_decode.engine import Decoder
 
     model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=3)
     recipe = load_recipe("dkv-cache", ["generation.gen_length=64", "generation.steps=64", "generation.eos.stop=true",
                                        f"generation.batch_size={len(prompts)}", "generation.dtype=float64",
                                        "select_tokens={plugin: threshold, threshold: 0.9}"])
-    steps = fed_widths(Decoder(model, recipe), prompts)
-    narrow_after_a_stop = sum(live < len(prompts) and width < length for live, width, length in steps)
-    assert narrow_after_a_stop >= 1
-    alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
-    assert Decoder(model, recipe).generate(prompts).tokens == alone
+    assert narrow_after_a_stop(model, recipe, prompts) >= 1
+    assert decodes_as_alone(model, recipe, prompts)

@@ -13,7 +13,7 @@ from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
 from reference_dpad import dpad_generate
-from batch_feeds import fed_widths
+from batch_feeds import decodes_as_alone, narrow_after_a_stop
 from shipped import shipped_model_and_prompts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -136,8 +136,5 @@ def test_a_finished_row_does_not_widen_the_feed():
     model, prompts = shipped_model_and_prompts("llada", ("copy", "repeat", "case", "repeat"), seed=3)
     recipe = load_recipe("dpad", ["generation.gen_length=128", f"generation.batch_size={len(prompts)}",
                                   "generation.dtype=float64"])
-    steps = fed_widths(Decoder(model, recipe), prompts)
-    narrow_after_a_stop = sum(live < len(prompts) and width < length for live, width, length in steps)
-    assert narrow_after_a_stop >= 3
-    alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
-    assert Decoder(model, recipe).generate(prompts).tokens == alone
+    assert narrow_after_a_stop(model, recipe, prompts) >= 3
+    assert decodes_as_alone(model, recipe, prompts)
