@@ -44,11 +44,11 @@ def cache_policy(state, scratch):
     scratch["final"] = current if final is None else torch.maximum(final, current)
     if final is None:
         return ComputePlan.refresh(name="block_kv:prefill")           # the whole canvas, K/V kept
-    # A row with no mask left is finished (one that goes on got its next block at the end of the
-    # last step): nothing of it is read again, so it must not hold the feed back while the batch's
+    # A finished row (state.done: no mask left; one that goes on got its next block at the end of
+    # the last step): nothing of it is read again, so it must not hold the feed back while the batch's
     # longer rows go on (it did: every step fed from the first finished row's end, a range that
     # grew with every block the others decoded).
-    pending = torch.where(masked.any(1), final, final.max())                        # (B,)
+    pending = torch.where(state.done, final.max(), final)                          # (B,)
     # one host read: the batched feed is a Python range, started on a canvas block boundary
     start = int(pending.min()) // size * size
     return ComputePlan.block_step(start, state.length, name="block_kv")

@@ -90,7 +90,7 @@ def cache_policy(state, options, scratch):
         full = full | (i == 1)
     # A finished row (no mask left) is read by nobody: no refresh and no query, so it does not
     # widen the batch's subset (its span moves as it finishes, which had made it refresh whole).
-    live = state.masked.any(1)                                              # (B,)
+    live = ~state.done                                                      # (B,)
     full = full & live
     # host reads: whether every row refreshes (then one plain refresh forward), and the
     # subset's width (in ComputePlan.subset); both while building the plan, not in the forward

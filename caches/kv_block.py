@@ -56,14 +56,13 @@ def on_request_start(scratch):
 
 
 def block_plan(span: torch.Tensor, prev: torch.Tensor | None, length: int, mode: str,
-               live: torch.Tensor | None = None) -> ComputePlan:
+               live: torch.Tensor) -> ComputePlan:
     """The plan for one step: ``span`` (B, 2) this step's spans, ``prev`` (B, 2) the spans the
     store was last built for (None: nothing cached yet), ``live`` (B,) the rows still decoding
-    (None: all). A finished row's logits are read by nobody: it gets an empty window, so it does
+    (none: a refresh). A finished row's logits are read by nobody: it gets an empty window, so it does
     not stretch the batch's feed (its last span, often the canvas's last block, did)."""
     if prev is None:
         return ComputePlan.refresh()
-    live = torch.ones_like(span[:, 0], dtype=torch.bool) if live is None else live   # none live: a refresh
     fresh = (span != prev).any(dim=1) & live                                # (B,) new span: refresh
     lo = torch.where(fresh, 0, span[:, 0])                                  # (B,) rewritten window
     hi = torch.where(fresh, length, span[:, 1] if mode == "dual" else length)
@@ -82,6 +81,6 @@ def cache_policy(state, options, scratch):
     # a canvas rule that grew rows cleared the store and moved the columns: refresh
     resized = state.last is not None and state.last.resize is not None
     prev = None if resized or (every is not None and state.nfe % every == 0) else scratch["span"]
-    plan = block_plan(state.span, prev, state.length, options.mode, state.masked.any(1))
+    plan = block_plan(state.span, prev, state.length, options.mode, ~state.done)
     scratch["span"] = state.span.clone()        # a span plugin may reuse its tensor in place
     return plan

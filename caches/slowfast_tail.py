@@ -85,7 +85,7 @@ def cache_policy(state, options, scratch):
     # explore, uncut) must not keep the batch's feed at the canvas end while the others are cut:
     # it takes the live rows' widest limit (not 0: its logits must stay finite for the engine's
     # check). With no row live it keeps its own.
-    live = state.masked.any(1)                                                 # (B,)
+    live = ~state.done                                                         # (B,)
     widest = torch.where(live, limit, 0).max()
     limit = torch.where(live | ~live.any(), limit, widest)
     # the one host read: the batched feed's length, and whether any row is cut at all

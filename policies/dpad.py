@@ -114,7 +114,7 @@ def cache_policy(state, options, scratch):
         # A finished row (no mask left) is read by nobody: it keeps its prompt alone (no live row
         # keeps less) and refreshes nothing, so it does not widen the batch's feed. Its span moves
         # when it finishes, and the fresh set it drew then (the whole canvas) did, every step after.
-        live = state.masked.any(1)                                              # (B,)
+        live = ~state.done                                                      # (B,)
         keep = torch.where(live[:, None], keep, state.columns[None, :] < state.gen_start)
         fresh = fresh & live
     scratch.update(span=span.clone(), keep=keep)       # a span plugin may reuse its tensor in place

@@ -213,8 +213,7 @@ class Batcher:
     def next(self, canvas: int | None) -> tuple[Tensor, Tensor, int]:
         """-> ids (B, P + G) long, attention mask (B, P + G) bool, prompt width P. With
         `canvas` None (AR) the answer gets one EOS and rows are right-padded instead."""
-        rows = [self._sample() for _ in range(self.cfg.batch_size)]
-        return self.layout(rows, fitted_canvas(rows, self.cfg.fit_unit()) if self.cfg.fit_canvas else canvas)
+        return self.layout([self._sample() for _ in range(self.cfg.batch_size)], canvas)
 
     def task_batch(self, canvas_rng: random.Random) -> tuple[Tensor, Tensor, int]:
         """One batch of a single task (drawn with the task odds) -> as `next`. A diffusion batch's
@@ -249,10 +248,13 @@ class Batcher:
                 self.rng.choices(members, weights=[self.weights[j] for j in members] if self.weights else None)[0]
             p = next(self.streams[i])
             rows.append((self._encode(p.prompt), self._encode(p.answer)))
-        return self.layout(rows, fitted_canvas(rows, cfg.fit_unit()) if cfg.fit_canvas else canvas)
+        return self.layout(rows, canvas)
 
     def layout(self, rows: list[tuple[list[int], list[int]]], canvas: int | None) -> tuple[Tensor, Tensor, int]:
-        """Rows of (prompt ids, answer ids) -> ids (B, P + G), attention mask (B, P + G), P."""
+        """Rows of (prompt ids, answer ids) -> ids (B, P + G), attention mask (B, P + G), P. With
+        fit_canvas the canvas is the rows' fitted one (`canvas` is then None)."""
+        if self.cfg.fit_canvas:
+            canvas = fitted_canvas(rows, self.cfg.fit_unit())
         P = max(len(p) for p, _ in rows)
         G = max(len(a) for _, a in rows) + 1 if canvas is None else canvas
         if G < max(len(a) for _, a in rows):
