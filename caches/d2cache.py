@@ -58,7 +58,7 @@ Deviations:
   is the batch's score maximum), its rollout and nucleus leave out left padding, and rows
   topped up to a common width get query-only positions that write nothing and stay out of the
   rollout (the code recomputes and writes extra masked or high-rollout tokens), so a row decodes
-  what it decodes alone.
+  what it decodes alone; a finished row recomputes nothing.
 - The certainty density is computed as a direct Gaussian sum in float64 (the code uses an FFT
   in float32), and the rollout in at least float32 (the code: the model dtype).
 - Classifier-free guidance is refused (the code has none).
@@ -259,6 +259,9 @@ def cache_policy(state, options, scratch):
         q[:, P - 1] = chosen[:, 0]
     if options.inflate_w > 0:
         q = inflate(q, options.inflate_w)
+    # a finished row (the engine's record: no mask left, or stopped at EOS) has nothing to
+    # predict; its nucleus and last tokens would widen every later step of the rows left
+    q &= ~state.done[:, None]
     plan = ComputePlan.subset(q, shift=shift, attention=True, name="d2cache")
     scratch.update(fed=plan.index, pad=plan.index_pad)
     return plan

@@ -29,7 +29,8 @@ dream`` with ``alg: confidence_threshold``, equal at T = 0 in float64).
 
 Differences from the code, which is batch 1: every row has its own window, tracked positions
 and switch layer; once any row switches the batch runs full width, a row that has not switched
-recomputing only its fed positions, so a row decodes alike alone and in a batch; left padding
+recomputing only its fed positions, so a row decodes alike alone and in a batch (a finished
+row feeds nothing and is not drift-tested); left padding
 is never attended to nor tracked, and the similarity is averaged over the row's own keys; ties
 in the tracked ranking (the zeroed masks, when fewer than ``track_num`` keys are unmasked) go
 to the lowest columns, where the code's ``topk`` orders them by an unspecified rule that
@@ -142,12 +143,16 @@ def cache_policy(state, options, scratch):
     scratch["excluded"] = allowed
     n_layers = state.store.attn_mass.shape[1]
     probe, probe_pad = _first(probes, n_layers * options.track_num)
+    # a finished row (the engine's record) is not drift-tested (it would switch the batch to
+    # full width) and feeds nothing: its tracked and last tokens would widen the rows left's steps
+    live = ~state.done
+    probe_pad = probe_pad | ~live[:, None]
     drift = Drift(gamma=options.gamma, watch=watch, watch_pad=watch_pad, probe=probe, probe_pad=probe_pad)
     # the window's predictions come from p (LLaDA) or p - 1 (Dream): both are in the index, the
     # executor feeds the one the model family needs
     before = torch.zeros_like(queried)
     before[:, :-1] = queried[:, 1:]
-    fed = probes | state.last.committed
+    fed = (probes | state.last.committed) & live[:, None]
     return ComputePlan.sparse(fed, out=queried | before, keys="store", write_hidden=True, drift=drift,
                               name="elastic")
 

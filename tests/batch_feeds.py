@@ -1,6 +1,8 @@
 """What the steps of a batched decode fed, for the tests that check a finished row does not widen
 the batch's feed."""
 
+import torch
+
 from dllm_decode.engine import Decoder
 
 
@@ -24,3 +26,30 @@ def decodes_as_alone(model, recipe, prompts) -> bool:
     """Whether every row of the batch gets the tokens it gets decoded alone."""
     alone = [Decoder(model, recipe).generate([p]).tokens[0] for p in prompts]
     return Decoder(model, recipe).generate(prompts).tokens == alone
+
+
+def what_finished_rows_fed(model, recipe, prompts) -> tuple[int, int, int]:
+    """Decode `prompts` step by step -> (steps taken while some rows had finished and others not,
+    positions those finished rows fed in them (the plan's index less its padding), finished rows
+    that recomputed layers in full (a layer-adaptive store's ``refresh_from`` below the layer
+    count, which sends the whole batch full width))."""
+    dec = Decoder(model, recipe)
+    state, steps, fed, switched = dec.start(prompts), 0, 0, 0
+    dec.open(state)
+    while True:
+        done = state.done.clone()
+        plan = dec.begin_step(state)
+        out = dec.forward(state, plan)
+        if done.any() and not done.all():
+            steps += 1
+            index = getattr(plan, "index", None)
+            if index is not None:
+                pad = torch.zeros_like(index, dtype=torch.bool) if plan.index_pad is None else plan.index_pad
+                fed += int((~pad)[done].sum())
+            start = getattr(state.store, "refresh_from", None)
+            if start is not None:
+                switched += int((start[: state.batch_size][done] < model.arch.n_layers).sum())
+        if dec.end_step(state, out):
+            break
+    dec.close(state)
+    return steps, fed, switched

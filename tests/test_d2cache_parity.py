@@ -13,6 +13,7 @@ from dllm_decode.models import ComputePlan
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.policy import resolve
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
+from batch_feeds import decodes_as_alone, what_finished_rows_fed
 from reference_d2cache import d2cache_generate
 from reference_forward import weights
 from shipped import shipped_model_and_prompts
@@ -113,3 +114,20 @@ def test_recipe_checks():
     with pytest.raises(RecipeError, match="cfg_scale"):
         resolve(recipe_from_dict({**_recipe(16, 16), "generation": {"gen_length": 16, "cfg_scale": 1.0}}),
                 get_plugin_manager())
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_finished_row_feeds_nothing(family):
+    """Rows stopped at EOS while others decode: a finished row recomputes neither its last tokens
+    nor a rollout nucleus, and every row decodes as it does alone."""
+    from dllm_decode.config import load_recipe
+
+    model, prompts = shipped_model_and_prompts(family, ("copy", "repeat", "case", "repeat"), seed=3)
+    recipe = load_recipe("d2cache" if family == "llada" else "dream-d2cache",
+                         ["generation.gen_length=64", "generation.block_length=64", "generation.steps=64",
+                          "generation.eos.stop=true", f"generation.batch_size={len(prompts)}",
+                          "generation.dtype=float64"])
+    steps, fed, _ = what_finished_rows_fed(model, recipe, prompts)
+    assert steps >= 1, "no row finished before the others"
+    assert fed == 0
+    assert decodes_as_alone(model, recipe, prompts)

@@ -13,6 +13,7 @@ from dllm_decode.config import recipe_from_dict
 from dllm_decode.engine import Decoder
 from dllm_decode.models import build_random_model
 from dllm_decode.testing import ParityMismatch, ReferenceOutput, check_invariants, check_parity
+from batch_feeds import decodes_as_alone, what_finished_rows_fed
 from reference_elastic import elastic_generate
 from shipped import shipped_model_and_prompts
 
@@ -235,3 +236,19 @@ def test_dream_schedule_in_the_sliding_window_is_refused_past_the_step_budget():
         check_invariants(m, {**data, "policy": ok}, [[2], [2, 2]])
     # four steps per block: at most 4 x gen_length, the default cap
     check_invariants(m, {**data, "generation": {**data["generation"], "steps": 4}}, [[2], [2, 2]])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_a_finished_row_feeds_nothing_and_never_switches(family):
+    """Rows stopped at EOS while others decode: a finished row feeds none of its tracked or last
+    tokens and is not drift-tested (its switch sent the whole batch full width), and every row
+    decodes as it does alone."""
+    from dllm_decode.config import load_recipe
+
+    model, prompts = shipped_model_and_prompts(family, ("copy", "repeat", "case", "repeat"), seed=3)
+    recipe = load_recipe("elastic-cache", ["generation.gen_length=64", "generation.steps=64",
+                                           f"generation.batch_size={len(prompts)}", "generation.dtype=float64"])
+    steps, fed, switched = what_finished_rows_fed(model, recipe, prompts)
+    assert steps >= 1, "no row finished before the others"
+    assert (fed, switched) == (0, 0)
+    assert decodes_as_alone(model, recipe, prompts)
