@@ -16,6 +16,7 @@ from dllm_decode.models import build_random_model
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.policy import resolve
 from dllm_decode.testing import RandomLogitsModel, check_invariants
+from batch_feeds import decodes_as_alone
 from reference_caches import DllmCacheRow, GuidedCacheRow, fastdllm_cached_generate
 from reference_forward import weights
 from reference_llada import llada_generate
@@ -109,8 +110,7 @@ def test_kv_block_finished_rows_do_not_stretch_the_feed(shipped):
             break
     dec.close(state)
     assert alone_steps >= 1
-    batch = _decode(model, data, prompts).tokens
-    assert batch == [_decode(model, data, [p]).tokens[0] for p in prompts]
+    assert decodes_as_alone(model, recipe_from_dict(data), prompts)
 
 
 # ----------------------------------------------------------------------------- dLLM-Cache
@@ -250,7 +250,7 @@ def test_slowfast_tail_finished_rows_do_not_undo_the_cut(shipped):
             break
     dec.close(state)
     assert cut_after_a_stop >= 3
-    assert _decode(model, data, prompts).tokens == [_decode(model, data, [p]).tokens[0] for p in prompts]
+    assert decodes_as_alone(model, recipe_from_dict(data), prompts)
 
 
 class _Counting:
