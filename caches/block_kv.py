@@ -12,7 +12,8 @@ step feeds the whole canvas and writes its K/V (the prefill).
 
 Exact: every fed block is computed in canvas chunks of the block size, so the logits are the
 same bits as a plain block-causal forward of the whole canvas (``cache_policy: none``) as long
-as the fed range starts on a multiple of the block size, which is where it starts. Rows of a
+as the fed range starts on a multiple of the block size, which is where it starts. With the
+token shift the feed also holds the position before a block's first one while that is masked. Rows of a
 padded batch have their blocks at their own columns; the feed starts at the batch's earliest
 non-final block (rounded down to a canvas multiple of the block size), so a row may recompute up
 to one block it has already finished, from the same tokens. A finished row does not count.
@@ -49,6 +50,13 @@ def cache_policy(state, scratch):
     # longer rows go on (it did: every step fed from the first finished row's end, a range that
     # grew with every block the others decoded).
     pending = torch.where(state.done, final.max(), final)                          # (B,)
+    if getattr(state.store, "shift", 0):
+        # With the token shift (Fast-dLLM v2) a block's first position is predicted by the
+        # previous block's last output: while it is masked that position is fed too (its block
+        # is final, so it is recomputed to the same bits), or the feed's first position would
+        # take its own logit where the uncached forward gives it its predecessor's.
+        opens = masked.gather(1, current.clamp(max=state.length - 1)[:, None])[:, 0] & ~state.done
+        pending = torch.where(opens, torch.minimum(pending, current - 1), pending)
     # one host read: the batched feed is a Python range, started on a canvas block boundary
     start = int(pending.min()) // size * size
     return ComputePlan.block_step(start, state.length, name="block_kv")
