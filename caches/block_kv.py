@@ -54,9 +54,10 @@ def cache_policy(state, scratch):
         # With the token shift (Fast-dLLM v2) a block's first position is predicted by the
         # previous block's last output: while it is masked that position is fed too (its block
         # is final, so it is recomputed to the same bits), or the feed's first position would
-        # take its own logit where the uncached forward gives it its predecessor's.
+        # take its own logit where the uncached forward gives it its predecessor's. (Column 0,
+        # an empty prompt's first position, has none: its own logit, as uncached.)
         opens = masked.gather(1, current.clamp(max=state.length - 1)[:, None])[:, 0] & ~state.done
-        pending = torch.where(opens, torch.minimum(pending, current - 1), pending)
+        pending = torch.where(opens, torch.minimum(pending, (current - 1).clamp(min=0)), pending)
     # one host read: the batched feed is a Python range, started on a canvas block boundary
     start = int(pending.min()) // size * size
     return ComputePlan.block_step(start, state.length, name="block_kv")
