@@ -13,10 +13,11 @@ step feeds the whole canvas and writes its K/V (the prefill).
 Exact: every fed block is computed in canvas chunks of the block size, so the logits are the
 same bits as a plain block-causal forward of the whole canvas (``cache_policy: none``) as long
 as the fed range starts on a multiple of the block size, which is where it starts. With the
-token shift the feed also holds the position before a block's first one while that is masked. Rows of a
-padded batch have their blocks at their own columns; the feed starts at the batch's earliest
-non-final block (rounded down to a canvas multiple of the block size), so a row may recompute up
-to one block it has already finished, from the same tokens. A finished row does not count.
+token shift the feed also holds the position before a block's first one while that is masked.
+Rows of a padded batch have their blocks at their own columns; the feed starts at the batch's
+earliest non-final block (rounded down to a canvas multiple of the block size), so a row may
+recompute up to one block it has already finished, from the same tokens. A finished row does
+not count.
 """
 
 from __future__ import annotations
