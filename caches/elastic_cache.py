@@ -27,22 +27,21 @@ The select rule and the score are other slots; the code decodes with Fast-dLLM's
 threshold``) on the float64 softmax (``score: llada``; on Dream its ``sample_tokens``, ``score:
 dream`` with ``alg: confidence_threshold``, equal at T = 0 in float64).
 
-Differences from the code, which is batch 1: every row has its own window, tracked positions
-and switch layer; once any row switches the batch runs full width, a row that has not switched
-recomputing only its fed positions, so a row decodes alike alone and in a batch (a finished
-row feeds nothing and is not drift-tested); left padding is never attended to nor tracked,
-and the similarity is averaged over the row's own keys; ties in the tracked ranking (the
-zeroed masks, when fewer than ``track_num`` keys are unmasked) go to the lowest columns, where
-the code's ``topk`` orders them by an unspecified rule that depends on the row's length (a
-padded row would track other masks than alone); the drift test's attention weights are computed in at least float32 (the code's in the model
-dtype); the Dream code's duplicate query rows are fed once (they hold identical values); the EOS
-ids are ``generation.eos.ids`` (the code watches ``<|endoftext|>``). When every mask up to the
-EOS is decoded the code stops and leaves the later masks as they are; here
-``generation.eos.stop`` fills them with that EOS (the recipe turns it on; without it the window
-moves on past the EOS), and an EOS decoded later before the first ends the answer there, where
-the code decodes on behind it. The code's top-k mode (``threshold`` None) and classifier-free
-guidance are not offered.
-"""
+Differences from the code, which is batch 1: every row has its own window, tracked positions and
+switch layer; once any row switches the batch runs full width, a row that has not switched
+recomputing only its fed positions, so a row decodes alike alone and in a batch (a finished row
+feeds nothing and is not drift-tested); left padding is never attended to nor tracked, and the
+similarity is averaged over the row's own keys; ties in the tracked ranking (the zeroed masks,
+when fewer than ``track_num`` keys are unmasked) go to the lowest columns, where the code's
+``topk`` orders them by an unspecified rule that depends on the row's length (a padded row would
+track other masks than alone); the drift test's attention weights are computed in at least
+float32 (the code's in the model dtype); the Dream code's duplicate query rows are fed once
+(they hold identical values); the EOS ids are ``generation.eos.ids`` (the code watches
+``<|endoftext|>``). When every mask up to the EOS is decoded the code stops and leaves the later
+masks as they are; here ``generation.eos.stop`` fills them with that EOS (the recipe turns it
+on; without it the window moves on past the EOS), and an EOS decoded later before the first ends
+the answer there, where the code decodes on behind it. The code's top-k mode (``threshold``
+None) and classifier-free guidance are not offered. """
 
 from __future__ import annotations
 
