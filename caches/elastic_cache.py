@@ -41,7 +41,8 @@ float32 (the code's in the model dtype); the Dream code's duplicate query rows a
 masks as they are; here ``generation.eos.stop`` fills them with that EOS (the recipe turns it
 on; without it the window moves on past the EOS), and an EOS decoded later before the first ends
 the answer there, where the code decodes on behind it. The code's top-k mode (``threshold``
-None) and classifier-free guidance are not offered. """
+None) and classifier-free guidance are not offered.
+"""
 
 from __future__ import annotations
 
