@@ -6,20 +6,27 @@ import torch
 from dllm_decode.engine import Decoder
 
 
-def narrow_after_a_stop(model, recipe, prompts) -> int:
-    """Decode `prompts` step by step -> how many steps, taken after a row had finished, returned
-    logits for fewer positions than the canvas holds."""
+def steps(model, recipe, prompts):
+    """Decode `prompts` step by step, yielding after each forward (state, the rows finished before
+    the step (B,) bool, its plan, its output); the step is then ended."""
     dec = Decoder(model, recipe)
-    state, narrow = dec.start(prompts), 0
+    state = dec.start(prompts)
     dec.open(state)
     while True:
-        stopped = not bool(state.masked.any(1).all())
-        out = dec.forward(state, dec.begin_step(state))
-        narrow += stopped and out.logits.shape[1] < state.length
+        done = state.done.clone()
+        plan = dec.begin_step(state)
+        out = dec.forward(state, plan)
+        yield state, done, plan, out
         if dec.end_step(state, out):
             break
     dec.close(state)
-    return narrow
+
+
+def narrow_after_a_stop(model, recipe, prompts) -> int:
+    """How many steps, taken after a row had finished, returned logits for fewer positions than the
+    canvas holds."""
+    return sum(bool(done.any()) and out.logits.shape[1] < state.length
+               for state, done, _, out in steps(model, recipe, prompts))
 
 
 def decodes_as_alone(model, recipe, prompts) -> bool:
@@ -29,27 +36,20 @@ def decodes_as_alone(model, recipe, prompts) -> bool:
 
 
 def what_finished_rows_fed(model, recipe, prompts) -> tuple[int, int, int]:
-    """Decode `prompts` step by step -> (steps taken while some rows had finished and others not,
-    positions those finished rows fed in them (the plan's index less its padding), finished rows
-    that recomputed layers in full (a layer-adaptive store's ``refresh_from`` below the layer
-    count, which sends the whole batch full width))."""
-    dec = Decoder(model, recipe)
-    state, steps, fed, switched = dec.start(prompts), 0, 0, 0
-    dec.open(state)
-    while True:
-        done = state.done.clone()
-        plan = dec.begin_step(state)
-        out = dec.forward(state, plan)
-        if done.any() and not done.all():
-            steps += 1
-            index = getattr(plan, "index", None)
-            if index is not None:
-                pad = torch.zeros_like(index, dtype=torch.bool) if plan.index_pad is None else plan.index_pad
-                fed += int((~pad)[done].sum())
-            start = getattr(state.store, "refresh_from", None)
-            if start is not None:
-                switched += int((start[: state.batch_size][done] < model.arch.n_layers).sum())
-        if dec.end_step(state, out):
-            break
-    dec.close(state)
-    return steps, fed, switched
+    """-> (steps taken while some rows had finished and others not, positions those finished rows
+    fed in them (the plan's index less its padding), finished rows that recomputed layers in full
+    (a layer-adaptive store's ``refresh_from`` below the layer count, which sends the whole batch
+    full width))."""
+    n, fed, switched = 0, 0, 0
+    for state, done, plan, _ in steps(model, recipe, prompts):
+        if not done.any() or done.all():
+            continue
+        n += 1
+        index = getattr(plan, "index", None)
+        if index is not None:
+            pad = torch.zeros_like(index, dtype=torch.bool) if plan.index_pad is None else plan.index_pad
+            fed += int((~pad)[done].sum())
+        start = getattr(state.store, "refresh_from", None)
+        if start is not None:
+            switched += int((start[: state.batch_size][done] < model.arch.n_layers).sum())
+    return n, fed, switched

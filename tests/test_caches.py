@@ -16,7 +16,7 @@ from dllm_decode.models import build_random_model
 from dllm_decode.plugins import get_plugin_manager
 from dllm_decode.policy import resolve
 from dllm_decode.testing import RandomLogitsModel, check_invariants
-from batch_feeds import decodes_as_alone
+from batch_feeds import decodes_as_alone, steps
 from reference_caches import DllmCacheRow, GuidedCacheRow, fastdllm_cached_generate
 from reference_forward import weights
 from reference_llada import llada_generate
@@ -96,19 +96,11 @@ def test_kv_block_finished_rows_do_not_stretch_the_feed(shipped):
             "cache_policy": {"plugin": "kv_block", "mode": "dual"},
             "generation": {"gen_length": 64, "block_length": 8, "steps": 64, "eos": {"stop": True}}}
     data = {**data, "generation": {**data["generation"], "batch_size": len(prompts), "dtype": "float64"}}
-    dec = Decoder(model, recipe_from_dict(data))
-    state, alone_steps = dec.start(prompts), 0
-    dec.open(state)
-    while True:
-        last = int(state.masked.any(1).sum()) == 1
-        plan = dec.begin_step(state)
-        out = dec.forward(state, plan)
-        if last and plan.name == "kv_block:dual":
+    alone_steps = 0
+    for state, done, plan, out in steps(model, recipe_from_dict(data), prompts):
+        if int((~done).sum()) == 1 and plan.name == "kv_block:dual":
             assert out.logits.shape[1] == 8, f"step {state.step}"
             alone_steps += 1
-        if dec.end_step(state, out):
-            break
-    dec.close(state)
     assert alone_steps >= 1
     assert decodes_as_alone(model, recipe_from_dict(data), prompts)
 
@@ -239,16 +231,8 @@ def test_slowfast_tail_finished_rows_do_not_undo_the_cut(shipped):
             "cache_policy": {"plugin": "slowfast_tail"},
             "generation": {"gen_length": 64, "block_length": 32, "eos": {"stop": True},
                            "batch_size": len(prompts), "dtype": "float64"}}
-    dec = Decoder(model, recipe_from_dict(data))
-    state, cut_after_a_stop = dec.start(prompts), 0
-    dec.open(state)
-    while True:
-        stopped = not bool(state.masked.any(1).all())
-        plan = dec.begin_step(state)
-        cut_after_a_stop += stopped and plan.end is not None and plan.end < state.length
-        if dec.end_step(state, dec.forward(state, plan)):
-            break
-    dec.close(state)
+    cut_after_a_stop = sum(bool(done.any()) and plan.end is not None and plan.end < state.length
+                           for state, done, plan, _ in steps(model, recipe_from_dict(data), prompts))
     assert cut_after_a_stop >= 3
     assert decodes_as_alone(model, recipe_from_dict(data), prompts)
 
