@@ -29,7 +29,7 @@ from dllm_decode.commit import Committed, commit, spread
 from dllm_decode.config import Recipe
 from dllm_decode.eos import stop_ids
 from dllm_decode.errors import DllmDecodeError, InputError, PluginError
-from dllm_decode.guidance import run_model
+from dllm_decode.guidance import live_rows, run_model
 from dllm_decode.models.output import ForwardOutput
 from dllm_decode.models.store import CacheStore
 from dllm_decode.models.plan import ComputePlan
@@ -187,6 +187,8 @@ class Decoder:
         self._write(state, done, sel, cand, active)
         grown = self._resize(state, cand, active, out.logits.shape[-1]) if self.policy.resizes else \
             self._next_blocks(state, active) if state.blocks is not None and done.completed else None
+        if done.completed or grown is not None or (state.live_rows is not None and done.flags["remask"]):
+            state.live_rows = live_rows(state.done)     # a host read, only when the set may change
         state.step += 1
         self._observe("after_step", state)
         return done.finished if grown is None else grown

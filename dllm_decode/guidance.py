@@ -40,22 +40,58 @@ def run_model(model: Any, state: DecodeState, plan: Any, scale: float,
               blame: Callable[[str], Exception]) -> ForwardOutput:
     """Logits of this step's queries under ``plan`` (a ComputePlan, a Guided pair or None).
     ``blame(message)`` builds the error naming the cache_policy plugin, for a Guided pair that
-    cannot be honoured."""
+    cannot be honoured.
+
+    A forward that keeps nothing (no plan, or one with no store read or write) runs only the
+    rows still decoding (``state.live_rows``); a finished row gets zero logits, which the engine
+    never reads. Its rows are independent: each gets the logits of a batch of the live rows,
+    which differ from the whole batch's only in float rounding, as any two batches' do."""
     if isinstance(plan, Guided):
         if scale > 0:
             return _guided_apart(model, state, plan, scale, blame)
         plan = plan.cond
+    rows = state.live_rows if plan is None or plan.keeps_nothing else None
+    if rows is None:
+        return _run(model, state.x, state.attention_mask, state, plan, scale)
+    out = _run(model, state.x.index_select(0, rows), state.attention_mask.index_select(0, rows), state,
+               None if plan is None else plan.take_rows(rows), scale, rows)
+    return _to_batch(out, rows, state.batch_size)
+
+
+def live_rows(done: torch.Tensor) -> torch.Tensor | None:
+    """The rows still decoding, (b,) long, or None when every row is."""
+    rows = torch.nonzero(~done).flatten()
+    return None if rows.numel() == done.numel() else rows
+
+
+def _run(model: Any, x: torch.Tensor, attn: torch.Tensor, state: DecodeState, plan: Any, scale: float,
+         rows: torch.Tensor | None = None) -> ForwardOutput:
+    """One forward of the rows ``rows`` of the canvas (None: all), given as ``x`` / ``attn``;
+    under guidance with their unconditional canvases stacked as one batch, per-row plan
+    tensors tiled for the stacked rows."""
     if scale <= 0:
-        return execute(model, state.x, state.attention_mask, plan, state.store)
-    # both halves as one batch: per-row plan tensors are tiled for the stacked rows
-    out = execute(model, torch.cat([state.x, unconditional_canvas(state)]),
-                  torch.cat([state.attention_mask, state.attention_mask]),
-                  None if plan is None else plan.repeat_rows(2), state.store)
+        return execute(model, x, attn, plan, state.store)
+    uncond = unconditional_canvas(state)
+    out = execute(model, torch.cat([x, uncond if rows is None else uncond.index_select(0, rows)]),
+                  torch.cat([attn, attn]), None if plan is None else plan.repeat_rows(2), state.store)
     cond, uncond = out.logits.chunk(2, dim=0)
-    half = state.batch_size
+    half = x.shape[0]
     return ForwardOutput(uncond + (scale + 1) * (cond - uncond),
                          None if out.positions is None else out.positions[:half],
                          None if out.shadow_logits is None else _combine(out.shadow_logits, scale))
+
+
+def _to_batch(out: ForwardOutput, rows: torch.Tensor, B: int) -> ForwardOutput:
+    """A forward of rows ``rows`` (b,) spread back to the batch of B: the other rows get zero
+    logits at the first live row's positions (canvas positions of this plan's queries, so a hook
+    indexing by them stays in range; a finished row has no eligible candidate)."""
+    def spread_rows(t: torch.Tensor | None, fill: torch.Tensor | None = None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        fill = t.new_zeros(B, *t.shape[1:]) if fill is None else fill
+        return fill.index_copy(0, rows, t)
+    positions = None if out.positions is None else spread_rows(out.positions, out.positions[:1].expand(B, -1))
+    return ForwardOutput(spread_rows(out.logits), positions, spread_rows(out.shadow_logits))
 
 
 def _combine(logits: torch.Tensor, scale: float) -> torch.Tensor:

@@ -51,6 +51,7 @@ class DecodeState:
     guide_residual: torch.Tensor | None = None  # (B, q, V) last cond - uncond logits (Guided plans)
     row_nfe: torch.Tensor = None  # (B,) long: forwards while each row was unfinished
     done: torch.Tensor = None     # (B,) bool
+    live_rows: torch.Tensor | None = None  # (b,) long: the unfinished rows, once some row finished (None: all)
     history: list[StepRecord] = field(default_factory=list)
     remask_log: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (step, (n,2) row/col)
     scratch: dict[str, dict] = field(default_factory=dict)  # plugin name -> private dict

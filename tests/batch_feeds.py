@@ -6,10 +6,10 @@ import torch
 from dllm_decode.engine import Decoder
 
 
-def steps(model, recipe, prompts):
+def steps(model, recipe, prompts, pm=None):
     """Decode `prompts` step by step, yielding after each forward (state, the rows finished before
     the step (B,) bool, its plan, its output); the step is then ended."""
-    dec = Decoder(model, recipe)
+    dec = Decoder(model, recipe, pm=pm)
     state = dec.start(prompts)
     dec.open(state)
     while True:

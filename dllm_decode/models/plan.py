@@ -80,10 +80,10 @@ class Drift:
     probe: Tensor | None = None
     probe_pad: Tensor | None = None
 
-    def repeat_rows(self, n: int) -> "Drift":
-        tile = {k: getattr(self, k).repeat(n, 1) for k in ("watch", "watch_pad", "probe", "probe_pad")
-                if getattr(self, k) is not None}
-        return replace(self, **tile)
+    def map_rows(self, f) -> "Drift":
+        """The per-row tensors mapped by ``f`` (tiled or indexed, as ComputePlan's)."""
+        return replace(self, **{k: f(getattr(self, k)) for k in ("watch", "watch_pad", "probe", "probe_pad")
+                                if getattr(self, k) is not None})
 
 
 # eq=False: plans holding index tensors compare (and hash) by identity, never by a partial
@@ -352,12 +352,26 @@ class ComputePlan:
     def repeat_rows(self, n: int) -> "ComputePlan":
         """The same plan for the batch stacked n times (classifier-free guidance runs the
         conditional and unconditional canvases as one batch): per-row tensors are tiled."""
-        rows = {k: getattr(self, k).repeat(n, *([1] * (getattr(self, k).dim() - 1)))
-                for k in ("index", "position_ids", "write_window", "key_limit", "shift_from", "shadow",
-                          "keep", "index_pad", "attend")
+        return self._per_row(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
+
+    def take_rows(self, rows: Tensor) -> "ComputePlan":
+        """The same plan for the batch rows ``rows`` (b,) only (the engine leaves finished rows
+        out of a forward that keeps nothing): per-row tensors are indexed."""
+        return self._per_row(lambda t: t.index_select(0, rows.to(t.device)))
+
+    @property
+    def keeps_nothing(self) -> bool:
+        """Whether the forward leaves nothing behind but its logits: no store read or write, no
+        attention or hidden states returned. Its rows are then independent of each other, so any
+        subset of them may run without the rest."""
+        return not (self.writes or self.write_hidden or self.attention or self.hidden or self.drift is not None)
+
+    def _per_row(self, f) -> "ComputePlan":
+        rows = {k: f(getattr(self, k)) for k in ("index", "position_ids", "write_window", "key_limit", "shift_from",
+                                                 "shadow", "keep", "index_pad", "attend")
                 if getattr(self, k) is not None}
         if self.drift is not None:
-            rows["drift"] = self.drift.repeat_rows(n)
+            rows["drift"] = self.drift.map_rows(f)
         return replace(self, **rows) if rows else self
 
     # ------------------------------------------------------------------ constructors

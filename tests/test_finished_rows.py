@@ -1,0 +1,143 @@
+"""Finished rows leave the forwards that keep nothing: once a row of a batch has finished, a step
+whose forward neither reads nor writes the cache store (no plan, or a plan that keeps nothing)
+runs only the rows still decoding, and every row still decodes the tokens it decodes alone."""
+
+import pytest
+import torch
+
+from dllm_decode import PluginMeta, Selection, hookimpl
+from dllm_decode.config import load_recipe, recipe_from_dict
+from dllm_decode.models.plan import ComputePlan, Drift
+from dllm_decode.plugins import get_plugin_manager
+
+from batch_feeds import decodes_as_alone, steps
+from shipped import shipped_model_and_prompts
+
+
+class _Rows:
+    """The model, recording how many canvas rows each of its forwards ran."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def execute(self, x, **kwargs):
+        self.rows.append(x.shape[0])
+        return self.model.execute(x, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return {family: shipped_model_and_prompts(family, ("copy", "repeat", "case", "repeat"), seed=3)
+            for family in ("llada", "dream")}
+
+
+LLADA = {"choose_span": "llada", "score": "llada", "select_tokens": "llada"}   # one token a step
+STOP = {"gen_length": 64, "block_length": 8, "steps": 64, "eos": {"stop": True}}   # rows stop at EOS
+CASES = {
+    "plain": ("llada", LLADA, {}),
+    "guided": ("llada", LLADA, {"cfg_scale": 0.5}),
+    "dream": ("dream", {"policy": {"plugin": "dream", "alg": "confidence_threshold", "threshold": 0.9,
+                                   "first_token": True}}, {}),
+    "cut window (key_limit)": ("llada", {"policy": {"plugin": "slowfast", "tau_high": 0.999}, "score": "llada",
+                                         "cache_policy": {"plugin": "slowfast_tail"}}, {"block_length": 32}),
+    "shadow queries": ("llada", {"policy": {"plugin": "wino"}}, {"block_length": 32}),
+    "index feed (dpad)": ("llada", {**LLADA, "cache_policy": {"plugin": "dpad", "window": 16}}, {}),
+    "store plans (kv_block)": ("llada", {**LLADA, "cache_policy": {"plugin": "kv_block", "mode": "dual"}},
+                               {"block_length": 8}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_finished_rows_leave_forwards_that_keep_nothing(shipped, case):
+    family, slots, gen = CASES[case]
+    model, prompts = shipped[family]
+    recipe = recipe_from_dict({**slots, "generation": {**STOP, **gen, "batch_size": len(prompts),
+                                                       "dtype": "float64"}})
+    recording = _Rows(model)
+    pairs = 2 if recipe.generation.cfg_scale > 0 else 1
+    expected, short = [], 0
+    for state, done, plan, _ in steps(recording, recipe, prompts):
+        live = int((~done).sum())
+        expected.append(pairs * (live if plan is None or plan.keeps_nothing else state.batch_size))
+        short += live < state.batch_size
+    assert short >= 3, "the rows must finish at different steps for this test to bite"
+    assert recording.rows == expected
+    if case == "store plans (kv_block)":
+        assert min(recording.rows) == len(prompts)
+    else:
+        assert min(recording.rows) < pairs * len(prompts)
+    assert decodes_as_alone(model, recipe, prompts)
+
+
+class Reopen:
+    """A revocable rule: each row's most confident mask a step; once, it masks again the first
+    generated token of a row that has finished while others decode."""
+
+    dllm_meta = PluginMeta(summary="test rule: re-opens a finished row", revocable=True)
+
+    @hookimpl
+    def select_tokens(self, state, candidates, scratch):
+        conf = candidates.confidence
+        commit = candidates.eligible & (conf == conf.amax(dim=1, keepdim=True))
+        if "row" in scratch or not state.done.any() or state.done.all():
+            return commit
+        scratch["row"] = row = int(state.done.nonzero()[0])
+        remask = torch.zeros_like(commit)
+        remask[row, state.gen_start] = True
+        return Selection(commit=commit, remask=remask)
+
+
+def test_a_finished_row_masked_again_is_fed_again(shipped):
+    pm = get_plugin_manager()
+    pm.register(Reopen(), name="reopen")
+    try:
+        model, prompts = shipped["llada"]
+        recipe = recipe_from_dict({"choose_span": "llada", "score": "llada", "select_tokens": "reopen",
+                                   "generation": {**STOP, "batch_size": len(prompts), "dtype": "float64"}})
+        recording, expected, reopened = _Rows(model), [], []
+        for state, done, _, _ in steps(recording, recipe, prompts, pm=pm):
+            expected.append(int((~done).sum()))
+            if "row" in state.scratch.get("reopen", {}) and not reopened:
+                reopened.append(state.step)
+    finally:
+        pm.unregister(name="reopen")
+    assert reopened, "no row was re-opened"
+    assert recording.rows == expected
+    assert state.done.all() and not (state.x == state.mask_id).any()
+
+
+def test_a_request_counts_the_flops_of_the_rows_it_ran(shipped):
+    """Plain forwards of a (B, L) canvas: the request's FLOPs are one row's forward times the
+    forwards each row took while unfinished (feeding the finished rows too counted B a step)."""
+    from dllm_decode.engine import Decoder
+
+    model, prompts = shipped["llada"]
+    recipe = load_recipe("threshold", ["generation.gen_length=64", f"generation.batch_size={len(prompts)}",
+                                       "generation.dtype=float64"])
+    dec = Decoder(model, recipe)
+    state = dec.decode(prompts)
+    one = model.new_store()
+    model.execute(state.x[:1], attention_mask=state.attention_mask[:1], store=one)
+    assert len(set(state.row_nfe.tolist())) > 1
+    assert state.counters["flops"] == one.flops * int(state.row_nfe.sum())
+
+
+def test_take_rows_indexes_every_per_row_tensor():
+    B, L = 3, 6
+    rows = torch.tensor([0, 2])
+    plan = ComputePlan(index=torch.arange(B * 2).view(B, 2), keys="fed", key_limit=torch.tensor([4, 5, 6]),
+                       shift_from=torch.tensor([1, 2, 3]), keep=torch.rand(B, L) > 0.5,
+                       index_pad=torch.tensor([[False, True], [False, False], [True, False]]),
+                       position_ids=torch.arange(B * L).view(B, L))
+    taken = plan.take_rows(rows)
+    for name in ("index", "key_limit", "shift_from", "keep", "index_pad", "position_ids"):
+        assert torch.equal(getattr(taken, name), getattr(plan, name)[rows]), name
+    assert taken.keeps_nothing
+    drift = Drift(gamma=0.9, watch=torch.arange(B * 2).view(B, 2))
+    assert not ComputePlan(write_kv=True, write_hidden=True, drift=drift).keeps_nothing
+    assert torch.equal(drift.map_rows(lambda t: t[rows]).watch, drift.watch[rows])
+    for writes in (dict(keys="store"), dict(write_kv=True), dict(attention=True), dict(hidden=True)):
+        assert not ComputePlan(**writes).keeps_nothing, writes
