@@ -141,3 +141,19 @@ def test_take_rows_indexes_every_per_row_tensor():
     assert torch.equal(drift.map_rows(lambda t: t[rows]).watch, drift.watch[rows])
     for writes in (dict(keys="store"), dict(write_kv=True), dict(attention=True), dict(hidden=True)):
         assert not ComputePlan(**writes).keeps_nothing, writes
+
+
+def test_the_finished_rows_tool_compares_both_engines():
+    """`tools.finished_rows` decodes each batch both ways, the same tokens, and the engine that
+    leaves finished rows out computes fewer FLOPs than the one feeding them."""
+    from dllm_decode.measure.tasks import get_task
+    from dllm_decode.models import load_model
+    from dllm_decode.tools.finished_rows import measure
+    from shipped import MODELS
+
+    model, tok = load_model(MODELS / "llada-reference", dtype="float64")
+    problems = [p for t in ("copy", "repeat", "case", "repeat") for p in get_task(t).problems("test", 1, 3)]
+    recipe = load_recipe("threshold", ["generation.gen_length=64", "generation.batch_size=4",
+                                       "generation.dtype=float64"])
+    r = measure(model, tok, recipe, problems, 4)
+    assert r["live_share"] < 1 and r["flops"] < 1
