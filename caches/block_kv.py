@@ -31,7 +31,7 @@ from dllm_decode.plugins import PluginMeta
 
 dllm_meta = PluginMeta(summary="Exact KV cache of block-causal models: finished blocks' K/V are stored once "
                        "and never recomputed; each step feeds the current block",
-                       exact=True, requires=("compute_plans", "block_causal"), resizable=True)
+                       exact=True, requires=("compute_plans", "block_causal"), resizable=True, drops_rows=True)
 
 
 @hookimpl

@@ -51,7 +51,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="dKV-Cache-Decode: delayed K/V caching, decoded tokens frozen one step "
                        "after decoding, full refresh every refresh_interval steps of a block",
-                       options=Options, exact=False, requires=("compute_plans",))
+                       options=Options, exact=False, requires=("compute_plans",), drops_rows=True)
 
 
 @hookimpl

@@ -28,7 +28,7 @@ Options = FeatureCacheOptions
 
 dllm_meta = PluginMeta(summary="dLLM-Cache: prompt / response features refreshed every K_p / K_r "
                        "forwards, V-verify recomputes the least similar response tokens",
-                       options=Options, exact=False, requires=("compute_plans", "bidirectional"))
+                       options=Options, exact=False, requires=("compute_plans", "bidirectional"), drops_rows=True)
 
 
 @hookimpl

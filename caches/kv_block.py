@@ -47,7 +47,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Fast-dLLM block KV cache: refresh when a span starts, then feed the "
                        "span (dual) or span + suffix (prefix) against cached K/V",
-                       options=Options, exact=False, requires=("compute_plans", "bidirectional"), resizable=True)
+                       options=Options, exact=False, requires=("compute_plans", "bidirectional"), resizable=True, drops_rows=True)
 
 
 @hookimpl

@@ -39,7 +39,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="SlowFast out-of-span cache: accelerated-stage forwards cut at the "
                        "span end (optionally over dLLM-Cache)", options=Options, exact=False,
-                       requires=("compute_plans", "bidirectional"))
+                       requires=("compute_plans", "bidirectional"), drops_rows=True)
 
 
 @hookimpl

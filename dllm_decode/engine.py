@@ -170,7 +170,8 @@ class Decoder:
 
     def forward(self, state: DecodeState, plan: Any) -> ForwardOutput:
         """The step's model call under ``plan`` (with the guided pair under guidance)."""
-        return run_model(self.model, state, plan, self.gen.cfg_scale, self._blamer("cache_policy", state))
+        return run_model(self.model, state, plan, self.gen.cfg_scale, self._blamer("cache_policy", state),
+                         drop_rows=self.policy.drops_rows)
 
     def end_step(self, state: DecodeState, out: ForwardOutput) -> bool:
         """The rest of a step, from the forward's output: score, select, commit, record."""
@@ -187,8 +188,7 @@ class Decoder:
         self._write(state, done, sel, cand, active)
         grown = self._resize(state, cand, active, out.logits.shape[-1]) if self.policy.resizes else \
             self._next_blocks(state, active) if state.blocks is not None and done.completed else None
-        if done.completed or grown is not None or (state.live_rows is not None and done.flags["remask"]):
-            state.live_rows = live_rows(state.done)     # a host read, only when the set may change
+        state.live_rows = live_rows(state, done.completed or grown is not None, done.flags["remask"])
         state.step += 1
         self._observe("after_step", state)
         return done.finished if grown is None else grown

@@ -37,20 +37,30 @@ class Guided:
 
 
 def run_model(model: Any, state: DecodeState, plan: Any, scale: float,
-              blame: Callable[[str], Exception]) -> ForwardOutput:
+              blame: Callable[[str], Exception], drop_rows: bool = False) -> ForwardOutput:
     """Logits of this step's queries under ``plan`` (a ComputePlan, a Guided pair or None).
     ``blame(message)`` builds the error naming the cache_policy plugin, for a Guided pair that
     cannot be honoured.
 
-    A forward that keeps nothing (no plan, or one with no store read or write) runs only the
-    rows still decoding (``state.live_rows``); a finished row gets zero logits, which the engine
-    never reads. Its rows are independent: each gets the logits of a batch of the live rows,
-    which differ from the whole batch's only in float rounding, as any two batches' do."""
+    Once some rows have finished, a forward runs only the rows still decoding
+    (``state.live_rows``) where it can: always when it keeps nothing (no plan, or one with no
+    store read or write), and against the store when ``drop_rows`` (the cache plugin reads
+    nothing row by row from it, no row can come back, no guidance): the finished rows' part of
+    the store is then dropped for good (``CacheStore.keep_rows``). A finished row gets zero
+    logits, which the engine never reads. Rows are independent: each gets the logits of a batch
+    of the live rows, which differ from the whole batch's only in float rounding, as any two
+    batches' do."""
     if isinstance(plan, Guided):
         if scale > 0:
             return _guided_apart(model, state, plan, scale, blame)
         plan = plan.cond
-    rows = state.live_rows if plan is None or plan.keeps_nothing else None
+    rows = state.live_rows
+    if rows is not None and plan is not None and not plan.keeps_nothing:
+        keep = getattr(state.store, "keep_rows", None)
+        if not drop_rows or scale > 0 or keep is None:
+            rows = None
+        else:
+            keep(rows)
     if rows is None:
         return _run(model, state.x, state.attention_mask, state, plan, scale)
     out = _run(model, state.x.index_select(0, rows), state.attention_mask.index_select(0, rows), state,
@@ -58,10 +68,14 @@ def run_model(model: Any, state: DecodeState, plan: Any, scale: float,
     return _to_batch(out, rows, state.batch_size)
 
 
-def live_rows(done: torch.Tensor) -> torch.Tensor | None:
-    """The rows still decoding, (b,) long, or None when every row is."""
-    rows = torch.nonzero(~done).flatten()
-    return None if rows.numel() == done.numel() else rows
+def live_rows(state: DecodeState, changed: bool, remasked: bool) -> torch.Tensor | None:
+    """The rows still decoding after a step, (b,) long, or None when every row is. Read from the
+    host only when the set may have changed: a row finished or grew, or (some row being
+    finished) a row was re-masked."""
+    if not (changed or (remasked and state.live_rows is not None)):
+        return state.live_rows
+    rows = torch.nonzero(~state.done).flatten()
+    return None if rows.numel() == state.batch_size else rows
 
 
 def _run(model: Any, x: torch.Tensor, attn: torch.Tensor, state: DecodeState, plan: Any, scale: float,

@@ -130,7 +130,7 @@ def score(state: DecodeState, logits: torch.Tensor, positions: torch.Tensor | No
         token at canvas position ``positions[:, j]`` (model families with shifted logits are
         already re-aligned by the model). Classifier-free guidance, when the recipe asks for
         it, has already been combined; EOS logits are already banned when ``eos.ban`` is set.
-        A finished row's are zeros where the forward kept nothing (it ran the unfinished rows).
+        A finished row's are zeros where the forward ran only the unfinished rows (concepts).
     :param positions: ``LongTensor (B, q)`` of absolute canvas positions, or ``None`` when
         ``q == L`` and position ``j`` is column ``j``.
     :param shadow_logits: float tensor ``(B, S, V)`` of the plan's shadow queries

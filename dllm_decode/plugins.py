@@ -75,6 +75,10 @@ class PluginMeta:
     no columns across steps, or maps them through ``state.last.resize``; a cache rebuilds what it
     reuses, since the engine clears the store at every resize). A recipe with a canvas rule is
     refused at load time unless every other plugin it uses declares it.
+    ``drops_rows``: as ``cache_policy``, reads nothing row by row from the cache store (its plans
+    are all it gives the model), so once a row has finished the engine may drop the row's part of
+    the store and leave the row out of every forward (not under a revocable selection, which
+    may re-mask a finished row, nor under classifier-free guidance).
     """
 
     summary: str = ""
@@ -87,6 +91,7 @@ class PluginMeta:
     auxiliary: tuple[str, ...] = ()
     families: tuple[str, ...] = ()
     resizable: bool = False
+    drops_rows: bool = False
 
 
 DEFAULT_META = PluginMeta()

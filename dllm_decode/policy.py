@@ -53,6 +53,13 @@ class BoundPolicy:
         return self._select_meta("idle_steps")
 
     @property
+    def drops_rows(self) -> bool:
+        """A finished row may leave the cache store: the cache plugin declares ``drops_rows`` and
+        no row can come back (a revocable selection may re-mask a finished row)."""
+        name = self.plugin_for("cache_policy")
+        return bool(name and self.metas[name].drops_rows) and not self.revocable
+
+    @property
     def resizes(self) -> bool:
         """A canvas rule fills ``resize_canvas``: rows may grow during a request."""
         return "resize_canvas" in self.slots

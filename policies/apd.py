@@ -58,7 +58,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="APD: left-to-right drafts accepted against a dLLM x AR mixture "
                        "(auxiliary verifier model)", options=Options,
-                       pairs=(("select_tokens", "score"),), auxiliary=("verifier",))
+                       pairs=(("select_tokens", "score"),), auxiliary=("verifier",), drops_rows=True)
 
 
 def _vocab(path: Path) -> dict[str, int] | None:

@@ -69,7 +69,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="DPad: suffix dropout, only a distance-decayed sample of the masked suffix "
                        "is fed and attended to (optionally with a prefix / dual KV cache)",
-                       options=Options, exact=False, requires=("compute_plans",))
+                       options=Options, exact=False, requires=("compute_plans",), drops_rows=True)
 
 
 @hookimpl

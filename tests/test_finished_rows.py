@@ -1,6 +1,7 @@
-"""Finished rows leave the forwards that keep nothing: once a row of a batch has finished, a step
-whose forward neither reads nor writes the cache store (no plan, or a plan that keeps nothing)
-runs only the rows still decoding, and every row still decodes the tokens it decodes alone."""
+"""Finished rows leave the batch's forwards: once a row has finished, a step whose forward neither
+reads nor writes the cache store runs only the rows still decoding, and so does a forward against
+the store when the cache plugin declares ``drops_rows`` (the row's part of the store is dropped);
+every row still decodes the tokens it decodes alone."""
 
 import pytest
 import torch
@@ -31,28 +32,46 @@ class _Rows:
 @pytest.fixture(scope="module")
 def shipped():
     return {family: shipped_model_and_prompts(family, ("copy", "repeat", "case", "repeat"), seed=3)
-            for family in ("llada", "dream")}
+            for family in ("llada", "dream", "sdar")}
 
 
 LLADA = {"choose_span": "llada", "score": "llada", "select_tokens": "llada"}   # one token a step
 STOP = {"gen_length": 64, "block_length": 8, "steps": 64, "eos": {"stop": True}}   # rows stop at EOS
+KV = {"plugin": "kv_block", "mode": "dual"}
+# case -> (model, slots, generation settings, whether its forwards against the store leave finished rows)
 CASES = {
-    "plain": ("llada", LLADA, {}),
-    "guided": ("llada", LLADA, {"cfg_scale": 0.5}),
+    "plain": ("llada", LLADA, {}, False),
+    "guided": ("llada", LLADA, {"cfg_scale": 0.5}, False),
     "dream": ("dream", {"policy": {"plugin": "dream", "alg": "confidence_threshold", "threshold": 0.9,
-                                   "first_token": True}}, {}),
+                                   "first_token": True}}, {}, False),
     "cut window (key_limit)": ("llada", {"policy": {"plugin": "slowfast", "tau_high": 0.999}, "score": "llada",
-                                         "cache_policy": {"plugin": "slowfast_tail"}}, {"block_length": 32}),
-    "shadow queries": ("llada", {"policy": {"plugin": "wino"}}, {"block_length": 32}),
-    "index feed (dpad)": ("llada", {**LLADA, "cache_policy": {"plugin": "dpad", "window": 16}}, {}),
-    "store plans (kv_block)": ("llada", {**LLADA, "cache_policy": {"plugin": "kv_block", "mode": "dual"}},
-                               {"block_length": 8}),
+                                         "cache_policy": {"plugin": "slowfast_tail"}}, {"block_length": 32}, True),
+    "shadow queries": ("llada", {"policy": {"plugin": "wino"}}, {"block_length": 32}, False),
+    "index feed (dpad)": ("llada", {**LLADA, "cache_policy": {"plugin": "dpad", "window": 16}}, {}, True),
+    # forwards against the store: the cache plugin declares drops_rows
+    "kv_block dual": ("llada", {**LLADA, "cache_policy": KV}, {}, True),
+    "kv_block on dream": ("dream", {"policy": {"plugin": "dream", "alg": "confidence_threshold", "threshold": 0.9,
+                                               "first_token": True}, "cache_policy": KV}, {}, True),
+    "dpad with its prefix cache": ("llada", {**LLADA, "cache_policy": {"plugin": "dpad", "window": 16,
+                                                                       "kv_cache": "prefix"}}, {}, True),
+    "dllm_cache (feature reuse)": ("llada", {**LLADA, "cache_policy": {"plugin": "dllm_cache", "prompt_interval": 5,
+                                                                       "response_interval": 3, "rho": 0.25}}, {}, True),
+    "dkv_cache (index feed)": ("llada", {**LLADA, "cache_policy": {"plugin": "dkv_cache", "refresh_interval": 4}},
+                               {}, True),
+    "block_kv (block-causal)": ("sdar", {**LLADA, "cache_policy": "block_kv"}, {"block_length": 4}, True),
+    # ... and not: a cache that reads the store row by row, or under guidance (the store holds both halves)
+    "elastic_cache": ("llada", {"choose_span": "elastic_cache", "score": "llada", "select_tokens": "llada",
+                                "cache_policy": {"plugin": "elastic_cache", "window_length": 16}}, {}, False),
+    "kv_block, guided": ("llada", {**LLADA, "cache_policy": KV}, {"cfg_scale": 0.5}, True),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_finished_rows_leave_forwards_that_keep_nothing(shipped, case):
-    family, slots, gen = CASES[case]
+def test_finished_rows_leave_the_forwards(shipped, case):
+    """A step runs the unfinished rows only where it can: a forward that keeps nothing always, one
+    against the store when the cache plugin declares ``drops_rows`` (no guidance); every row still
+    decodes the tokens it decodes alone."""
+    family, slots, gen, drops = CASES[case]
     model, prompts = shipped[family]
     recipe = recipe_from_dict({**slots, "generation": {**STOP, **gen, "batch_size": len(prompts),
                                                        "dtype": "float64"}})
@@ -61,14 +80,12 @@ def test_finished_rows_leave_forwards_that_keep_nothing(shipped, case):
     expected, short = [], 0
     for state, done, plan, _ in steps(recording, recipe, prompts):
         live = int((~done).sum())
-        expected.append(pairs * (live if plan is None or plan.keeps_nothing else state.batch_size))
+        leaves = plan is None or plan.keeps_nothing or (drops and pairs == 1)
+        expected.append(pairs * (live if leaves else state.batch_size))
         short += live < state.batch_size
     assert short >= 3, "the rows must finish at different steps for this test to bite"
     assert recording.rows == expected
-    if case == "store plans (kv_block)":
-        assert min(recording.rows) == len(prompts)
-    else:
-        assert min(recording.rows) < pairs * len(prompts)
+    assert min(recording.rows) < pairs * len(prompts) or case in ("elastic_cache", "kv_block, guided")
     assert decodes_as_alone(model, recipe, prompts)
 
 
@@ -157,3 +174,17 @@ def test_the_finished_rows_tool_compares_both_engines():
                                        "generation.dtype=float64"])
     r = measure(model, tok, recipe, problems, 4)
     assert r["live_share"] < 1 and r["flops"] < 1
+
+
+def test_a_store_keeps_the_rows_it_is_told_by_their_batch_index():
+    """`CacheStore.keep_rows` takes the request's batch rows, whatever rows it already dropped."""
+    from dllm_decode.models.store import CacheStore
+
+    store = CacheStore()
+    store.ensure_kv(1, 4, 1, 3, 2, torch.float64, torch.device("cpu"))
+    store.k[0] += torch.arange(4, dtype=torch.float64).view(4, 1, 1, 1)
+    rows = torch.tensor([0, 2, 3])
+    store.keep_rows(rows)
+    store.keep_rows(rows)                          # the same rows: nothing changes
+    store.keep_rows(torch.tensor([2, 3]))
+    assert store.shape == (2, 3) and store.k[0][:, 0, 0, 0].tolist() == [2.0, 3.0]

@@ -59,6 +59,8 @@ class CacheStore:
         self.flops: float = 0.0
         # per layer (B, f, K): the last forward's head-mean attention, when its plan asked
         self.attention: tuple[Tensor, ...] | None = None
+        # the request's batch rows the tensors hold, once finished rows were dropped (None: all)
+        self.rows: Tensor | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -147,6 +149,15 @@ class CacheStore:
             self.attention = tuple(a.index_select(0, rows) for a in self.attention)
         if self.shape is not None:
             self.shape = (int(rows.numel()), self.shape[1])
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Hold only the request's batch rows ``rows`` (b,) long, ascending, from now on: each a
+        row it holds (finished rows leave; none comes back). A no-op when it holds them."""
+        if rows is self.rows:
+            return
+        held = self.rows
+        self.select_rows(rows if held is None else torch.searchsorted(held.to(rows.device), rows))
+        self.rows = rows
 
     def __repr__(self) -> str:
         return (f"CacheStore(shape={self.shape}, layers={len(self.k) or len(self.attn)}, "
