@@ -108,6 +108,8 @@ class Reopen:
 
 
 def test_a_finished_row_masked_again_is_fed_again(shipped):
+    """A revocable rule may re-mask a finished row: the step after, that row is in the forward
+    again, and the request ends with every row finished and no mask left."""
     pm = get_plugin_manager()
     pm.register(Reopen(), name="reopen")
     try:
