@@ -193,7 +193,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         flags = [f for f, on in (("revocable", info.meta.revocable),
                                  ("exact cache", info.meta.exact is True),
                                  ("approximate cache", info.meta.exact is False),
-                                 ("resizable", info.meta.resizable)) if on]
+                                 ("resizable", info.meta.resizable),
+                                 ("drops finished rows", info.meta.drops_rows)) if on]
         print(f"{info.name}  [{origin}]" + (f"  ({', '.join(flags)})" if flags else ""))
         if info.meta.summary:
             print(f"    {info.meta.summary}")
