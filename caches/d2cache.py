@@ -101,6 +101,7 @@ dllm_meta = PluginMeta(summary="d2Cache: a per-step query subset (certain masked
                        "tokens, an attention-rollout nucleus) against cached K/V; its sampler and "
                        "certainty-prior selection", options=Options, exact=False,
                        requires=("compute_plans", "bidirectional"),   # the rollout reads attention weights
+                       drops_rows=True,                 # read through CacheStore.batch_rows
                        pairs=(("cache_policy", "score"),))
 
 
@@ -253,7 +254,8 @@ def cache_policy(state, options, scratch):
     real = state.attention_mask.gather(1, fed)
     if scratch["pad"] is not None:
         real = real & ~scratch["pad"]
-    importance = rollout_importance(state.store.attention, fed, real, L)    # (B, L)
+    attention = [state.store.batch_rows(a, B) for a in state.store.attention]   # per layer (B, f, L)
+    importance = rollout_importance(attention, fed, real, L)                # (B, L)
     q = q | nucleus(importance, options.rollout_p, ~q & state.attention_mask)
     if shift:
         q[:, P - 1] = chosen[:, 0]

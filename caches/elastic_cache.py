@@ -66,7 +66,7 @@ class Options(PluginOptions):
 
 dllm_meta = PluginMeta(summary="Elastic-Cache: sliding-window queries against cached K/V, refreshed from "
                        "the layer where the most-attended tokens' attention drifts", options=Options,
-                       exact=False, requires=("compute_plans", "bidirectional"))
+                       exact=False, requires=("compute_plans", "bidirectional"), drops_rows=True)
 
 
 @hookimpl
@@ -114,7 +114,7 @@ def _tracked(state, options, scratch) -> torch.Tensor:
     fewer than track_num others are left) and padding never. Ties (the zeroed masks) go to the
     lowest columns: ``topk`` orders ties by an unspecified rule that depends on the row's length
     and place, so a padded row would track other masks than alone."""
-    mass = state.store.attn_mass[: state.batch_size]                         # (B, n_layers, L)
+    mass = state.store.batch_rows(state.store.attn_mass, state.batch_size)  # (B, n_layers, L)
     mass = mass.masked_fill(scratch["excluded"][:, None, :], 0.0)
     real = state.attention_mask[:, None, :].expand_as(mass)
     mass = mass.masked_fill(~real, float("-inf"))
@@ -166,7 +166,8 @@ def after_step(state, scratch):
     if store is not None and store.refresh_from is not None and store.attn_mass is not None:
         n_layers = store.attn_mass.shape[1]
         live = rec.active.long()
-        scratch["recomputed"] = scratch["recomputed"] + (n_layers - store.refresh_from[: state.batch_size]) * live
+        start = store.batch_rows(store.refresh_from, state.batch_size)   # a dropped row: not active
+        scratch["recomputed"] = scratch["recomputed"] + (n_layers - start) * live
 
 
 @hookimpl

@@ -44,9 +44,10 @@ def run_model(model: Any, state: DecodeState, plan: Any, scale: float,
 
     Once some rows have finished, a forward runs only the rows still decoding
     (``state.live_rows``) where it can: always when it keeps nothing (no plan, or one with no
-    store read or write), and against the store when ``drop_rows`` (the cache plugin reads
-    nothing row by row from it, no row can come back, no guidance): the finished rows' part of
-    the store is then dropped for good (``CacheStore.keep_rows``). A finished row gets zero
+    store read or write), and against the store when ``drop_rows`` (the cache plugin reads the
+    store's rows only through ``CacheStore.batch_rows``, no row can come back): the finished
+    rows' part of the store is then dropped for good (``CacheStore.keep_rows``; under guidance
+    the store's row B + r, r's unconditional half, with r). A finished row gets zero
     logits, which the engine never reads. Rows are independent: each gets the logits of a batch
     of the live rows, which differ from the whole batch's only in float rounding, as any two
     batches' do."""
@@ -54,13 +55,16 @@ def run_model(model: Any, state: DecodeState, plan: Any, scale: float,
         if scale > 0:
             return _guided_apart(model, state, plan, scale, blame)
         plan = plan.cond
+    elif scale > 0 and plan is not None and state.guide_store is not None:
+        raise blame("returned a plain plan after a Guided pair under guidance (whose store holds the "
+                    "conditional half alone); return one kind of plan for the whole request")
     rows = state.live_rows
     if rows is not None and plan is not None and not plan.keeps_nothing:
         keep = getattr(state.store, "keep_rows", None)
-        if not drop_rows or scale > 0 or keep is None:
+        if not drop_rows or keep is None:
             rows = None
         else:
-            keep(rows)
+            keep(rows if scale <= 0 else torch.cat([rows, rows + state.batch_size]))
     if rows is None:
         return _run(model, state.x, state.attention_mask, state, plan, scale)
     out = _run(model, state.x.index_select(0, rows), state.attention_mask.index_select(0, rows), state,
@@ -118,6 +122,10 @@ def _guided_apart(model: Any, state: DecodeState, plan: Guided, scale: float,
     """The conditional forward always; the unconditional one only when the plan does not reuse
     the kept residual (then against the request's guidance store)."""
     attn = state.attention_mask
+    held = getattr(state.store, "shape", None)
+    if getattr(state.store, "rows", None) is not None or (held is not None and held[0] != state.batch_size):
+        raise blame("returned a Guided pair after a plain plan under guidance (whose store holds both "
+                    "halves of the guided batch); return one kind of plan for the whole request")
     cond = execute(model, state.x, attn, plan.cond, state.store)
     if plan.reuse:
         residual = state.guide_residual

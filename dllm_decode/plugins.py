@@ -75,10 +75,10 @@ class PluginMeta:
     no columns across steps, or maps them through ``state.last.resize``; a cache rebuilds what it
     reuses, since the engine clears the store at every resize). A recipe with a canvas rule is
     refused at load time unless every other plugin it uses declares it.
-    ``drops_rows``: as ``cache_policy``, reads nothing row by row from the cache store (its plans
-    are all it gives the model), so once a row has finished the engine may drop the row's part of
-    the store and leave the row out of every forward (not under a revocable selection, which
-    may re-mask a finished row, nor under classifier-free guidance).
+    ``drops_rows``: as ``cache_policy``, reads the cache store row by row only through
+    ``CacheStore.batch_rows`` (or not at all: its plans are all it gives the model), so once a
+    row has finished the engine may drop the row's part of the store and leave the row out of
+    every forward (not under a revocable selection, which may re-mask a finished row).
     """
 
     summary: str = ""

@@ -49,7 +49,10 @@ def what_finished_rows_fed(model, recipe, prompts) -> tuple[int, int, int]:
         if index is not None:
             pad = torch.zeros_like(index, dtype=torch.bool) if plan.index_pad is None else plan.index_pad
             fed += int((~pad)[done].sum())
-        start = getattr(state.store, "refresh_from", None)
-        if start is not None:
-            switched += int((start[: state.batch_size][done] < model.arch.n_layers).sum())
+        store = state.store
+        if getattr(store, "refresh_from", None) is not None:
+            # the rows the store still holds (a finished row that left it recomputes nothing)
+            held = torch.ones_like(done) if store.rows is None else torch.zeros_like(done).index_fill_(0, store.rows, True)
+            start = store.batch_rows(store.refresh_from, state.batch_size)
+            switched += int((start < model.arch.n_layers)[done & held].sum())
     return n, fed, switched

@@ -8,6 +8,7 @@ import torch
 
 from dllm_decode import PluginMeta, Selection, hookimpl
 from dllm_decode.config import load_recipe, recipe_from_dict
+from dllm_decode.engine import Decoder
 from dllm_decode.models.plan import ComputePlan, Drift
 from dllm_decode.plugins import get_plugin_manager
 
@@ -36,6 +37,7 @@ def shipped():
 
 
 LLADA = {"choose_span": "llada", "score": "llada", "select_tokens": "llada"}   # one token a step
+THRESHOLD = {**LLADA, "select_tokens": {"plugin": "threshold", "threshold": 0.99999}}   # rows finish mid-block
 STOP = {"gen_length": 64, "block_length": 8, "steps": 64, "eos": {"stop": True}}   # rows stop at EOS
 KV = {"plugin": "kv_block", "mode": "dual"}
 # case -> (model, slots, generation settings, whether its forwards against the store leave finished rows)
@@ -59,10 +61,23 @@ CASES = {
     "dkv_cache (index feed)": ("llada", {**LLADA, "cache_policy": {"plugin": "dkv_cache", "refresh_interval": 4}},
                                {}, True),
     "block_kv (block-causal)": ("sdar", {**LLADA, "cache_policy": "block_kv"}, {"block_length": 4}, True),
-    # ... and not: a cache that reads the store row by row, or under guidance (the store holds both halves)
-    "elastic_cache": ("llada", {"choose_span": "elastic_cache", "score": "llada", "select_tokens": "llada",
-                                "cache_policy": {"plugin": "elastic_cache", "window_length": 16}}, {}, False),
-    "kv_block, guided": ("llada", {**LLADA, "cache_policy": KV}, {"cfg_scale": 0.5}, True),
+    # caches that read per-row data back from the store, through CacheStore.batch_rows
+    "elastic_cache (attention mass)": ("llada", {"choose_span": "elastic_cache", "score": "llada",
+                                                 "select_tokens": "llada",
+                                                 "cache_policy": {"plugin": "elastic_cache", "window_length": 16}},
+                                       {}, True),
+    "elastic_cache on dream, drifting": ("dream", {"choose_span": "elastic_cache", "score": "dream",
+                                                   "select_tokens": "llada",
+                                                   "cache_policy": {"plugin": "elastic_cache", "window_length": 8,
+                                                                    "gamma": 0.999}}, {}, True),
+    "d2cache (attention rollout)": ("llada", {"score": {"plugin": "d2cache"}, "choose_span": "llada",
+                                              "select_tokens": {"plugin": "d2cache", "num_transfer_tokens": 1},
+                                              "cache_policy": {"plugin": "d2cache", "current_k": 8}}, {}, True),
+    # under guidance the store holds both halves: row B + r leaves with r (rows finish between
+    # refreshes here, so the store's unconditional rows are read before anything rewrites them)
+    "kv_block, guided": ("llada", {**THRESHOLD, "cache_policy": KV}, {"cfg_scale": 0.5, "block_length": 32}, True),
+    "dkv_cache, guided": ("llada", {**THRESHOLD, "cache_policy": {"plugin": "dkv_cache", "refresh_interval": 5}},
+                          {"cfg_scale": 0.5, "block_length": 32}, True),
 }
 
 
@@ -80,13 +95,81 @@ def test_finished_rows_leave_the_forwards(shipped, case):
     expected, short = [], 0
     for state, done, plan, _ in steps(recording, recipe, prompts):
         live = int((~done).sum())
-        leaves = plan is None or plan.keeps_nothing or (drops and pairs == 1)
+        leaves = plan is None or plan.keeps_nothing or drops
         expected.append(pairs * (live if leaves else state.batch_size))
         short += live < state.batch_size
     assert short >= 3, "the rows must finish at different steps for this test to bite"
     assert recording.rows == expected
-    assert min(recording.rows) < pairs * len(prompts) or case in ("elastic_cache", "kv_block, guided")
+    assert min(recording.rows) < pairs * len(prompts)
     assert decodes_as_alone(model, recipe, prompts)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3]])
+def test_the_rows_left_get_the_logits_they_get_beside_the_finished_ones(shipped, case):
+    """Step by step, the engine and the same engine feeding its finished rows to the end (and
+    keeping them in the store) give the unfinished rows the same logits, to float rounding: a
+    cache reading per-row data back from the store reads the rows it holds, and under guidance
+    each row keeps its own unconditional half."""
+    from dllm_decode.tools.finished_rows import FeedingEveryRow
+
+    family, slots, gen, _ = CASES[case]
+    model, prompts = shipped[family]
+    recipe = recipe_from_dict({**slots, "generation": {**STOP, **gen, "batch_size": len(prompts),
+                                                       "dtype": "float64"}})
+    leaving, feeding = Decoder(model, recipe), FeedingEveryRow(model, recipe)
+    a, b = leaving.start(prompts), feeding.start(prompts)
+    leaving.open(a)
+    feeding.open(b)
+    compared = 0
+    while True:
+        live = ~a.done
+        out_a, out_b = leaving.forward(a, leaving.begin_step(a)), feeding.forward(b, feeding.begin_step(b))
+        torch.testing.assert_close(out_a.logits[live], out_b.logits[live], rtol=1e-9, atol=1e-9)
+        compared += int((~live).any())
+        end_a, end_b = leaving.end_step(a, out_a), feeding.end_step(b, out_b)
+        assert torch.equal(a.x, b.x) and end_a == end_b
+        if end_a:
+            break
+    assert compared >= 3, "the rows must finish at different steps for this test to bite"
+
+
+class Switching:
+    """A cache that declares drops_rows and, under guidance, turns from one kind of plan to the
+    other once a row has finished (plain plans run both halves against one store, a Guided pair
+    the conditional half alone)."""
+
+    dllm_meta = PluginMeta(summary="test cache: switches between plain plans and a Guided pair", drops_rows=True)
+
+    def __init__(self, guided_first: bool):
+        self.guided_first = guided_first
+
+    @hookimpl
+    def cache_policy(self, state, scratch):
+        from dllm_decode.guidance import Guided
+
+        if bool(state.done.any()) != self.guided_first:
+            return Guided(cond=ComputePlan.refresh(), uncond=ComputePlan.refresh())
+        return ComputePlan.refresh()
+
+
+@pytest.mark.parametrize("guided_first", [False, True])
+def test_switching_plan_kinds_under_guidance_is_refused(shipped, guided_first):
+    """Under guidance the store of plain plans holds both halves (and drops finished rows in
+    pairs), a Guided pair's the conditional half: a request turning from one to the other is
+    refused, naming the plugin."""
+    from dllm_decode.errors import PluginError
+
+    pm = get_plugin_manager()
+    pm.register(Switching(guided_first), name="switching")
+    try:
+        model, prompts = shipped["llada"]
+        recipe = recipe_from_dict({**THRESHOLD, "cache_policy": "switching",
+                                   "generation": {**STOP, "block_length": 32, "cfg_scale": 0.5,
+                                                  "batch_size": len(prompts), "dtype": "float64"}})
+        with pytest.raises(PluginError, match="switching.*one kind of plan"):
+            Decoder(model, recipe, pm=pm).generate(prompts)
+    finally:
+        pm.unregister(name="switching")
 
 
 class Reopen:
@@ -131,8 +214,6 @@ def test_a_finished_row_masked_again_is_fed_again(shipped):
 def test_a_request_counts_the_flops_of_the_rows_it_ran(shipped):
     """Plain forwards of a (B, L) canvas: the request's FLOPs are one row's forward times the
     forwards each row took while unfinished (feeding the finished rows too counted B a step)."""
-    from dllm_decode.engine import Decoder
-
     model, prompts = shipped["llada"]
     recipe = load_recipe("threshold", ["generation.gen_length=64", f"generation.batch_size={len(prompts)}",
                                        "generation.dtype=float64"])

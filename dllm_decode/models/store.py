@@ -59,7 +59,8 @@ class CacheStore:
         self.flops: float = 0.0
         # per layer (B, f, K): the last forward's head-mean attention, when its plan asked
         self.attention: tuple[Tensor, ...] | None = None
-        # the request's batch rows the tensors hold, once finished rows were dropped (None: all)
+        # the request's batch rows the tensors hold, once finished rows were dropped (None: all;
+        # under guidance row B + r holds row r's unconditional canvas)
         self.rows: Tensor | None = None
 
     # ------------------------------------------------------------------ state
@@ -152,12 +153,20 @@ class CacheStore:
 
     def keep_rows(self, rows: Tensor) -> None:
         """Hold only the request's batch rows ``rows`` (b,) long, ascending, from now on: each a
-        row it holds (finished rows leave; none comes back). A no-op when it holds them."""
-        if rows is self.rows:
+        row it holds (finished rows leave; none comes back). A no-op when it holds them: as many
+        rows as it holds (rows only leave, so no host read is needed to tell)."""
+        if self.rows is not None and rows.numel() == self.rows.numel():
             return
         held = self.rows
         self.select_rows(rows if held is None else torch.searchsorted(held.to(rows.device), rows))
         self.rows = rows
+
+    def batch_rows(self, t: Tensor, B: int) -> Tensor:
+        """A per-row tensor the store holds (``attn_mass``, ``refresh_from``, ``attention``'s
+        layers) laid out as the request's batch of B rows: zeros for the rows it dropped."""
+        if self.rows is None:
+            return t[:B]
+        return t.new_zeros(B, *t.shape[1:]).index_copy(0, self.rows.to(t.device), t)
 
     def __repr__(self) -> str:
         return (f"CacheStore(shape={self.shape}, layers={len(self.k) or len(self.attn)}, "

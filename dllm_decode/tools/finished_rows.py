@@ -8,7 +8,7 @@ batch by batch in one process (the first batch's order swapped each time).
 A row is finished once it has no mask left (or, with ``generation.eos.stop``, its stop id is
 committed). A forward that keeps nothing in the cache store (no plan, or a plan with no store read
 or write) then runs the unfinished rows only, and so does a forward against the store when the
-cache plugin declares ``PluginMeta.drops_rows`` (no guidance, no revocable selection).
+cache plugin declares ``PluginMeta.drops_rows`` (no revocable selection).
 Both decoders must give every row the same tokens (checked on every batch); the FLOPs are the
 executor's count, the seconds the wall time of each decoder's batches.
 """
