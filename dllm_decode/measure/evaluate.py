@@ -14,6 +14,7 @@ from typing import Any, Collection, Sequence
 import torch
 
 from dllm_decode.eos import first_stop
+from dllm_decode.measure.ar_decode import greedy_decode
 from dllm_decode.models.loader import encode_prompts
 from dllm_decode.measure.tasks import Problem, get_task
 
@@ -133,8 +134,9 @@ def score_rows(problems: Sequence[Problem], rows, eos: set[int]) -> list[Problem
 @torch.inference_mode()
 def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: int = 96,
                 batch_size: int = 64) -> EvalResult:
-    """Greedy decoding of a causal LM with its KV cache (prompts left-padded); one forward per
-    generated token, so NFE = tokens generated until the row's EOS."""
+    """Greedy decoding of a causal LM with its KV cache (prompts left-padded), finished rows
+    leaving the batch (``ar_decode.greedy_decode``); one forward per generated token, so NFE =
+    tokens generated until the row's EOS."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     records: list[ProblemRecord] = []
@@ -147,11 +149,8 @@ def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: i
             chunk = group[s:s + batch_size]
             ids, att = encode_prompts(tokenizer, [p.prompt for p in chunk], pad_token_id=pad,
                                       device=model.device, add_special_tokens=False)
-            P = ids.shape[1]
-            out = model.generate(input_ids=ids, attention_mask=att.long(),
-                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                                 pad_token_id=pad)
-            for p, gen in zip(chunk, out[:, P:].tolist()):
+            out = greedy_decode(model, ids, att, max_new_tokens, eos, pad)
+            for p, gen in zip(chunk, out.tolist()):
                 n = generated_tokens(gen, {eos})
                 text = tokenizer.decode(gen[:n], skip_special_tokens=True)
                 records.append(ProblemRecord(name, p.index, p.prompt, text, task.score(p, text), n, n))

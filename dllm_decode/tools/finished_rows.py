@@ -11,6 +11,10 @@ or write) then runs the unfinished rows only, and so does a forward against the 
 cache plugin declares ``PluginMeta.drops_rows`` (no revocable selection).
 Both decoders must give every row the same tokens (checked on every batch); the FLOPs are the
 executor's count, the seconds the wall time of each decoder's batches.
+
+With ``--ar-model DIR`` an autoregressive model's greedy decoding is measured the same way: the
+AR baseline's loop (``measure.ar_decode``, finished rows leave the batch and its KV cache)
+against ``transformers`` ``generate``, which feeds every row until the last has stopped.
 """
 
 from __future__ import annotations
@@ -59,6 +63,45 @@ def measure(model, tokenizer, recipe, problems, batch_size: int) -> dict:
             "seconds": seconds, "speedup": seconds["feeding"] / seconds["leaving"]}
 
 
+@torch.inference_mode()
+def measure_ar(model, tokenizer, problems, batch_size: int, max_new_tokens: int) -> dict:
+    """The AR baseline's greedy loop against ``generate`` on the same batches, tokens checked."""
+    from dllm_decode.measure.ar_decode import greedy_decode
+    from dllm_decode.measure.evaluate import generated_tokens
+    from dllm_decode.models.loader import encode_prompts
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def feeding(ids, att):
+        return model.generate(input_ids=ids, attention_mask=att.long(), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=eos, pad_token_id=pad)[:, ids.shape[1]:]
+
+    decoders = {"leaving": lambda ids, att: greedy_decode(model, ids, att, max_new_tokens, eos, pad),
+                "feeding": feeding}
+    batches = [encode_prompts(tokenizer, [p.prompt for p in problems[s:s + batch_size]], pad_token_id=pad,
+                              device=model.device, add_special_tokens=False)
+               for s in range(0, len(problems), batch_size)]
+    for dec in decoders.values():                          # warm-up
+        dec(*batches[0])
+    seconds = dict.fromkeys(decoders, 0.0)
+    row_forwards = batch_forwards = 0
+    for i, (ids, att) in enumerate(batches):
+        tokens = {}
+        for name in (list(decoders) if i % 2 == 0 else list(decoders)[::-1]):
+            t = time.perf_counter()
+            out = decoders[name](ids, att)
+            seconds[name] += time.perf_counter() - t
+            tokens[name] = [row[:generated_tokens(row, {eos})] for row in out.tolist()]
+        if tokens["leaving"] != tokens["feeding"]:
+            raise SystemExit(f"AR batch {i}: the two loops gave different tokens")
+        lengths = [len(row) for row in tokens["leaving"]]
+        row_forwards += sum(lengths)
+        batch_forwards += max(lengths) * len(lengths)
+    return {"live_share": row_forwards / batch_forwards, "seconds": seconds,
+            "speedup": seconds["feeding"] / seconds["leaving"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     from dllm_decode.config import load_recipe
     from dllm_decode.models import load_model
@@ -66,13 +109,15 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/llada-workload")
-    ap.add_argument("--recipes", nargs="+", default=["threshold"])
+    ap.add_argument("--recipes", nargs="*", default=["threshold"], help="none: the AR model alone")
     ap.add_argument("--tasks", default="chain,columns")
     ap.add_argument("--n", type=int, default=16, help="problems per task")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, repeatable")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ar-model", help="also an autoregressive model's greedy decoding: the AR baseline's "
+                    "loop against transformers generate")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, tok = load_model(a.model)
@@ -89,6 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         label = " ".join([f"`{name}`", *(f"`{s}`" for s in a.set)])
         print(f"| {label} | {r['live_share']:.2f} | {r['flops']:.3f} | {r['seconds']['leaving']:.1f} | "
               f"{r['seconds']['feeding']:.1f} | {r['speedup']:.2f}x |", flush=True)
+    if a.ar_model:
+        from dllm_decode.measure.evaluate import load_ar
+
+        ar, ar_tok = load_ar(a.ar_model)
+        r = measure_ar(ar, ar_tok, problems, a.batch_size, a.gen_length)
+        print(f"| AR `{a.ar_model}`, greedy (ours / `generate`) | {r['live_share']:.2f} | | "
+              f"{r['seconds']['leaving']:.1f} | {r['seconds']['feeding']:.1f} | {r['speedup']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
