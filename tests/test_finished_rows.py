@@ -271,3 +271,11 @@ def test_a_store_keeps_the_rows_it_is_told_by_their_batch_index():
     store.keep_rows(rows)                          # the same rows: nothing changes
     store.keep_rows(torch.tensor([2, 3]))
     assert store.shape == (2, 3) and store.k[0][:, 0, 0, 0].tolist() == [2.0, 3.0]
+    # per-row data laid out as the batch of 4 (a guided batch of 2: rows 2 and 3 its unconditional half)
+    held = torch.tensor([[2.0], [3.0]])
+    assert store.batch_rows(held, 4).flatten().tolist() == [0.0, 0.0, 2.0, 3.0]
+    assert store.batch_rows(held, 2).flatten().tolist() == [0.0, 0.0]
+    store = CacheStore()                         # a guided batch of 2: row 1 and its unconditional half
+    store.ensure_kv(1, 4, 1, 3, 2, torch.float64, torch.device("cpu"))
+    store.keep_rows(torch.tensor([1, 3]))
+    assert store.batch_rows(torch.tensor([[5.0], [7.0]]), 2).flatten().tolist() == [0.0, 5.0]

@@ -163,10 +163,14 @@ class CacheStore:
 
     def batch_rows(self, t: Tensor, B: int) -> Tensor:
         """A per-row tensor the store holds (``attn_mass``, ``refresh_from``, ``attention``'s
-        layers) laid out as the request's batch of B rows: zeros for the rows it dropped."""
+        layers) laid out as the request's batch of B rows: zeros for the rows it dropped. Under
+        guidance the rows from B on (the unconditional halves) are left out, as ``t[:B]`` leaves
+        them out of a store that dropped nothing."""
         if self.rows is None:
             return t[:B]
-        return t.new_zeros(B, *t.shape[1:]).index_copy(0, self.rows.to(t.device), t)
+        # unconditional rows are parked on a spare row B, then cut (no host read to filter them)
+        at = self.rows.to(t.device).clamp(max=B)
+        return t.new_zeros(B + 1, *t.shape[1:]).index_copy(0, at, t)[:B]
 
     def __repr__(self) -> str:
         return (f"CacheStore(shape={self.shape}, layers={len(self.k) or len(self.attn)}, "
