@@ -27,9 +27,12 @@ def greedy_decode(model, ids: torch.Tensor, attention_mask: torch.Tensor, max_ne
         return out
     att = attention_mask.long()
     pos = (att.cumsum(dim=1) - 1).clamp(min=0)                         # (B, P) as generate counts them
-    # transformers renamed the cache argument and output (past_key_values -> cache)
-    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    res = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
+    # transformers renamed the cache argument and output (past_key_values -> cache) and added
+    # logits_to_keep (the prompt's last position only) along the way
+    params = inspect.signature(model.forward).parameters
+    arg = "cache" if "cache" in params else "past_key_values"
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    res = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, **last_only)
     cache, live = getattr(res, arg), torch.arange(B, device=ids.device)
     last = pos[:, -1:]                                                 # (b, 1) the position just read
     nxt = res.logits[:, -1].argmax(dim=-1)                             # (b,)
