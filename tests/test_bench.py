@@ -50,6 +50,22 @@ def test_table_columns_and_speedup_against_the_first_row():
     assert "| base | 0.500 | 96.0 | 0.31 | 30.0 | 1.0000 | 1.00x | 10.42 |" in table      # 2 s / 192 forwards
 
 
+def test_the_table_compares_the_dllm_rows_with_the_autoregressive_row():
+    """Tokens per second against the AR row: the fastest dLLM row, and the fastest at least as
+    accurate when that is another row."""
+    info = {"device": "cpu", "torch": "x", "threads": 2, "dtype": "float32"}
+    base = BenchRun("base", "diffusion", None, [_record(True, 96, 40), _record(True, 96, 20)], seconds=2.0)
+    fast = BenchRun("fast", "diffusion", None, [_record(True, 6, 40), _record(False, 4, 20)], seconds=0.5)
+    ar = BenchRun("ar", "autoregressive", None, [_record(True, 40, 40), _record(True, 20, 20)], seconds=1.0)
+    table = render([base, fast, ar], info)
+    assert "fastest dLLM row: fast, 2.00x the autoregressive row's tokens / s at accuracy 0.500 " \
+           "(autoregressive 1.000)" in table
+    assert "fastest dLLM row at least as accurate: base, 0.50x" in table
+    assert "at least as accurate" not in render([base, ar], info)
+    assert "no dLLM row is as accurate" in render([fast, ar], info)
+    assert "autoregressive row" not in render([base, fast], info)
+
+
 @pytest.fixture(scope="module")
 def reference():
     from dllm_decode.models import load_model

@@ -241,7 +241,32 @@ def render(runs: Sequence[BenchRun], info: dict[str, Any]) -> str:
         lines.append(f"| {run.label} | {s['accuracy']:.3f} | {s['nfe_per_problem']:.1f} | {s['tokens_per_forward']:.2f} | "
                      f"{s['tokens_per_second']:.1f} | {s['seconds_per_problem']:.4f} | {s['speedup']:.2f}x | "
                      f"{s['ms_per_forward']:.2f} | {s['peak_mib']:.1f} |")
-    return "\n".join(lines)
+    against = against_ar(runs)
+    return "\n".join(lines + ([""] + against if against else []))
+
+
+def against_ar(runs: Sequence[BenchRun]) -> list[str]:
+    """Lines comparing the dLLM rows with the autoregressive row in tokens per second: the
+    fastest dLLM row, and the fastest at least as accurate as the AR row when that is another
+    (none without an AR row, or without a dLLM row)."""
+    ar = next((r for r in runs if r.kind == "autoregressive"), None)
+    dllm = [r for r in runs if r.kind != "autoregressive" and r.seconds > 0]
+    if ar is None or not dllm or ar.tokens_per_second <= 0:
+        return []
+
+    def line(what: str, run: BenchRun) -> str:
+        return (f"{what}: {run.label}, {run.tokens_per_second / ar.tokens_per_second:.2f}x the autoregressive "
+                f"row's tokens / s at accuracy {run.accuracy:.3f} (autoregressive {ar.accuracy:.3f})")
+
+    fastest = max(dllm, key=lambda r: r.tokens_per_second)
+    out = [line("fastest dLLM row", fastest)]
+    level = [r for r in dllm if r.accuracy >= ar.accuracy]
+    best = max(level, key=lambda r: r.tokens_per_second) if level else None
+    if best is None:
+        out.append("no dLLM row is as accurate as the autoregressive row")
+    elif best is not fastest:
+        out.append(line("fastest dLLM row at least as accurate", best))
+    return out
 
 
 def to_json(runs: Sequence[BenchRun], info: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
