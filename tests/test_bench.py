@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dllm_decode.measure.bench import BenchRun, expand_sweeps, pareto, render, run_bench
+from dllm_decode.measure.bench import BenchRun, expand_sweeps, pareto, render, run_bench, to_json
 from dllm_decode.cli import main
 from dllm_decode.errors import RecipeError
 from dllm_decode.measure.evaluate import ProblemRecord
@@ -64,6 +64,7 @@ def test_the_table_compares_the_dllm_rows_with_the_autoregressive_row():
     assert "at least as accurate" not in render([base, ar], info)
     assert "no dLLM row is as accurate" in render([fast, ar], info)
     assert "autoregressive row" not in render([base, fast], info)
+    assert to_json([base, fast, ar], info, {})["against_ar"] == table.split("\n\n")[-1].split("\n")
 
 
 @pytest.fixture(scope="module")

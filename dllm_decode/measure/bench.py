@@ -271,7 +271,7 @@ def against_ar(runs: Sequence[BenchRun]) -> list[str]:
 
 def to_json(runs: Sequence[BenchRun], info: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     base = runs[0] if runs else None
-    return {"machine": info, "settings": settings,
+    return {"machine": info, "settings": settings, "against_ar": against_ar(runs),
             "rows": [{**run.summary(base), "recipe": run.recipe,
                       "problems": [r.as_dict() for r in run.records]} for run in runs]}
 
