@@ -117,7 +117,7 @@ def cache_policy(state: DecodeState, options: Any, scratch: dict, aux: dict) -> 
     :invariant: a cache that declares itself exact (``dllm_meta.exact = True``) must yield the
         same tokens as ``None`` would. Anything but ``None``, a ``ComputePlan`` or a ``Guided``
         pair of them is refused, naming the plugin; so is a plan for a model that runs only
-        plain forwards.
+        plain forwards, and a guided request turning from plans to ``Guided`` pairs or back.
     """
 
 
