@@ -52,7 +52,7 @@ def what_finished_rows_fed(model, recipe, prompts) -> tuple[int, int, int]:
         store = state.store
         if getattr(store, "refresh_from", None) is not None:
             # the rows the store still holds (a finished row that left it recomputes nothing)
-            held = torch.ones_like(done) if store.rows is None else torch.zeros_like(done).index_fill_(0, store.rows, True)
+            held = store.batch_rows(torch.ones_like(store.refresh_from, dtype=torch.bool), state.batch_size)
             start = store.batch_rows(store.refresh_from, state.batch_size)
             switched += int((start < model.arch.n_layers)[done & held].sum())
     return n, fed, switched

@@ -36,28 +36,35 @@ class FeedingEveryRow(Decoder):
         return finished
 
 
+def in_turn(decoders: dict, args: tuple, i: int, seconds: dict) -> dict:
+    """Each decoder's output on the same batch ``args`` (batch ``i``), the order swapped every
+    other batch; each one's wall time added to ``seconds``."""
+    out = {}
+    for name in (list(decoders) if i % 2 == 0 else list(decoders)[::-1]):
+        t = time.perf_counter()
+        out[name] = decoders[name](*args)
+        seconds[name] += time.perf_counter() - t
+    return out
+
+
 @torch.inference_mode()
 def measure(model, tokenizer, recipe, problems, batch_size: int) -> dict:
-    decoders = {"leaving": Decoder(model, recipe), "feeding": FeedingEveryRow(model, recipe)}
+    decoders = {"leaving": Decoder(model, recipe).generate, "feeding": FeedingEveryRow(model, recipe).generate}
     prompts = [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in problems]
     for dec in decoders.values():                          # warm-up
-        dec.generate(prompts[:batch_size])
+        dec(prompts[:batch_size])
     seconds = dict.fromkeys(decoders, 0.0)
     flops = dict.fromkeys(decoders, 0.0)
     forwards = dict.fromkeys(decoders, 0)
     row_forwards = 0
     for i, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
-        tokens = {}
-        for name in (list(decoders) if i % 2 == 0 else list(decoders)[::-1]):
-            t = time.perf_counter()
-            res = decoders[name].generate(batch)
-            seconds[name] += time.perf_counter() - t
+        results = in_turn(decoders, (batch,), i, seconds)
+        for name, res in results.items():
             flops[name] += sum(r.flops for r in res.rows) * len(batch)
             forwards[name] += max(r.nfe for r in res.rows) * len(batch)
-            tokens[name] = res.tokens
-        row_forwards += sum(r.nfe for r in res.rows)
-        if tokens["leaving"] != tokens["feeding"]:
+        row_forwards += sum(r.nfe for r in results["leaving"].rows)
+        if results["leaving"].tokens != results["feeding"].tokens:
             raise SystemExit(f"batch {i}: the two decoders gave different tokens")
     return {"live_share": row_forwards / forwards["feeding"], "flops": flops["leaving"] / flops["feeding"],
             "seconds": seconds, "speedup": seconds["feeding"] / seconds["leaving"]}
@@ -86,13 +93,9 @@ def measure_ar(model, tokenizer, problems, batch_size: int, max_new_tokens: int)
         dec(*batches[0])
     seconds = dict.fromkeys(decoders, 0.0)
     row_forwards = batch_forwards = 0
-    for i, (ids, att) in enumerate(batches):
-        tokens = {}
-        for name in (list(decoders) if i % 2 == 0 else list(decoders)[::-1]):
-            t = time.perf_counter()
-            out = decoders[name](ids, att)
-            seconds[name] += time.perf_counter() - t
-            tokens[name] = [row[:generated_tokens(row, {eos})] for row in out.tolist()]
+    for i, batch in enumerate(batches):
+        tokens = {name: [row[:generated_tokens(row, {eos})] for row in out.tolist()]
+                  for name, out in in_turn(decoders, batch, i, seconds).items()}
         if tokens["leaving"] != tokens["feeding"]:
             raise SystemExit(f"AR batch {i}: the two loops gave different tokens")
         lengths = [len(row) for row in tokens["leaving"]]
