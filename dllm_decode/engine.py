@@ -53,10 +53,11 @@ class Decoder:
     :param recipe: a validated :class:`Recipe` (see :func:`dllm_decode.config.load_recipe`).
     :param pm: plugin manager; a fresh one (entry points + env blocking) when omitted.
     :param tokenizer: optional, to fill ``RowResult.text``.
+    :param load_aux: loads the plugins' auxiliary models (see :func:`dllm_decode.policy.load_auxiliary`).
     """
 
     def __init__(self, model: Any, recipe: Recipe, pm: PluginManager | None = None,
-                 tokenizer: Any = None, policy: BoundPolicy | None = None):
+                 tokenizer: Any = None, policy: BoundPolicy | None = None, load_aux: Any = None):
         self.model, self.recipe, self.tokenizer, self.gen = model, recipe, tokenizer, recipe.generation
         self.spec = getattr(model, "spec", None)
         if self.spec is None:
@@ -72,7 +73,7 @@ class Decoder:
                               type(model).__name__)
         # a block-causal model's request grows one block at a time (block_mode.py)
         self.block_size = getattr(self.spec, "block_size", None) if self.runs_plans else None
-        self.aux = load_auxiliary(self.policy, self._device(), self.gen.dtype)
+        self.aux = load_auxiliary(self.policy, self._device(), self.gen.dtype, load_aux)
 
     # ------------------------------------------------------------------ public API
 
@@ -103,8 +104,7 @@ class Decoder:
     def start(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None) -> DecodeState:
         """The state of one request: left-padded canvas, masks, per-row noise, cache store."""
         check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)
-        # every request gets a store, so a plan-executing model's FLOPs are counted too; nothing
-        # is allocated in it unless a plan writes
+        # every request gets a store, so a plan-executing model's FLOPs are counted; empty unless a plan writes
         factory = getattr(self.model, "new_store", None)
         store = factory() if callable(factory) else CacheStore()
         return new_state(prompts, self.gen, mask_id=self.mask_id, pad_id=self.pad_id, eos_ids=self.eos_ids,

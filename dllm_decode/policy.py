@@ -209,12 +209,14 @@ def _resize_problems(recipe: Recipe, entries: dict[str, SlotEntry], metas: dict[
             if entry.plugin != rule.plugin and not metas[entry.plugin].resizable]
 
 
-def load_auxiliary(policy: BoundPolicy, device: Any, dtype: str) -> dict[str, dict[str, Any]]:
-    """The auxiliary models the plugins declare (``PluginMeta.auxiliary``), loaded once:
-    plugin name -> option name -> model."""
+def load_auxiliary(policy: BoundPolicy, device: Any, dtype: str, load: Any = None) -> dict[str, dict[str, Any]]:
+    """The auxiliary models the plugins declare (``PluginMeta.auxiliary``), loaded once by
+    ``load(path, dtype, device)`` (default :func:`load_causal_lm`; a server passes one that
+    shares a model among its decoders): plugin name -> option name -> model."""
     from dllm_decode.models.loader import load_causal_lm
 
-    return {name: {key: load_causal_lm(getattr(policy.options[name], key), dtype, device)
+    load = load or load_causal_lm
+    return {name: {key: load(getattr(policy.options[name], key), dtype, device)
                    for key in policy.metas[name].auxiliary}
             for name in policy.plugin_names if policy.metas[name].auxiliary}
 

@@ -255,3 +255,34 @@ def test_sampled_answers_ignore_batching_and_repeats_get_their_own_seeds(tmp_pat
     assert len(set(keys)) == len(reqs)               # and each is logged, so a resumed run keeps it
     seeded = make_lm(batch_size=1, **sampled, **{"generation.seed": 1}).generate_until(reqs[:1])
     assert seeded == one[1:2]
+
+
+def test_lm_evals_cache_and_sampled_repeats(tmp_path):
+    """Under `--use_cache` lm-eval answers a request from its cache unless its gen_kwargs say
+    do_sample; the recipe's temperature is not in them, so sampled repeats are refused, naming
+    the fix. With do_sample the cache leaves them alone and a rerun samples them again."""
+    from lm_eval.api.model import CachingLM
+
+    sampled = {"generation.temperature": 2.0}
+    reqs = [gen_request(prompts(1)[0], i) for i in range(4)]
+    with pytest.raises(InputError, match="do_sample: true"):
+        CachingLM(make_lm(batch_size=2, **sampled), str(tmp_path / "refused")).generate_until(reqs)
+    reqs = [gen_request(prompts(1)[0], i, do_sample=True) for i in range(4)]
+    cached = CachingLM(make_lm(batch_size=2, **sampled), str(tmp_path / "sampled"))
+    first = cached.generate_until(reqs)
+    assert len(set(first)) > 1 and cached.generate_until(reqs) == first
+    assert make_lm(batch_size=2, **sampled).generate_until(reqs) == first    # what the cache left alone
+
+
+def test_lm_evals_own_models_stay_reachable():
+    """lm-eval imports its models only into an empty registry; registering ours first must not hide
+    them (`dllm-decode eval --model hf` or `local-completions` against `dllm-decode serve`)."""
+    from lm_eval.api.registry import get_model
+
+    code = ("import dllm_decode.harness.lm\n"
+            "from lm_eval.api.registry import get_model\n"
+            "print(get_model('local-completions').__name__, get_model('hf').__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["LocalCompletionsAPI", "HFLM"]
+    assert get_model("dllm_decode") is DllmDecodeLM

@@ -172,15 +172,28 @@ def test_max_tokens_rounds_up_to_whole_blocks_and_cuts_the_answer(main):
 
 def test_length_overrides_keep_tokens_per_step():
     gen = lambda name: load_recipe(name).generation                       # noqa: E731
-    assert length_overrides(gen("llada"), 40) == (["generation.gen_length=40", "generation.block_length=40",
-                                                   "generation.steps=40"], None)
-    assert length_overrides(gen("threshold"), 33) == (["generation.gen_length=64", "generation.block_length=32",
-                                                       "generation.steps=64"], 33)
-    assert length_overrides(gen("threshold"), 96) == (["generation.gen_length=96", "generation.block_length=32",
-                                                       "generation.steps=96"], None)
+    assert length_overrides(gen("llada"), 40) == ["generation.gen_length=40", "generation.block_length=40",
+                                                  "generation.steps=40"]
+    assert length_overrides(gen("threshold"), 33) == ["generation.gen_length=64", "generation.block_length=32",
+                                                      "generation.steps=64"]
+    assert length_overrides(gen("threshold"), 96) == ["generation.gen_length=96", "generation.block_length=32",
+                                                      "generation.steps=96"]
     half = load_recipe("llada", overrides=["generation.steps=48", "generation.max_steps=100"]).generation
-    assert length_overrides(half, 32) == (["generation.gen_length=32", "generation.block_length=32",
-                                           "generation.steps=16", "generation.max_steps=34"], None)
+    assert length_overrides(half, 32) == ["generation.gen_length=32", "generation.block_length=32",
+                                          "generation.steps=16", "generation.max_steps=34"]
+
+
+def test_max_tokens_bounds_a_canvas_that_grows(main):
+    """DAEDAL starts at max_tokens and adds masks while the model is not sure the answer has
+    ended: the answer is still at most max_tokens long, the first max_tokens tokens of the
+    decode alone."""
+    prompt = reference()[2][0]
+    r = main.client().completions.create(model=MODEL, prompt=prompt, max_tokens=32, extra_body={"recipe": "daedal"})
+    row = alone(prompt, "daedal", overrides=tuple(length_overrides(load_recipe("daedal").generation, 32)))
+    assert len(row.tokens) > 32                        # the canvas grew past max_tokens
+    n = min(stop_index(row.tokens), 32)
+    assert r.usage.completion_tokens == n and r.choices[0].finish_reason == ("stop" if n < 32 else "length")
+    assert r.choices[0].text == reference()[1].decode(row.tokens[:n], skip_special_tokens=True)
 
 
 def test_a_streamed_completion_adds_up_to_the_answer(main):
@@ -220,6 +233,70 @@ def test_chat_completions_streamed_and_not(small):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
+def first_holding(tokens: list[int], stop: str) -> int:
+    """The fewest leading tokens whose text holds ``stop`` (a linear scan)."""
+    tok = reference()[1]
+    return next(m for m in range(1, len(tokens) + 1) if stop in tok.decode(tokens[:m], skip_special_tokens=True))
+
+
+def test_stop_strings_end_the_answer_and_the_decoding():
+    """lm-eval's `until`: the answer ends before the first stop string (left out, as OpenAI does),
+    finish_reason "stop", the tokens counted up to the one completing it; once the committed
+    prefix holds it the request leaves, streamed or not, before its canvas is decoded (LLaDA one
+    token a step in blocks of 32: the prefix reaches the answer's first line in the second block)."""
+    model, tok, prompts = reference()
+    prompt = prompts[0]                                # copy: the letters, "\n", "#### letters"
+    semi_ar = ("generation.gen_length=96", "generation.block_length=32", "generation.steps=96")
+    row = alone(prompt, "llada", overrides=semi_ar)
+    want = row.text[:row.text.index("\n")]
+    assert 0 < len(want) < len(row.text)
+    with Server(create_app(model, tok, recipe="llada", overrides=["generation.block_length=32"], model_name=MODEL,
+                           max_batch=1)) as server:
+        client, scheduler = server.client(), server.app.state.service.worker.scheduler
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=96, stop=["\n", "zz-not-there"])
+        assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+        assert r.usage.completion_tokens == first_holding(row.tokens, "\n")
+        assert scheduler.forwards < 96                 # it left before its 96 one-token steps
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=96, stop="\n#",
+                                                stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
+        assert scheduler.forwards < 2 * 96
+        # a stop string the answer never writes changes nothing
+        r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=96, stop="@")
+        assert r.choices[0].text == row.text and r.usage.completion_tokens == stop_index(row.tokens)
+
+
+def test_a_list_of_prompts_gets_a_choice_each(main):
+    """lm-eval's local-completions sends a batch's prompts in one request: one choice each, in
+    order, each the prompt's answer alone; the usage adds up."""
+    _, tok, prompts = reference()
+    asked = [prompts[0], prompts[4], tok(prompts[8], add_special_tokens=False)["input_ids"]]
+    r = main.client().completions.create(model=MODEL, prompt=asked, max_tokens=32, seed=7, stop=["\n"])
+    rows = [alone(p, seed=7) for p in (prompts[0], prompts[4], prompts[8])]
+    want = [row.text.split("\n")[0] for row in rows]
+    assert [c.index for c in r.choices] == [0, 1, 2] and [c.text for c in r.choices] == want
+    assert r.usage.prompt_tokens == sum(len(row.prompt) for row in rows)
+
+
+def test_a_tiny_temperature_decodes_greedily(main):
+    """As vLLM's does: below 1e-5 the recipe's logits / temperature would overflow."""
+    prompt = reference()[2][1]
+    r = main.client().completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=5e-324)
+    assert r.choices[0].text == alone(prompt, temperature=0.0).text
+
+
+def test_apd_decoders_share_one_verifier():
+    """Each max_tokens makes its own decoder; the verifier model is loaded once for all."""
+    from dllm_decode.serve.decoders import DecoderPool
+
+    model, tok, _ = reference()
+    pool = DecoderPool(model, tok, "threshold")
+    (a, _), (b, _) = pool.for_request("apd", 10, None), pool.for_request("apd", 11, 0.5)
+    assert a is not b and a.aux and a.aux.keys() == b.aux.keys()
+    assert all(a.aux[p][k] is b.aux[p][k] for p in a.aux for k in a.aux[p])
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -232,14 +309,20 @@ def test_chat_completions_streamed_and_not(small):
     ({"prompt": "x", "max_tokens": 5_000_000}, "max_tokens"),   # past generation.gen_length's bound
     ({"prompt": "x", "temperature": -0.5}, "temperature"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
+    ({"prompt": "x", "temperature": "0.5"}, "temperature"),      # numbers are strict, as OpenAI's are
+    ({"prompt": "x", "top_p": True}, "top_p"),
     ({"prompt": "x", "temperature": 1000}, "temperature"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "n": 2}, "n"),
-    ({"prompt": "x", "stop": ["\n"]}, "stop"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),   # OpenAI takes at most four
+    ({"prompt": "x", "stop": [""]}, "stop"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),   # without stream
     ({"prompt": "x", "recipe": "nope"}, "recipe"),
     ({"prompt": "x", "recipe": "recipes/llada.yaml"}, "recipe"),
     ({"prompt": "x", "stream": "yes"}, "stream"),
-    ({"prompt": ["x", "y"]}, "prompt"),
+    ({"prompt": ["x", "y"], "stream": True}, "prompt"),       # a stream carries one prompt
+    ({"prompt": ["x", 5]}, "prompt"),
+    ({"prompt": ["x", ""]}, "prompt"),
     ({"prompt": "é"}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({}, "prompt"),

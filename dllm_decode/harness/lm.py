@@ -29,6 +29,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval imports its own models only into an empty registry: ours first would hide them)
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -186,6 +187,7 @@ class DllmDecodeLM(LM):
                 continue
             self._check_gen_kwargs(gen_kwargs)
             pending.append(_Pending(i, key, self._prompt_ids(context), dict(gen_kwargs), req, repeat))
+        self._check_cached_repeats(pending)
         # longest prompts first: a batch's rows then need little left padding
         pending.sort(key=lambda p: -len(p.ids))
         bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc="dllm_decode generate",
@@ -306,12 +308,28 @@ class DllmDecodeLM(LM):
         if limit is not None and int(limit) > self.recipe.generation.gen_length:
             self._warn_once("max_gen_toks", "max_gen_toks=%s exceeds the recipe's canvas (generation.gen_length="
                             "%d); answers are at most gen_length tokens", limit, self.recipe.generation.gen_length)
-        ignored = {k: v for k, v in gen_kwargs.items()
-                   if k not in _HONOURED and _GREEDY_DEFAULTS.get(k, object()) != v}
+        sampled = self.recipe.generation.temperature > 0       # do_sample saying so is not ignored
+        ignored = {k: v for k, v in gen_kwargs.items() if k not in _HONOURED
+                   and _GREEDY_DEFAULTS.get(k, object()) != v and not (k == "do_sample" and v is sampled)}
         if ignored:
             self._warn_once("gen_kwargs", "gen_kwargs %s are ignored: sampling is the recipe's (temperature %s); "
                             "override it with generation.* keys in model_args", sorted(ignored),
                             self.recipe.generation.temperature)
+
+    def _check_cached_repeats(self, pending: list[_Pending]) -> None:
+        """lm-eval's ``--use_cache`` answers a request from its cache unless its gen_kwargs say
+        ``do_sample: true``; the recipe's temperature is not in them, so a rerun would give every
+        repeat of a sampled request (pass@k) one cached sample. Refused before anything runs."""
+        if self.recipe.generation.temperature <= 0 or getattr(self.cache_hook, "dbdict", None) is None:
+            return
+        repeat = next((p for p in pending if p.repeat and not p.gen_kwargs.get("do_sample")), None)
+        if repeat is not None:
+            raise InputError(
+                f"task {getattr(repeat.request, 'task_name', None)!r} repeats a request, the recipe samples "
+                f"(generation.temperature={self.recipe.generation.temperature}) and lm-eval's --use_cache is "
+                "on: a rerun would answer every repeat with one cached sample. Add do_sample: true to the "
+                "task's generation_kwargs (lm-eval's cache then skips them), or leave --use_cache out "
+                "(model_args log_dir=... resumes a run without it)")
 
     def _warn_once(self, what: str, message: str, *args: Any) -> None:
         if what not in self._warned:

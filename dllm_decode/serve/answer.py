@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from dllm_decode.engine import Decoder
 from dllm_decode.eos import first_stop
@@ -16,19 +16,37 @@ from dllm_decode.serve.stream import RowUpdate
 @dataclass(frozen=True)
 class Answer:
     text: str
-    tokens: list[int]             # the answer's tokens: before the first stop id, at most max_tokens
-    finish_reason: str            # "stop": a stop id ended it; "length": the canvas or max_tokens did
+    tokens: list[int]             # the answer's tokens: up to a stop, at most max_tokens
+    finish_reason: str            # "stop": a stop id or string ended it; "length": the canvas or max_tokens did
 
 
-def answer_of(tokens: list[int], decoder: Decoder, cut: int | None) -> Answer:
-    """The answer in a finished request's generated tokens: up to the first stop id, and no longer
-    than ``cut`` (max_tokens, when the canvas was rounded up to whole blocks). Its text is
+def answer_of(tokens: list[int], decoder: Decoder, cut: int | None, stops: Sequence[str] = ()) -> Answer:
+    """The answer in a request's generated tokens: up to the first stop id, no longer than ``cut``
+    (max_tokens), and its text up to the first of the ``stops`` strings (left out, as OpenAI
+    does), counting the tokens written until that string was complete. Its text is
     ``Decoder.generate``'s for the same tokens."""
     stop = first_stop(tokens, decoder.eos_ids)
     end = len(tokens) if cut is None else min(cut, len(tokens))
     n = min(stop, end)
     text = decoder.tokenizer.decode(tokens[:n], skip_special_tokens=True)
-    return Answer(text, tokens[:n], "stop" if stop < end else "length")
+    at = stop_at(text, stops)
+    if at is None:
+        return Answer(text, tokens[:n], "stop" if stop < end else "length")
+    # the fewest tokens whose text holds a stop string (the shortest prefix that does: a bisection)
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop_at(decoder.tokenizer.decode(tokens[:mid], skip_special_tokens=True), stops) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return Answer(text[:at], tokens[:lo], "stop")
+
+
+def stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first of ``stops`` begins in ``text`` (None: nowhere)."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
 
 
 def prefix_text(update: RowUpdate, decoder: Decoder, cut: int | None) -> str:
@@ -46,7 +64,7 @@ def prefix_text(update: RowUpdate, decoder: Decoder, cut: int | None) -> str:
 class Shape:
     """The response bodies of one request, completions or chat, under one id and time."""
 
-    def __init__(self, chat: bool, model: str, prompt_tokens: int):
+    def __init__(self, chat: bool, model: str, prompt_tokens: int):     # prompt_tokens: of every prompt
         self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -54,19 +72,22 @@ class Shape:
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def usage(self, answer: Answer) -> dict[str, int]:
-        n = len(answer.tokens)
+    def usage(self, answers: Sequence[Answer]) -> dict[str, int]:
+        n = sum(len(a.tokens) for a in answers)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def body(self, answer: Answer) -> dict[str, Any]:
-        """The whole (non-streaming) response."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": answer.finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": answer.text}
-        else:
-            choice["text"] = answer.text
-        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": [choice],
-                "usage": self.usage(answer)}
+    def body(self, answers: Sequence[Answer]) -> dict[str, Any]:
+        """The whole (non-streaming) response: one choice per prompt, in the prompts' order."""
+        choices = []
+        for i, answer in enumerate(answers):
+            choice: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": answer.finish_reason}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": answer.text}
+            else:
+                choice["text"] = answer.text
+            choices.append(choice)
+        return {**self._head("chat.completion" if self.chat else "text_completion"), "choices": choices,
+                "usage": self.usage(answers)}
 
     def chunk(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict[str, Any]:
         """One stream chunk: a text delta, the first (chat: the role), or the last (``finish``)."""
@@ -83,4 +104,4 @@ class Shape:
     def usage_chunk(self, answer: Answer) -> dict[str, Any]:
         """The extra last chunk ``stream_options.include_usage`` asks for: no choices, the usage."""
         return {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [],
-                "usage": self.usage(answer)}
+                "usage": self.usage([answer])}

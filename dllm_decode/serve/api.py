@@ -3,8 +3,9 @@
 A body is parsed here, not by the web framework, so that every refusal is one OpenAI-style
 error naming the field at fault: ``{"error": {"message", "type", "param", "code"}}``. Unknown
 fields are refused (a typo must not be ignored silently); the sampling fields OpenAI clients may
-send with their neutral value (``n: 1``, ``top_p: 1``, ``stop: null``, ...) are accepted with
-that value only, since no recipe has a counterpart for the others.
+send with their neutral value (``n: 1``, ``top_p: 1``, ...) are accepted with that value only,
+since no recipe has a counterpart for the others. Numbers are strict, as OpenAI's are: ``"0.5"``
+is not a temperature.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 #: 2**64: seeds wrap at 64 bits (dllm_decode.noise), so larger ones would alias smaller ones
 SEED_LIMIT = 1 << 64
+#: OpenAI's limit on stop sequences
+MAX_STOPS = 4
+#: a temperature below this decodes greedily, as vLLM's does: dividing logits by it overflows
+GREEDY_BELOW = 1e-5
 
 
 class ApiError(Exception):
@@ -46,21 +51,21 @@ class _Common(_Strict):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=100.0)   # generation.temperature's range
+    temperature: StrictFloat | None = Field(None, ge=0.0, le=100.0)   # generation.temperature's range
     seed: StrictInt | None = Field(None, ge=0, lt=SEED_LIMIT)
     recipe: StrictStr | None = None
     user: StrictStr | None = None
     # accepted with their neutral value only (see NEUTRAL)
     n: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    top_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    stop: StrictStr | list[StrictStr] | None = None     # checked by stop_strings
+    top_p: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    presence_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: Any = None                # a string or token ids; checked by prompt_of for a clear message
+    prompt: Any = None                # strings or token ids; checked by prompts_of for a clear message
     echo: StrictBool | None = None
     best_of: StrictInt | None = None
     logprobs: StrictInt | None = None
@@ -91,13 +96,11 @@ class ChatRequest(_Common):
 #: field -> the values it is accepted with (None: absent or null, always accepted)
 NEUTRAL: dict[str, tuple[Any, ...]] = {
     "n": (1,), "best_of": (1,), "top_p": (1.0,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,),
-    "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "stop": ([],),
-    "suffix": ("",),
+    "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "suffix": ("",),
 }
 
 WHY_NOT = {
     "n": "one choice per request; send the request again (with another seed) for more",
-    "stop": "stop sequences are not supported; an answer ends at the recipe's stop ids (generation.eos)",
     "logprobs": "log probabilities are not returned",
     "top_logprobs": "log probabilities are not returned",
 }
@@ -122,6 +125,11 @@ def parse_body(raw: bytes, kind: type[_Common]) -> _Common:
             raise ApiError(400, f"{name} {json.dumps(value)}: {why}", param=name)
     if req.temperature is not None and not math.isfinite(req.temperature):
         raise ApiError(400, f"temperature must be a finite number, got {req.temperature}", param="temperature")
+    if req.temperature is not None and req.temperature < GREEDY_BELOW:
+        req.temperature = 0.0
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", param="stream_options")
+    stop_strings(req)
     if isinstance(req, ChatRequest) and req.max_completion_tokens is not None:
         if req.max_tokens is not None and req.max_tokens != req.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens differ; give one", param="max_tokens")
@@ -145,18 +153,33 @@ def _is_type_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
-def prompt_of(req: CompletionRequest) -> str | list[int]:
-    """The one prompt of a completion request: a string, or token ids (also as a one-item list)."""
+def stop_strings(req: _Common) -> tuple[str, ...]:
+    """The request's stop sequences (``stop``: a string or up to four), each non-empty."""
+    stop = req.stop
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"stop holds {len(stops)} sequences; at most {MAX_STOPS}", param="stop")
+    if any(not s for s in stops):
+        raise ApiError(400, "stop sequences must not be empty", param="stop")
+    return stops
+
+
+def prompts_of(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, as OpenAI takes them: a string, token ids, or a list of
+    either (one choice each)."""
     p = req.prompt
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-        p = p[0]
-    if isinstance(p, str):
-        return p
-    if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-        return p
     if p is None:
         raise ApiError(400, "prompt is required", param="prompt")
-    if isinstance(p, list) and p and all(isinstance(t, (str, list)) for t in p):
-        raise ApiError(400, f"prompt holds {len(p)} prompts; send one per request", param="prompt")
-    raise ApiError(400, f"prompt must be a string or a non-empty list of token ids, got {json.dumps(p)[:80]}",
-                   param="prompt")
+    many = isinstance(p, list) and bool(p) and all(isinstance(t, (str, list)) for t in p)
+    prompts = p if many else [p]
+    for i, one in enumerate(prompts):
+        if isinstance(one, str) or (isinstance(one, list) and one and all(_is_int(t) for t in one)):
+            continue
+        where = f"prompt {i}" if many else "prompt"
+        raise ApiError(400, f"{where} must be a string or a non-empty list of token ids, got "
+                       f"{json.dumps(one)[:80]}", param="prompt")
+    return prompts
+
+
+def _is_int(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool)

@@ -20,8 +20,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from dllm_decode.engine import Decoder
 from dllm_decode.errors import DllmDecodeError, InputError
-from dllm_decode.serve.answer import Shape, answer_of, prefix_text
-from dllm_decode.serve.api import ApiError, ChatRequest, CompletionRequest, parse_body, prompt_of
+from dllm_decode.serve.answer import Answer, Shape, answer_of, prefix_text, stop_at
+from dllm_decode.serve.api import ApiError, ChatRequest, CompletionRequest, parse_body, prompts_of, stop_strings
 from dllm_decode.serve.decoders import DecoderPool, FieldError
 from dllm_decode.serve.scheduler import QueueFull
 from dllm_decode.serve.stream import RowUpdate
@@ -86,47 +86,71 @@ class Service:
         from fastapi.responses import JSONResponse, StreamingResponse
         from starlette.background import BackgroundTask
 
+        tickets: list[Ticket] = []
         try:
             req = parse_body(await request.body(), ChatRequest if chat else CompletionRequest)
             if req.model != self.model_name:
                 raise ApiError(404, f"model {req.model!r} is not served here (this server serves "
                                f"{self.model_name!r})", param="model", code="model_not_found")
-            decoder, cut = self._decoder(req)
-            prompt = self._prompt(req, chat)
-            ticket = await self._submit(decoder, prompt, req, "messages" if chat else "prompt")
+            decoder, cut = await self._decoder(req)
+            prompts = self._prompts(req, chat)
+            if req.stream and len(prompts) > 1:
+                raise ApiError(400, f"prompt holds {len(prompts)} prompts; a stream carries one (send one "
+                               "request per prompt, or leave stream out)", param="prompt")
+            stops = stop_strings(req)
+            # a stop string in the committed prefix ends the request early, so its steps are followed
+            follow = req.stream or bool(stops) and not decoder.policy.revocable
+            for i, prompt in enumerate(prompts):
+                field = "messages" if chat else "prompt" if len(prompts) == 1 else f"prompt {i}"
+                tickets.append(await self._submit(decoder, prompt, req, field, follow))
         except ApiError as exc:
+            for ticket in tickets:
+                self.worker.cancel(ticket)
             return _error(exc)
-        shape = Shape(chat, self.model_name, len(prompt))
+        shape = Shape(chat, self.model_name, sum(map(len, prompts)))
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         if req.stream:
             usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._events(ticket, request, shape, decoder, cut, usage, deadline)
+            events = self._events(tickets[0], request, shape, decoder, cut, stops, usage, deadline)
             # the background task cancels the request too when the stream never started
             return StreamingResponse(events, media_type="text/event-stream",
-                                     background=BackgroundTask(self.worker.cancel, ticket))
+                                     background=BackgroundTask(self.worker.cancel, tickets[0]))
+        tasks = [asyncio.ensure_future(self._answer(t, request, decoder, cut, stops, deadline)) for t in tickets]
         try:
-            while not isinstance(event := await self._next(ticket, request, deadline), Finished):
-                pass
-            _raise_failure(event)
-        except _Gone:
-            return JSONResponse({}, status_code=499)       # nobody reads it
-        except _TimedOut:
-            self.worker.cancel(ticket)
-            return _error(self._timeout_error())
-        except ApiError as exc:
-            return _error(exc)
-        return JSONResponse(shape.body(answer_of(event.tokens, decoder, cut)))
+            answers = await asyncio.gather(*tasks)
+        except (_Gone, _TimedOut, ApiError) as exc:
+            for task, ticket in zip(tasks, tickets):        # one prompt failed: the others are dropped
+                task.cancel()
+                self.worker.cancel(ticket)
+            if isinstance(exc, _Gone):
+                return JSONResponse({}, status_code=499)   # nobody reads it
+            return _error(self._timeout_error() if isinstance(exc, _TimedOut) else exc)
+        return JSONResponse(shape.body(answers))
 
-    def _decoder(self, req: Any) -> tuple[Decoder, int | None]:
-        try:
-            return self.pool.for_request(req.recipe, req.max_tokens, req.temperature)
+    async def _answer(self, ticket: Ticket, request: Any, decoder: Decoder, cut: int | None,
+                      stops: Sequence[str], deadline: float) -> Answer:
+        """One prompt's answer: at its end, or as soon as its committed prefix holds a stop string."""
+        while not isinstance(event := await self._next(ticket, request, deadline), Finished):
+            if stop_at(prefix_text(event, decoder, cut), stops) is not None:
+                self.worker.cancel(ticket)
+                return answer_of(event.prefix, decoder, cut, stops)
+        _raise_failure(event)
+        return answer_of(event.tokens, decoder, cut, stops)
+
+    async def _decoder(self, req: Any) -> tuple[Decoder, int | None]:
+        try:            # off the event loop: a first build may load a model while other requests stream
+            return await asyncio.to_thread(self.pool.for_request, req.recipe, req.max_tokens, req.temperature)
         except FieldError as exc:
             raise ApiError(400, str(exc), param=exc.param) from None
 
+    def _prompts(self, req: Any, chat: bool) -> list[list[int]]:
+        if chat:
+            return [self._prompt(req, chat)]
+        many = prompts_of(req)
+        return [p if isinstance(p, list) else self._encode(p, "prompt" if len(many) == 1 else f"prompt {i}")
+                for i, p in enumerate(many)]
+
     def _prompt(self, req: Any, chat: bool) -> list[int]:
-        if not chat:
-            prompt = prompt_of(req)
-            return prompt if isinstance(prompt, list) else self._encode(prompt, "prompt")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "the model's tokenizer has no chat template; send the prompt as text to "
                            "/v1/completions instead", param="messages")
@@ -141,17 +165,17 @@ class Service:
         from dllm_decode.cli import _check_vocabulary     # the refusal `generate` gives the same text
 
         if not text:
-            raise ApiError(400, f"{field} is empty", param=field)
+            raise ApiError(400, f"{field} is empty", param=field.split()[0])
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         try:
             _check_vocabulary(self.tokenizer, text, ids, field)
         except InputError as exc:
-            raise ApiError(400, str(exc), param=field) from None
+            raise ApiError(400, str(exc), param=field.split()[0]) from None
         return ids
 
-    async def _submit(self, decoder: Decoder, prompt: list[int], req: Any, field: str) -> Ticket:
+    async def _submit(self, decoder: Decoder, prompt: list[int], req: Any, field: str, follow: bool) -> Ticket:
         try:
-            return await self.worker.submit(decoder, prompt, req.seed, req.stream)
+            return await self.worker.submit(decoder, prompt, req.seed, follow)
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", type="rate_limit_error",
                            code="queue_full") from None
@@ -159,7 +183,7 @@ class Service:
             message = str(exc).replace("prompt 0 ", f"{field} ")
             if req.max_tokens is not None and "gen_length" in message:
                 message += f" (max_tokens {req.max_tokens} asks for gen_length {decoder.gen.gen_length})"
-            raise ApiError(400, message, param=field) from None
+            raise ApiError(400, message, param=field.split()[0]) from None
         except DllmDecodeError as exc:
             raise ApiError(503, str(exc), type="server_error") from None
 
@@ -184,20 +208,28 @@ class Service:
                     raise _Gone from None
 
     async def _events(self, ticket: Ticket, request: Any, shape: Shape, decoder: Decoder, cut: int | None,
-                      usage: bool, deadline: float) -> AsyncIterator[str]:
+                      stops: Sequence[str], usage: bool, deadline: float) -> AsyncIterator[str]:
         """The stream: text deltas as the committed prefix grows, the finish, ``[DONE]``. A
-        re-masking policy may take back committed text, so its answer is sent whole at the end."""
+        re-masking policy may take back committed text, so its answer is sent whole at the end.
+        The last characters that could begin a stop string are held back until they cannot."""
         sent, revocable = "", decoder.policy.revocable
+        hold = max(map(len, stops), default=1) - 1
         try:
             if shape.chat:
                 yield _sse(shape.chunk(role=True))
             while isinstance(event := await self._next(ticket, request, deadline), RowUpdate):
                 text = "" if revocable else prefix_text(event, decoder, cut)
+                if stop_at(text, stops) is not None:
+                    self.worker.cancel(ticket)
+                    answer = answer_of(event.prefix, decoder, cut, stops)
+                    break
+                text = text[:max(0, len(text) - hold)]
                 if len(text) > len(sent) and text.startswith(sent):
                     yield _sse(shape.chunk(text[len(sent):]))
                     sent = text
-            _raise_failure(event)
-            answer = answer_of(event.tokens, decoder, cut)
+            else:
+                _raise_failure(event)
+                answer = answer_of(event.tokens, decoder, cut, stops)
             if len(answer.text) > len(sent):
                 yield _sse(shape.chunk(answer.text[len(sent):]))
             yield _sse(shape.chunk(finish=answer.finish_reason))
