@@ -200,6 +200,7 @@ def test_a_streamed_completion_adds_up_to_the_answer(main):
     prompt = reference()[2][1]
     stream = main.client().completions.create(model=MODEL, prompt=prompt, max_tokens=32, stream=True,
                                               extra_body={"recipe": "llada"}, stream_options={"include_usage": True})
+    assert stream.response.headers["cache-control"] == "no-cache"       # no proxy holds the events back
     chunks = list(stream)
     row = alone(prompt, "llada")
     texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
@@ -340,6 +341,10 @@ def test_malformed_json_unknown_model_and_bad_messages(main):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = main.post("/v1/completions", {"model": "gpt-4", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = main.post("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 0}, "max_tokens": 8})
+    assert r.status_code == 200                        # a zero bias is neutral
+    r = main.post("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 1.5}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
     r = main.post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.role"
     with pytest.raises(openai.BadRequestError) as err:                 # through the client too
@@ -349,6 +354,9 @@ def test_malformed_json_unknown_model_and_bad_messages(main):
 
 def test_models_and_health(main):
     assert [m.id for m in main.client().models.list()] == [MODEL]
+    assert main.client().models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        main.client().models.retrieve("gpt-4")
     assert main.health() == {"status": "ok", "running": 0, "waiting": 0}
 
 

@@ -118,6 +118,8 @@ def parse_body(raw: bytes, kind: type[_Common]) -> _Common:
         req = kind.model_validate(data)
     except ValidationError as exc:
         raise _field_error(exc) from None
+    if req.logit_bias and not any(req.logit_bias.values()):
+        req.logit_bias = {}                 # biases of zero change nothing
     for name, allowed in NEUTRAL.items():
         value = getattr(req, name, None)
         if value is not None and value not in allowed:

@@ -113,7 +113,7 @@ class Service:
             usage = bool(req.stream_options and req.stream_options.include_usage)
             events = self._events(tickets[0], request, shape, decoder, cut, stops, usage, deadline)
             # the background task cancels the request too when the stream never started
-            return StreamingResponse(events, media_type="text/event-stream",
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(self.worker.cancel, tickets[0]))
         tasks = [asyncio.ensure_future(self._answer(t, request, decoder, cut, stops, deadline)) for t in tickets]
         try:
@@ -300,10 +300,18 @@ def _routes(service: Service) -> Any:
     async def chat_completions(request: Request) -> Any:
         return await service.complete(request, chat=True)
 
+    card = {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "dllm-decode"}
+
     @app.get("/v1/models")
     async def models() -> Any:
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
-                                            "owned_by": "dllm-decode"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> Any:
+        if model_id != service.model_name:
+            return _error(ApiError(404, f"model {model_id!r} is not served here (this server serves "
+                                   f"{service.model_name!r})", param="model", code="model_not_found"))
+        return card
 
     @app.get("/health")
     async def health() -> Any:
