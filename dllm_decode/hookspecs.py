@@ -65,7 +65,7 @@ def check_recipe(recipe: Recipe, options: Any, slots: tuple[str, ...]) -> list[s
     :param recipe: the whole validated recipe (generation settings, every slot).
     :param options: this plugin's validated options.
     :param slots: the slots this plugin fills in this recipe.
-    :return: a list of human-readable problems (empty or ``None`` when the recipe is fine).
+    :return: a list of human-readable problems (one string is one problem; empty or ``None``: fine).
         Each problem should name the setting at fault, e.g. ``"generation.steps (7) must be a
         multiple of the number of blocks (2)"``. The loader raises one ``RecipeError`` that
         names the recipe file, the plugin and every problem.

@@ -13,6 +13,7 @@ Environment variables:
 from __future__ import annotations
 
 import os
+import re
 import sys
 import typing
 import warnings
@@ -93,6 +94,39 @@ class PluginMeta:
     resizable: bool = False
     drops_rows: bool = False
 
+    def __post_init__(self) -> None:
+        # Refused here, where the plugin author builds it, rather than as an AttributeError deep
+        # in `dllm-decode plugins` or the recipe loader, which would take every plugin down.
+        problem = meta_problem(self)
+        if problem is not None:
+            raise TypeError(f"PluginMeta: {problem}")
+
+
+def meta_problem(meta: Any) -> str | None:
+    """What is wrong with a plugin's declared ``dllm_meta`` (None: nothing)."""
+    if not isinstance(meta, PluginMeta):
+        return f"dllm_meta is a {type(meta).__name__}, not a PluginMeta"
+    if not (isinstance(meta.options, type) and issubclass(meta.options, BaseModel)):
+        return (f"options is {meta.options!r}, not a pydantic model class "
+                "(derive the options model from dllm_decode.PluginOptions)")
+    if not isinstance(meta.summary, str):
+        return f"summary is a {type(meta.summary).__name__}, not a str"
+    for flag in ("revocable", "idle_steps", "resizable", "drops_rows"):
+        if not isinstance(getattr(meta, flag), bool):
+            return f"{flag} is {getattr(meta, flag)!r}, not True or False"
+    if meta.exact is not None and not isinstance(meta.exact, bool):
+        return f"exact is {meta.exact!r}, not True, False or None"
+    # a bare string would be read character by character: requires="compute_plans" -> "c", "o", ...
+    for key in ("requires", "auxiliary", "families"):
+        value = getattr(meta, key)
+        if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+            return f"{key} is {value!r}, not a tuple of names"
+    if not isinstance(meta.pairs, (tuple, list)) or not all(
+            isinstance(p, (tuple, list)) and len(p) == 2 and all(s in hookspecs.SLOTS for s in p) for p in meta.pairs):
+        return (f"pairs is {meta.pairs!r}, not a tuple of (slot, slot) pairs "
+                f"(slots: {', '.join(hookspecs.SLOTS)})")
+    return None
+
 
 DEFAULT_META = PluginMeta()
 
@@ -126,6 +160,26 @@ class BrokenPlugin:
         return f"plugin {self.name!r} (entry point {self.entry_point!r}{origin}) failed to load: {self.error}"
 
 
+# The distribution whose entry points are the built-ins: a plugin of another distribution never
+# takes one of their names (see get_plugin_manager).
+BUILTIN_DISTRIBUTION = "dllm-decode"
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    return dist.metadata["Name"] if dist is not None else None
+
+
+def _is_builtin(ep: metadata.EntryPoint) -> bool:
+    name = _dist_name(ep)
+    return name is not None and re.sub(r"[-_.]+", "-", name).lower() == BUILTIN_DISTRIBUTION
+
+
+def _origin(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"entry point {ep.value!r}" + (f", distribution {_dist_name(ep)} {dist.version}" if dist is not None else "")
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager plus the distribution each plugin came from, and the installed plugins
     that could not be loaded (skipped, so one broken package never takes the others down)."""
@@ -142,19 +196,28 @@ def get_plugin_manager(block: list[str] | tuple[str, ...] = (), load_entrypoints
     """A fresh plugin manager (never a module-level singleton: two decoders never interfere).
 
     An installed plugin that fails to import or to register is skipped with a
-    :class:`BrokenPluginWarning` and recorded in ``pm.broken``.
+    :class:`BrokenPluginWarning` and recorded in ``pm.broken``. A third-party entry point that
+    takes a built-in's name is refused with a warning (the built-in stays, loaded or broken);
+    two third-party entry points of one name are both refused and the name recorded broken, so
+    what loads never depends on the order of ``sys.path``.
 
     :param block: plugin names to block, on top of ``DLLM_DECODE_BLOCK``.
-    :param extra_plugins: name -> plugin object registered directly (tests, notebooks).
+    :param extra_plugins: name -> plugin object (usually an imported module) registered directly
+        (tests, notebooks).
     :raises PluginError: a plugin given in ``extra_plugins`` is not valid.
     """
     pm = PluginManager()
     for name in [*_env_list(BLOCK_ENV), *block]:
         pm.set_blocked(name)
     if load_entrypoints:
+        by_name: dict[str, list[metadata.EntryPoint]] = {}
         for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            if not (pm.is_blocked(ep.name) or pm.get_plugin(ep.name) is not None or ep.name in pm.broken):
-                _load_entry_point(pm, ep)
+            by_name.setdefault(ep.name, []).append(ep)
+        # built-ins first, then the others by name: registration order is the same on every path
+        names = sorted(by_name, key=lambda n: (not any(_is_builtin(ep) for ep in by_name[n]), n))
+        for name in names:
+            if not pm.is_blocked(name):
+                _load_entry_points(pm, name, by_name[name])
     for name, plugin in (extra_plugins or {}).items():
         if not pm.is_blocked(name):
             _register(pm, plugin, name, dist=None)
@@ -164,21 +227,52 @@ def get_plugin_manager(block: list[str] | tuple[str, ...] = (), load_entrypoints
     return pm
 
 
+def _load_entry_points(pm: PluginManager, name: str, eps: list[metadata.EntryPoint]) -> None:
+    """Load the one plugin that may own ``name``: the built-in if there is one (a third-party
+    entry point of the same name is refused unloaded, so it can neither replace the built-in nor,
+    failing to import, disable it), else the only third-party entry point."""
+    eps = sorted(eps, key=lambda ep: (_dist_name(ep) or "", ep.value))   # not in sys.path order
+    builtins = [ep for ep in eps if _is_builtin(ep)]
+    others = [ep for ep in eps if not _is_builtin(ep)]
+    if builtins:
+        owner = builtins[0]
+        _load_entry_point(pm, owner)
+        for ep in others:
+            warnings.warn(f"plugin {name!r} ({_origin(ep)}) not loaded: {name!r} is the name of the built-in "
+                          f"plugin ({_origin(owner)}), which is kept; give the entry point another name",
+                          BrokenPluginWarning, stacklevel=3)
+    elif len(others) == 1:
+        _load_entry_point(pm, others[0])
+    else:
+        _record_broken(pm, others[0], f"the name is taken by {len(others)} entry points "
+                       f"({'; '.join(_origin(ep) for ep in others)}); none is loaded, rename all but one",
+                       stacklevel=4)
+
+
 def _load_entry_point(pm: PluginManager, ep: metadata.EntryPoint) -> None:
     """Import and register one installed plugin; a failure is recorded and warned about."""
     try:
         plugin = ep.load()
         _register(pm, plugin, ep.name, dist=ep.dist)
         _check_pending(pm, ep.name)
-    except Exception as exc:  # any error of a third-party import: report it, keep the others
+    except (Exception, SystemExit) as exc:
+        # any error of a third-party import, sys.exit() in its module body included: report it,
+        # keep the others (KeyboardInterrupt still stops the program)
         if pm.get_plugin(ep.name) is not None:
             pm.unregister(name=ep.name)
         pm.distributions.pop(ep.name, None)
-        dist = ep.dist
-        error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
-        pm.broken[ep.name] = BrokenPlugin(ep.name, ep.value, dist.metadata["Name"] if dist else None,
-                                          dist.version if dist else None, error)
-        warnings.warn(f"{pm.broken[ep.name].describe()}; skipped", BrokenPluginWarning, stacklevel=3)
+        if isinstance(exc, SystemExit):
+            error = f"its import called sys.exit({exc.code!r})"
+        else:
+            error = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+        _record_broken(pm, ep, error, stacklevel=5)
+
+
+def _record_broken(pm: PluginManager, ep: metadata.EntryPoint, error: str, stacklevel: int) -> None:
+    # stacklevel: the warning points at the code that called get_plugin_manager
+    dist = getattr(ep, "dist", None)
+    pm.broken[ep.name] = BrokenPlugin(ep.name, ep.value, _dist_name(ep), dist.version if dist else None, error)
+    warnings.warn(f"{pm.broken[ep.name].describe()}; skipped", BrokenPluginWarning, stacklevel=stacklevel)
 
 
 def _check_pending(pm: PluginManager, name: str) -> None:
@@ -190,10 +284,22 @@ def _check_pending(pm: PluginManager, name: str) -> None:
 
 
 def _register(pm: PluginManager, plugin: Any, name: str, dist: Any) -> None:
+    if isinstance(plugin, str):
+        # pluggy would register the string itself, a plugin with no hooks that silently does nothing
+        raise PluginError(f"plugin {name!r} is the string {plugin!r}, not a plugin object; pass the "
+                          f"imported module (importlib.import_module({plugin!r}))", plugin=name)
+    if hasattr(plugin, "dllm_meta"):
+        problem = meta_problem(plugin.dllm_meta)
+        if problem is not None:
+            raise PluginError(f"plugin {name!r} is not valid: {problem}", plugin=name)
     try:
         pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as exc:
         raise PluginError(f"plugin {name!r} could not be registered: {exc}", plugin=name) from exc
+    if not pm.get_hookcallers(plugin):
+        pm.unregister(name=name)
+        raise PluginError(f"plugin {name!r} ({type(plugin).__name__} {plugin!r:.80}) implements no "
+                          f"{hookspecs.PROJECT} hook (mark them with dllm_decode.hookimpl)", plugin=name)
     if dist is not None:
         pm.distributions[name] = dist
 
@@ -230,6 +336,7 @@ class PluginInfo:
             "exact": self.meta.exact, "requires": list(self.meta.requires),
             "pairs": [list(p) for p in self.meta.pairs], "auxiliary": list(self.meta.auxiliary),
             "families": list(self.meta.families), "resizable": self.meta.resizable,
+            "drops_rows": self.meta.drops_rows, "idle_steps": self.meta.idle_steps,
             "parameters": self.parameters,
         }
 
@@ -272,14 +379,25 @@ def list_plugins(pm: PluginManager) -> list[PluginInfo]:
             continue
         dist = pm.distributions.get(name)
         callers = {c.name for c in (pm.get_hookcallers(plugin) or [])}
-        meta = meta_of(plugin)
-        infos.append(PluginInfo(
+        info = PluginInfo(
             name=name,
             distribution=dist.metadata["Name"] if dist is not None else None,
             version=dist.version if dist is not None else None,
             slots=implemented_slots(pm, plugin),
             observers=tuple(o for o in hookspecs.OBSERVERS if o in callers),
-            meta=meta, parameters=describe_options(meta.options)))
+            meta=DEFAULT_META)
+        # A plugin registered past get_plugin_manager's checks (pm.register) may still declare
+        # something unreadable: list it as broken rather than fail the whole listing.
+        problem = meta_problem(plugin.dllm_meta) if hasattr(plugin, "dllm_meta") else None
+        if problem is None:
+            info.meta = meta_of(plugin)
+            try:
+                info.parameters = describe_options(info.meta.options)
+            except Exception as exc:
+                problem = f"its options model cannot be described: {type(exc).__name__}: {exc}"
+        if problem is not None:
+            info.meta, info.parameters, info.broken = DEFAULT_META, [], f"dllm_meta: {problem}"
+        infos.append(info)
     return sorted(infos, key=lambda i: i.name)
 
 

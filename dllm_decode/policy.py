@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dllm_decode.config import Recipe, SlotEntry
-from dllm_decode.errors import RecipeError
+from dllm_decode.errors import DllmDecodeError, PluginError, RecipeError
 from dllm_decode.hookspecs import OBSERVERS, OPTIONAL_SLOTS, SLOTS
 from dllm_decode.plugins import TRACE_ENV, PluginManager, PluginMeta, implemented_slots, meta_of
 
@@ -73,6 +73,16 @@ def _fillers(pm: PluginManager, slot: str) -> list[str]:
     return sorted(n for n, p in pm.list_name_plugin() if p is not None and slot in implemented_slots(pm, p))
 
 
+def _observer_plugins(pm: PluginManager) -> list[str]:
+    return sorted(n for n, p in pm.list_name_plugin()
+                  if p is not None and _observer_hooks(pm, p))
+
+
+def _observer_hooks(pm: PluginManager, plugin: Any) -> list[str]:
+    names = {c.name for c in (pm.get_hookcallers(plugin) or [])}
+    return [hook for hook in OBSERVERS if hook in names]
+
+
 def _lookup(pm: PluginManager, recipe: Recipe, slot: str, name: str) -> Any:
     plugin = pm.get_plugin(name)
     if plugin is None:
@@ -82,7 +92,7 @@ def _lookup(pm: PluginManager, recipe: Recipe, slot: str, name: str) -> Any:
         if pm.is_blocked(name):
             raise RecipeError(f"{_where(recipe)}: {slot}: plugin {name!r} is blocked "
                               "(DLLM_DECODE_BLOCK or --block)")
-        known = (_fillers(pm, slot) if slot in SLOTS
+        known = (_fillers(pm, slot) if slot in SLOTS else _observer_plugins(pm) if slot == "observers"
                  else sorted(n for n, p in pm.list_name_plugin() if p is not None))
         raise RecipeError(f"{_where(recipe)}: {slot}: unknown plugin {name!r} (registered for "
                           f"{slot}: {', '.join(known) or 'none'}; see `dllm-decode plugins`)")
@@ -97,7 +107,13 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
     entries, origin = _slot_entries(recipe, pm)
     merged, key_origin, plugins = _merge_params(recipe, pm, entries, origin)
     for name in recipe.observers:
-        plugins.setdefault(name, _lookup(pm, recipe, "observers", name))
+        plugin = _lookup(pm, recipe, "observers", name)
+        if not _observer_hooks(pm, plugin):
+            # it would be accepted and never called: a recipe that silently observes nothing
+            raise RecipeError(f"{_where(recipe)}: observers: plugin {name!r} implements no observer hook "
+                              f"({', '.join(OBSERVERS)}); plugins with one: "
+                              f"{', '.join(_observer_plugins(pm)) or 'none'}")
+        plugins.setdefault(name, plugin)
         merged.setdefault(name, {})
     metas = {name: meta_of(plugin) for name, plugin in plugins.items()}
     options = {name: _validate(recipe, name, metas[name], merged[name], entries, key_origin) for name in plugins}
@@ -105,9 +121,8 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
         name: tuple(s for s in SLOTS if s in entries and entries[s].plugin == name) for name in plugins}
     problems = _pairing_problems(recipe, metas, slot_of) + _resize_problems(recipe, entries, metas)
     for name, plugin in plugins.items():
-        caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
-        for result in caller(recipe=recipe, options=options[name], slots=slot_of[name]):
-            problems.extend(f"{_where(recipe)}: [plugin {name!r}] {p}" for p in (result or []))
+        problems.extend(f"{_where(recipe)}: [plugin {name!r}] {p}"
+                        for p in _check_recipe(pm, recipe, name, plugin, options[name], slot_of[name]))
     if problems:
         raise RecipeError("\n".join(problems))
 
@@ -120,6 +135,32 @@ def resolve(recipe: Recipe, pm: PluginManager) -> BoundPolicy:
                  for hook in OBSERVERS}
     return BoundPolicy(recipe=recipe, slots=slots, options=options, metas=metas,
                        observers=observers, plugin_names=order)
+
+
+def _check_recipe(pm: PluginManager, recipe: Recipe, name: str, plugin: Any, options: Any,
+                  slots: tuple[str, ...]) -> list[str]:
+    """The problems one plugin's ``check_recipe`` finds; a plugin that raises or returns
+    something other than a list of problems is named, like a plugin failing in any other hook."""
+    caller = pm.subset_hook_caller("check_recipe", _others(pm, [plugin]))
+    try:
+        results = caller(recipe=recipe, options=options, slots=slots)
+    except DllmDecodeError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{_where(recipe)}: plugin {name!r} raised in check_recipe: {type(exc).__name__}: {exc}",
+                          plugin=name, hook="check_recipe") from exc
+    problems: list[str] = []
+    for result in results:
+        if isinstance(result, str):
+            # one problem, not one per character
+            problems.append(result)
+        elif isinstance(result, (list, tuple)):
+            problems.extend(str(p) for p in result)
+        elif result is not None:
+            raise PluginError(f"{_where(recipe)}: plugin {name!r} returned a {type(result).__name__} from "
+                              f"check_recipe ({result!r:.80}); it must return a list of problems or None",
+                              plugin=name, hook="check_recipe")
+    return problems
 
 
 def _slot_entries(recipe: Recipe, pm: PluginManager) -> tuple[dict[str, SlotEntry], dict[str, str]]:

@@ -206,3 +206,241 @@ def test_a_broken_plugin_shows_in_the_plugins_command(broken_install):
     rows = {r["name"]: r for r in json.loads(subprocess.run([cli, "plugins", "--json"], capture_output=True,
                                                             text=True, env=env, timeout=120).stdout)}
     assert "needs torch 9" in rows["broken_one"]["broken"] and rows["llada"]["broken"] is None
+
+
+# ----------------------------------------------------------------------------- third-party faults
+
+
+SELECT_ONE = ("import torch\nfrom dllm_decode import hookimpl, topk_mask\n\n"
+              "@hookimpl\ndef select_tokens(candidates):\n"
+              "    rows = candidates.confidence.shape[0]\n"
+              "    return topk_mask(candidates.confidence, torch.ones(rows, dtype=torch.long))\n")
+
+
+def _module(name, **hooks):
+    """A plugin module built in the test: ``hooks`` are plain functions, marked here."""
+    module = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(module, hook, hookimpl(fn))
+    return module
+
+
+def _select_one(candidates):
+    conf = candidates.confidence
+    return conf == conf.max(dim=1, keepdim=True).values
+
+
+def _resolve(pm, data, source="r.yaml"):
+    from dllm_decode.policy import resolve
+
+    return resolve(recipe_from_dict(data, source=source), pm)
+
+
+def test_a_check_recipe_that_raises_names_the_plugin_and_the_hook():
+    def check_recipe(recipe, options, slots):
+        raise KeyError("oops")
+
+    pm = get_plugin_manager(extra_plugins={"cr_raise": _module("cr_raise", check_recipe=check_recipe,
+                                                                 select_tokens=_select_one)})
+    with pytest.raises(PluginError, match=r"^r\.yaml: plugin 'cr_raise' raised in check_recipe: "
+                                          r"KeyError: 'oops'") as caught:
+        _resolve(pm, {"policy": "llada", "select_tokens": "cr_raise"})
+    assert (caught.value.plugin, caught.value.hook) == ("cr_raise", "check_recipe")
+
+
+@pytest.mark.parametrize("returned, problems", [
+    ("needs block_length", ["needs block_length"]),                 # one problem, not one per character
+    (("a", "b"), ["a", "b"]),
+    (["a"], ["a"]),
+])
+def test_check_recipe_problems_are_reported_whole(returned, problems):
+    from dllm_decode.errors import RecipeError
+
+    pm = get_plugin_manager(extra_plugins={"cr_ret": _module("cr_ret", check_recipe=lambda recipe: returned,
+                                                               select_tokens=_select_one)})
+    with pytest.raises(RecipeError) as caught:
+        _resolve(pm, {"policy": "llada", "select_tokens": "cr_ret"})
+    assert str(caught.value).splitlines() == [f"r.yaml: [plugin 'cr_ret'] {p}" for p in problems]
+
+
+@pytest.mark.parametrize("returned", [{"key": "problem"}, 3, True])
+def test_check_recipe_returning_no_list_is_refused_naming_the_plugin(returned):
+    pm = get_plugin_manager(extra_plugins={"cr_odd": _module("cr_odd", check_recipe=lambda recipe: returned,
+                                                               select_tokens=_select_one)})
+    with pytest.raises(PluginError, match=rf"plugin 'cr_odd' returned a {type(returned).__name__} from "
+                                          r"check_recipe .*list of problems"):
+        _resolve(pm, {"policy": "llada", "select_tokens": "cr_odd"})
+    assert _resolve(pm, {"policy": "llada"}).plugin_for("select_tokens") == "llada"
+
+
+class NotPydantic:
+    pass
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"options": NotPydantic}, "options is .*NotPydantic.*not a pydantic model"),
+    ({"requires": "compute_plans"}, "requires is 'compute_plans', not a tuple"),
+    ({"pairs": (("select_tokens", "scroe"),)}, "pairs is"),
+    ({"revocable": "yes"}, "revocable is 'yes'"),
+])
+def test_plugin_meta_refuses_what_it_cannot_use(kwargs, match):
+    from dllm_decode.plugins import PluginMeta
+
+    with pytest.raises(TypeError, match=match):
+        PluginMeta(**kwargs)
+
+
+BAD_META = ("from dllm_decode import PluginMeta\n" + SELECT_ONE.split("\n", 1)[1] +
+            "class NotPydantic:\n    pass\n\ndllm_meta = PluginMeta(summary='bad', options=NotPydantic)\n")
+
+
+def test_a_plugin_with_a_bad_meta_is_listed_broken_and_the_others_work(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fake_dist import install_fake_distribution
+
+    from dllm_decode.cli import main
+    from dllm_decode.errors import RecipeError
+    from dllm_decode.plugins import BrokenPluginWarning, broken_plugins
+
+    root = install_fake_distribution(tmp_path / "site", "bad-meta-plugins", {"badmeta_one": "badmeta_mod"},
+                                     {"badmeta_mod": BAD_META})
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.warns(BrokenPluginWarning, match="badmeta_one.*not a pydantic model"):
+        pm = get_plugin_manager()
+    assert "not a pydantic model" in {i.name: i for i in broken_plugins(pm)}["badmeta_one"].broken
+    with pytest.raises(RecipeError, match="select_tokens: plugin 'badmeta_one' .*not a pydantic model"):
+        _resolve(pm, {"policy": "llada", "select_tokens": "badmeta_one"})
+    assert main(["plugins", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert "not a pydantic model" in rows["badmeta_one"]["broken"]
+    assert rows["llada"]["broken"] is None and rows["llada"]["parameters"]
+    assert main(["plugins"]) == 0
+    assert "badmeta_one  [bad-meta-plugins 1.0]  (BROKEN)" in capsys.readouterr().out
+
+
+def test_a_meta_that_is_not_a_plugin_meta_is_refused_or_listed_broken():
+    from dllm_decode.plugins import list_plugins
+
+    bad = _module("meta_ns", select_tokens=_select_one)
+    bad.dllm_meta = types.SimpleNamespace(options=NotPydantic)
+    with pytest.raises(PluginError, match="plugin 'meta_ns' is not valid: dllm_meta is a SimpleNamespace"):
+        get_plugin_manager(extra_plugins={"meta_ns": bad})
+    pm = get_plugin_manager()
+    pm.register(bad, name="meta_ns")          # past the checks, as PluginKit registers
+    rows = {i.name: i for i in list_plugins(pm)}
+    assert "dllm_meta is a SimpleNamespace" in rows["meta_ns"].broken and rows["llada"].broken is None
+
+
+def _on_path(monkeypatch, root, where):
+    import importlib
+    import sys
+
+    monkeypatch.setattr(sys, "path", [str(root), *sys.path] if where == "first" else [*sys.path, str(root)])
+    importlib.invalidate_caches()
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+@pytest.mark.parametrize("kind", ["breaks", "loads"])
+def test_a_third_party_plugin_never_shadows_a_built_in(tmp_path, monkeypatch, where, kind):
+    import sys
+    import warnings
+
+    from fake_dist import install_fake_distribution
+
+    module = f"shadow_{kind}_{where}"
+    text = "raise RuntimeError('broken replacement')\n" if kind == "breaks" else SELECT_ONE
+    root = install_fake_distribution(tmp_path / "site", "shadowing-plugins", {"llada": module}, {module: text})
+    _on_path(monkeypatch, root, where)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = get_plugin_manager()
+    text = "\n".join(str(w.message) for w in caught)
+    assert f"plugin 'llada' (entry point '{module}', distribution shadowing-plugins 1.0) not loaded" in text
+    assert "built-in plugin (entry point 'dllm_decode.policies.llada', distribution dllm-decode" in text
+    assert pm.get_plugin("llada") is llada and "llada" not in pm.broken
+    assert module not in sys.modules                 # refused unimported: its import cannot interfere
+    assert _resolve(pm, {"policy": "llada"}).plugin_for("select_tokens") == "llada"
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_two_third_party_plugins_of_one_name_are_both_refused(tmp_path, monkeypatch, where):
+    import sys
+
+    from fake_dist import install_fake_distribution
+
+    from dllm_decode.plugins import BrokenPluginWarning
+
+    root = tmp_path / "site"
+    for dist in ("twin-a", "twin-b"):
+        module = f"twin_{dist[-1]}_{where}"
+        install_fake_distribution(root, dist, {"twin": module}, {module: SELECT_ONE})
+    _on_path(monkeypatch, root, where)
+    with pytest.warns(BrokenPluginWarning, match="twin"):
+        pm = get_plugin_manager()
+    assert pm.get_plugin("twin") is None
+    error = pm.broken["twin"].error
+    assert "twin-a 1.0" in error and "twin-b 1.0" in error and pm.broken["twin"].distribution == "twin-a"
+    assert not {f"twin_a_{where}", f"twin_b_{where}"} & set(sys.modules)
+
+
+def test_an_observer_must_implement_an_observer_hook():
+    from dllm_decode.errors import RecipeError
+
+    watcher = _module("watcher", after_step=lambda state: None)
+    pm = get_plugin_manager(extra_plugins={"watcher": watcher})
+    with pytest.raises(RecipeError, match=r"r\.yaml: observers: plugin 'llada' implements no observer hook"):
+        _resolve(pm, {"policy": "llada", "observers": ["llada"]})
+    with pytest.raises(RecipeError) as caught:
+        _resolve(pm, {"policy": "llada", "observers": ["nope"]})
+    listed = str(caught.value).split("registered for observers: ")[1].split(";")[0].split(", ")
+    assert "watcher" in listed and "llada" not in listed and "apd" in listed     # apd observes request start
+    assert [n for n, _ in _resolve(pm, {"policy": "llada", "observers": ["watcher"]}).observers["after_step"]] \
+        == ["watcher"]
+
+
+def test_the_json_listing_carries_every_declared_flag(pm):
+    import dataclasses
+
+    from dllm_decode.plugins import PluginMeta
+
+    rows = {i.name: i.as_dict() for i in list_plugins(pm)}
+    for f in dataclasses.fields(PluginMeta):
+        if f.name != "options":                      # options appear as "parameters"
+            assert all(f.name in row for row in rows.values()), f.name
+    assert rows["dream"]["idle_steps"] is True and rows["llada"]["idle_steps"] is False
+    assert rows["d2cache"]["drops_rows"] is True and rows["llada"]["drops_rows"] is False
+
+
+@pytest.mark.parametrize("body, error", [("import sys\nsys.exit('no thanks')\n", "sys.exit('no thanks')"),
+                                         ("import sys\nsys.exit(3)\n", "sys.exit(3)")])
+def test_a_plugin_calling_sys_exit_on_import_is_a_load_failure(tmp_path, monkeypatch, body, error):
+    from fake_dist import install_fake_distribution
+
+    from dllm_decode.plugins import BrokenPluginWarning
+
+    module = f"exiting_{abs(hash(body))}"
+    root = install_fake_distribution(tmp_path / "site", "exiting-plugins", {"exiting": module}, {module: body})
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.warns(BrokenPluginWarning, match="exiting"):
+        pm = get_plugin_manager()
+    assert error in pm.broken["exiting"].error and pm.get_plugin("llada") is not None
+
+
+def test_a_keyboard_interrupt_during_a_plugin_import_still_stops(tmp_path, monkeypatch):
+    from fake_dist import install_fake_distribution
+
+    root = install_fake_distribution(tmp_path / "site", "interrupted-plugins", {"interrupted": "interrupting_mod"},
+                                     {"interrupting_mod": "raise KeyboardInterrupt\n"})
+    monkeypatch.syspath_prepend(str(root))
+    with pytest.raises(KeyboardInterrupt):
+        get_plugin_manager()
+
+
+@pytest.mark.parametrize("plugin, match", [
+    ("llada_copy", r"plugin 'x' is the string 'llada_copy', not a plugin object; pass the imported module"),
+    (object(), r"plugin 'x' \(object .*\) implements no dllm_decode hook"),
+])
+def test_extra_plugins_refuse_what_is_not_a_plugin(plugin, match):
+    with pytest.raises(PluginError, match=match):
+        get_plugin_manager(extra_plugins={"x": plugin})

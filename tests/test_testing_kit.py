@@ -120,3 +120,18 @@ def test_pytest_fixtures(pytester):
                                        "generation": {"gen_length": 8}})
     """)
     pytester.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_kit_registers_its_plugins_through_the_checks_installed_ones_pass():
+    """A kit plugin with an unreadable meta or no hook is refused by name, as an installed one is,
+    instead of half-working under the invariant suite."""
+    import types
+
+    from dllm_decode import PluginMeta
+    from dllm_decode.errors import PluginError
+    from dllm_decode.testing import PluginKit
+
+    with pytest.raises(PluginError, match="'hookless' .* implements no"):
+        PluginKit().register("hookless", types.SimpleNamespace(dllm_meta=PluginMeta())).plugin_manager()
+    with pytest.raises(PluginError, match="'named'.*string"):
+        PluginKit().register("named", "my_select").plugin_manager()

@@ -39,7 +39,7 @@ import torch
 from dllm_decode.config import Recipe, load_recipe, recipe_from_dict
 from dllm_decode.engine import Decoder, GenerationResult
 from dllm_decode.hookspecs import hookimpl
-from dllm_decode.plugins import PluginManager, get_plugin_manager
+from dllm_decode.plugins import PluginManager, _register, get_plugin_manager
 from dllm_decode.canvas import moved_columns
 from dllm_decode.state import UNCOMMITTED
 
@@ -357,7 +357,10 @@ class PluginKit:
         for name, plugin in self.plugins.items():
             if pm.get_plugin(name) is not None:
                 pm.unregister(name=name)
-            pm.register(plugin, name=name)
+            pm.broken.pop(name, None)            # the working copy replaces a broken installed one too
+            pm.distributions.pop(name, None)
+            # the checks an installed plugin passes (a readable dllm_meta, at least one hook)
+            _register(pm, plugin, name, dist=None)
         return pm
 
     def check_invariants(self, recipe: Recipe | str | Path | dict, prompts: Sequence[Sequence[int]] | None = None,
