@@ -41,7 +41,8 @@ def _recipe_flags(p: argparse.ArgumentParser, model_help: str) -> None:
 
 def _generate_parser(sub: Any) -> None:
     gen = sub.add_parser("generate", help="decode prompts with a model and a recipe")
-    gen.add_argument("prompts", nargs="*", help="text prompts (tokenized with the model's tokenizer)")
+    gen.add_argument("prompts", nargs="*", help="text prompts (tokenized with the model's tokenizer); rows "
+                     "are decoded, printed and numbered (from 1) --input-ids first, then text prompts")
     gen.add_argument("--input-ids", action="append", type=_parse_ids, default=[], metavar="1,2,3",
                      help="a prompt as token ids; repeat for several")
     gen.add_argument("--recipe", help="recipe file, or the name of a shipped recipe (default: the model "
@@ -49,8 +50,9 @@ def _generate_parser(sub: Any) -> None:
     _recipe_flags(gen, "checkpoint directory (overrides the recipe's model.path)")
     gen.add_argument("--task", metavar="NAME[,NAME]", help="decode held-out problems of these tasks "
                      "(names, comma-separated, or a named mix: reference, workload) and score them")
-    gen.add_argument("--n", type=int, default=1, help="with --task: problems per task (default 1)")
-    gen.add_argument("--task-seed", type=int, default=0, help="with --task: seed of the held-out stream")
+    # --n and --task-seed default to None, so that one given without --task is refused, not ignored
+    gen.add_argument("--n", type=int, help="with --task: problems per task (default 1)")
+    gen.add_argument("--task-seed", type=int, help="with --task: seed of the held-out stream (default 0)")
     gen.add_argument("--chat", action="store_true", help="wrap text prompts in the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object with every row")
     gen.add_argument("--stream", action="store_true", help="show every step: the canvas filling in on a "
@@ -78,7 +80,8 @@ def _bench_parser(sub: Any) -> None:
                        help="expand each recipe into one per value, e.g. select_tokens.threshold=0.5,0.9")
     bench.add_argument("--ar-model", metavar="DIR", help="add greedy decoding of this AutoModelForCausalLM")
     bench.add_argument("--json", metavar="PATH", help="write the table and per-problem records as JSON")
-    bench.add_argument("--plot", metavar="PATH", help="write accuracy vs throughput / NFE as a PNG")
+    bench.add_argument("--plot", metavar="PATH", help="write accuracy vs throughput / NFE as a picture (its "
+                       "suffix names the image format: .png, .svg, .pdf, ...)")
     bench.add_argument("--no-warmup", action="store_true", help="skip the warm-up decode")
     bench.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
@@ -90,10 +93,12 @@ def _trace_parser(sub: Any) -> None:
                     "as generate)")
     _recipe_flags(tr, "checkpoint directory")
     tr.add_argument("--input-ids", type=_parse_ids, metavar="1,2,3", help="the prompt as token ids")
-    tr.add_argument("--task", default="copy", help="without a prompt: the task of the held-out problem")
-    tr.add_argument("--index", type=int, default=0, help="without a prompt: which held-out problem (from 0)")
+    # --task and --index default to None, so that one given beside a prompt is refused, not ignored
+    tr.add_argument("--task", help="without a prompt: the task of the held-out problem (default copy)")
+    tr.add_argument("--index", type=int, help="without a prompt: which held-out problem (from 0; default 0)")
     tr.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    tr.add_argument("--out", required=True, metavar="PNG", help="where to draw the picture")
+    tr.add_argument("--out", required=True, metavar="PNG", help="where to draw the picture (its suffix names "
+                    "the image format: .png, .svg, .pdf, ...)")
     tr.add_argument("--json", metavar="PATH", help="also write the per-step record")
 
 
@@ -178,9 +183,9 @@ def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from dllm_decode.plugins import broken_plugins, get_plugin_manager, list_plugins
+    from dllm_decode.plugins import broken_plugins, list_plugins
 
-    pm = get_plugin_manager(block=args.block)
+    pm = _plugin_manager(args)
     infos = sorted(list_plugins(pm) + broken_plugins(pm), key=lambda i: i.name)
     if args.json:
         print(json.dumps([i.as_dict() for i in infos], indent=2, default=str))
@@ -210,14 +215,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from dllm_decode.engine import Decoder
-    from dllm_decode.plugins import get_plugin_manager
+    from dllm_decode.request import check_prompts
 
     _check_counts(args)
+    _check_generate_flags(args)
     recipe = _load_recipe(args, args.recipe)
-    pm = get_plugin_manager(block=args.block)
+    pm = _plugin_manager(args)
     policy = resolve_recipe(recipe, pm)     # every recipe error surfaces before the model loads
-    if not args.prompts and not args.input_ids and not args.task:
-        raise DllmDecodeError("nothing to decode: give text prompts, --input-ids or --task")
     problems = _task_problems(args) if args.task else []
     model_path = args.model = _model_path(args, recipe)
     model, tokenizer = _load_model(model_path, recipe, args)
@@ -226,11 +230,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise DllmDecodeError(f"{model_path}: no tokenizer files; --task needs one")
         return _decode_problems(model, tokenizer, recipe, pm, policy, problems, args)
     prompts = list(args.input_ids)
+    names = _prompt_names(args)
     if args.prompts:
         if tokenizer is None:
             raise DllmDecodeError(f"{model_path}: no tokenizer files; pass --input-ids instead of text")
-        prompts += [_encode(tokenizer, text, args.chat, f"prompt {i + 1}") for i, text in enumerate(args.prompts)]
+        prompts += [_encode(tokenizer, text, args.chat, name)
+                    for text, name in zip(args.prompts, names[len(prompts):])]
     decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
+    # the engine names rows by their 0-based index in the list it is given: check here first, so
+    # the error names the prompt as the user numbers it
+    check_prompts(prompts, decoder.spec, decoder.gen.gen_length, decoder.mask_id, names=names)
     if args.stream:
         return _stream(decoder, prompts, tokenizer, args)
     result = decoder.generate(prompts, progress=not args.no_progress and sys.stderr.isatty())
@@ -248,8 +257,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _stream(decoder: Any, prompts: list[list[int]], tokenizer: Any, args: argparse.Namespace) -> int:
     from dllm_decode.serve.terminal import stream_to
 
-    if tokenizer is None or args.json:
-        raise DllmDecodeError("--stream shows text: it needs the model's tokenizer and cannot be combined with --json")
+    if tokenizer is None:
+        raise DllmDecodeError("--stream shows text: it needs the model's tokenizer")
     stream_to(sys.stdout, decoder, prompts, tokenizer, tty=sys.stdout.isatty())
     return 0
 
@@ -257,14 +266,14 @@ def _stream(decoder: Any, prompts: list[list[int]], tokenizer: Any, args: argpar
 def cmd_bench(args: argparse.Namespace) -> int:
     from dllm_decode.measure import bench
     from dllm_decode.measure.evaluate import answers_longer_than, truncation_note
-    from dllm_decode.plugins import get_plugin_manager
 
     _check_counts(args)
+    _check_outputs(args, {"json": False, "plot": True})      # before any decoding: a bad path loses no run
     common = [*args.overrides, *_device_dtype_overrides(args)]
     if args.batch_size:
         common.append(f"generation.batch_size={args.batch_size}")
     named = [_bench_row(r) for r in args.recipes]
-    pm = get_plugin_manager(block=args.block)
+    pm = _plugin_manager(args)
     # every recipe error surfaces here, before any model loads
     recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
     if len({r.generation.dtype for _, r in recipes}) > 1:
@@ -276,7 +285,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     loaded: dict[str, tuple[Any, Any]] = {}
     for path, (_, recipe) in zip(paths, recipes):
         if path not in loaded:
-            loaded[path] = _load_model(path, recipe, args)
+            # RECIPE@DIR gave the row's model.path as an override (_bench_row)
+            at = any(o.startswith("model.path=") for o in recipe.overrides)
+            what = ("--recipes" if at else f"{recipe.source or '<recipe>'}: model.path"
+                    if recipe.model.path else args.model_from)
+            loaded[path] = _load_model(path, recipe, args, what)
             if loaded[path][1] is None:
                 raise DllmDecodeError(f"{path}: no tokenizer files; bench needs one")
             if args.max_length:
@@ -291,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ar = None
     if args.ar_model:
         from dllm_decode.measure.evaluate import load_ar
-        ar = load_ar(args.ar_model, device=first.model.device)
+        ar = load_ar(args.ar_model, device=first.model.device, what="--ar-model")
     runs = _run_bench(bench, model, tokenizer, recipes, problems, ar, pm, args, models)
     info = {**bench.machine_info(bench.model_device(model), first.generation.dtype), "model": str(args.model)}
     print(f"model {args.model} | tasks {args.task} x {args.n} (seed {args.task_seed}) | "
@@ -299,10 +312,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(bench.render(runs, info))
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "no_progress")}
     settings["answers_longer_than_gen_length"] = {t: k for t, (k, _) in too_long.items()}
-    if args.json:
-        Path(args.json).write_text(json.dumps(bench.to_json(runs, info, settings), indent=1) + "\n")
-    if args.plot:
-        bench.plot(runs, args.plot, title=f"{Path(args.model).name}, {args.task}, gen {first.generation.gen_length}")
+    title = f"{Path(args.model).name}, {args.task}, gen {first.generation.gen_length}"
+    _write_outputs({"--json": args.json and (lambda: Path(args.json).write_text(
+                        json.dumps(bench.to_json(runs, info, settings), indent=1) + "\n")),
+                    "--plot": args.plot and (lambda: bench.plot(runs, args.plot, title=title))})
     return 0
 
 
@@ -332,35 +345,41 @@ def _run_bench(bench: Any, model: Any, tokenizer: Any, recipes: list, problems: 
 def cmd_trace(args: argparse.Namespace) -> int:
     from dllm_decode.engine import Decoder
     from dllm_decode.measure import trace
-    from dllm_decode.plugins import get_plugin_manager
+    from dllm_decode.request import check_prompts
 
     _check_counts(args)
+    _check_trace_flags(args)
+    _check_outputs(args, {"json": False, "out": True})       # before any decoding: a bad path loses no run
     recipe = _load_recipe(args, args.recipe, ["generation.batch_size=1"])
-    pm = get_plugin_manager(block=args.block)
+    pm = _plugin_manager(args)
     policy = resolve_recipe(recipe, pm)
+    task, index = args.task or "copy", args.index or 0
     problem = None if args.prompt is not None or args.input_ids else _task_problems(
-        argparse.Namespace(task=args.task, n=args.index + 1, task_seed=0))[args.index]
+        argparse.Namespace(task=task, n=index + 1, task_seed=0))[index]
     args.model = _model_path(args, recipe)
     model, tokenizer = _load_model(args.model, recipe, args)
+    where = "--input-ids" if args.input_ids else "prompt" if problem is None else f"--task {task} --index {index}"
     if args.input_ids:
         prompt = args.input_ids
     elif tokenizer is None:
         raise DllmDecodeError(f"{args.model}: no tokenizer files; pass --input-ids")
     else:
-        prompt = _encode(tokenizer, problem.prompt if problem else args.prompt, args.chat, "prompt")
+        prompt = _encode(tokenizer, problem.prompt if problem else args.prompt, args.chat, where)
     decoder = Decoder(model, recipe, pm=pm, tokenizer=tokenizer, policy=policy)
+    # named as the user gave it (the engine would say "prompt 0")
+    check_prompts([prompt], decoder.spec, decoder.gen.gen_length, decoder.mask_id, names=[where])
     state = decoder.generate([prompt], keep_states=True).states[0]
     record = trace.trace_record(state, tokenizer)
     name = recipe.name or (Path(recipe.source).stem if recipe.source else "recipe")
-    trace.draw(record, args.out, title=f"{Path(args.model).name}, {name}: {len(record['steps'])} steps")
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+    title = f"{Path(args.model).name}, {name}: {len(record['steps'])} steps"
+    _write_outputs({"--json": args.json and (lambda: Path(args.json).write_text(
+                        json.dumps(record, indent=1) + "\n")),
+                    "--out": lambda: trace.draw(record, args.out, title=title)})
     print(f"{len(record['steps'])} steps, NFE {record['nfe']}; picture in {args.out}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dllm_decode.plugins import get_plugin_manager
     from dllm_decode.serve import server
 
     server.require()                        # before a model loads: says how to install what is missing
@@ -368,7 +387,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise DllmDecodeError(f"--timeout {args.timeout:g}: must be positive")
     recipe = _load_recipe(args, args.recipe)
-    pm = get_plugin_manager(block=args.block)
+    pm = _plugin_manager(args)
     resolve_recipe(recipe, pm)
     args.model = _model_path(args, recipe)
     model, tokenizer = _load_model(args.model, recipe, args)
@@ -397,10 +416,142 @@ def _check_counts(args: argparse.Namespace) -> None:
     rows = ids if args.command == "generate" else [] if ids is None else [ids]    # generate takes several
     if any(not row for row in rows):
         raise DllmDecodeError("--input-ids: empty prompt; give at least one token id")
-    texts = getattr(args, "prompts", None) or ([args.prompt] if getattr(args, "prompt", None) is not None else [])
-    for i, text in enumerate(texts):
+    if args.command == "generate":
+        texts, names = args.prompts, _prompt_names(args)[len(args.input_ids):]
+    else:
+        texts, names = [] if getattr(args, "prompt", None) is None else [args.prompt], ["prompt"]
+    for text, name in zip(texts, names):
         if not text:
-            raise InputError(f"prompt {i + 1}: empty prompt; give some text (or --input-ids)")
+            raise InputError(f"{name}: empty prompt; give some text (or --input-ids)")
+
+
+def _prompt_names(args: argparse.Namespace) -> list[str]:
+    """How generate's errors name each row: ``prompt K``, K from 1 in the order the rows are
+    decoded and printed (--input-ids, then text prompts), with where it came from when both kinds
+    are given."""
+    ids, texts = len(args.input_ids), len(args.prompts)
+    if not ids or not texts:
+        return [f"prompt {k + 1}" for k in range(ids + texts)]
+    return [f"prompt {k + 1} (--input-ids)" for k in range(ids)] + \
+        [f"prompt {ids + k + 1} (text prompt {k + 1})" for k in range(texts)]
+
+
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    """Refuse flags that would be silently ignored with the others given (before the model loads)."""
+    given = bool(args.prompts or args.input_ids)
+    if not given and not args.task:
+        raise DllmDecodeError("nothing to decode: give text prompts, --input-ids or --task")
+    if args.task:
+        if given:
+            raise DllmDecodeError("--task decodes held-out problems instead of prompts: give prompts "
+                                  "(text or --input-ids) or --task, not both")
+        for flag, on in (("--stream", args.stream), ("--chat", args.chat)):
+            if on:
+                raise DllmDecodeError(f"{flag} applies to text prompts, not to --task problems: drop one")
+        args.n = 1 if args.n is None else args.n
+        args.task_seed = 0 if args.task_seed is None else args.task_seed
+    for flag in ("n", "task_seed"):
+        if getattr(args, flag) is not None and not args.task:
+            raise DllmDecodeError(f"--{flag.replace('_', '-')} applies to --task problems: give --task too, "
+                                  "or drop it")
+    if args.chat and not args.prompts and not args.task:
+        raise DllmDecodeError("--chat wraps text prompts in the chat template; --input-ids are decoded as "
+                              "given: give a text prompt or drop --chat")
+    if args.stream and args.json:
+        raise DllmDecodeError("--stream shows text as it is decoded and cannot be combined with --json")
+
+
+def _check_trace_flags(args: argparse.Namespace) -> None:
+    """One prompt: text, --input-ids or a held-out problem (--task, --index); refuse a mix, which
+    would silently use one of them."""
+    given = [flag for flag, on in (("a text prompt", args.prompt is not None), ("--input-ids", args.input_ids),
+                                   ("--task/--index", args.task is not None or args.index is not None)) if on]
+    if len(given) > 1:
+        raise DllmDecodeError(f"trace decodes one prompt: give {' or '.join(given)}, not both")
+    if args.chat and args.input_ids:
+        raise DllmDecodeError("--chat wraps text in the chat template; --input-ids are decoded as given: "
+                              "drop one")
+
+
+def _plugin_manager(args: argparse.Namespace) -> Any:
+    """The plugin manager with --block applied, refusing a name no plugin has (a typo would
+    otherwise block nothing, silently)."""
+    import difflib
+    from importlib import metadata
+
+    from dllm_decode.plugins import ENTRY_POINT_GROUP, get_plugin_manager
+
+    pm = get_plugin_manager(block=args.block)
+    # a blocked plugin is never loaded: the entry points name it
+    known = {ep.name for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)} | set(pm.broken) | \
+        {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+    for name in args.block:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise DllmDecodeError(f"--block {name!r}: no plugin of that name; {hint}known: "
+                                  f"{', '.join(sorted(known))}")
+    return pm
+
+
+def _check_outputs(args: argparse.Namespace, dests: dict[str, bool]) -> None:
+    """Refuse an output path that could not be written, before any decoding: its folder exists,
+    and it can be created there; a picture's suffix (``dests``: dest -> is a picture) names a
+    format matplotlib writes."""
+    for dest, image in dests.items():
+        path = getattr(args, dest)
+        if path is None:
+            continue
+        flag = f"--{dest}"
+        if image:
+            from matplotlib.backend_bases import FigureCanvasBase
+
+            formats = sorted(FigureCanvasBase.get_supported_filetypes())
+            suffix = Path(path).suffix.lower().lstrip(".")
+            if suffix not in formats:
+                what = f"suffix .{suffix} is not an image format" if suffix else "no suffix to name the image format"
+                raise DllmDecodeError(f"{flag} {path}: {what}; end it in one of "
+                                      f"{', '.join('.' + f for f in formats)}")
+        _check_writable(flag, Path(path))
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    parent = path.parent
+    if not parent.is_dir():
+        raise DllmDecodeError(f"{flag} {path}: {'no folder' if not parent.exists() else 'not a folder'} {parent}")
+    if path.is_dir():
+        raise DllmDecodeError(f"{flag} {path}: a folder; give a file path")
+    existed = path.exists()
+    try:
+        # opening it is the one check that sees what permissions bits do not (read-only mounts, name length)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise DllmDecodeError(f"{flag} {path}: cannot write: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink()                 # nothing left behind if the run fails before writing it
+
+
+def _write_outputs(writers: dict[str, Any]) -> None:
+    """Run each output's writer (flag -> callable, or a false value for an output not asked for).
+    The paths were checked before decoding, but a disk can fill or a folder go away since: one
+    that fails does not stop the others, and the error names each flag that failed."""
+    failed, written, unexpected = [], [], None
+    for flag, write in writers.items():
+        if not write:
+            continue
+        try:
+            write()
+            written.append(flag)
+        except OSError as exc:
+            failed.append(f"{flag} {exc.filename or ''}: {exc.strerror or exc}".replace(" :", ":"))
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, once the other outputs are written
+            unexpected = unexpected or exc
+    if unexpected is not None:
+        raise unexpected
+    if failed:
+        raise DllmDecodeError("could not write " + "; ".join(failed) +
+                              (f" ({', '.join(written)} written)" if written else ""))
 
 
 def _device_dtype_overrides(args: argparse.Namespace) -> list[str]:
@@ -458,6 +609,8 @@ def shipped_model() -> Path:
 
 
 def _model_path(args: argparse.Namespace, recipe: Any) -> str:
+    """The checkpoint to decode with; ``args.model_from`` records where it came from, for errors."""
+    args.model_from = _model_origin(args, recipe)
     path = args.model or recipe.model.path
     if path:
         return str(path)
@@ -471,19 +624,30 @@ def _model_path(args: argparse.Namespace, recipe: Any) -> str:
                           "recipe (the shipped reference models come with a checkout of the repository)")
 
 
-def _load_model(path: str, recipe: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+def _model_origin(args: argparse.Namespace, recipe: Any) -> str | None:
+    """The flag or recipe key that named the model (None: the shipped one)."""
+    if args.model:
+        return "--model"
+    if any(o.split("=", 1)[0].strip() == "model.path" for o in getattr(args, "overrides", [])):
+        return "--set model.path"
+    if recipe.model.path:
+        return f"{recipe.source or '<recipe>'}: model.path"
+    return None
+
+
+def _load_model(path: str, recipe: Any, args: argparse.Namespace, what: str | None = None) -> tuple[Any, Any]:
     from dllm_decode.models import load_model
     from dllm_decode.models.loader import check_device
 
     if args.device:
-        what = "--device"
+        device_from = "--device"
     elif any(o.split("=", 1)[0].strip() == "model.device" for o in args.overrides):
-        what = "--set model.device"
+        device_from = "--set model.device"
     else:
-        what = f"{recipe.source or '<recipe>'}: model.device"
-    check_device(recipe.model.device, what)
+        device_from = f"{recipe.source or '<recipe>'}: model.device"
+    check_device(recipe.model.device, device_from)
     return load_model(path, dtype=recipe.generation.dtype, device=recipe.model.device,
-                      block_size=recipe.model.block_size)
+                      block_size=recipe.model.block_size, what=what or getattr(args, "model_from", None))
 
 
 def _task_problems(args: argparse.Namespace) -> list:
@@ -500,8 +664,13 @@ def _task_problems(args: argparse.Namespace) -> list:
 
 
 def _decode_problems(model, tokenizer, recipe, pm, policy, problems, args) -> int:
-    from dllm_decode.measure.evaluate import evaluate
+    from dllm_decode.measure.evaluate import answers_longer_than, evaluate, truncation_note
 
+    # as bench says it: otherwise a too short --gen-length reads as a wrong policy
+    note = truncation_note(answers_longer_than(problems, tokenizer, recipe.generation.gen_length),
+                           recipe.generation.gen_length)
+    if note:
+        print(f"generate: {note}", file=sys.stderr)
     res = evaluate(model, tokenizer, recipe, problems, pm=pm, policy=policy,
                    progress=not args.no_progress and sys.stderr.isatty())
     if args.json:

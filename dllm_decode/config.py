@@ -13,8 +13,10 @@ plugin parameters are checked against the registered plugins by :func:`dllm_deco
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Collection, Literal, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -111,7 +113,7 @@ class SlotEntry(_Strict):
             return {"plugin": value}
         if isinstance(value, dict) and "params" not in value:
             if "plugin" not in value:
-                raise ValueError("a slot needs `plugin: NAME` (or just the plugin name)")
+                raise ValueError(f"a slot needs `plugin: NAME` (or just the plugin name); got {value!r}")
             params = {k: v for k, v in value.items() if k != "plugin"}
             return {"plugin": value["plugin"], "params": params}
         return value
@@ -138,6 +140,10 @@ class Recipe(_Strict):
     observers: list[str] = Field(default_factory=list, description="Extra observer plugins.")
     source: str | None = Field(None, exclude=True, description="File the recipe came from.")
     _overrides: list[str] = PrivateAttr(default_factory=list)   # the --set texts applied on top
+    # slots the file leaves to `policy:` that a --set SLOT.KEY wrote out (apply_overrides)
+    _filled_from_policy: set[str] = PrivateAttr(default_factory=set)
+    # sections the file leaves out or empty that a --set gave: errors about them are the --set's
+    _created: set[str] = PrivateAttr(default_factory=set)
 
     @property
     def overrides(self) -> list[str]:
@@ -173,11 +179,22 @@ def format_validation_error(exc: ValidationError, source: str | None) -> str:
         if err["type"] == "extra_forbidden":
             msg = f"unknown key {loc!r}"
         else:
-            msg = f"{loc}: {err['msg']}"
-            if "input" in err and err["type"] != "missing":
+            msg = f"{loc}: {_plain(err)}"
+            # a validator of a whole section (block_length must divide gen_length) names the
+            # values it compares: echoing the section's mapping would only bury them
+            if "input" in err and err["type"] != "missing" and not (
+                    err["type"] == "value_error" and isinstance(err["input"], dict)):
                 msg += f" (got {err['input']!r})"
         lines.append(f"{_where(source)}: {msg}")
     return "\n".join(lines)
+
+
+def _plain(err: dict[str, Any]) -> str:
+    """pydantic's message without the "Value error, " it puts before a validator's own text."""
+    msg = err["msg"]
+    if err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    return msg
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -195,8 +212,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to raw recipe data (before validation, so errors name the key)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str],
+                    filled: set[str] | None = None) -> dict[str, Any]:
+    """Apply ``--set`` overrides to raw recipe data (before validation, so errors name the key).
+
+    ``--set SLOT.KEY=V`` on a slot the recipe leaves to ``policy: NAME`` writes the slot out as
+    ``SLOT: {plugin: NAME, KEY: V}``, as a recipe would; the slots so written are added to
+    ``filled``."""
+    empty = {s for s in SLOTS if data.get(s) is None}
     for text in overrides:
         path, value = parse_override(text)
         node = data
@@ -211,7 +234,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node[part] = child
             node = child
         node[path[-1]] = value
+    # after every override, so that a `--set SLOT.plugin=NAME` anywhere in the list wins
+    for slot in sorted(empty):
+        if _fill_from_policy(data, slot) and filled is not None:
+            filled.add(slot)
     return data
+
+
+def _fill_from_policy(data: dict[str, Any], slot: str) -> bool:
+    """Give a slot that only overrides set (``{threshold: 0.5}``, no plugin) the policy's
+    plugin. One plugin has one options object for all its slots (policy.resolve merges them and
+    refuses two values of one key), so a key the policy gives too takes the override's value
+    there as well: the override then changes the option wherever that plugin decides, which is
+    what setting it for one of its slots can only mean."""
+    entry, policy = data.get(slot), data.get("policy")
+    if not isinstance(entry, dict) or "plugin" in entry or "params" in entry:
+        return False
+    if isinstance(policy, str):
+        policy = data["policy"] = {"plugin": policy}
+    if not isinstance(policy, dict) or not isinstance(policy.get("plugin"), str):
+        return False        # no policy to fill it: validation says the slot needs a plugin
+    for key, value in entry.items():
+        if key in policy:
+            entry[key] = policy[key] = _merged(policy[key], value)
+    data[slot] = {"plugin": policy["plugin"], **entry}
+    return True
+
+
+def _merged(base: Any, over: Any) -> Any:
+    """``over`` laid on ``base`` (mappings key by key, as ``--set a.b.c`` sets one key)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in over.items()}}
+    return copy.deepcopy(over)
 
 
 def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] = ()) -> Recipe:
@@ -219,37 +273,107 @@ def recipe_from_dict(data: Any, source: str | None = None, overrides: list[str] 
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{_where(source)}: a recipe must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(dict(data), list(overrides))
+    filled: set[str] = set()
+    given = {key for key, value in data.items() if value is not None}
+    # a deep copy: overrides write into nested mappings, which are the caller's own
+    data = apply_overrides(copy.deepcopy(data), list(overrides), filled)
+    created = {key for key, value in data.items() if value is not None and key not in given}
     if "source" in data:        # a field of the loaded recipe, set from where it was read
         raise RecipeError(blame_overrides(f"{_where(source)}: unknown key 'source' (a recipe's source is the "
-                                          "file it is read from)", source, overrides))
+                                          "file it is read from)", source, overrides, created=created))
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(blame_overrides(format_validation_error(exc, source), source, overrides)) from None
+        raise RecipeError(blame_overrides(format_validation_error(exc, source), source, overrides,
+                                          created=created)) from None
     recipe.source = source
     recipe._overrides = list(overrides)
+    recipe._filled_from_policy = filled
+    recipe._created = created
     return recipe
 
 
-def blame_overrides(message: str, source: str | None, overrides: Sequence[str]) -> str:
+_UNKNOWN = re.compile(r"unknown key '([^']*)'")
+_PLUGIN = re.compile(r"\[plugin '([^']*)'\] ")
+_EMPTY = re.compile(r"slot '(\w+)' is empty")
+
+
+def blame_overrides(message: str, source: str | None, overrides: Sequence[str],
+                    recipe: Recipe | None = None, created: Collection[str] = ()) -> str:
     """Rewrite the lines of an error message that blame ``source`` for a key a ``--set``
     gave: ``r.yaml: score.remaskin: ...`` becomes ``--set score.remaskin=x: score.remaskin: ...``
     (``r.yaml with --set ...`` where the faulty value holds the key set, e.g. a block length
-    that no longer divides a gen_length given with --set)."""
+    that no longer divides a gen_length given with --set).
+
+    Lines name their key as ``KEY: ...``, ``unknown key 'KEY'``, ``slot 'KEY' is empty`` or,
+    from a plugin's own checks, ``[plugin 'P'] KEY ...`` where KEY is an option of P or a recipe
+    key. With ``recipe``, an option key of a plugin also matches a ``--set`` of that option given
+    in another of the plugin's slots or its ``policy:`` (they share one options object).
+    ``created``: top-level sections only ``--set`` gave (default: the recipe's); a line about
+    one of them is the --set's alone."""
     keys = [(text.split("=", 1)[0].strip(), text) for text in overrides if "=" in text]
+    filled = recipe._filled_from_policy if recipe is not None else set()
+    sections = set(created) | (recipe._created if recipe is not None else set())
     lines = []
     for line in message.splitlines():
         head, sep, rest = line.partition(": ")
-        key = rest.split(":", 1)[0].split(" ", 1)[0] if sep and head == _where(source) else None
-        exact = [t for k, t in keys if key and (key == k or key.startswith(k + "."))]
-        inside = [t for k, t in keys if key and k.startswith(key + ".")]
+        if not (sep and head == _where(source)):
+            lines.append(line)
+            continue
+        new, plugin, body = False, None, rest
+        if m := _UNKNOWN.match(rest):
+            key, new = m.group(1), True           # the key does not exist without the --set
+        elif m := _EMPTY.match(rest):
+            key = m.group(1)
+        else:
+            if m := _PLUGIN.match(rest):
+                plugin, body = m.group(1), rest[m.end():]
+            key = body.split(":", 1)[0].split(" ", 1)[0]
+        new = new or key.split(".", 1)[0] in sections
+        aliases = _aliases(key, plugin, recipe)
+        exact = [t for k, t in keys if any(a == k or a.startswith(k + ".") or (new and k.startswith(a + "."))
+                                          for a in aliases)]
+        inside = [t for k, t in keys if not new and any(k.startswith(a + ".") for a in aliases)]
+        # a plugin's check that names a generation value a --set changed (`... block_length 48`)
+        inside += [t for k, t in keys if t not in exact + inside and k.startswith("generation.")
+                   and re.search(rf"\b{re.escape(k.rsplit('.', 1)[1])}\b", body)]
+        if key in filled and "does not implement" in rest:
+            rest += f"; the recipe leaves {key} empty: name its plugin with --set {key}.plugin=NAME"
         if exact:
             line = f"--set {exact[-1]}: {rest}"
         elif inside:
             line = f"{head} with " + ", ".join(f"--set {t}" for t in inside) + f": {rest}"
+        else:
+            line = f"{head}: {rest}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _aliases(key: str, plugin: str | None, recipe: Recipe | None) -> set[str]:
+    """The recipe keys that set the same value as ``key``. A plugin's option may be given in
+    each of its slots or in ``policy:`` (``score.remasking`` and ``select_tokens.remasking``
+    are one option of plugin llada); ``plugin`` names the plugin whose option a bare ``key``
+    is (a plugin check's line)."""
+    head, _, option = key.partition(".")
+    if head in ("policy", *SLOTS) and option:
+        plugin = _plugin_of(recipe, head) if recipe is not None else None
+    elif plugin is not None and key and not option:
+        option = key                        # a bare option name in a plugin's check
+    else:
+        return {key}                        # a slot, a generation or model key: itself only
+    if plugin is None:
+        return {key}
+    parts = [p for p in ("policy", *SLOTS) if recipe is None or _plugin_of(recipe, p) == plugin]
+    if option == "(options)":               # the plugin's options as a whole: any of them may be at fault
+        return {key, *parts}
+    return {key} | {f"{p}.{option}" for p in parts}
+
+
+def _plugin_of(recipe: Recipe, part: str) -> str | None:
+    """The plugin of ``policy`` or a slot; an empty slot's is the policy's, which fills it if
+    it fills anything an error names."""
+    entry = recipe.slot(part) or recipe.policy
+    return entry.plugin if entry is not None else None
 
 
 def resolve_recipe(recipe: Recipe, pm: Any) -> Any:
@@ -260,7 +384,7 @@ def resolve_recipe(recipe: Recipe, pm: Any) -> Any:
     try:
         return resolve(recipe, pm)
     except RecipeError as exc:
-        raise RecipeError(blame_overrides(str(exc), recipe.source, recipe.overrides)) from None
+        raise RecipeError(blame_overrides(str(exc), recipe.source, recipe.overrides, recipe)) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -302,9 +426,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
     path = find_recipe(str(path))
     try:
-        text = path.read_text()
+        # YAML files are UTF-8 whatever the locale says
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise RecipeError(f"{path}: line {line}: byte 0x{exc.object[exc.start]:02x} at byte position {exc.start} "
+                          "is not UTF-8; save the recipe as UTF-8") from None
     try:
         data = safe_load_unique(text)
     except DuplicateKeyError as exc:

@@ -26,7 +26,7 @@ import torch
 from dllm_decode import block_mode, contracts
 from dllm_decode.canvas import apply_resize
 from dllm_decode.commit import Committed, commit, spread
-from dllm_decode.config import Recipe
+from dllm_decode.config import Recipe, resolve_recipe
 from dllm_decode.eos import stop_ids
 from dllm_decode.errors import DllmDecodeError, InputError, PluginError
 from dllm_decode.guidance import live_rows, run_model
@@ -34,7 +34,7 @@ from dllm_decode.models.output import ForwardOutput
 from dllm_decode.models.store import CacheStore
 from dllm_decode.models.plan import ComputePlan
 from dllm_decode.plugins import PluginManager, get_plugin_manager
-from dllm_decode.policy import BoundPolicy, load_auxiliary, resolve
+from dllm_decode.policy import BoundPolicy, load_auxiliary
 from dllm_decode.request import GenerationResult, RowResult, check_prompts, new_state, progress_bar, row_seeds, rows_of
 from dllm_decode.state import Candidates, DecodeState, Phase, Selection, StepRecord
 
@@ -63,7 +63,7 @@ class Decoder:
         if self.spec is None:
             raise InputError(f"model {type(model).__name__} has no `spec` (mask/EOS ids, max length)")
         self.pm = pm if pm is not None else get_plugin_manager()
-        self.policy = policy if policy is not None else resolve(recipe, self.pm)
+        self.policy = policy if policy is not None else resolve_recipe(recipe, self.pm)   # errors name a --set
         self.eos_ids = stop_ids(self.spec, self.gen.eos.ids)
         self.mask_id = int(self.spec.mask_token_id)
         pad = getattr(self.spec, "pad_token_id", None)
@@ -82,8 +82,7 @@ class Decoder:
         """Decode every prompt (lists of token ids) in batches of ``generation.batch_size``.
         ``seeds``: one per prompt (default: the recipe's seed for all); a row's output depends
         only on its prompt and seed, never on the batch it lands in."""
-        prompts = [list(map(int, p)) for p in prompts]
-        check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)  # names the caller's index
+        prompts = check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)  # names the caller's index
         seeds = row_seeds(seeds, len(prompts), self.gen.seed)
         bar = progress_bar(progress, total=len(prompts) * self.gen.gen_length)
         rows: list[RowResult] = []
@@ -103,7 +102,8 @@ class Decoder:
 
     def start(self, prompts: Sequence[Sequence[int]], seeds: Sequence[int] | None = None) -> DecodeState:
         """The state of one request: left-padded canvas, masks, per-row noise, cache store."""
-        check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)
+        prompts = check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id, where="Decoder.start",
+                                empty_ok=True)      # an unconditional row: the request API decodes one
         # every request gets a store, so a plan-executing model's FLOPs are counted; empty unless a plan writes
         factory = getattr(self.model, "new_store", None)
         store = factory() if callable(factory) else CacheStore()

@@ -35,5 +35,7 @@ class CheckpointError(DllmDecodeError, ValueError):
     missing, corrupt or truncated, a model family dllm-decode does not run, a device torch lacks."""
 
 
-class CheckpointNotFoundError(DllmDecodeError, FileNotFoundError):
-    """The checkpoint directory or its config.json does not exist."""
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The checkpoint directory or its config.json does not exist. A CheckpointError too, so
+    one ``except CheckpointError`` covers every refused checkpoint; a FileNotFoundError for the
+    callers that catch that."""

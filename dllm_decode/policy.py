@@ -12,8 +12,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dllm_decode.config import Recipe, SlotEntry
-from dllm_decode.errors import DllmDecodeError, PluginError, RecipeError
+from dllm_decode.config import Recipe, SlotEntry, blame_overrides
+from dllm_decode.errors import CheckpointError, DllmDecodeError, PluginError, RecipeError
 from dllm_decode.hookspecs import OBSERVERS, OPTIONAL_SLOTS, SLOTS
 from dllm_decode.plugins import TRACE_ENV, PluginManager, PluginMeta, implemented_slots, meta_of
 
@@ -218,8 +218,10 @@ def _validate(recipe: Recipe, name: str, meta: PluginMeta, params: dict[str, Any
             key = ".".join(str(p) for p in err["loc"]) or "(options)"
             slot = key_origin.get((name, str(err["loc"][0]) if err["loc"] else ""),
                                   next((s for s, e in entries.items() if e.plugin == name), "observers"))
-            msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
-            got = f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing") else ""
+            msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            # a validator of the whole options names the values it compares: the mapping would bury them
+            got = (f" (got {err['input']!r})" if err["type"] not in ("extra_forbidden", "missing")
+                   and not isinstance(err["input"], dict) else "")
             allowed = (f"; {name} takes: {', '.join(meta.options.model_fields) or 'no parameters'}"
                        if err["type"] == "extra_forbidden" else "")
             lines.append(f"{_where(recipe)}: {slot}.{key}: {msg}{got} [plugin {name!r}]{allowed}")
@@ -257,8 +259,16 @@ def load_auxiliary(policy: BoundPolicy, device: Any, dtype: str, load: Any = Non
     from dllm_decode.models.loader import load_causal_lm
 
     load = load or load_causal_lm
-    return {name: {key: load(getattr(policy.options[name], key), dtype, device)
-                   for key in policy.metas[name].auxiliary}
+
+    def one(name: str, key: str) -> Any:
+        try:
+            return load(getattr(policy.options[name], key), dtype, device)
+        except CheckpointError as exc:      # named as the option that gave the path, or its --set
+            r = policy.recipe
+            raise CheckpointError(blame_overrides(f"{_where(r)}: [plugin {name!r}] {key}: {exc}", r.source,
+                                                  r.overrides, r)) from None
+
+    return {name: {key: one(name, key) for key in policy.metas[name].auxiliary}
             for name in policy.plugin_names if policy.metas[name].auxiliary}
 
 

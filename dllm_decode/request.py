@@ -3,6 +3,8 @@ returns (one :class:`RowResult` per prompt)."""
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -61,19 +63,65 @@ def decode_text(tokenizer: Any, token_rows: list[list[int]], eos_ids: Sequence[i
     return [tokenizer.decode(row[:first_stop(row, eos_ids)], skip_special_tokens=True) for row in token_rows]
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], spec: Any, gen_length: int, mask_id: int) -> None:
-    """Refuse prompts the model cannot decode, naming the prompt's index."""
+def as_prompts(prompts: Any, where: str = "Decoder.generate", empty_ok: bool = False) -> list[list[int]]:
+    """``prompts`` as lists of int token ids, or an InputError saying what was expected: the two
+    usual slips (text where ids belong, one prompt's ids without the outer list) would otherwise
+    surface as a bare ``int()`` error. An empty prompt is refused as the CLI refuses one (most
+    likely an empty text encoded) unless ``empty_ok``: the request API (``Decoder.start``) takes
+    it as an unconditional row. ``where``: the call named in the error."""
+    encode = "encode text with the tokenizer first: tokenizer(text, add_special_tokens=False)['input_ids']"
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+        raise InputError(f"{where}: prompts is a {type(prompts).__name__}; expected a list of prompts, "
+                         f"each a list of token ids ({encode})")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, (str, bytes)):
+            raise InputError(f"{where}: prompts[{i}] is text ({p[:40]!r}); prompts are lists of token "
+                             f"ids: {encode}")
+        if hasattr(p, "tolist"):                # a tensor or array row: one conversion, not one per id
+            p = p.tolist()
+        if not isinstance(p, Iterable):
+            raise InputError(f"{where}: prompts[{i}] is {p!r}, not a list of token ids; for one prompt "
+                             "pass [ids], a list holding its list of ids")
+        try:
+            row = [operator.index(t) for t in p]     # ints only: int() would truncate 5.7 or parse "5"
+        except TypeError:
+            bad = next(t for t in p if not _is_index(t))
+            raise InputError(f"{where}: prompts[{i}] holds {bad!r} ({type(bad).__name__}); token ids "
+                             "are integers") from None
+        if not row and not empty_ok:
+            raise InputError(f"{where}: prompts[{i}] is empty; give at least one token id")
+        out.append(row)
+    return out
+
+
+def _is_index(t: Any) -> bool:
+    try:
+        operator.index(t)
+        return True
+    except TypeError:
+        return False
+
+
+def check_prompts(prompts: Any, spec: Any, gen_length: int, mask_id: int, names: Sequence[str] | None = None,
+                  where: str = "Decoder.generate", empty_ok: bool = False) -> list[list[int]]:
+    """The prompts as lists of token ids (:func:`as_prompts`), or an InputError refusing one the
+    model cannot decode, named ``names[i]`` (default ``prompt i``, the caller's 0-based index: a
+    CLI passes the numbering its user typed)."""
+    prompts = as_prompts(prompts, where, empty_ok)
     if not prompts:
         raise InputError("no prompts to decode")
     limit, vocab = getattr(spec, "max_length", None), getattr(spec, "vocab_size", None)
     for i, p in enumerate(prompts):
+        name = names[i] if names is not None else f"prompt {i}"
         if limit is not None and len(p) + gen_length > limit:
-            raise InputError(f"prompt {i} has {len(p)} tokens; with gen_length {gen_length} the canvas needs "
+            raise InputError(f"{name} has {len(p)} tokens; with gen_length {gen_length} the canvas needs "
                              f"{len(p) + gen_length} positions but the model allows {limit}")
         if mask_id in p:
-            raise InputError(f"prompt {i} contains the mask token id {mask_id}")
+            raise InputError(f"{name} contains the mask token id {mask_id}")
         if vocab is not None and any(t < 0 or t >= vocab for t in p):
-            raise InputError(f"prompt {i} has token ids outside the vocabulary [0, {vocab})")
+            raise InputError(f"{name} has token ids outside the vocabulary [0, {vocab})")
+    return prompts
 
 
 def row_seeds(seeds: Sequence[int] | None, n: int, default: int) -> list[int]:

@@ -332,3 +332,105 @@ def test_stream_redraws_the_canvas_on_a_terminal():
     last = [line.removeprefix("\x1b[2K") for line in frames[-1].splitlines()]
     assert last == [t.replace("\n", "⏎") for t in texts] and all(MASK not in line for line in last)
     assert texts == [r.text for r in dec.generate(prompts).rows]
+
+
+def test_bad_output_paths_are_refused_before_anything_is_decoded(tmp_path, capsys):
+    missing = tmp_path / "no-such-folder"
+    png = str(tmp_path / "t.png")
+    bench = ["bench", "--recipes", "threshold", "--task", "case", "--n", "1", "--no-warmup"]
+    cases = [(bench + ["--json", str(missing / "out.json")], ["--json", "no folder"]),
+             (bench + ["--plot", str(missing / "x.png")], ["--plot", "no folder"]),
+             (bench + ["--plot", str(tmp_path / "x.txt")], ["--plot", ".txt is not an image format", ".png"]),
+             (bench + ["--json", str(tmp_path)], ["--json", "a folder"]),
+             (["trace", "--out", str(missing / "t.png")], ["--out", "no folder"]),
+             (["trace", "--out", str(tmp_path / "t.txt")], ["--out", ".txt is not an image format"]),
+             (["trace", "--out", str(tmp_path / "t")], ["--out", "no suffix"]),
+             (["trace", "--out", png, "--json", str(missing / "t.json")], ["--json", "no folder"])]
+    for args, needles in cases:
+        _one_line_error(capsys, args, *needles)
+    assert list(tmp_path.iterdir()) == []          # the checks leave no file behind
+
+
+def _removing_after(monkeypatch, module, name, folder):
+    """Run the real ``module.name``, then remove ``folder``: an output path that was writable when
+    the run started and is not by its end."""
+    import shutil
+
+    real = getattr(module, name)
+
+    def run(*args, **kwargs):
+        out = real(*args, **kwargs)
+        shutil.rmtree(folder)
+        return out
+    monkeypatch.setattr(module, name, run)
+
+
+def test_an_output_that_fails_at_the_end_keeps_the_others(tmp_path, monkeypatch, capsys):
+    from dllm_decode.cli import main
+    from dllm_decode.measure import bench, trace
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    _removing_after(monkeypatch, bench, "run_bench", gone)
+    assert main(["bench", "--recipes", "threshold", "--task", "case", "--n", "1", "--no-warmup", "--gen-length", "32",
+                 "--plot", str(gone / "p.png"), "--json", str(tmp_path / "b.json")]) == 2
+    out = capsys.readouterr()
+    assert "| threshold |" in out.out and "Traceback" not in out.err
+    assert f"could not write --plot {gone / 'p.png'}: No such file or directory (--json written)" in out.err
+    assert json.loads((tmp_path / "b.json").read_text())["rows"][0]["problems"]
+
+    gone.mkdir()
+    _removing_after(monkeypatch, trace, "trace_record", gone)
+    assert main(["trace", "--gen-length", "32", "--out", str(tmp_path / "t.png"),
+                 "--json", str(gone / "t.json")]) == 2
+    assert "could not write --json" in capsys.readouterr().err
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_prompts_are_numbered_as_the_user_gave_them(tmp_path, capsys):
+    model = ["generate", "--model", "models/llada-reference"]
+    _one_line_error(capsys, [*model, "copy: abc\n", "a" * 2000], "prompt 2 has 2000 tokens")
+    _one_line_error(capsys, [*model, "--input-ids", "5", "--input-ids", "5,999"],
+                    "prompt 2 has token ids outside the vocabulary")
+    # both kinds: --input-ids rows come first, as they are decoded and printed
+    _one_line_error(capsys, [*model, "--input-ids", "5", "xÄ"], "prompt 2 (text prompt 1): character 'Ä'")
+    _one_line_error(capsys, [*model, "--input-ids", "5", "a" * 2000], "prompt 2 (text prompt 1) has 2000 tokens")
+    _one_line_error(capsys, [*model, "--input-ids", "5", ""], "prompt 2 (text prompt 1): empty prompt")
+    line = _one_line_error(capsys, ["trace", "--input-ids", "5,999", "--out", str(tmp_path / "t.png")],
+                           "--input-ids has token ids outside")
+    assert "prompt 0" not in line
+
+
+def test_generate_task_says_when_answers_cannot_fit_the_generation_length(capsys):
+    from dllm_decode.cli import main
+
+    assert main(["generate", "--task", "copy", "--n", "1", "--gen-length", "32", "--recipe", "threshold"]) == 0
+    err = capsys.readouterr().err
+    assert "generate: generation length 32 is shorter than the reference answers of 1 of 1 `copy`" in err
+
+
+def test_an_unknown_block_name_is_refused_by_every_command(tmp_path, capsys):
+    png = str(tmp_path / "t.png")
+    for args in (["plugins"], ["generate", "--input-ids", "5"], ["bench", "--recipes", "threshold"],
+                 ["trace", "--out", png]):
+        _one_line_error(capsys, [*args, "--block", "thresold"], "--block 'thresold'", "did you mean 'threshold'",
+                        "known: apd")
+    from dllm_decode.cli import main
+
+    assert main(["plugins", "--block", "threshold", "--json"]) == 0
+    assert "threshold" not in {p["name"] for p in json.loads(capsys.readouterr().out)}
+
+
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
+    png = str(tmp_path / "t.png")
+    for args, needles in ((["generate", "--task", "copy", "--stream"], ["--stream", "--task"]),
+                          (["generate", "--task", "copy", "--chat"], ["--chat", "--task"]),
+                          (["generate", "--task", "copy", "copy: abc\n"], ["--task", "not both"]),
+                          (["generate", "--input-ids", "5", "--chat"], ["--chat", "--input-ids"]),
+                          (["generate", "--input-ids", "5", "--n", "3"], ["--n", "give --task"]),
+                          (["generate", "copy: abc\n", "--task-seed", "3"], ["--task-seed", "give --task"]),
+                          (["generate", "copy: abc\n", "--stream", "--json"], ["--stream", "--json"]),
+                          (["trace", "--input-ids", "5", "--index", "2", "--out", png], ["--input-ids", "--index"]),
+                          (["trace", "copy: abc\n", "--input-ids", "5", "--out", png], ["text prompt", "--input-ids"]),
+                          (["trace", "--input-ids", "5", "--chat", "--out", png], ["--chat", "--input-ids"])):
+        _one_line_error(capsys, args, *needles)

@@ -141,3 +141,19 @@ def test_counters_and_commit_steps():
         assert sorted(r.commit_step) == [0, 0, 1, 1, 2, 2, 3, 3]      # two tokens per step
         assert max(r.commit_step[:4]) < min(r.commit_step[4:])        # block 1 before block 2
     assert len(result.states[0].confidence_history()) == 4
+
+
+def test_prompts_that_are_not_lists_of_ids_say_what_was_expected():
+    recipe = recipe_from_dict({"policy": "llada", "generation": {"gen_length": 8, "steps": 8}})
+    dec = Decoder(RandomLogitsModel(), recipe)
+    for prompts, pattern in ((["copy: abc\n"], r"Decoder.generate: prompts\[0\] is text \('copy: abc\\n'\).*tokenizer"),
+                             ([3, 4], r"prompts\[0\] is 3, not a list of token ids; for one prompt pass \[ids\]"),
+                             ("copy", r"prompts is a str; expected a list of prompts"),
+                             ([[3, 4], []], r"prompts\[1\] is empty"),
+                             ([[3, 4.5]], r"prompts\[0\] holds 4.5 \(float\); token ids are integers")):
+        with pytest.raises(InputError, match=pattern):
+            dec.generate(prompts)
+    with pytest.raises(InputError, match=r"Decoder.start: prompts\[0\] is text"):
+        next(dec.steps(["copy: abc\n"]))
+    # rows of an integer tensor are prompts too, decoded as the same ids in lists
+    assert dec.generate(torch.tensor([[3, 4], [5, 6]])).tokens == dec.generate([[3, 4], [5, 6]]).tokens

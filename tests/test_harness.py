@@ -69,7 +69,7 @@ def test_auto_batch_size_keeps_the_recipe_capped_by_max_batch_size():
     ({"model": MODEL, "greedy_check": "maybe"}, "greedy_check"),
     ({"model": MODEL, "recipe": "no-such-recipe"}, "no-such-recipe"),
     ({"model": MODEL, "generation.steps": -1}, "steps"),
-    ({"model": str(ROOT / "nowhere")}, "model=" + str(ROOT / "nowhere")),
+    ({"model": str(ROOT / "nowhere")}, f"model_args model '{ROOT / 'nowhere'}': directory does not exist"),
     ({}, "no model"),
 ])
 def test_bad_model_args_name_the_key(kwargs, needle):
@@ -286,3 +286,24 @@ def test_lm_evals_own_models_stay_reachable():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["LocalCompletionsAPI", "HFLM"]
     assert get_model("dllm_decode") is DllmDecodeLM
+
+
+@pytest.mark.parametrize("recipe, kwargs, needle", [
+    ("threshold", {"select_tokens.treshold": 0.5}, "model_args select_tokens.treshold=0.5: select_tokens.treshold: "
+                                                   "unknown parameter"),
+    ("threshold", {"select_token.threshold": 0.5}, "model_args select_token.threshold=0.5: unknown key "
+                                                   "'select_token'"),
+    # a plugin's own check (policy.resolve), not only the recipe's validation
+    ("dkv-cache", {"generation.steps": 95}, "model_args generation.steps=95: [plugin 'llada'] generation.steps"),
+    ("threshold", {"batch_size": 5000}, "model_args batch_size=5000: generation.batch_size:"),
+])
+def test_recipe_errors_of_model_args_name_the_model_args_key(recipe, kwargs, needle):
+    """eval has no --set: an override's error names the model_args key it came from, not the
+    recipe file and not a --set."""
+    from dllm_decode.recipes import find_recipe
+
+    with pytest.raises(RecipeError) as err:
+        DllmDecodeLM(model=MODEL, recipe=recipe, **kwargs)
+    msg = str(err.value)
+    assert msg.startswith(needle), msg
+    assert "--set" not in msg and str(find_recipe(recipe)) not in msg, msg

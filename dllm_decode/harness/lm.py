@@ -35,11 +35,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from dllm_decode.errors import InputError
+from dllm_decode.errors import InputError, RecipeError
 from dllm_decode.measure.evaluate import generated_tokens
 from dllm_decode.harness.distributed import ProcessGroup
 from dllm_decode.harness.likelihood import is_greedy, mc_loglikelihood
-from dllm_decode.harness.options import HarnessOptions, parse_options
+from dllm_decode.harness.options import HarnessOptions, name_model_args, parse_options
 from dllm_decode.harness.request_log import RequestLog, request_key, stable_hash
 from dllm_decode.harness.stops import answer_tokens, cut_at_stops, stop_strings
 
@@ -68,23 +68,27 @@ class DllmDecodeLM(LM):
 
     def __init__(self, **kwargs: Any):
         super().__init__()
-        from dllm_decode.config import load_recipe
+        from dllm_decode.config import load_recipe, resolve_recipe
         from dllm_decode.engine import Decoder
         from dllm_decode.plugins import get_plugin_manager
-        from dllm_decode.policy import resolve
         from dllm_decode.recipes import find_recipe
 
         self.options: HarnessOptions = parse_options(kwargs)
         opts = self.options
-        recipe = load_recipe(find_recipe(opts.recipe), overrides=[*opts.overrides, *self._batch_override(opts)])
         pm = get_plugin_manager()
-        policy = resolve(recipe, pm)            # recipe errors surface before the model loads
+        try:
+            recipe = load_recipe(find_recipe(opts.recipe), overrides=[*opts.overrides, *self._batch_override(opts)])
+            policy = resolve_recipe(recipe, pm)     # recipe errors surface before the model loads
+        except RecipeError as err:
+            # resolve_recipe blames the --set an override became; here it was a model_args key
+            raise RecipeError(name_model_args(str(err), opts)) from None
         model_path = opts.model or recipe.model.path
         if not model_path:
             raise InputError("model_args: no model; give model=DIR (or set model.path in the recipe)")
         self.group = ProcessGroup.from_env(opts.device or recipe.model.device,
                                            timedelta(hours=opts.dist_timeout_hours))
-        self.model, self.tokenizer = _load(model_path, recipe.generation.dtype, self.group.device)
+        what = "model_args model" if opts.model else f"{recipe.source or '<recipe>'}: model.path"
+        self.model, self.tokenizer = _load(model_path, recipe.generation.dtype, self.group.device, what)
         self.recipe = recipe
         self.model_path = str(model_path)
         self.decoder = Decoder(self.model, recipe, pm=pm, tokenizer=self.tokenizer, policy=policy)
@@ -337,13 +341,13 @@ class DllmDecodeLM(LM):
             log.warning("dllm_decode: " + message, *args)
 
 
-def _load(path: str, dtype: str, device: torch.device) -> tuple[Any, Any]:
+def _load(path: str, dtype: str, device: torch.device, what: str) -> tuple[Any, Any]:
     from dllm_decode.models import load_model
 
     try:
-        model, tokenizer = load_model(path, dtype=dtype, device=device)
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"model_args model={path}: {err}") from err
+        model, tokenizer = load_model(path, dtype=dtype, device=device, what=what)
+    except (FileNotFoundError, ValueError) as err:      # the loader's message names `what` and the path
+        raise InputError(str(err)) from err
     if tokenizer is None:
-        raise InputError(f"model_args model={path}: no tokenizer files; lm-eval sends text")
+        raise InputError(f"{what} {path}: no tokenizer files; lm-eval sends text")
     return model, tokenizer

@@ -79,3 +79,15 @@ def parse_options(kwargs: dict[str, Any]) -> HarnessOptions:
     if opts.mc_num % min(opts.mc_batch, opts.mc_num):
         raise InputError(f"model_args mc_batch={opts.mc_batch} must divide mc_num={opts.mc_num}")
     return opts
+
+
+def name_model_args(message: str, opts: HarnessOptions) -> str:
+    """An error of the recipe, with each ``--set KEY=VALUE`` it blames (config.blame_overrides)
+    named as the model_args key it came from: eval has no --set flag."""
+    typed = {text: text for text in opts.overrides}
+    if isinstance(opts.batch_size, int):       # model_args batch_size=N is applied as this --set
+        typed.setdefault(f"generation.batch_size={opts.batch_size}", f"batch_size={opts.batch_size}")
+    # longest first: `--set a=1` must not rewrite the start of `--set a=10`
+    for text in sorted(typed, key=len, reverse=True):
+        message = message.replace(f"--set {text}", f"model_args {typed[text]}")
+    return message

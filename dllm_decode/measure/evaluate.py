@@ -158,10 +158,19 @@ def evaluate_ar(model, tokenizer, problems: Sequence[Problem], max_new_tokens: i
     return EvalResult(records, sum(seconds.values()), _summarise(records, seconds))
 
 
-def load_ar(path: str, device: str = "cpu"):
-    """An ``AutoModelForCausalLM`` and its tokenizer from a local directory (no remote code)."""
-    from transformers import AutoTokenizer
+def load_ar(path: str, device: str = "cpu", what: str | None = None):
+    """An ``AutoModelForCausalLM`` and its tokenizer from a local directory (no remote code).
+    ``what``: where ``path`` came from (``"--ar-model"``), named with it in errors.
 
-    from dllm_decode.models.loader import load_causal_lm
+    :raises CheckpointError: as :func:`~dllm_decode.models.loader.load_causal_lm`, or when the
+        directory has no tokenizer (or one transformers cannot read)."""
+    from dllm_decode.errors import CheckpointError
+    from dllm_decode.models.loader import load_causal_lm, load_tokenizer
 
-    return load_causal_lm(path, device=device), AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = load_causal_lm(path, device=device, what=what)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        named = f"{what} {str(path)!r}" if what else str(path)
+        raise CheckpointError(f"{named}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json "
+                              "or tokenizer.model); the AR rows decode text")
+    return model, tokenizer

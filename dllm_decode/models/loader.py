@@ -130,19 +130,41 @@ def check_device(device: str | torch.device, what: str = "device") -> torch.devi
 BLOCK_FIELDS = {"sdar": "block_size", "fast_dllm_v2": "bd_size", "llada2": "block_size"}
 
 
+def _named(path: Path, what: str | None) -> str:
+    """``path`` as an error names it: after the flag, option or recipe key that gave it, if known."""
+    return f"{what} {str(path)!r}" if what else str(path)
+
+
+def _config_file(path: Path, what: str | None) -> Path:
+    """``path``/config.json, refused (:class:`CheckpointNotFoundError`) when ``path`` is not
+    a directory holding one."""
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{_named(path, what)}: directory does not exist")
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"{_named(path, what)}: a file, not a checkpoint directory (config.json "
+                                      "and the weights)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointNotFoundError(f"{_named(path, what)}: no config.json in this directory: not a Hugging "
+                                      "Face checkpoint directory")
+    return cfg_path
+
+
 def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", *, tokenizer: bool = True, block_size: int | None = None):
+               device: str | torch.device = "cpu", *, tokenizer: bool = True, block_size: int | None = None,
+               what: str | None = None):
     """Load a LLaDA, Dream, SDAR, Fast-dLLM v2 or LLaDA2 checkpoint directory -> (Denoiser,
     tokenizer or None). ``block_size``: decode a block-diffusion checkpoint in blocks of this
-    size instead of its config's (as SDAR's ``generate.py --block_length`` does).
+    size instead of its config's (as SDAR's ``generate.py --block_length`` does). ``what``:
+    where ``path`` came from (``"--model"``, ``"r.yaml: model.path"``), named with it when
+    ``path`` is not a checkpoint directory.
 
     :raises CheckpointError: naming the file at fault (config.json, a safetensors shard, the
-        tokenizer), or the device; :class:`CheckpointNotFoundError` without a config.json.
+        tokenizer), or the device; :class:`CheckpointNotFoundError` when ``path`` is not a
+        directory with a config.json.
     """
     path = Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise CheckpointNotFoundError(f"{path}: no config.json (is --model a checkpoint directory?)")
+    cfg_path = _config_file(path, what)
     raw = _read_json(cfg_path, "model config")
     family = detect_family(raw, str(cfg_path))
     cfg = _config_for(family, raw, str(cfg_path))
@@ -158,17 +180,17 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
     _fill_special_ids(cfg, tok, family, str(cfg_path))
     with torch.device("meta"):
         model = _FAMILIES[family][1](cfg)
-    expected = set(model.state_dict().keys())
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     seen: set[str] = set()
     for shard in _shard_files(path):
         try:
-            seen.update(_load_shard(model, shard, expected, family, dt, dev))
+            seen.update(_load_shard(model, shard, expected, family, dt, dev, cfg_path))
         except DllmDecodeError:
             raise
         except Exception as exc:  # safetensors' own errors name no file; this one does
             raise CheckpointError(f"{shard}: cannot read the weights ({type(exc).__name__}: {exc}); "
                                   "the file may be truncated or corrupt") from None
-    missing = sorted(expected - seen)
+    missing = sorted(set(expected) - seen)
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
     model.eval().requires_grad_(False)
@@ -195,9 +217,10 @@ def _fill_special_ids(cfg, tok, family: str, source: str) -> None:
                                   "name that token")
 
 
-def _load_shard(model, shard: Path, expected: set[str], family: str, dt: torch.dtype,
-                dev: torch.device) -> set[str]:
-    """Assign one safetensors file's tensors to ``model``; -> the names it held."""
+def _load_shard(model, shard: Path, expected: dict[str, tuple[int, ...]], family: str, dt: torch.dtype,
+                dev: torch.device, cfg_path: Path) -> set[str]:
+    """Assign one safetensors file's tensors to ``model`` (``expected``: name -> the shape
+    config.json implies); -> the names it held."""
     from safetensors import safe_open
 
     # safe_open memory-maps the file; each tensor is read, converted and assigned on its own, so
@@ -209,6 +232,13 @@ def _load_shard(model, shard: Path, expected: set[str], family: str, dt: torch.d
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # buffer some exporters save; RoPE tables are recomputed
                 raise CheckpointError(f"{shard}: unexpected parameter {name!r} for a {family} model")
+            # read from the header before any data: torch's own refusal lists every mismatched
+            # tensor and would be reported as a corrupt file
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != expected[name]:
+                raise CheckpointError(f"{cfg_path} does not match the weights in {shard.name}: tensor {name!r} "
+                                      f"is {list(shape)} there, config.json implies {list(expected[name])} "
+                                      "(was config.json edited, or copied from another checkpoint?)")
             # copy=True: a tensor already in `dt` comes back from safetensors 0.8 at an address
             # that is not 64-byte aligned, and assign=True would keep it; its matmuls then round
             # differently (last bit) from the same weights in a fresh allocation
@@ -388,10 +418,38 @@ def _random_fields(family: str, V: int, d: int, n_layers: int, n_heads: int, n_k
 
 
 def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", *, what: str | None = None):
     """An autoregressive model from a local Hugging Face directory (``AutoModelForCausalLM``,
-    no remote code), in eval mode: APD's verifier, the AR rows of bench and the model cards."""
-    from transformers import AutoModelForCausalLM
+    no remote code), in eval mode: APD's verifier, the AR rows of bench and the model cards.
+    ``what``: where ``path`` came from (``"--ar-model"``), named with it in errors.
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=resolve_dtype(dtype))
-    return model.to(device).eval()
+    :raises CheckpointError: naming the path when it is no such directory, has no config.json,
+        names a model type transformers does not know without remote code (a diffusion
+        checkpoint), or transformers cannot load it.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    path = Path(path)
+    cfg_path = _config_file(path, what)
+    raw = _read_json(cfg_path, "model config")
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        try:
+            hint = (f"; it is a {detect_family(raw)} checkpoint, which dllm-decode decodes as the diffusion "
+                    "model (--model)")
+        except CheckpointError:
+            hint = ""
+        raise CheckpointError(f"{_named(path, what)}: not an autoregressive checkpoint: {cfg_path} has model_type "
+                              f"{model_type!r}, which AutoModelForCausalLM does not load without the checkpoint's "
+                              f"own code (never run here){hint}")
+    dt, dev = resolve_dtype(dtype), check_device(device)
+    try:
+        # local_files_only: a path is never looked up on the Hub
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, dtype=dt,
+                                                     local_files_only=True)
+    except Exception as exc:  # OSError, ValueError, RuntimeError, safetensors' errors: one line naming the path
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{_named(path, what)}: transformers cannot load it as AutoModelForCausalLM "
+                              f"({type(exc).__name__}: {first})") from None
+    return model.to(dev).eval()
