@@ -186,11 +186,16 @@ def test_length_overrides_keep_tokens_per_step():
 def test_max_tokens_bounds_a_canvas_that_grows(main):
     """DAEDAL starts at max_tokens and adds masks while the model is not sure the answer has
     ended: the answer is still at most max_tokens long, the first max_tokens tokens of the
-    decode alone."""
+    decode alone, and the request leaves when its committed prefix holds them."""
     prompt = reference()[2][0]
+    scheduler = main.app.state.service.worker.scheduler
+    before = scheduler.forwards
     r = main.client().completions.create(model=MODEL, prompt=prompt, max_tokens=32, extra_body={"recipe": "daedal"})
+    forwards = scheduler.forwards - before
     row = alone(prompt, "daedal", overrides=tuple(length_overrides(load_recipe("daedal").generation, 32)))
     assert len(row.tokens) > 32                        # the canvas grew past max_tokens
+    # once the committed prefix held 32 tokens the answer was settled: the request left
+    assert forwards < row.nfe, (forwards, row.nfe)
     n = min(stop_index(row.tokens), 32)
     assert r.usage.completion_tokens == n and r.choices[0].finish_reason == ("stop" if n < 32 else "length")
     assert r.choices[0].text == reference()[1].decode(row.tokens[:n], skip_special_tokens=True)

@@ -43,6 +43,15 @@ def answer_of(tokens: list[int], decoder: Decoder, cut: int | None, stops: Seque
     return Answer(text[:at], tokens[:lo], "stop")
 
 
+def settled(update: RowUpdate, decoder: Decoder, cut: int | None, stops: Sequence[str]) -> bool:
+    """Whether a step's committed prefix already decides the answer (under a policy that never
+    takes committed tokens back): it holds ``cut`` tokens, or a stop string. The rest of the
+    canvas cannot change it, so the request may leave."""
+    if cut is not None and len(update.prefix) >= cut:
+        return True
+    return bool(stops) and stop_at(prefix_text(update, decoder, cut), stops) is not None
+
+
 def stop_at(text: str, stops: Sequence[str]) -> int | None:
     """Where the first of ``stops`` begins in ``text`` (None: nowhere)."""
     found = [i for i in (text.find(s) for s in stops) if i >= 0]

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from dllm_decode.engine import Decoder
 from dllm_decode.errors import DllmDecodeError, InputError
-from dllm_decode.serve.answer import Answer, Shape, answer_of, prefix_text, stop_at
+from dllm_decode.serve.answer import Answer, Shape, answer_of, prefix_text, settled
 from dllm_decode.serve.api import ApiError, ChatRequest, CompletionRequest, parse_body, prompts_of, stop_strings
 from dllm_decode.serve.decoders import DecoderPool, FieldError
 from dllm_decode.serve.scheduler import QueueFull
@@ -98,8 +98,9 @@ class Service:
                 raise ApiError(400, f"prompt holds {len(prompts)} prompts; a stream carries one (send one "
                                "request per prompt, or leave stream out)", param="prompt")
             stops = stop_strings(req)
-            # a stop string in the committed prefix ends the request early, so its steps are followed
-            follow = req.stream or bool(stops) and not decoder.policy.revocable
+            # a prefix that settles the answer (max_tokens of it, a stop string) ends the request
+            # early, so its steps are followed
+            follow = req.stream or not decoder.policy.revocable and (bool(stops) or cut is not None)
             for i, prompt in enumerate(prompts):
                 field = "messages" if chat else "prompt" if len(prompts) == 1 else f"prompt {i}"
                 tickets.append(await self._submit(decoder, prompt, req, field, follow))
@@ -129,9 +130,9 @@ class Service:
 
     async def _answer(self, ticket: Ticket, request: Any, decoder: Decoder, cut: int | None,
                       stops: Sequence[str], deadline: float) -> Answer:
-        """One prompt's answer: at its end, or as soon as its committed prefix holds a stop string."""
+        """One prompt's answer: at its end, or as soon as its committed prefix settles it."""
         while not isinstance(event := await self._next(ticket, request, deadline), Finished):
-            if stop_at(prefix_text(event, decoder, cut), stops) is not None:
+            if not decoder.policy.revocable and settled(event, decoder, cut, stops):
                 self.worker.cancel(ticket)
                 return answer_of(event.prefix, decoder, cut, stops)
         _raise_failure(event)
@@ -195,17 +196,21 @@ class Service:
             event = ticket.take()
             if isinstance(event, Finished):
                 return event                # an answer that made it is never thrown away
-            left = deadline - loop.time()
-            if left <= 0:
+            now = loop.time()
+            if now >= deadline:
                 raise _TimedOut
+            # every POLL_S, also while steps keep coming (a followed request gets one each step)
+            if now >= ticket.check_at:
+                ticket.check_at = now + POLL_S
+                if await request.is_disconnected():
+                    self.worker.cancel(ticket)
+                    raise _Gone
             if event is not None:
                 return event
             try:
-                await asyncio.wait_for(ticket.ready.wait(), min(left, POLL_S))
+                await asyncio.wait_for(ticket.ready.wait(), min(deadline - now, POLL_S))
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    self.worker.cancel(ticket)
-                    raise _Gone from None
+                pass
 
     async def _events(self, ticket: Ticket, request: Any, shape: Shape, decoder: Decoder, cut: int | None,
                       stops: Sequence[str], usage: bool, deadline: float) -> AsyncIterator[str]:
@@ -218,11 +223,11 @@ class Service:
             if shape.chat:
                 yield _sse(shape.chunk(role=True))
             while isinstance(event := await self._next(ticket, request, deadline), RowUpdate):
-                text = "" if revocable else prefix_text(event, decoder, cut)
-                if stop_at(text, stops) is not None:
+                if not revocable and settled(event, decoder, cut, stops):
                     self.worker.cancel(ticket)
                     answer = answer_of(event.prefix, decoder, cut, stops)
                     break
+                text = "" if revocable else prefix_text(event, decoder, cut)
                 text = text[:max(0, len(text) - hold)]
                 if len(text) > len(sent) and text.startswith(sent):
                     yield _sse(shape.chunk(text[len(sent):]))

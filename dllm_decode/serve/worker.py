@@ -46,6 +46,7 @@ class Ticket:
     latest: RowUpdate | None = None  # the loop's from here on: the newest update not yet taken
     finished: Finished | None = None
     closed: bool = False             # Finished was taken
+    check_at: float = 0.0            # the loop's: when to ask next whether the client is still there
     ready: asyncio.Event = field(default_factory=asyncio.Event)    # something to take
 
     def send(self, event: RowUpdate | Finished) -> None:
