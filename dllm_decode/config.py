@@ -376,6 +376,17 @@ def _plugin_of(recipe: Recipe, part: str) -> str | None:
     return entry.plugin if entry is not None else None
 
 
+def as_recipe(recipe: Recipe | str | Path | dict) -> Recipe:
+    """A recipe given as a :class:`Recipe`, a shipped name or file, or a mapping, as a Recipe."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    raise RecipeError(f"a recipe is a Recipe, a recipe name or file, or a mapping; got a {type(recipe).__name__}")
+
+
 def resolve_recipe(recipe: Recipe, pm: Any) -> Any:
     """:func:`dllm_decode.policy.resolve`, with the errors about keys a ``--set`` gave blamed on
     that ``--set`` rather than on the recipe file."""

@@ -26,7 +26,7 @@ import torch
 from dllm_decode import block_mode, contracts
 from dllm_decode.canvas import apply_resize
 from dllm_decode.commit import Committed, commit, spread
-from dllm_decode.config import Recipe, resolve_recipe
+from dllm_decode.config import Recipe, as_recipe, resolve_recipe
 from dllm_decode.eos import stop_ids
 from dllm_decode.errors import DllmDecodeError, InputError, PluginError
 from dllm_decode.guidance import live_rows, run_model
@@ -50,20 +50,21 @@ class Decoder:
         returns a :class:`dllm_decode.models.ForwardOutput` (a plain ``model(input_ids,
         attention_mask=...)`` returning (B, L, V) logits also works, without compute plans);
         ``model.spec`` carries mask/EOS ids and the maximum length.
-    :param recipe: a validated :class:`Recipe` (see :func:`dllm_decode.config.load_recipe`).
+    :param recipe: a :class:`Recipe` (:func:`dllm_decode.config.load_recipe`), a recipe name or file, or a dict.
     :param pm: plugin manager; a fresh one (entry points + env blocking) when omitted.
     :param tokenizer: optional, to fill ``RowResult.text``.
     :param load_aux: loads the plugins' auxiliary models (see :func:`dllm_decode.policy.load_auxiliary`).
     """
 
-    def __init__(self, model: Any, recipe: Recipe, pm: PluginManager | None = None,
+    def __init__(self, model: Any, recipe: Recipe | str | dict, pm: PluginManager | None = None,
                  tokenizer: Any = None, policy: BoundPolicy | None = None, load_aux: Any = None):
-        self.model, self.recipe, self.tokenizer, self.gen = model, recipe, tokenizer, recipe.generation
+        self.model, self.recipe, self.tokenizer = model, as_recipe(recipe), tokenizer
+        self.gen = self.recipe.generation
         self.spec = getattr(model, "spec", None)
         if self.spec is None:
             raise InputError(f"model {type(model).__name__} has no `spec` (mask/EOS ids, max length)")
         self.pm = pm if pm is not None else get_plugin_manager()
-        self.policy = policy if policy is not None else resolve_recipe(recipe, self.pm)   # errors name a --set
+        self.policy = policy if policy is not None else resolve_recipe(self.recipe, self.pm)   # errors name a --set
         self.eos_ids = stop_ids(self.spec, self.gen.eos.ids)
         self.mask_id = int(self.spec.mask_token_id)
         pad = getattr(self.spec, "pad_token_id", None)
@@ -85,8 +86,7 @@ class Decoder:
         prompts = check_prompts(prompts, self.spec, self.gen.gen_length, self.mask_id)  # names the caller's index
         seeds = row_seeds(seeds, len(prompts), self.gen.seed)
         bar = progress_bar(progress, total=len(prompts) * self.gen.gen_length)
-        rows: list[RowResult] = []
-        states: list[DecodeState] = []
+        rows, states = [], []       # a RowResult per prompt, a DecodeState per batch (keep_states)
         try:
             for start in range(0, len(prompts), self.gen.batch_size):
                 batch = prompts[start:start + self.gen.batch_size]

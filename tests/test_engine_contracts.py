@@ -157,3 +157,20 @@ def test_prompts_that_are_not_lists_of_ids_say_what_was_expected():
         next(dec.steps(["copy: abc\n"]))
     # rows of an integer tensor are prompts too, decoded as the same ids in lists
     assert dec.generate(torch.tensor([[3, 4], [5, 6]])).tokens == dec.generate([[3, 4], [5, 6]]).tokens
+
+
+def test_a_recipe_may_be_given_by_name_file_or_mapping():
+    """Decoder takes what check_invariants takes: a shipped name, a file, a dict, or a Recipe;
+    anything else is refused saying what a recipe is."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.errors import RecipeError
+
+    model, prompts = RandomLogitsModel(), [[3, 4], [5, 6, 7]]
+    short = ["generation.gen_length=8", "generation.block_length=8", "generation.steps=8"]
+    want = Decoder(model, load_recipe("llada", overrides=short)).generate(prompts).tokens
+    as_dict = load_recipe("llada", overrides=short).to_dict()
+    assert Decoder(model, as_dict).generate(prompts).tokens == want
+    assert Decoder(model, "threshold").recipe.name == "threshold"
+    assert Decoder(model, load_recipe("threshold").source).recipe.name == "threshold"
+    with pytest.raises(RecipeError, match="a recipe is a Recipe, a recipe name or file, or a mapping; got a int"):
+        Decoder(model, 3)
