@@ -479,7 +479,7 @@ def _plugin_manager(args: argparse.Namespace) -> Any:
     import difflib
     from importlib import metadata
 
-    from dllm_decode.plugins import ENTRY_POINT_GROUP, get_plugin_manager
+    from dllm_decode.plugins import BLOCK_ENV, ENTRY_POINT_GROUP, _env_list, get_plugin_manager
 
     pm = get_plugin_manager(block=args.block)
     # a blocked plugin is never loaded: the entry points name it
@@ -491,6 +491,11 @@ def _plugin_manager(args: argparse.Namespace) -> Any:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise DllmDecodeError(f"--block {name!r}: no plugin of that name; {hint}known: "
                                   f"{', '.join(sorted(known))}")
+    # the environment may be shared with installs that have other plugins: said, not refused
+    unknown = [name for name in _env_list(BLOCK_ENV) if name not in known]
+    if unknown:
+        print(f"dllm-decode: {BLOCK_ENV} names {', '.join(map(repr, unknown))}, which no installed plugin "
+              "has: nothing is blocked for them", file=sys.stderr)
     return pm
 
 

@@ -421,6 +421,19 @@ def test_an_unknown_block_name_is_refused_by_every_command(tmp_path, capsys):
     assert "threshold" not in {p["name"] for p in json.loads(capsys.readouterr().out)}
 
 
+def test_an_unknown_name_in_the_block_variable_is_said(monkeypatch, capsys):
+    """DLLM_DECODE_BLOCK may be shared with installs that have other plugins: a name no plugin
+    has is said on stderr (a typo would otherwise block nothing silently), and the known one
+    is blocked."""
+    from dllm_decode.cli import main
+
+    monkeypatch.setenv("DLLM_DECODE_BLOCK", "thresold,wino")
+    assert main(["plugins", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "DLLM_DECODE_BLOCK names 'thresold', which no installed plugin has" in err and "wino" not in err
+    assert "wino" not in {p["name"] for p in json.loads(out)}
+
+
 def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     png = str(tmp_path / "t.png")
     for args, needles in ((["generate", "--task", "copy", "--stream"], ["--stream", "--task"]),
