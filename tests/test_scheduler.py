@@ -114,6 +114,8 @@ def test_bad_requests_are_refused_before_queueing():
         sched.submit(dec, [dec.mask_id])
     with pytest.raises(InputError, match="seeds"):
         sched.submit(dec, [5, 6], seed=-1)
+    with pytest.raises(InputError, match=r"Scheduler.submit: prompts\[0\] is text"):
+        sched.submit(dec, "copy: ab")               # the call the caller made is named
     other, _, _ = reference("dream")
     with pytest.raises(InputError, match="another model"):
         sched.submit(Decoder(other, load_recipe("dream")), [5, 6])

@@ -87,8 +87,8 @@ class Scheduler:
         the decoder runs another model, or the waiting queue is full."""
         if decoder.model is not self.model:
             raise InputError("the decoder runs another model than this scheduler's")
-        prompt = [int(t) for t in prompt]
-        check_prompts([prompt], decoder.spec, decoder.gen.gen_length, decoder.mask_id)
+        prompt, = check_prompts([prompt], decoder.spec, decoder.gen.gen_length, decoder.mask_id,
+                                names=["prompt 0"], where="Scheduler.submit")
         seed, = row_seeds(None if seed is None else [seed], 1, decoder.gen.seed)
         # requests the next step admits into free rows are not waiting for a row
         queued = len(self.waiting) - max(0, self.max_batch - len(self.running))
