@@ -129,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", add_help=False, help="lm-evaluation-harness with the dllm_decode model registered "
                    "(lm-eval's arguments: --model dllm_decode --model_args model=DIR,recipe=NAME --tasks ...)")
     plug = sub.add_parser("plugins", help="list registered plugins, their slots and parameters")
-    plug.add_argument("--json", action="store_true")
-    plug.add_argument("--block", action="append", default=[], metavar="PLUGIN")
+    plug.add_argument("--json", action="store_true", help="one JSON object per plugin")
+    plug.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="leave this plugin out")
+    rec = sub.add_parser("recipes", help="list the shipped recipes: what each runs, and its generation settings")
+    rec.add_argument("--json", action="store_true", help="one JSON object per recipe")
+    rec.add_argument("--block", action="append", default=[], metavar="PLUGIN", help="leave this plugin out")
     return parser
 
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     args = build_parser().parse_args(argv)
     command = {"generate": cmd_generate, "bench": cmd_bench, "trace": cmd_trace, "plugins": cmd_plugins,
-               "serve": cmd_serve}
+               "recipes": cmd_recipes, "serve": cmd_serve}
     with warnings.catch_warnings():
         # a broken installed plugin is reported in one line, not with warnings' source echo
         warnings.filterwarnings("always", category=BrokenPluginWarning)
@@ -180,6 +183,47 @@ def _show_warning(message: Any, category: type, *rest: Any, **kw: Any) -> None:
         print(f"dllm-decode: warning: {message}", file=sys.stderr)
     else:
         print(warnings.formatwarning(message, category, *rest[:2]), end="", file=sys.stderr)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """The shipped recipes (``--recipe NAME``), each resolved against the installed plugins: one
+    that names a missing or broken plugin is listed with the reason, the others still are."""
+    from dllm_decode.config import load_recipe, resolve_recipe
+    from dllm_decode.hookspecs import SLOTS
+    from dllm_decode.recipes import shipped_recipes
+
+    pm = _plugin_manager(args)
+    rows = []
+    for name, path in shipped_recipes().items():
+        row: dict[str, Any] = {"name": name, "file": f"recipes/{path.name}"}
+        try:
+            recipe = load_recipe(path)
+            row["description"] = recipe.description
+            policy = resolve_recipe(recipe, pm)
+        except DllmDecodeError as exc:
+            rows.append({**row, "error": str(exc).splitlines()[0]})
+            continue
+        gen = recipe.generation
+        row.update(slots={slot: policy.plugin_for(slot) for slot in SLOTS if slot in policy.slots},
+                   generation={k: getattr(gen, k) for k in ("gen_length", "block_length", "steps", "temperature")},
+                   requires=sorted({r for m in policy.metas.values() for r in m.requires}),
+                   families=sorted({f for m in policy.metas.values() for f in m.families}))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['name']}  ({row['file']})")
+        if row.get("description"):
+            print(f"    {row['description']}")
+        if "error" in row:
+            print(f"    (UNUSABLE) {row['error']}")
+            continue
+        print("    " + ", ".join(f"{slot}: {plugin}" for slot, plugin in row["slots"].items()))
+        print("    " + ", ".join(f"{k} {v}" for k, v in row["generation"].items() if v is not None) +
+              (f"; needs: {', '.join(row['requires'])}" if row["requires"] else "") +
+              (f"; models: {', '.join(row['families'])}" if row["families"] else ""))
+    return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:

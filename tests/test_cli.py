@@ -447,3 +447,31 @@ def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
                           (["trace", "copy: abc\n", "--input-ids", "5", "--out", png], ["text prompt", "--input-ids"]),
                           (["trace", "--input-ids", "5", "--chat", "--out", png], ["--chat", "--input-ids"])):
         _one_line_error(capsys, args, *needles)
+
+
+def test_recipes_lists_every_shipped_recipe_and_what_it_runs(capsys):
+    """`dllm-decode recipes`: one entry per YAML file shipped, with the plugins its slots resolve
+    to; a recipe whose plugin is blocked is listed with the reason, the others still are."""
+    import yaml
+
+    from dllm_decode.cli import main
+
+    files = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert main(["recipes", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == sorted(f.stem for f in files)
+    for f in files:
+        data = yaml.safe_load(f.read_text())
+        row = rows[f.stem]
+        assert row["description"] == data.get("description") and "error" not in row, row
+        for slot, entry in data.items():        # a slot the file names is filled by that plugin
+            if slot in row["slots"]:
+                assert row["slots"][slot] == (entry if isinstance(entry, str) else entry["plugin"]), (f.stem, slot)
+    assert rows["wino"]["families"] == ["llada"] and "bidirectional" in rows["wino"]["requires"]
+    assert rows["threshold"]["generation"]["block_length"] == 32
+    assert main(["recipes", "--json", "--block", "threshold"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert "'threshold' is blocked" in rows["threshold"]["error"] and "error" not in rows["llada"]
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "llada  (recipes/llada.yaml)" in out and "select_tokens: threshold" in out
