@@ -475,3 +475,101 @@ def test_recipes_lists_every_shipped_recipe_and_what_it_runs(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "llada  (recipes/llada.yaml)" in out and "select_tokens: threshold" in out
+
+
+def _parsed_back(flags: str):
+    """The TrainConfig that train builds from a card's flags."""
+    from dllm_decode.tools.train import _config, _parser
+
+    return _config(_parser().parse_args(["--out", "x"] + flags.split()))
+
+
+def test_model_card_flags_keep_canvas_odds_train_would_not_derive():
+    """--canvas-weights is in the card's command whenever the run's odds differ from those train
+    derives without it (6,2.5,1.5 for the default canvases, else equal), so it parses back to the
+    run's odds; odds train would derive anyway stay out."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import TrainConfig
+
+    for cfg in (TrainConfig(out="x", canvas_weights=(1.0, 1.0, 1.0)),       # default canvases, other odds
+                TrainConfig(out="x", canvas=(64, 128), canvas_weights=(6.0, 2.5)),
+                TrainConfig(out="x", canvas=(256, 512), canvas_weights=(3.0, 2.0))):
+        assert asdict(_parsed_back(train_flags(asdict(cfg)))) == asdict(cfg)
+    for cfg in (TrainConfig(out="x"), TrainConfig(out="x", canvas=(80,), canvas_weights=(1.0,))):
+        assert "--canvas-weights" not in train_flags(asdict(cfg))
+
+
+def test_model_card_flags_keep_the_log_cadence_its_check_compares():
+    """A run logged every N steps prints --log-every N in its command and in the card's check
+    (whose loss log is compared line by line with the shipped one); the default stays out."""
+    from dataclasses import asdict
+
+    from dllm_decode.tools.model_card import train_flags
+    from dllm_decode.tools.train import TrainConfig
+
+    cfg = TrainConfig(out="x", canvas=(80,), canvas_weights=(1.0,), log_every=1)
+    assert "--log-every 1" in train_flags(asdict(cfg), device=False)
+    assert asdict(_parsed_back(train_flags(asdict(cfg)))) == asdict(cfg)
+    assert "--log-every" not in train_flags(asdict(TrainConfig(out="x")))
+
+
+def _model_card_error(capsys, *args) -> str:
+    """Run model_card in-process on input it must refuse: exit status 2 before any table is
+    decoded (nothing on stdout) and one line on stderr, returned."""
+    from dllm_decode.tools.model_card import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    return err
+
+
+def test_model_card_refuses_bad_input_before_decoding(tmp_path, capsys):
+    """A folder without training.json under --write, unknown --tasks, a missing folder, --render
+    without eval.json and a generation length the grid's blocks do not divide are each refused
+    in one line naming the file or flag, before the first decode."""
+    import shutil
+
+    card = tmp_path / "llada-reference"
+    card.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "models" / "llada-reference" / f, card / f)
+    quick = ("--n", "1", "--grid-n", "0", "--tasks", "copy")
+    assert "training.json" in _model_card_error(capsys, card, *quick, "--write")
+    assert not (card / "README.md").exists() and not (card / "eval.json").exists()
+    assert "eval.json" in _model_card_error(capsys, card, "--render")
+    assert "--tasks 'bogus'" in _model_card_error(capsys, card, "--tasks", "bogus")
+    assert str(tmp_path / "nowhere") in _model_card_error(capsys, tmp_path / "nowhere", *quick)
+    # block length 8 of the grid does not divide 100; the headline (one block) alone would decode
+    assert "--gen-length 100" in _model_card_error(capsys, card, *quick[:2], "--grid-n", "1", "--tasks", "copy",
+                                                   "--gen-length", "100")
+
+
+def test_model_card_of_a_run_with_all_zero_task_weights(tmp_path, capsys):
+    """All-zero task weights draw with equal odds in train's Batcher (as any equal weights do): the
+    card says so, and its command leaves out the weights (which train now refuses)."""
+    import shutil
+
+    from dllm_decode.tools.model_card import main
+
+    # the second stage's weights zero (compared with the first stage's), then both stages' (the
+    # first stage's odds are the objective's sentence)
+    for stages in (("config",), ("config", "init")):
+        card = tmp_path / "-".join(stages) / "llada-reference"
+        card.mkdir(parents=True)
+        for f in ("config.json", "training.json", "eval.json"):
+            shutil.copy(ROOT / "models" / "llada-reference" / f, card / f)
+        training = json.loads((card / "training.json").read_text())
+        tasks = training["config"]["tasks"]
+        training["config"]["task_weights"] = [0.0] * len(tasks)
+        if "init" in stages:
+            training["init"]["config"]["task_weights"] = [0.0] * len(tasks)
+        (card / "training.json").write_text(json.dumps(training))
+        main([str(card), "--render"])
+        text = (card / "README.md").read_text()
+        odds = ", ".join(f"`{t}` {1 / len(tasks):.2f}" for t in tasks)
+        assert f"Each row's task is drawn with odds {odds}." in text and "--task-weights" not in text, stages
+        assert text.count("task is drawn with odds") == 1, stages        # no stage changed the odds

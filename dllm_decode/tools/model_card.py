@@ -56,24 +56,45 @@ def is_ar_checkpoint(path: Path) -> bool:
     return family_of(path) == "ar"
 
 
+def block_recipe(name: str, gen_length: int, size: int, threshold: float, batch_size: int,
+                 device: str = "cpu", dtype: str = "float32"):
+    """The recipe of one block-table cell: the family's recipe `name` at block `size`, `threshold`."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.recipes import find_recipe
+
+    return load_recipe(find_recipe(name), overrides=[
+        f"generation.gen_length={gen_length}", f"generation.block_length={size}",
+        f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
+        f"select_tokens.threshold={threshold}", *device_overrides(device, dtype)])
+
+
+def diffusion_recipe(gen_length: int, k: int, block: int | None, batch_size: int,
+                     device: str = "cpu", dtype: str = "float32"):
+    """The recipe of one diffusion-table cell: LLaDA's baseline at `k` tokens per step, block
+    length `block` (None: the whole canvas)."""
+    from dllm_decode.config import load_recipe
+    from dllm_decode.recipes import find_recipe
+
+    return load_recipe(find_recipe("llada"), overrides=[
+        f"generation.gen_length={gen_length}", f"generation.block_length={block or gen_length}",
+        f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}",
+        *device_overrides(device, dtype)])
+
+
 def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int, grid,
                 progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[dict]:
     """A block-diffusion checkpoint decoded block by block with its family's recipe (exact block
     cache) at each (block size, threshold) of ``grid``; the model loaded at that block size."""
-    from dllm_decode.config import load_recipe
     from dllm_decode.measure.evaluate import evaluate
     from dllm_decode.models import load_model
-    from dllm_decode.recipes import default_recipe, find_recipe
+    from dllm_decode.recipes import default_recipe
 
     name = default_recipe(path)
     problems = held_out(tasks, n, seed)
     rows = []
     for size, threshold in grid:
         model, tok = load_model(path, block_size=size, dtype=dtype, device=device)
-        recipe = load_recipe(find_recipe(name), overrides=[
-            f"generation.gen_length={gen_length}", f"generation.block_length={size}",
-            f"generation.steps={gen_length}", f"generation.batch_size={batch_size}",
-            f"select_tokens.threshold={threshold}", *device_overrides(device, dtype)])
+        recipe = block_recipe(name, gen_length, size, threshold, batch_size, device, dtype)
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": f"threshold {threshold}", "block_length": size, "tasks": res.per_task,
                      "accuracy": res.accuracy, "nfe": res.nfe, "seconds_per_problem": res.seconds_per_problem})
@@ -85,20 +106,14 @@ def block_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, see
 
 def diffusion_table(path: Path, tasks, n: int, gen_length: int, batch_size: int, seed: int,
                     grid=GRID, progress: bool = True, device: str = "cpu", dtype: str = "float32") -> list[dict]:
-    from dllm_decode.config import load_recipe
     from dllm_decode.measure.evaluate import evaluate
     from dllm_decode.models import load_model
-    from dllm_decode.recipes import find_recipe
 
     model, tok = load_model(path, dtype=dtype, device=device)
     problems = held_out(tasks, n, seed)
     rows = []
     for k, block in grid:
-        b = block or gen_length
-        recipe = load_recipe(find_recipe("llada"), overrides=[
-            f"generation.gen_length={gen_length}", f"generation.block_length={b}",
-            f"generation.steps={gen_length // k}", f"generation.batch_size={batch_size}",
-            *device_overrides(device, dtype)])
+        recipe = diffusion_recipe(gen_length, k, block, batch_size, device, dtype)
         res = evaluate(model, tok, recipe, problems)
         rows.append({"tokens_per_step": k, "block_length": "full" if block is None else block,
                      "tasks": res.per_task, "accuracy": res.accuracy, "nfe": res.nfe,
@@ -200,9 +215,13 @@ def train_flags(cfg: dict, device: bool = True) -> str:
     default = asdict(TrainConfig())
     flags = []
     for key, value in cfg.items():
-        # checkpoint cadence, logging and readings do not change the weights
-        if key in ("family", "out", "init", "device", "canvas_weights", "log_every", "stop_after",
+        # checkpoint cadence and readings change neither the weights nor the loss log (log_every is
+        # kept: the card's --check compares its rerun's log with the shipped one, line by line)
+        if key in ("family", "out", "init", "device", "canvas_weights", "stop_after",
                    "checkpoint_every", "checkpoint_minutes", "probe_every", "probe_n", "probe_tasks"):
+            continue
+        # equal task weights draw exactly as none do (train's Batcher), and train refuses all zeros
+        if key == "task_weights" and task_odds(cfg) is None:
             continue
         if key in ("steps", "seed", "threads") or (key in default and _norm(default[key]) != _norm(value)):
             if isinstance(value, bool):         # a switch: named when on
@@ -212,9 +231,11 @@ def train_flags(cfg: dict, device: bool = True) -> str:
             flags.append(f"--{key.replace('_', '-')} {shown}")
     if device and cfg.get("device", "cpu") != "cpu":
         flags.append(f"--device {cfg['device']}")
-    equal = [1.0] * len(cfg.get("canvas", []))
-    if "canvas_weights" in cfg and _norm(cfg["canvas"]) != _norm(default["canvas"]) \
-            and _norm(cfg["canvas_weights"]) != _norm(equal):
+    # the odds train's _config derives when --canvas-weights is not given: the default odds for the
+    # default canvases, else equal; any other odds must be named or the command trains otherwise
+    derived = default["canvas_weights"] if _norm(cfg.get("canvas", [])) == _norm(default["canvas"]) \
+        else [1.0] * len(cfg.get("canvas", []))
+    if "canvas_weights" in cfg and _norm(cfg["canvas_weights"]) != _norm(derived):
         flags.append("--canvas-weights " + ",".join(map(str, cfg["canvas_weights"])))
     return " ".join(flags)
 
@@ -238,11 +259,20 @@ def steps_text(cfg: dict) -> str:
     return f"{stop} (of its {cfg['steps']}-step schedule)" if stop and stop < cfg["steps"] else str(cfg["steps"])
 
 
+def task_odds(cfg: dict) -> list[float] | None:
+    """The odds a stage drew its tasks with, as train's Batcher reads `task_weights`: None (equal
+    odds) when there are none or all are equal, all zeros included."""
+    w = [float(x) for x in cfg.get("task_weights") or []]
+    return w if w and any(x != w[0] for x in w) else None
+
+
 def task_odds_sentence(cfg: dict) -> str:
-    weights = cfg.get("task_weights") or [1.0] * len(cfg["tasks"])
+    weights = task_odds(cfg) or [1.0] * len(cfg["tasks"])
+    total = sum(weights)
+    if total <= 0:      # random.choices refuses these: no run trained with them
+        raise ValueError(f"task_weights {cfg['task_weights']} do not add up to a positive number")
     return ("Each row's task is drawn with odds " +
-            ", ".join(f"`{t}` {float(w) / sum(map(float, weights)):.2f}" for t, w in zip(cfg["tasks"], weights))
-            + ".")
+            ", ".join(f"`{t}` {w / total:.2f}" for t, w in zip(cfg["tasks"], weights)) + ".")
 
 
 def full_mask_sentence(cfg: dict) -> str:
@@ -287,7 +317,7 @@ def later_stage_sentence(n: int, cfg: dict, before: dict) -> str:
     words = ("second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth")
     lead = f"The {words[n - 1]} stage" if n <= len(words) else f"Stage {n + 1}"
     mix = "" if _norm(cfg.get("mask_mix")) == _norm(before.get("mask_mix")) else " " + mix_sentence(cfg["mask_mix"])
-    if _norm(cfg.get("task_weights") or []) != _norm(before.get("task_weights") or []):
+    if task_odds(cfg) != task_odds(before):
         mix += " " + task_odds_sentence(cfg)
     if cfg["family"] != "ar" and canvas_sentence(cfg) != canvas_sentence(before):
         mix += " " + canvas_sentence(cfg)
@@ -365,9 +395,11 @@ def block_decode_line(family: str) -> str:
 
 
 def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_length: int, seed: int,
-               args: str, measured_on: str | None = None, device: str = "cpu", dtype: str = "float32") -> str:
+               args: str, measured_on: str | None = None, device: str = "cpu", dtype: str = "float32",
+               dry: bool = False) -> str:
     """Write README.md and eval.json of `path`. `measured_on`: the machine line of tables
-    measured earlier (re-rendering); by default this machine's (`device`, `dtype`)."""
+    measured earlier (re-rendering); by default this machine's (`device`, `dtype`). `dry`: only
+    build the card (writing nothing), to find what would stop it before minutes of decoding."""
     from dllm_decode.tools.train import BLOCK_FAMILIES
 
     measured_on = measured_on or machine(device, dtype)
@@ -458,6 +490,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
         tables="\n\n".join(f"{title}\n\n{render(rows, tasks)}" for title, rows in tables),
         rel=rel, args=args)
+    if dry:
+        return card
     readme = path / "README.md"
     old = readme.read_text() if readme.exists() else ""
     if KEEP in old:
@@ -506,6 +540,48 @@ def warn_truncated(path: Path, tasks, n: int, gen_length: int, seed: int) -> Non
         print(f"model_card: {note}", file=sys.stderr)
 
 
+def refuse(message: str) -> None:
+    """Stop on bad input with one line on stderr (argparse's exit status, without its usage block)."""
+    import sys
+
+    print(f"model_card: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_inputs(a: argparse.Namespace, path: Path, tasks) -> None:
+    """Refuse in one line what would otherwise fail after the decoding (or as a traceback): unknown
+    tasks, counts out of range, a folder that is not a checkpoint, and the files --write and
+    --render read (training.json, eval.json) missing or not JSON, or a folder --write cannot write."""
+    import os
+
+    for t in tasks:
+        try:
+            get_task(t)
+        except KeyError as e:
+            refuse(f"--tasks {a.tasks!r}: {e.args[0]}")
+    for flag, value, least in (("--n", a.n, 1), ("--grid-n", a.grid_n, 0), ("--gen-length", a.gen_length, 1),
+                               ("--batch-size", a.batch_size, 1)):
+        if value < least:
+            refuse(f"{flag} {value}: must be at least {least}")
+    if not path.is_dir():
+        refuse(f"{path}: no such checkpoint folder")
+    needed = ["config.json"] + (["eval.json"] if a.render else []) + (["training.json"] if a.write or a.render else [])
+    for name in needed:
+        f = path / name
+        if not f.is_file():
+            why = {"training.json": "the card's training section is built from it (written by "
+                   "dllm_decode.tools.train)", "eval.json": "--render re-renders its tables (written by --write)",
+                   "config.json": "not a checkpoint folder"}[name]
+            refuse(f"{f}: missing; {why}")
+        try:
+            json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            refuse(f"{f}: not readable JSON ({e})")
+    if (a.write or a.render) and not all(os.access(p, os.W_OK) for p in (path, *path.glob("README.md"),
+                                                                          *path.glob("eval.json"))):
+        refuse(f"{path}: cannot write README.md / eval.json there")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint directory (llada, dream or an AutoModelForCausalLM)")
@@ -524,35 +600,57 @@ def main(argv: list[str] | None = None) -> None:
                     "in eval.json, without decoding (after a change to the card's text)")
     a = ap.parse_args(argv)
     path, tasks = Path(a.model), task_names(a.tasks)
-    from dllm_decode.errors import CheckpointError
+    from dllm_decode.errors import CheckpointError, RecipeError
     from dllm_decode.models.loader import BLOCK_FIELDS, check_device
     from dllm_decode.recipes import default_recipe
 
     try:
         check_device(a.device, "--device")
     except CheckpointError as e:
-        ap.error(str(e))
+        refuse(str(e))
+    check_inputs(a, path, tasks)
     on = dict(device=a.device, dtype=a.dtype)
     ar = is_ar_checkpoint(path)
     if a.render:
-        rerender(path, ar)
+        try:
+            rerender(path, ar)
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+            refuse(f"{path / 'eval.json'} or {path / 'training.json'}: cannot render the card from them "
+                     f"({type(e).__name__}: {e})")
         return
+    if a.write:     # the card must build from training.json before the tables are spent on it
+        try:
+            write_card(path, [], tasks, a.gen_length, a.seed, "", device=a.device, dtype=a.dtype, dry=True)
+        except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError) as e:
+            refuse(f"{path / 'training.json'}: cannot write the card from it ({type(e).__name__}: {e})")
+    family = family_of(path)
+    if family in BLOCK_FIELDS:
+        trained = json.loads((path / "config.json").read_text())[BLOCK_FIELDS[family]]
+        headline = ((trained, 0.85), (trained, 1.0))
+        grid = tuple((b, t) for b in BLOCK_SIZES for t in THRESHOLDS) if a.grid_n else ()
+    # every cell's recipe is built before the first decode: a generation length that a block
+    # length of the grid does not divide is refused now, not after the headline table
+    try:
+        if family in BLOCK_FIELDS:
+            for size, threshold in headline + grid:
+                block_recipe(default_recipe(path), a.gen_length, size, threshold, a.batch_size, **on)
+        elif not ar:
+            for k, block in HEADLINE + (GRID if a.grid_n else ()):
+                diffusion_recipe(a.gen_length, k, block, a.batch_size, **on)
+    except (RecipeError, ValueError) as e:
+        refuse(f"--gen-length {a.gen_length}: {e}")
     warn_truncated(path, tasks, a.n, a.gen_length, a.seed)
     tables = []
-    family = family_of(path)
     if ar:
         tables.append((f"Greedy decoding, {a.n} problems per task:",
                        ar_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, **on)))
     elif family in BLOCK_FIELDS:
-        trained = json.loads((path / "config.json").read_text())[BLOCK_FIELDS[family]]
         tables.append((f"The `{default_recipe(path)}` recipe at the checkpoint's block size, "
                        f"{a.n} problems per task:",
-                       block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed,
-                                   ((trained, 0.85), (trained, 1.0)), **on)))
+                       block_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, headline, **on)))
         if a.grid_n:
             tables.append((f"Block size x threshold, {a.grid_n} problems per task:",
-                           block_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed,
-                                       tuple((b, t) for b in BLOCK_SIZES for t in THRESHOLDS), **on)))
+                           block_table(path, tasks, a.grid_n, a.gen_length, a.batch_size, a.seed, grid, **on)))
     else:
         tables.append((f"Baseline recipe (one block over the canvas), {a.n} problems per task:",
                        diffusion_table(path, tasks, a.n, a.gen_length, a.batch_size, a.seed, HEADLINE, **on)))
