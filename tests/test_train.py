@@ -944,3 +944,150 @@ def test_settings_the_family_cannot_take_fail_before_training(tmp_path, change, 
     with pytest.raises(ValueError, match=message):
         train(TrainConfig(**{**_tiny("llada", tmp_path / "x").__dict__, **change}), progress=False)
     assert not (tmp_path / "x" / "loss_log.jsonl").exists()
+
+
+# ---- refusals that lose nothing (a mistaken command must not replace or corrupt a run folder) ----
+
+TINY = ["--family", "llada", "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--mlp-hidden", "32",
+        "--steps", "2", "--batch-size", "2", "--canvas", "80", "--warmup", "1", "--log-every", "1",
+        "--threads", "1", "--no-progress"]
+
+
+def _files(d):
+    """A folder's files and contents, but its lock (it names whichever process holds it)."""
+    return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.is_file() and p.name != "train.lock"}
+
+
+def test_out_refuses_a_run_or_model_folder_and_checks_everything_before_writing(tmp_path):
+    """--out naming a finished or stopped run (or a model) is refused, folder untouched; a refused
+    configuration writes nothing, not even an earlier stage's log; --init X --out X still trains
+    a later stage in place, as _earlier_stages allows."""
+    full, stopped = tmp_path / "full", tmp_path / "st"
+    main([*TINY, "--out", str(full)])
+    main([*TINY, "--out", str(stopped), "--stop-after", "1"])
+    for d, extra in ((full, ["--seed", "7"]), (stopped, ["--seed", "9", "--stop-after", "1"])):
+        before = _files(d)
+        with pytest.raises(SystemExit, match=f"--out {d} already holds"):
+            main([*TINY, "--out", str(d), *extra])
+        assert _files(d) == before
+    with pytest.raises(SystemExit, match="--task-weights has 2 entries"):
+        main([*TINY, "--out", str(tmp_path / "B"), "--init", str(full), "--task-weights", "1,2"])
+    assert not (tmp_path / "B").exists()
+    main([*TINY, "--out", str(full), "--init", str(full), "--seed", "3", "--steps", "1"])
+    assert json.loads((full / "training.json").read_text())["init"]["config"]["steps"] == 2
+
+
+def test_snapshot_refuses_to_replace_a_model_and_names_its_flag(tmp_path):
+    full, stopped = tmp_path / "full", tmp_path / "st"
+    main([*TINY, "--out", str(full)])
+    main([*TINY, "--out", str(stopped), "--stop-after", "1"])
+    before = _files(full)
+    with pytest.raises(SystemExit, match=f"--out {full} already holds"):
+        main(["--snapshot", str(stopped), "--out", str(full)])
+    assert _files(full) == before
+    with pytest.raises(SystemExit, match="train: --snapshot .*nowhere: no checkpoint.pt"):
+        main(["--snapshot", str(tmp_path / "nowhere"), "--out", str(tmp_path / "snap")])
+
+
+def test_resume_refuses_a_finished_run(tmp_path):
+    """A finished run keeps its last periodic checkpoint; resuming it would retrain its end."""
+    out = tmp_path / "r"
+    main([*TINY, "--out", str(out), "--steps", "3", "--checkpoint-every", "1"])
+    before = _files(out)
+    for extra in ([], ["--stop-after", "2"]):
+        with pytest.raises(SystemExit, match=f"--resume {out}: the run already finished at step 3"):
+            main(["--resume", str(out), "--no-progress", *extra])
+    assert _files(out) == before
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path):
+    """One writer per run folder: a second --resume while the first runs is refused."""
+    from dllm_decode.tools.train import _Lock
+    from dllm_decode.tools.train_state import save_checkpoint
+
+    out = tmp_path / "r"
+    main([*TINY, "--out", str(out), "--steps", "3", "--stop-after", "1"])
+    before = _files(out)
+    held = _Lock(out)          # another open file description: flock refuses it like another process
+    try:
+        with pytest.raises(SystemExit, match=f"{out} is in use by another process \\(PID \\d+\\)"):
+            main(["--resume", str(out), "--no-progress"])
+        assert _files(out) == before
+    finally:
+        held.release()
+    main(["--resume", str(out), "--no-progress"])        # free again once released
+    assert (out / "model.safetensors").exists()
+    import inspect
+    assert "getpid" in inspect.getsource(save_checkpoint)   # each writer's temporary file is its own
+
+
+def test_resume_refuses_flags_it_would_ignore(tmp_path):
+    out = tmp_path / "r"
+    main([*TINY, "--out", str(out), "--stop-after", "1"])
+    before = _files(out)
+    with pytest.raises(SystemExit, match="--steps, --lr would be ignored"):
+        main(["--resume", str(out), "--steps", "10", "--lr", "0.5", "--no-progress"])
+    assert _files(out) == before
+
+
+def test_check_log_pairs_the_steps_both_logs_hold(tmp_path):
+    """A rerun logging every 2nd step matches the log of every step; no shared step is no match."""
+    from dllm_decode.tools.train import check_log
+
+    every = tmp_path / "every"
+    main([*TINY, "--out", str(every), "--steps", "4"])
+    second = tmp_path / "second"
+    main([*TINY, "--out", str(second), "--steps", "4", "--log-every", "2", "--check", str(every)])
+    n, mismatch = check_log(second, every)
+    assert mismatch is None and n == 3             # steps 0, 2 and the last, 3
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "loss_log.jsonl").write_text('{"step": 99, "loss": 1.0, "lr": 0.1}\n')
+    n, mismatch = check_log(tmp_path / "none", every)
+    assert n == 0 and "nothing to compare" in mismatch
+
+
+def test_a_canvas_without_room_for_eos_fails_before_training(tmp_path):
+    """copy's answers run to 70 tokens: a canvas of 70 leaves no room for EOS, refused up front
+    (without --batch-by-task too), and layout refuses an answer that fills its canvas."""
+    tok = build_char_tokenizer()
+    b = Batcher(_tiny("llada", tmp_path, tasks=("repeat",)), tok)
+    with pytest.raises(ValueError, match="do not fit canvas 3"):
+        b.layout([([1, 2], [5, 6, 7])], 3)
+    with pytest.raises(SystemExit, match="train: --canvas 70 is too short for task 'copy'"):
+        main([*TINY, "--out", str(tmp_path / "c"), "--canvas", "70,200", "--tasks", "copy"])
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "-1"], "--steps -1"), (["--stop-after", "-1"], "--stop-after -1"),
+    (["--full-mask", "2"], "--full-mask 2"), (["--task-weights", "1,-1,1"], "--task-weights"),
+    (["--task-weights", "0,0,0"], "--task-weights"), (["--max-length", "50"], "--max-length 50"),
+    (["--batch-size", "0"], "--batch-size 0"), (["--log-every", "0"], "--log-every 0"),
+    (["--mask-mix", "1,0"], "--mask-mix has 2 entries"), (["--canvas-weights", "0"], "--canvas-weights"),
+    (["--n-heads", "3"], "--n-heads 3"), (["--threads", "-1"], "--threads -1"),
+    (["--tasks", "bogus"], "--tasks: unknown task 'bogus'"), (["--warmup", "-1"], "--warmup -1"),
+    (["--lr", "-0.1"], "--lr -0.1"), (["--checkpoint-every", "-2"], "--checkpoint-every -2"),
+])
+def test_impossible_values_fail_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match="train: " + message.replace("(", "\\(")):
+        main([*TINY, "--out", str(tmp_path / "r"), *flags])
+    assert not (tmp_path / "r").exists()
+
+
+def test_unreadable_inputs_are_one_line_naming_the_flag(tmp_path):
+    """A corrupt checkpoint, an --init folder without its loss log, a --check folder without a
+    record: one line each, before training, and no --out folder left behind."""
+    out = tmp_path / "r"
+    main([*TINY, "--out", str(out), "--stop-after", "1"])
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match=f"train: --resume {out}: .*checkpoint.pt does not load"):
+        main(["--resume", str(out), "--no-progress"])
+    full = tmp_path / "full"
+    main([*TINY, "--out", str(full)])
+    (full / "loss_log.jsonl").unlink()
+    with pytest.raises(SystemExit, match=f"train: --init {full}: no loss_log.jsonl"):
+        main([*TINY, "--out", str(tmp_path / "s2"), "--init", str(full)])
+    assert not (tmp_path / "s2").exists()
+    with pytest.raises(SystemExit, match="train: --check .*nowhere: no training.json"):
+        main([*TINY, "--out", str(tmp_path / "c"), "--check", str(tmp_path / "nowhere")])
+    assert not (tmp_path / "c").exists()

@@ -55,7 +55,9 @@ those of a run without it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import math
 import random
 import re
@@ -73,6 +75,7 @@ from torch import Tensor
 from dllm_decode.measure.tasks import MIXES, REFERENCE_MIX, get_task, task_names
 from dllm_decode.models.layers import position_ids_from_mask
 from dllm_decode.tools.char_tokenizer import save_char_tokenizer
+from dllm_decode.tools.train_state import CHECKPOINT as CHECKPOINT_NAME
 from dllm_decode.tools.train_state import Progress, read_checkpoint, restore, save_checkpoint
 
 
@@ -158,6 +161,36 @@ def _init_weights_(model: torch.nn.Module, seed: int, n_layers: int) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def _check_fit(cfg: TrainConfig, tasks, positions: bool = True) -> None:
+    """Every task's longest answer (+ EOS) fits every canvas it can be drawn with, the positions
+    fit --max-length, and batch_tokens can be sized from the tasks' declared lengths: refused
+    before anything is written, not at the first long batch hours in. Without --batch-by-task
+    any canvas can meet any task, so the shortest must fit; with it (or --fit-canvas) a batch
+    only draws the canvases its task fits, so the longest must."""
+    if cfg.family != "ar":
+        bound = max(cfg.canvas) if cfg.batch_by_task or cfg.fit_canvas else min(cfg.canvas)
+        for t in tasks:
+            if t.max_answer_tokens + 1 > bound:
+                raise ValueError(f"--canvas {bound} is too short for task {t.name!r}, whose "
+                                 f"answers run to {t.max_answer_tokens} tokens (+ EOS)")
+    for t in tasks:
+        if cfg.batch_by_task and cfg.batch_tokens and not t.max_prompt_tokens:
+            raise ValueError(f"--batch-tokens needs task {t.name!r} to declare max_prompt_tokens")
+        # positions: a run's check (check_config); a Batcher alone builds no model to declare them
+        if not positions or not t.max_prompt_tokens:     # undeclared: nothing to check them against
+            continue
+        if cfg.family == "ar":
+            width = t.max_answer_tokens + 1
+        elif cfg.fit_canvas:
+            width = t.max_answer_tokens + cfg.fit_unit()
+        else:
+            width = max(cfg.canvas)
+        if t.max_prompt_tokens + width > cfg.max_length:
+            raise ValueError(f"--max-length {cfg.max_length} is shorter than task {t.name!r}'s longest prompt "
+                             f"({t.max_prompt_tokens}) and canvas ({width}): declare at least "
+                             f"{t.max_prompt_tokens + width} positions")
+
+
 class Batcher:
     """Seeded stream of training batches: prompts left-padded, answers (+ EOS padding) after.
     Each row's task is drawn with odds `task_weights` (equal odds draw as the first reference
@@ -187,18 +220,8 @@ class Batcher:
         self.groups = [[i for i, x in enumerate(g) if x == k] for k in sorted(set(g))] if g else None
         # a group's odds: its tasks' summed odds
         self.group_odds = [sum(w[i] if self.weights else 1.0 for i in grp) for grp in self.groups or ()]
-        if cfg.batch_by_task:
-            self._check_fit()
+        _check_fit(cfg, self.tasks, positions=False)
 
-    def _check_fit(self) -> None:
-        """Every task's longest answer (+ EOS) fits the largest canvas, and batch_tokens can be
-        sized from its declared lengths: refused here, not at the first long batch hours in."""
-        for t in self.tasks:
-            if self.cfg.family != "ar" and t.max_answer_tokens + 1 > max(self.cfg.canvas):
-                raise ValueError(f"--canvas {max(self.cfg.canvas)} is too short for task {t.name!r}, whose "
-                                 f"answers run to {t.max_answer_tokens} tokens (+ EOS)")
-            if self.cfg.batch_tokens and not t.max_prompt_tokens:
-                raise ValueError(f"--batch-tokens needs task {t.name!r} to declare max_prompt_tokens")
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
@@ -257,9 +280,9 @@ class Batcher:
             canvas = fitted_canvas(rows, self.cfg.fit_unit())
         P = max(len(p) for p, _ in rows)
         G = max(len(a) for _, a in rows) + 1 if canvas is None else canvas
-        if G < max(len(a) for _, a in rows):
-            raise ValueError(f"an answer of {max(len(a) for _, a in rows)} tokens does not fit canvas {G} "
-                             "(--canvas)")
+        if G < max(len(a) for _, a in rows) + 1:     # the EOS after the answer is a target: it must fit
+            raise ValueError(f"an answer of {max(len(a) for _, a in rows)} tokens and its EOS do not fit "
+                             f"canvas {G} (--canvas)")
         ids = torch.full((len(rows), P + G), self.pad, dtype=torch.long)
         att = torch.zeros(len(rows), P + G, dtype=torch.bool)
         for b, (p, a) in enumerate(rows):
@@ -601,6 +624,9 @@ def _init_record(cfg: TrainConfig) -> dict:
     meta_path = path / "training.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"--init {path}: no training.json (a checkpoint written by this script)")
+    if not (path / "loss_log.jsonl").exists():     # the next stage copies it (_earlier_stages)
+        raise FileNotFoundError(f"--init {path}: no loss_log.jsonl (a checkpoint written by this script keeps "
+                                "its loss log, which the next stage's training.json record needs)")
     record = json.loads(meta_path.read_text())
     base = record["config"]
     adapt = base["family"] == "ar" and cfg.family != "ar"
@@ -667,6 +693,7 @@ class Run:
     earlier: dict | None = None         # the --init checkpoint's record, kept in training.json
     compiled: torch.nn.Module | None = None   # --compile: the model's compiled forward (same weights)
     teacher: torch.nn.Module | None = None    # --repr-align: the --init AR weights, frozen (repr_align_loss)
+    lock: _Lock | None = None                 # the run folder's lock, held until _finish returns
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, {**asdict(self.cfg), "stop_after": None}, self.progress,
@@ -688,6 +715,7 @@ def _settle_vector_math() -> None:
 def check_config(cfg: TrainConfig) -> None:
     """Refuse settings that contradict each other or the family, before anything is built or written
     (a ValueError naming the flag)."""
+    _check_values(cfg)
     if cfg.autocast not in ("none", "bf16"):
         raise ValueError(f"--autocast {cfg.autocast!r}: use 'none' or 'bf16'")
     if cfg.loss_weight not in ("mdlm", "cart"):
@@ -743,13 +771,110 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--cart-p {cfg.cart_p}: the geometric decay must lie strictly between 0 and 1")
 
 
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _check_shares(flag: str, values, count: int | None = None, what: str = "") -> None:
+    """Sampling odds: `count` of them when given, none negative, not all zero."""
+    if count is not None and len(values) != count:
+        raise ValueError(f"{flag} has {len(values)} entries{what}")
+    if any(not v >= 0 for v in values) or not sum(values) > 0:
+        raise ValueError(f"{flag} {','.join(map(str, values))}: odds of at least 0, not all 0")
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Refuse values no run can use (a negative step count, odds that sum to nothing, a head count
+    that does not divide the width, an unknown task), naming the flag: else they fail mid-run with
+    a traceback, or train something other than what was asked without a word."""
+    for key, low in (("steps", 0), ("batch_size", 1), ("log_every", 1), ("warmup", 0), ("checkpoint_every", 0),
+                     ("threads", 0), ("d_model", 1), ("n_layers", 1), ("n_heads", 1), ("mlp_hidden", 1),
+                     ("n_kv_heads", 0), ("max_length", 1), ("batch_tokens", 0)):
+        if getattr(cfg, key) < low:
+            raise ValueError(f"{_flag(key)} {getattr(cfg, key)}: use at least {low}")
+    if cfg.stop_after is not None and cfg.stop_after < 0:
+        raise ValueError(f"--stop-after {cfg.stop_after}: use a step count of at least 0")
+    for key in ("lr", "checkpoint_minutes", "weight_decay", "grad_clip"):
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"{_flag(key)} {getattr(cfg, key)}: use a value of at least 0")
+    if not 0 <= cfg.full_mask <= 1:
+        raise ValueError(f"--full-mask {cfg.full_mask}: a share of the rows, between 0 and 1")
+    _check_shares("--mask-mix", cfg.mask_mix, 3, " (iid, block, eos)")
+    if not cfg.canvas or any(c < 1 for c in cfg.canvas):
+        raise ValueError(f"--canvas {','.join(map(str, cfg.canvas))}: lengths of at least 1")
+    _check_shares("--canvas-weights", cfg.canvas_weights, len(cfg.canvas), f" for {len(cfg.canvas)} canvases")
+    if not cfg.tasks:
+        raise ValueError("--tasks: name at least one task")
+    tasks = []
+    for name in cfg.tasks:
+        try:
+            tasks.append(get_task(name))
+        except KeyError as e:
+            raise ValueError(f"--tasks: {e.args[0] if e.args else name}") from None
+    if cfg.task_weights:
+        _check_shares("--task-weights", cfg.task_weights, len(cfg.tasks),
+                      f" for {len(cfg.tasks)} tasks ({', '.join(cfg.tasks)})")
+    if cfg.task_groups and len(cfg.task_groups) != len(cfg.tasks):
+        raise ValueError(f"--task-groups has {len(cfg.task_groups)} entries for {len(cfg.tasks)} tasks "
+                         f"({', '.join(cfg.tasks)})")
+    if cfg.task_groups and not cfg.batch_by_task:
+        raise ValueError("--task-groups needs --batch-by-task")
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"--n-heads {cfg.n_heads} does not divide --d-model {cfg.d_model}")
+    # only a count given: the family's default (0) is what every model built so far used
+    if cfg.n_kv_heads < 0 or (cfg.n_kv_heads and cfg.n_heads % cfg.n_kv_heads):
+        raise ValueError(f"--n-kv-heads {cfg.n_kv_heads}: key/value heads must divide --n-heads {cfg.n_heads}")
+    _check_fit(cfg, tasks)
+
+
+LOCK = "train.lock"
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin")   # a model folder's weights
+
+
+def _check_out(out: Path, init: str | None) -> None:
+    """Refuse an --out folder that already holds a run or a model: a mistaken --out must not replace
+    either (--resume continues a run). The exception is --out naming the --init folder itself, a
+    later stage trained in place (``_earlier_stages`` reads the base's logs before writing)."""
+    if init is not None and out.exists() and out.resolve() == Path(init).resolve():
+        return
+    held = [n for n in (CHECKPOINT_NAME, "training.json", *MODEL_FILES) if (out / n).exists()]
+    if held:
+        raise ValueError(f"--out {out} already holds {held[0]} (a run or a model): choose another folder, "
+                         f"or continue the run with --resume {out}")
+
+
+class _Lock:
+    """An exclusive lock on a run folder (flock on its train.lock), held while a process writes it:
+    two processes writing one folder would interleave their logs and checkpoints. The kernel drops
+    it when the process dies, so a killed run never leaves its folder locked."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise ValueError(f"{out} is in use by another process (PID {holder})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)        # the file stays (removing it would race a waiting locker)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
     """Build a run from scratch, or (with a checkpoint dict `state`) as that checkpoint left it.
     The order of seeding and construction is the order the first reference models were trained in."""
+    check_config(cfg)           # first: a refused value (--threads -1 too) is one line, not a traceback
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _settle_vector_math()
-    check_config(cfg)
     torch.manual_seed(cfg.seed)
     resumed = state is not None
     record = _init_record(cfg) if cfg.init and not resumed else None
@@ -758,7 +883,22 @@ def _start(cfg: TrainConfig, state: dict | None = None) -> Run:
         raise ValueError(f"--repr-align aligns to the AR model the run is adapted from: --init must name an "
                          f"AR checkpoint (got {cfg.init!r})")
     out = Path(cfg.out)
+    if not resumed:
+        _check_out(out, cfg.init)
+    # every check above: a refused command has written nothing
     out.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(out)
+    try:
+        run = _build_run(cfg, state, out, record)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build_run(cfg: TrainConfig, state: dict | None, out: Path, record: dict | None) -> Run:
+    resumed = state is not None
     earlier = _earlier_stages(Path(cfg.init), record, out) if record is not None else None
     if resumed:     # the checkpoint holds the weights; --init need not exist any more (but see --repr-align)
         earlier = record = state["extra"]["init"]
@@ -991,10 +1131,15 @@ def snapshot(run_dir: str | Path, out: str | Path) -> Path:
     started from (``--init OUT``: its loss log up to the checkpoint, and any earlier stage's, come
     along for the reproduction check; so do its --probe-every readings up to the checkpoint). The
     run itself is not touched."""
-    state = read_checkpoint(Path(run_dir))
+    state = read_checkpoint(Path(run_dir), "--snapshot")
     out = Path(out)
     if out.resolve() == Path(run_dir).resolve():
         raise ValueError(f"--snapshot {run_dir}: write the snapshot to another folder (--out)")
+    # a snapshot may refresh an earlier snapshot of the same run, never replace another model or run
+    old = out / "training.json"
+    if (out / CHECKPOINT_NAME).exists() or (any((out / n).exists() for n in MODEL_FILES) and not (
+            old.exists() and json.loads(old.read_text()).get("snapshot", {}).get("run") == str(run_dir))):
+        raise ValueError(f"--out {out} already holds a run or a model; --snapshot writes to a new folder")
     out.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(**{**state["config"], "out": str(out)})
     tok = save_char_tokenizer(out)
@@ -1023,13 +1168,32 @@ def resume(out: str | Path, stop_after: int | None = None, progress: bool = True
     return _finish(_resumed(out, stop_after), progress)
 
 
+def _plain(config: dict) -> dict:
+    """A config as JSON holds it (tuples as lists), without what differs between the pieces of a resumed run."""
+    return {k: v for k, v in json.loads(json.dumps(config)).items() if k not in ("out", "stop_after")}
+
+
 def _resumed(out: str | Path, stop_after: int | None) -> Run:
     state = read_checkpoint(Path(out))
+    # a finished run keeps its last periodic checkpoint; resuming from it would retrain the end of
+    # the schedule over the finished weights. training.json says the run finished when it is this
+    # run's (same config: not an earlier stage trained in place) and that piece reached the end;
+    # a finished run whose weights were removed may be resumed from that checkpoint to rewrite them.
+    meta_path = Path(out) / "training.json"
+    if meta_path.exists() and any((Path(out) / n).exists() for n in MODEL_FILES):
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            raise ValueError(f"--resume {out}: {meta_path} is not JSON") from None
+        done = meta.get("config", {})
+        if "snapshot" not in meta and _plain(done) == _plain(state["config"]) and \
+                (done.get("stop_after") is None or done["stop_after"] >= done["steps"]):
+            raise ValueError(f"--resume {out}: the run already finished at step {done['steps']}")
+    # checked before _start writes anything (or takes the folder's lock)
+    if stop_after is not None and stop_after < state["progress"]["step"]:
+        raise ValueError(f"--stop-after {stop_after}: {out} is already at step {state['progress']['step']}")
     cfg = TrainConfig(**{**state["config"], "out": str(out), "stop_after": stop_after})
-    run = _start(cfg, state)
-    if stop_after is not None and stop_after < run.progress.step:
-        raise ValueError(f"--stop-after {stop_after}: {out} is already at step {run.progress.step}")
-    return run
+    return _start(cfg, state)
 
 
 def _finish(run: Run, progress: bool) -> Path:
@@ -1038,10 +1202,14 @@ def _finish(run: Run, progress: bool) -> Path:
     cfg = run.cfg
     # a signal during the final save waits for it: the weights alone, without their training.json,
     # would be a folder that loads and says nothing of how it was trained
-    with _Interrupt() as interrupt:
-        _loop(run, progress, interrupt)
-        if run.progress.step == cfg.last_step():
-            _save_final(run)
+    try:
+        with _Interrupt() as interrupt:
+            _loop(run, progress, interrupt)
+            if run.progress.step == cfg.last_step():
+                _save_final(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     return run.out
 
 
@@ -1087,12 +1255,18 @@ def check_log(run: Path, shipped: Path, rel: float = 1e-3) -> tuple[int, str | N
         return 0, (f"{run} was trained in {ran_depth + 1} stages, {shipped} in "
                    f"{depth + 1}: no stage of {shipped} to compare with")
     log = shipped / ("loss_log.jsonl" if ran_depth == depth else stage_log(ran_depth + 1))
-    theirs = _read_log(log)
-    for n, (a, b) in enumerate(zip(ours, theirs)):
-        if a["step"] != b["step"] or a["lr"] != b["lr"] or abs(a["loss"] - b["loss"]) > rel * abs(b["loss"]):
+    # paired by step, not by line: a rerun logging every 2nd step (or a shipped log that did) still
+    # lines up with the other's lines of the same steps
+    theirs = {b["step"]: b for b in _read_log(log)}
+    shared = [a for a in ours if a["step"] in theirs]
+    if not shared:
+        return 0, f"no step of {run / 'loss_log.jsonl'} is in {log}: nothing to compare"
+    for n, a in enumerate(shared):
+        b = theirs[a["step"]]
+        if a["lr"] != b["lr"] or abs(a["loss"] - b["loss"]) > rel * abs(b["loss"]):
             return n, (f"step {a['step']}: loss {a['loss']} lr {a['lr']} here, "
-                       f"step {b['step']}: loss {b['loss']} lr {b['lr']} in {log}")
-    return min(len(ours), len(theirs)), None
+                       f"loss {b['loss']} lr {b['lr']} in {log}")
+    return len(shared), None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1188,6 +1362,13 @@ def parse_floats(text: str, flag: str) -> tuple[float, ...]:
         raise SystemExit(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
+def _task_names(text: str, flag: str) -> tuple[str, ...]:
+    try:
+        return task_names(text)
+    except KeyError as e:       # an unknown name: one line naming the flag, not a traceback
+        raise SystemExit(f"train: {flag}: {e.args[0] if e.args else text}") from None
+
+
 def _config(a: argparse.Namespace) -> TrainConfig:
     d = TrainConfig()
     canvas = tuple(int(c) for c in parse_floats(a.canvas, "--canvas"))
@@ -1197,7 +1378,7 @@ def _config(a: argparse.Namespace) -> TrainConfig:
             raise SystemExit(f"--canvas-weights has {len(weights)} entries for {len(canvas)} canvases")
     else:
         weights = d.canvas_weights if canvas == d.canvas else tuple(1.0 for _ in canvas)
-    tasks = task_names(a.tasks)
+    tasks = _task_names(a.tasks, "--tasks")
     task_weights = parse_floats(a.task_weights, "--task-weights") if a.task_weights else ()
     groups = tuple(int(x) for x in parse_floats(a.task_groups, "--task-groups")) if a.task_groups else ()
     return TrainConfig(family=a.family, out=a.out, tasks=tasks, task_weights=task_weights, steps=a.steps,
@@ -1213,20 +1394,52 @@ def _config(a: argparse.Namespace) -> TrainConfig:
                        batch_tokens=a.batch_tokens, task_groups=groups, checkpoint_every=a.checkpoint_every,
                        checkpoint_minutes=a.checkpoint_minutes, log_every=a.log_every, block_size=a.block_size,
                        probe_every=a.probe_every, probe_n=a.probe_n,
-                       probe_tasks=task_names(a.probe_tasks) if a.probe_tasks else (),
-                       block_sizes=tuple(int(x) for x in parse_floats(a.block_sizes, "--block-sizes")) if a.block_sizes else ())
+                       probe_tasks=_task_names(a.probe_tasks, "--probe-tasks") if a.probe_tasks else (),
+                       block_sizes=(tuple(int(x) for x in parse_floats(a.block_sizes, "--block-sizes"))
+                                    if a.block_sizes else ()))
+
+
+RESUME_FLAGS = ("resume", "stop_after", "check", "no_progress")   # what --resume takes from the command line
+
+
+def _check_resume_flags(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--resume runs the checkpoint's own configuration: any other flag given would be silently
+    ignored, so a command that sets one (--steps 10, --lr 0.5) is refused, naming them."""
+    ignored = [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+               if k not in RESUME_FLAGS and v != ap.get_default(k)]
+    if ignored:
+        raise ValueError(f"--resume {a.resume} continues the run with its own configuration; "
+                         f"{', '.join(ignored)} would be ignored (only --stop-after, --check and "
+                         "--no-progress combine with --resume)")
+
+
+def _check_reference(check: str) -> None:
+    """--check DIR before training: a missing or unreadable DIR should not cost the run first."""
+    for name in ("training.json", "loss_log.jsonl"):
+        path = Path(check) / name
+        if not path.exists():
+            raise FileNotFoundError(f"--check {check}: no {name} (a checkpoint written by this script)")
+        try:
+            json.loads(path.read_text()) if name.endswith(".json") else _read_log(path)
+        except ValueError:
+            raise ValueError(f"--check {check}: {path} is not valid JSON") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    a = _parser().parse_args(argv)
-    if a.snapshot:
-        if not a.out:
-            raise SystemExit("train --snapshot RUN_DIR needs --out DIR")
-        print(snapshot(a.snapshot, a.out))
-        return
-    if not a.resume and not a.out:
-        raise SystemExit("train: --out DIR is required (or --resume DIR)")
+    ap = _parser()
+    a = ap.parse_args(argv)
     try:        # a refused configuration or checkpoint is one line; an error while training is not
+        if a.snapshot:
+            if not a.out:
+                raise SystemExit("train --snapshot RUN_DIR needs --out DIR")
+            print(snapshot(a.snapshot, a.out))
+            return
+        if not a.resume and not a.out:
+            raise SystemExit("train: --out DIR is required (or --resume DIR)")
+        if a.check:
+            _check_reference(a.check)
+        if a.resume:
+            _check_resume_flags(ap, a)
         run = _resumed(a.resume, a.stop_after) if a.resume else _start(_config(a))
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train: {e}") from None

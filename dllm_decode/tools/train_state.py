@@ -57,19 +57,25 @@ def save_checkpoint(out: Path, config: dict[str, Any], progress: Progress, model
         },
     }
     path = Path(out) / CHECKPOINT
-    tmp = path.with_suffix(".pt.tmp")
+    # a name of this process's own: two writers never replace each other's half-written file
+    tmp = path.with_name(f"{CHECKPOINT}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
     return path
 
 
-def read_checkpoint(out: Path) -> dict[str, Any]:
-    """The checkpoint dict of run folder `out`; a clear error when there is none."""
+def read_checkpoint(out: Path, flag: str = "--resume") -> dict[str, Any]:
+    """The checkpoint dict of run folder `out`; a clear error naming `flag` (the option that named
+    the folder) when there is none or it does not load."""
     path = Path(out) / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"--resume {out}: no {CHECKPOINT} (a run folder written by train with "
+        raise FileNotFoundError(f"{flag} {out}: no {CHECKPOINT} (a run folder written by train with "
                                 "checkpointing, or stopped by --stop-after)")
-    return torch.load(path, weights_only=True, map_location="cpu")
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:      # truncated, not a checkpoint, ...: one line naming the file, not a traceback
+        raise ValueError(f"{flag} {out}: {path} does not load as a checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def restore(state: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer, batcher,
