@@ -29,7 +29,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (lm-eval imports its own models only into an empty registry: ours first would hide them)
+# lm-eval imports its own models only into an empty registry: registering ours first would hide them
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
