@@ -102,8 +102,7 @@ class Service:
             # early, so its steps are followed
             follow = req.stream or not decoder.policy.revocable and (bool(stops) or cut is not None)
             for i, prompt in enumerate(prompts):
-                field = "messages" if chat else "prompt" if len(prompts) == 1 else f"prompt {i}"
-                tickets.append(await self._submit(decoder, prompt, req, field, follow))
+                tickets.append(await self._submit(decoder, prompt, req, _field(chat, i, len(prompts)), follow))
         except ApiError as exc:
             for ticket in tickets:
                 self.worker.cancel(ticket)
@@ -132,11 +131,18 @@ class Service:
                       stops: Sequence[str], deadline: float) -> Answer:
         """One prompt's answer: at its end, or as soon as its committed prefix settles it."""
         while not isinstance(event := await self._next(ticket, request, deadline), Finished):
-            if not decoder.policy.revocable and settled(event, decoder, cut, stops):
-                self.worker.cancel(ticket)
-                return answer_of(event.prefix, decoder, cut, stops)
+            if (answer := self._settled(ticket, event, decoder, cut, stops)) is not None:
+                return answer
         _raise_failure(event)
         return answer_of(event.tokens, decoder, cut, stops)
+
+    def _settled(self, ticket: Ticket, update: RowUpdate, decoder: Decoder, cut: int | None,
+                 stops: Sequence[str]) -> Answer | None:
+        """The answer a step's committed prefix already decides (the request then leaves), or None."""
+        if decoder.policy.revocable or not settled(update, decoder, cut, stops):
+            return None
+        self.worker.cancel(ticket)
+        return answer_of(update.prefix, decoder, cut, stops)
 
     async def _decoder(self, req: Any) -> tuple[Decoder, int | None]:
         try:            # off the event loop: a first build may load a model while other requests stream
@@ -146,12 +152,11 @@ class Service:
 
     def _prompts(self, req: Any, chat: bool) -> list[list[int]]:
         if chat:
-            return [self._prompt(req, chat)]
+            return [self._chat_prompt(req)]
         many = prompts_of(req)
-        return [p if isinstance(p, list) else self._encode(p, "prompt" if len(many) == 1 else f"prompt {i}")
-                for i, p in enumerate(many)]
+        return [p if isinstance(p, list) else self._encode(p, _field(chat, i, len(many))) for i, p in enumerate(many)]
 
-    def _prompt(self, req: Any, chat: bool) -> list[int]:
+    def _chat_prompt(self, req: Any) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "the model's tokenizer has no chat template; send the prompt as text to "
                            "/v1/completions instead", param="messages")
@@ -223,9 +228,7 @@ class Service:
             if shape.chat:
                 yield _sse(shape.chunk(role=True))
             while isinstance(event := await self._next(ticket, request, deadline), RowUpdate):
-                if not revocable and settled(event, decoder, cut, stops):
-                    self.worker.cancel(ticket)
-                    answer = answer_of(event.prefix, decoder, cut, stops)
+                if (answer := self._settled(ticket, event, decoder, cut, stops)) is not None:
                     break
                 text = "" if revocable else prefix_text(event, decoder, cut)
                 text = text[:max(0, len(text) - hold)]
@@ -254,6 +257,11 @@ class Service:
     def _timeout_error(self) -> ApiError:
         return ApiError(504, f"the request did not finish within {self.timeout_s:g} s (the server's "
                         "timeout) and was cancelled", type="timeout_error", code="timeout")
+
+
+def _field(chat: bool, i: int, n: int) -> str:
+    """The request field a prompt came from, as errors name it."""
+    return "messages" if chat else "prompt" if n == 1 else f"prompt {i}"
 
 
 def _raise_failure(event: Finished) -> None:
