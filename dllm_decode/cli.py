@@ -673,27 +673,25 @@ def _model_path(args: argparse.Namespace, recipe: Any) -> str:
                           "recipe (the shipped reference models come with a checkout of the repository)")
 
 
+def _origin(args: argparse.Namespace, recipe: Any, flag: str, key: str) -> str:
+    """Where the recipe's ``model.KEY`` came from, for errors: ``flag``, a ``--set``, or the recipe."""
+    if getattr(args, flag.removeprefix("--"), None):
+        return flag
+    if any(o.split("=", 1)[0].strip() == f"model.{key}" for o in getattr(args, "overrides", [])):
+        return f"--set model.{key}"
+    return f"{recipe.source or '<recipe>'}: model.{key}"
+
+
 def _model_origin(args: argparse.Namespace, recipe: Any) -> str | None:
     """The flag or recipe key that named the model (None: the shipped one)."""
-    if args.model:
-        return "--model"
-    if any(o.split("=", 1)[0].strip() == "model.path" for o in getattr(args, "overrides", [])):
-        return "--set model.path"
-    if recipe.model.path:
-        return f"{recipe.source or '<recipe>'}: model.path"
-    return None
+    return _origin(args, recipe, "--model", "path") if args.model or recipe.model.path else None
 
 
 def _load_model(path: str, recipe: Any, args: argparse.Namespace, what: str | None = None) -> tuple[Any, Any]:
     from dllm_decode.models import load_model
     from dllm_decode.models.loader import check_device
 
-    if args.device:
-        device_from = "--device"
-    elif any(o.split("=", 1)[0].strip() == "model.device" for o in args.overrides):
-        device_from = "--set model.device"
-    else:
-        device_from = f"{recipe.source or '<recipe>'}: model.device"
+    device_from = _origin(args, recipe, "--device", "device")
     check_device(recipe.model.device, device_from)
     return load_model(path, dtype=recipe.generation.dtype, device=recipe.model.device,
                       block_size=recipe.model.block_size, what=what or getattr(args, "model_from", None))
