@@ -171,6 +171,18 @@ def test_model_card_of_a_gpu_trained_diffusion_model_adapted_from_ar(tmp_path):
     assert "--tasks copy,chain --gen-length 256 --write" in text
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "models").iterdir() if (p / "eval.json").exists()))
+def test_shipped_cards_are_what_their_records_render(name, monkeypatch):
+    """Every shipped card is the card its training.json and eval.json render today (up to its
+    hand-written Limitations): a change to the card's text, or a record edited by hand, shows here."""
+    from dllm_decode.tools.model_card import KEEP, is_ar_checkpoint, rerender
+
+    monkeypatch.chdir(ROOT)
+    path = Path("models") / name
+    shipped = (path / "README.md").read_text()
+    assert rerender(path, is_ar_checkpoint(path), dry=True) == shipped.split("\n" + KEEP)[0]
+
+
 def test_model_card_render_rebuilds_the_card_from_eval_json(tmp_path):
     """--render rewrites README.md from the stored tables without decoding: the rows come from
     eval.json (a changed number there shows up in the card) and the machine line is the stored one."""

@@ -161,7 +161,7 @@ accuracy / speed trade-off to measure without any download. {format_line}
 | size | d_model {d_model}, {n_layers} layers, {n_heads} heads, MLP {mlp_hidden} |
 | tokenizer | `tokenizer.json`: one token per character, specials `<|pad|>` `<|startoftext|>` `<|endoftext|>` (EOS) `<|eot_id|>` `<|mdm_mask|>` (mask) |
 | tasks | {tasks} |
-| training | {steps} steps, {batch}, seed {seed}, {seconds} s on {threads} |
+| training | {steps} steps, {batch}, seed {seed}, {seconds} |
 
 {loading}
 
@@ -245,6 +245,20 @@ def training_stages(meta: dict, out: str) -> list[tuple[str, dict]]:
     training.json). A stage trained with --init records the one it started from (train.py)."""
     earlier = training_stages(meta["init"], meta["config"]["init"]) if meta.get("init") else []
     return earlier + [(out, meta)]
+
+
+def trained_on(meta: dict) -> str:
+    """Where one stage (its training.json) trained: its GPU, which train records, or its CPU threads."""
+    if meta.get("device_name"):
+        return f"one {meta['device_name']} GPU (`--device {meta['config']['device']}`)"
+    return f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}'
+
+
+def batch_text(cfg: dict) -> str:
+    """A stage's batch: padded tokens when batched by task under a token budget, else rows."""
+    if cfg.get("batch_tokens") and cfg.get("batch_by_task"):
+        return f"{cfg['batch_tokens']:,} padded tokens a batch"
+    return f"batch {cfg['batch_size']}"
 
 
 def train_command(out: str, cfg: dict) -> str:
@@ -410,11 +424,23 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
     stages = training_stages(meta, rel)          # [(out, training.json)], first stage first
     first = stages[0][1]["config"]
     train_cmd = "\n".join(train_command(out, m["config"]) for out, m in stages)
-    device_name = meta.get("device_name")
+    device_name = stages[0][1].get("device_name")
+    # a last stage trained on a CPU from a checkpoint shipped beside this one is checked by itself:
+    # its first steps are cheap here, where the first stage's may have been sized for a GPU
+    init = Path(cfg.get("init") or "")
+    own = (len(stages) > 1 and not meta.get("device_name") and init.parent == Path(rel).parent
+           and init != Path(rel) and init.is_dir())
+    checked = cfg if own else first
     # a device-sized batch takes tens of seconds a step on a CPU: check fewer steps there
-    check_steps = 11 if device_name else 100
-    check_cmd = (f"python -m dllm_decode.tools.train --family {first['family']} --out runs/{path.name}-check "
-                 f"{train_flags(first, device=False)} --stop-after {check_steps} --check {rel}")
+    check_steps = cfg["log_every"] + 1 if own else 11 if device_name else 100
+    check_cmd = (f"python -m dllm_decode.tools.train --family {checked['family']} --out runs/{path.name}-check"
+                 f"{' --init ' + cfg['init'] if own else ''} {train_flags(checked, device=False)} "
+                 f"--stop-after {check_steps} --check {rel}")
+    places = [trained_on(m) for _, m in stages]
+    batches = list(dict.fromkeys(batch_text(m["config"]) for _, m in stages))
+    seconds = (" + ".join(f'{m["seconds"]:.0f}' for _, m in stages) + f" s on {places[0]}"
+               if len(set(places)) == 1 else
+               " + ".join(f'{m["seconds"]:.0f} s on {where}' for (_, m), where in zip(stages, places)))
     fmt = {"llada": "LLaDA (`config.json` model_type `llada`, `model.safetensors`), aligned logits",
            "dream": "Dream (`config.json` model_type `Dream`, Qwen2 parameter names, shifted logits: "
                     "logit i predicts token i+1)",
@@ -464,7 +490,8 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
                "code unless told: load the tokenizer alone with "
                f"`AutoTokenizer.from_pretrained(\"{rel}\", trust_remote_code=False)`.")
     card = CARD.format(
-        name=path.name, kind="small autoregressive model" if ar else "small block-diffusion model (SDAR layout)"
+        name=path.name, kind="small autoregressive model" if ar else
+        f"small block-diffusion model ({'Fast-dLLM v2' if cfg['family'] == 'fast_dllm_v2' else 'SDAR'} layout)"
         if block else f"small masked-diffusion model ({cfg['family']})",
         format_line=("It serves as APD's verifier and as the autoregressive baseline; it shares the "
                      "diffusion models' tokenizer." if ar else ""),
@@ -472,19 +499,18 @@ def write_card(path: Path, tables: list[tuple[str, list[dict]]], tasks, gen_leng
         n_heads=cfg["n_heads"], mlp_hidden=cfg["mlp_hidden"], tasks=", ".join(f"`{t}`" for t in cfg["tasks"]),
         steps=" + ".join(steps_text(m["config"]) for _, m in stages),
         seed=" then ".join(str(m["config"]["seed"]) for _, m in stages),
-        seconds=" + ".join(f'{m["seconds"]:.0f}' for _, m in stages),
-        threads=f"one {device_name} GPU (`--device {cfg['device']}`)" if device_name else
-        f'{meta["threads"]} CPU thread{"" if meta["threads"] == 1 else "s"}',
-        batch=(f"{cfg['batch_tokens']:,} padded tokens a batch" if cfg.get("batch_tokens") and cfg.get("batch_by_task")
-               else f"batch {cfg['batch_size']}"),
-        device_note=(f" This checkpoint was trained on one {device_name}, whose kernels round "
+        seconds=seconds, batch=" then ".join(batches),
+        device_note=(f" The last stage was trained on the CPU, from the shipped `{cfg['init']}`; its first "
+                     f"stage on one {device_name}." if own and device_name else
+                     f" This checkpoint was trained on one {device_name}, whose kernels round "
                      "differently from a CPU's: the check below reruns the first steps on the CPU, "
                      "where the losses agree with the shipped log to the tolerance `--check` allows "
                      "between machines." if device_name else ""),
         loading=loading, task_lines=task_lines, train_cmd=train_cmd, objective=objective,
         check_cmd=check_cmd,
-        check_what="the command's first steps" if len(stages) == 1 else "the first stage's first steps",
-        check_where="" if len(stages) == 1 else (" (`loss_log.stage1.jsonl` is the first stage's; a "
+        check_what="the command's first steps" if len(stages) == 1 else
+        f"the last stage's first steps from `{cfg['init']}`" if own else "the first stage's first steps",
+        check_where="" if len(stages) == 1 or own else (" (`loss_log.stage1.jsonl` is the first stage's; a "
                                                  "later stage checks the same way once the stage "
                                                  "before it has run)"),
         eval_seed=seed, gen_length=gen_length, decode_line=decode_line, machine=measured_on,
@@ -516,15 +542,17 @@ def card_args(n: int, grid_n: int | None, tasks, gen_length: int, device: str = 
     return args + ("" if dtype == "float32" else f"--dtype {dtype} ")
 
 
-def rerender(path: Path, ar: bool) -> None:
-    """Rewrite the card from its eval.json: same tables, same measuring machine, current text."""
+def rerender(path: Path, ar: bool, dry: bool = False) -> str:
+    """Rewrite the card from its eval.json: same tables, same measuring machine, current text
+    (`dry`: only return it, up to the hand-written section a rewrite keeps)."""
     stored = json.loads((path / "eval.json").read_text())
     tables = [(t["title"], t["rows"]) for t in stored["tables"]]
     tasks = tuple(tables[0][1][0]["tasks"])     # the tasks measured
     n = [next(iter(rows[0]["tasks"].values()))["n"] for _, rows in tables]
     device, dtype = stored.get("device", "cpu"), stored.get("dtype", "float32")
     args = card_args(n[0], None if ar else (n[1] if len(n) > 1 else 0), tasks, stored["gen_length"], device, dtype)
-    write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"], device, dtype)
+    return write_card(path, tables, tasks, stored["gen_length"], stored["seed"], args, stored["machine"], device,
+                      dtype, dry=dry)
 
 
 def warn_truncated(path: Path, tasks, n: int, gen_length: int, seed: int) -> None:
