@@ -615,15 +615,18 @@ def _load_recipe(args: argparse.Namespace, name: str | None, extra: list[str] = 
     recipe (``dllm_decode.recipes.default_recipe``), said on stderr when it is not llada."""
     from dllm_decode.config import load_recipe
     from dllm_decode.measure.bench import gen_length_overrides
-    from dllm_decode.recipes import default_recipe
+    from dllm_decode.recipes import default_recipe, fit_blocks
 
+    fit = []
     if name is None:
         name = args.recipe = default_recipe(args.model) if args.model else "llada"
+        if not any(o.startswith("generation.block_length=") for o in args.overrides):
+            fit = fit_blocks(args.model, name)
         if name != "llada":
-            print(f"dllm-decode: no --recipe given: using {name}, the official decoding loop of this model's family",
-                  file=sys.stderr)
+            print(f"dllm-decode: no --recipe given: using {name}, the official decoding loop of this model's family"
+                  + (f", with {fit[0]} (the model's blocks)" if fit else ""), file=sys.stderr)
 
-    over = [*args.overrides, *extra, *_device_dtype_overrides(args)]
+    over = [*fit, *args.overrides, *extra, *_device_dtype_overrides(args)]
     if args.gen_length is not None:
         over += gen_length_overrides(name, args.gen_length, over)
     return load_recipe(find_recipe(name), overrides=over)

@@ -44,3 +44,23 @@ def default_recipe(model_dir: str | Path | None) -> str:
         return FAMILY_RECIPES.get(detect_family(config), "llada")
     except (OSError, ValueError, TypeError, AttributeError):   # CheckpointError is a ValueError
         return "llada"
+
+
+def fit_blocks(model_dir: str | Path | None, name: str) -> list[str]:
+    """The override that fits the shipped recipe ``name`` to the checkpoint in ``model_dir``: its
+    ``generation.block_length`` cut to the model's block size when longer (Fast-dLLM v2's
+    sub-blocks of 8 on a checkpoint trained in blocks of 4, where the official loop would find no
+    whole sub-block to decode); [] when it fits, or for a model without blocks."""
+    import json
+
+    from dllm_decode.config import load_recipe
+    from dllm_decode.models.loader import BLOCK_FIELDS, detect_family
+
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        size = config.get(BLOCK_FIELDS.get(detect_family(config), ""))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return []
+    length = load_recipe(find_recipe(name)).generation.block_length
+    fits = not isinstance(size, int) or size < 1 or length is None or length <= size
+    return [] if fits else [f"generation.block_length={size}"]

@@ -385,6 +385,34 @@ def test_fast_dllm_v2_checkpoints_default_to_their_recipe(fdv2, tmp_path):
     assert default_recipe(tmp_path / "v2") == "fast-dllm-v2"
 
 
+def test_the_family_recipe_fits_a_checkpoint_with_smaller_blocks(fdv2, tmp_path, capsys):
+    """Fast-dLLM v2's recipe decodes sub-blocks of 8; on a checkpoint with blocks of 4, taken by
+    default (no --recipe), its sub-blocks become the model's blocks, said on stderr, where an
+    explicit recipe is refused naming the fix. A --set of the block length is kept as given."""
+    import argparse
+
+    from dllm_decode.cli import _load_recipe
+    from dllm_decode.models import save_pretrained
+    from dllm_decode.recipes import fit_blocks
+
+    small = build_random_model("fast_dllm_v2", vocab_size=48, d_model=32, n_layers=1, n_heads=4,
+                               mask_token_id=MASK, eos_token_id=EOS, pad_token_id=PAD, bd_size=4)
+    save_pretrained(small, tmp_path / "v2-4")
+    save_pretrained(fdv2, tmp_path / "v2-8")
+    assert fit_blocks(tmp_path / "v2-4", "fast-dllm-v2") == ["generation.block_length=4"]
+    assert fit_blocks(tmp_path / "v2-8", "fast-dllm-v2") == [] == fit_blocks(tmp_path / "nowhere", "sdar")
+    args = dict(overrides=[], gen_length=None, device=None, dtype=None)
+    rec = _load_recipe(argparse.Namespace(model=str(tmp_path / "v2-4"), recipe=None, **args), None)
+    assert rec.generation.block_length == 4 and "generation.block_length=4 (the model's blocks)" in capsys.readouterr().err
+    mine = dict(args, overrides=["generation.block_length=2"])
+    assert _load_recipe(argparse.Namespace(model=str(tmp_path / "v2-4"), recipe=None, **mine), None) \
+        .generation.block_length == 2
+    explicit = _load_recipe(argparse.Namespace(model=str(tmp_path / "v2-4"), recipe="fast-dllm-v2", **args),
+                            "fast-dllm-v2")
+    with pytest.raises(RecipeError, match="decodes one block of 4 positions at a time; set block_length to 4"):
+        Decoder(small, explicit)
+
+
 def test_block_first_token_is_refused_without_blocks():
     """Refused when the recipe meets the model, before any forward, naming plugin and option."""
     llada = build_random_model("llada", vocab_size=48, d_model=32, n_layers=1, n_heads=4, mask_token_id=MASK)
