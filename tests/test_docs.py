@@ -160,7 +160,9 @@ def _file_references(text):
 
 def _dangling(path, text):
     roots = [path.parent, ROOT, DOCS]
-    return sorted(r for r in _file_references(text)
+    # a file no longer shipped, named with the command that restores it from the history
+    restored = set(re.findall(r"git checkout [0-9a-f]{7,40} -- ([\w./-]+)", text))
+    return sorted(r for r in _file_references(text) - restored
                   if not any(list(base.glob(r)) if "*" in r else (base / r).exists() for base in roots))
 
 
@@ -186,6 +188,9 @@ def test_the_reference_check_can_fail(tmp_path):
     text = ('"""See DESIGN.md §3, docs/nowhere.md, recipes/llada.yaml, README.md, tests/reference_*.py,\n'
             'models/NAME, recipes/my-policy.yaml, https://example.org/X.md and docs/models.md."""\n')
     assert _dangling(page, text) == ["DESIGN.md", "docs/nowhere.md"]
+    gone = "measured on models/gone (no longer shipped)"
+    assert _dangling(page, gone) == ["models/gone"]
+    assert _dangling(page, gone + ": git checkout 0123abc -- models/gone restores it") == []
 
 
 # ----------------------------------------------------------------------------- documented examples

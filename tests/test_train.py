@@ -505,19 +505,19 @@ def test_model_card_flags_name_a_device_but_its_cpu_check_does_not():
     assert "--device" not in train_flags(asdict(TrainConfig(steps=10)))
 
 
-WORKLOAD_MODELS = ("ar-workload", "dream-workload", "llada-workload")
+WORKLOAD_MODELS = ("ar-workload", "dream-workload", "fast-dllm-v2-workload")
 
 
 def test_workload_models_share_their_first_stage():
-    """The Dream and LLaDA workload models were adapted from the shipped AR workload model: their
-    first stage is its command and its loss log, so one rerun of it checks all three."""
+    """The Dream and Fast-dLLM v2 workload models were adapted from the shipped AR workload model:
+    their first stage is its command and its loss log, so one rerun of it checks all three."""
     ar, _ = _first_stage("ar-workload")
     ar_log = (MODELS / "ar-workload" / "loss_log.jsonl").read_text()
     for name in WORKLOAD_MODELS[1:]:
         first, meta = _first_stage(name)
         assert {**first["config"], "out": None} == {**ar["config"], "out": None}, name
         assert (MODELS / name / stage_log(1)).read_text() == ar_log, name
-        assert meta["config"]["family"] == name.split("-")[0]
+        assert meta["config"]["family"] == name.removesuffix("-workload").replace("-", "_")
 
 
 @pytest.mark.slow
@@ -533,6 +533,26 @@ def test_gpu_trained_workload_command_reproduces_its_first_steps_on_cpu(tmp_path
     ours = _log(tmp_path / "ar")
     assert [line["step"] for line in ours] == [0, 10]
     _assert_same_losses(ours, log, "ar-workload")
+
+
+@pytest.mark.slow
+def test_cpu_trained_workload_stage_reproduces_its_first_steps(tmp_path):
+    """fast-dllm-v2-workload's own stage was trained on two CPU threads from the shipped AR workload
+    model. Its command rerun for its first 26 steps (one to three minutes) logs the shipped losses
+    at steps 0 and 25, as its model card's check command does."""
+    from dllm_decode.tools.train import check_log
+
+    name = "fast-dllm-v2-workload"
+    meta = json.loads((MODELS / name / "training.json").read_text())
+    assert meta["config"]["init"] == "models/ar-workload" and meta["config"]["device"] == "cpu"
+    # without the run's readings, as the card's command (they draw no random numbers, and take minutes)
+    cfg = dict(meta["config"], out=str(tmp_path / "stage"), init=str(MODELS / "ar-workload"), stop_after=26,
+               probe_every=0)
+    train(TrainConfig(**cfg), progress=False)
+    ours = _log(tmp_path / "stage")
+    assert [line["step"] for line in ours] == [0, 25]
+    _assert_same_losses(ours, _log(MODELS / name), name)
+    assert check_log(tmp_path / "stage", MODELS / name) == (2, None)
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):

@@ -37,10 +37,13 @@ def test_dream_adapts_from_the_stage_ar_run_and_every_run_takes_its_init_shape(t
     no_ar = train_command(StageConfig(out=tmp_path, ar_init=MODELS / "ar-workload", ar_steps=0), "dream",
                           tmp_path / "dream", 40)
     assert _flag(no_ar, "--init") == str(MODELS / "ar-workload")
+    adapted = train_command(StageConfig(out=tmp_path, ar_init=MODELS / "ar-workload"), "llada", tmp_path / "llada", 40)
+    assert _flag(adapted, "--init") == str(tmp_path / "ar") and "--d-model=512" in adapted    # no --llada-init:
+    assert _flag(adapted, "--attention-anneal") == "40"                                     # adapted as Dream is
 
 
 def test_the_shape_of_a_checkpoint_is_read_from_its_training_record(tmp_path):
-    flags = shape_flags(MODELS / "llada-workload")
+    flags = shape_flags(MODELS / "dream-workload")
     assert flags == ["--d-model=512", "--n-layers=4", "--n-heads=8", "--mlp-hidden=1408",
                      "--n-kv-heads=8", "--max-length=2048"]
     with pytest.raises(SystemExit, match=f"{tmp_path}/training.json: not a checkpoint"):

@@ -2,7 +2,7 @@
 engine feeding every row of the batch to the end, on the same model and problems, alternating
 batch by batch in one process (the first batch's order swapped each time).
 
-    python -m dllm_decode.tools.finished_rows --model models/llada-workload --recipes threshold \
+    python -m dllm_decode.tools.finished_rows --model models/dream-workload --recipes threshold \
         --tasks chain,columns --n 16 --gen-length 256
 
 A row is finished once it has no mask left (or, with ``generation.eos.stop``, its stop id is
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     from dllm_decode.tools.reporting import held_out, machine
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="models/llada-workload")
+    ap.add_argument("--model", default="models/dream-workload")
     ap.add_argument("--recipes", nargs="*", default=["threshold"], help="none: the AR model alone")
     ap.add_argument("--tasks", default="chain,columns")
     ap.add_argument("--n", type=int, default=16, help="problems per task")

@@ -6,8 +6,8 @@ command it prints before running:
 1. the AR model is continued on the task mix. It learns a task's arithmetic, and where a long
    answer stops, far faster than a masked-diffusion model does, and a Dream model adapted from it
    starts with what it knows (docs/models.md, "Where a Dream model's stop comes from");
-2. Dream is adapted from that AR model and LLaDA is continued, side by side on one device, with
-   end rows (``train --end-rows``: with them a Dream model adapted from an AR model that stops
+2. Dream and LLaDA are adapted from that AR model (LLaDA is continued from ``--llada-init`` when
+   given), side by side on one device, with end rows (``train --end-rows``: with them a Dream model adapted from an AR model that stops
    right learns the stop, where without them it keeps about half of the AR model's). A short
    timing run of both measures the step rate they share, and each schedule is sized to what is
    left of ``--train-minutes``, so the learning rate finishes its decay;
@@ -43,7 +43,7 @@ NOISE = ("Loading weights", "Writing model shards", "\r")      # progress bars, 
 class StageConfig:
     out: Path
     ar_init: Path = Path("models/ar-workload")
-    llada_init: Path = Path("models/llada-workload")
+    llada_init: Path | None = None     # None: LLaDA is adapted from the stage's AR model, as Dream is
     families: tuple[str, ...] = ("dream", "llada")
     # the short variants' answers fit a 256-position canvas: trained at it, and read at --gen-length
     tasks: str = "copy,chain,columns-short,listops-short,ladder"
@@ -98,8 +98,9 @@ def shape_flags(init: Path) -> list[str]:
 
 def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[str]:
     """The ``tools.train`` command of one run of the stage."""
-    init = {"ar": cfg.ar_init, "llada": cfg.llada_init}.get(family, cfg.out / "ar" if cfg.ar_steps else cfg.ar_init)
-    shape = shape_flags(cfg.ar_init if family == "dream" else init)     # the stage's AR run has --ar-init's shape
+    adapted = cfg.out / "ar" if cfg.ar_steps else cfg.ar_init
+    init = {"ar": cfg.ar_init, "llada": cfg.llada_init}.get(family) or adapted
+    shape = shape_flags(cfg.ar_init if init == adapted else init)     # the stage's AR run has --ar-init's shape
     common = [*_module("dllm_decode.tools.train"), "--family", family, "--init", str(init), "--out", str(out),
               "--tasks", cfg.tasks, "--task-weights", cfg.task_weights, "--batch-by-task",
               "--batch-tokens", str(cfg.batch_tokens if family == "ar" else cfg.diffusion_batch_tokens),
@@ -107,7 +108,8 @@ def train_command(cfg: StageConfig, family: str, out: Path, steps: int) -> list[
               "--device", cfg.device, "--threads", str(cfg.threads), "--log-every", "10", "--no-progress", *shape]
     if family == "ar":
         return [*common, "--lr", str(cfg.ar_lr), "--warmup", "20", "--seed", str(cfg.seed)]
-    extra = ["--attention-anneal", str(min(cfg.attention_anneal, steps))] if family == "dream" else []
+    # annealing opens an AR model's causal attention gradually: for a run adapted from one, not a continued one
+    extra = ["--attention-anneal", str(min(cfg.attention_anneal, steps))] if init == adapted else []
     return [*common, "--lr", str(cfg.diffusion_lr), "--warmup", str(min(100, steps // 10 + 1)),
             "--canvas", cfg.canvas, "--canvas-weights", cfg.canvas_weights, "--mask-mix", "0.2,0.6,0.2",
             "--loss-weight", "cart", "--end-rows", str(cfg.end_rows),
@@ -223,7 +225,8 @@ def read_phase(cfg: StageConfig, models: dict[str, Path | None], log) -> None:
 
 
 HELP = {
-    "ar_init": "the AR checkpoint the stage continues", "llada_init": "the LLaDA checkpoint the stage continues",
+    "ar_init": "the AR checkpoint the stage continues",
+    "llada_init": "a LLaDA checkpoint the stage continues, instead of adapting one from the AR run",
     "tasks": "training tasks, comma-separated", "task_weights": "their sampling odds",
     "short_tasks": "tasks read at --gen-length", "long_tasks": "tasks read at --long-gen-length, and where they stop",
     "batch_tokens": "tokens per AR training step", "diffusion_batch_tokens": "tokens per diffusion training step",
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, text in HELP.items():
         default = getattr(d, key)
         ap.add_argument(f"--{key.replace('_', '-')}", default=default, help=f"{text} (default: {default})",
-                        type=str if isinstance(default, Path) else type(default))
+                        type=str if default is None or isinstance(default, Path) else type(default))
     ap.add_argument("--families", default=",".join(d.families), help="diffusion families, comma-separated")
     a = ap.parse_args(argv)
     out = Path(a.out)
@@ -261,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--safety must be in (0, 1], got {a.safety}")
     cfg = StageConfig(**{**{k: getattr(a, k) for k in vars(a) if k not in ("out", "families")},
                          "out": out, "families": families,
-                         "ar_init": Path(a.ar_init), "llada_init": Path(a.llada_init)})
+                         "ar_init": Path(a.ar_init), "llada_init": Path(a.llada_init) if a.llada_init else None})
     from dllm_decode.measure.tasks import get_task, task_names
     for flag in ("tasks", "short_tasks", "long_tasks"):
         try:
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     longest = max((get_task(t) for t in task_names(cfg.tasks)), key=lambda t: t.max_answer_tokens)
     if max(canvas) <= longest.max_answer_tokens:
         ap.error(f"--canvas {cfg.canvas}: task {longest.name!r} needs a canvas over {longest.max_answer_tokens}")
-    for init in (cfg.ar_init, *((cfg.llada_init,) if "llada" in families else ())):
+    for init in (cfg.ar_init, *((cfg.llada_init,) if "llada" in families and cfg.llada_init else ())):
         shape_flags(init)                       # a wrong --init is refused before any training
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "stage.log", "a") as report:
