@@ -7,10 +7,11 @@ command it prints before running:
    answer stops, far faster than a masked-diffusion model does, and a Dream model adapted from it
    starts with what it knows (docs/models.md, "Where a Dream model's stop comes from");
 2. Dream and LLaDA are adapted from that AR model (LLaDA is continued from ``--llada-init`` when
-   given), side by side on one device, with end rows (``train --end-rows``: with them a Dream model adapted from an AR model that stops
-   right learns the stop, where without them it keeps about half of the AR model's). A short
-   timing run of both measures the step rate they share, and each schedule is sized to what is
-   left of ``--train-minutes``, so the learning rate finishes its decay;
+   given), side by side on one device, with end rows (``train --end-rows``: with them a Dream
+   model adapted from an AR model that stops right learns the stop, where without them it keeps
+   about half of the AR model's). A short timing run of both measures the step rate they share,
+   and each schedule is sized to what is left of ``--train-minutes``, so the learning rate
+   finishes its decay;
 3. the readings: a bench of the diffusion models at one token per forward with the AR row, at
    generation length 256 on the short tasks and 1024 on the long one (``OUT/bench-256.json``,
    ``OUT/bench-1024.json``), then where each model stops on ``ladder`` (``tools.probe --stop``).
