@@ -57,8 +57,8 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
 import math
+import os
 import random
 import re
 import signal
@@ -221,7 +221,6 @@ class Batcher:
         # a group's odds: its tasks' summed odds
         self.group_odds = [sum(w[i] if self.weights else 1.0 for i in grp) for grp in self.groups or ()]
         _check_fit(cfg, self.tasks, positions=False)
-
 
     def _encode(self, text: str) -> list[int]:
         return [self.vocab[c] for c in text]
@@ -1405,7 +1404,7 @@ RESUME_FLAGS = ("resume", "stop_after", "check", "no_progress")   # what --resum
 def _check_resume_flags(ap: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """--resume runs the checkpoint's own configuration: any other flag given would be silently
     ignored, so a command that sets one (--steps 10, --lr 0.5) is refused, naming them."""
-    ignored = [f"--{k.replace('_', '-')}" for k, v in vars(a).items()
+    ignored = [_flag(k) for k, v in vars(a).items()
                if k not in RESUME_FLAGS and v != ap.get_default(k)]
     if ignored:
         raise ValueError(f"--resume {a.resume} continues the run with its own configuration; "
