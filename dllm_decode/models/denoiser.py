@@ -9,7 +9,9 @@ the keys of its own block and of earlier ones. Their attention always runs over 
 key buffer (the store, or a per-forward scratch one) under that per-query mask, and the
 per-token work of a range feed (projections, attention, FFN / MoE, head) runs one canvas chunk
 of `size` positions at a time: a block fed against the K/V its predecessors left in the store
-gets the same bits as the same rows of a forward over the whole canvas."""
+gets the same bits as the same rows of a forward over the whole canvas. An index feed runs in
+chunks of `size` consecutive slots (whole canvas chunks, for rows fed at their own columns), each
+row's attention over as many keys as that chunk has in a range feed."""
 from __future__ import annotations
 
 import math
@@ -221,7 +223,7 @@ class Denoiser(nn.Module):
         if attention is not None and store is not None:
             store.attention = attention
         if not fed.is_range:
-            logits, positions = self._index_logits(x, run, fed.idx, L)
+            logits, positions = self._index_logits(x, run, fed.idx, L, feed.chunks)
             return ForwardOutput(logits, positions, attention=attention)
         positions = None if plan is None else run.query_positions(L, B, device=input_ids.device)
         if S:
@@ -301,8 +303,8 @@ class Denoiser(nn.Module):
     def _block_feed(feed: Feed, block: int) -> None:
         """Block-causal forward: turn the key mask into a per-query one (a query sees the keys
         of its own block and of earlier blocks, blocks counted from the RoPE positions) and cut a
-        range feed into canvas chunks of `block` positions aligned at 0 (an index feed is one
-        chunk)."""
+        range feed into canvas chunks of `block` positions aligned at 0 (an index feed into
+        consecutive slots, `block` at a time)."""
         fed, pos = feed.fed, feed.pos
         blk = torch.div(pos, block, rounding_mode="floor")                 # (B, L)
         n_keys = feed.kmask.shape[1]
@@ -310,7 +312,16 @@ class Denoiser(nn.Module):
         feed.kmask = feed.kmask[:, None, :] & (blk[:, None, :n_keys] <= qb[:, :, None])   # (B, f, Lk)
         feed.block = block
         if not fed.is_range:
-            feed.chunks, feed.kends = [(fed, slice(None))], [n_keys]
+            # consecutive slots, `block` at a time (whole canvas chunks for ComputePlan.block_rows);
+            # a chunk's keys end where its last query's block can: per row, grouped by that end
+            edges = [*range(0, fed.n, block), fed.n]
+            feed.chunks = [(Sel(idx=fed.idx[:, a:b]), slice(a, b)) for a, b in zip(edges, edges[1:])]
+            ends = torch.stack([c.idx.max(1).values + block for c, _ in feed.chunks]).tolist() \
+                if feed.chunks else []                                                     # (chunks, B)
+            feed.kends = [_row_groups(row, fed.idx.device) for row in ends]
+            extra = max(map(max, ends)) - n_keys if ends else 0
+            if extra > 0:
+                feed.kmask = F.pad(feed.kmask, (0, extra))
             return
         s, e = feed.s, feed.e
         edges = [s, *range((s // block + 1) * block, e, block), e]
@@ -489,7 +500,7 @@ class Denoiser(nn.Module):
             if plan.keys == "store" or plan.write_kv:
                 sel.put_unless(store.k[i], 2, k, keep)
                 sel.put_unless(store.v[i], 2, v, keep)
-        att = torch.cat([p.o(attend(q, *_keys(K, V, kend), feed.kmask[:, sl, :kend]))
+        att = torch.cat([p.o(_attend_chunk(q, K, V, feed.kmask[:, sl], kend))
                          for q, (_, sl), kend in zip(qs, feed.chunks, feed.kends)], dim=1)   # (B, f, d)
         if plan.write_features:
             feed.fed.put_unless(store.attn[i], 1, att, frozen)
@@ -621,12 +632,15 @@ class Denoiser(nn.Module):
         # window start gets its own logit: the reference samplers' in-window shift
         return torch.cat((raw[:, :1], raw[:, :-1]), dim=1)
 
-    def _index_logits(self, x: Tensor, plan: ComputePlan, idx: Tensor, L: int) -> tuple[Tensor, Tensor]:
+    def _index_logits(self, x: Tensor, plan: ComputePlan, idx: Tensor, L: int,
+                      chunks: list | None = None) -> tuple[Tensor, Tensor]:
         """Aligned logits (B, f, V) of an index feed and the canvas positions they predict (B, f)
         (the contract is the plan's `index`): a real slot's own output (LLaDA family); in a
         shifted family the output at p - 1 when p - 1 is a real fed slot, or p's own at
-        shift_from. Columns that predict nothing repeat their row's nearest one that does."""
-        raw = self._head(x)                                                 # (B, f, V)
+        shift_from. Columns that predict nothing repeat their row's nearest one that does.
+        `chunks` (block-causal): the head runs chunk by chunk, as over a range feed."""
+        raw = self._head(x) if chunks is None else \
+            torch.cat([self._head(x[:, sl]) for _, sl in chunks], dim=1)   # (B, f, V)
         shift = self.spec.shift_logits and plan.shift is not False
         pad = None if plan.index_pad is None else plan.index_pad.to(idx.device)
         if not shift and pad is None:
@@ -672,6 +686,29 @@ def init_random_(model: Denoiser, seed: int = 0) -> Denoiser:
             val = torch.randn(prm.shape, generator=g, dtype=torch.float64) / math.sqrt(prm.shape[1])
         prm.copy_(val.to(prm.dtype))
     return model
+
+
+def _row_groups(kends: list[int], device) -> int | list[tuple[Tensor, int]]:
+    """A chunk's key end: one int when every row shares it, else (rows, key end) per value."""
+    if len(set(kends)) == 1:
+        return kends[0]
+    return [(torch.tensor([b for b, k in enumerate(kends) if k == end], device=device), end)
+            for end in sorted(set(kends))]
+
+
+def _attend_chunk(q: Tensor, K: Tensor, V: Tensor, kmask: Tensor, kend) -> Tensor:
+    """Block-causal attention of one chunk's queries q (B, H, n, D) over exactly `kend` keys (an
+    int, or (rows, key end) groups: rows whose chunks sit at different columns), so each row's
+    kernel reduces over as many keys as in a range feed of the same columns. Returns (B, n, H*D)."""
+    if isinstance(kend, int):
+        return attend(q, *_keys(K, V, kend), kmask[..., :kend])
+    B, H, n, D = q.shape
+    out = q.new_empty(B, n, H * D)
+    for rows, end in kend:
+        # only these rows' keys are copied (and zero-padded past the store, as `_keys` does)
+        k, v = _keys(K[:, :, :end].index_select(0, rows), V[:, :, :end].index_select(0, rows), end)
+        out.index_copy_(0, rows, attend(q.index_select(0, rows), k, v, kmask.index_select(0, rows)[:, :, :end]))
+    return out
 
 
 def _keys(K: Tensor, V: Tensor, kend: int) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ How the built-in caches and policies build their plans (the constructors below):
     WINO verification block       ComputePlan.shadowed(cols)            extra MASK queries (below)
     block-causal prefill          ComputePlan.refresh(end=s)            finished blocks' K/V -> store
     block-causal block step       ComputePlan.block_step(s, e)          feed block [s, e), keys = store
+    block-causal rows apart       ComputePlan.block_rows(starts, w, ...)  each row its own w columns
     prefix_step(s) is Fast-dLLM's PrefixCache step fed from s to the end without a write window.
 """
 from __future__ import annotations
@@ -440,6 +441,18 @@ class ComputePlan:
         multiples of the block size."""
         return cls(start=start, end=end, keys="store", write_window=write_window, block_size=block_size,
                    name=name)
+
+    @classmethod
+    def block_rows(cls, starts: Tensor, width: int, full: int, end: int, *,
+                   name: str = "block_rows") -> "ComputePlan":
+        """Block-causal models, rows at different blocks: each row feeds its own `width` columns
+        from starts[b] (B,) (multiples of the block size, ending by `full`), then every row the
+        canvas's partial last chunk [full, end), against the store as ``block_step``. Fed in
+        chunks of the block size at the same canvas columns as a range feed, so a row gets the
+        same bits as from a range feed that holds its columns."""
+        cols = torch.arange(width, device=starts.device)
+        tail = torch.arange(full, end, device=starts.device).expand(starts.shape[0], -1)
+        return cls(index=torch.cat([starts[:, None] + cols, tail], dim=1), keys="store", name=name)
 
     @classmethod
     def shadowed(cls, shadow: Tensor, *, name: str = "shadow") -> "ComputePlan":
