@@ -77,5 +77,5 @@ def cache_policy(state, scratch):
     # one's. Each row feeds its own `width` columns instead, shifted left onto finished blocks
     # (recomputed from the same tokens: the same bits) where the canvas's whole chunks end,
     # plus the canvas's last, partial chunk.
-    rows = torch.where(state.done, full - width, torch.minimum(lo, torch.full_like(lo, full - width)))
+    rows = torch.where(state.done, full - width, lo.clamp(max=full - width))
     return ComputePlan.block_rows(rows, width, full, L, name="block_kv:rows")

@@ -319,21 +319,19 @@ class Denoiser(nn.Module):
             ends = torch.stack([c.idx.max(1).values + block for c, _ in feed.chunks]).tolist() \
                 if feed.chunks else []                                                     # (chunks, B)
             feed.kends = [_row_groups(row, fed.idx.device) for row in ends]
-            extra = max(map(max, ends)) - n_keys if ends else 0
-            if extra > 0:
-                feed.kmask = F.pad(feed.kmask, (0, extra))
-            return
-        s, e = feed.s, feed.e
-        edges = [s, *range((s // block + 1) * block, e, block), e]
-        feed.chunks = [(Sel(a, b), slice(a - s, b - s)) for a, b in zip(edges, edges[1:])]
-        # A chunk [a, b)'s queries see no key at or past b + block - 1 (a left-padded row's block
-        # may run on past b). Attention spans exactly that many keys, zeros and masked past the
-        # canvas: its kernel's reduction order then depends on the chunk alone, never on how
-        # wide the canvas is, so K/V stored while the canvas was narrower are the same bits.
-        feed.kends = [b + block - 1 for b in edges[1:]]
-        extra = max(feed.kends) - n_keys
-        if extra > 0:
-            feed.kmask = F.pad(feed.kmask, (0, extra))
+            top = max(map(max, ends), default=0)
+        else:
+            s, e = feed.s, feed.e
+            edges = [s, *range((s // block + 1) * block, e, block), e]
+            feed.chunks = [(Sel(a, b), slice(a - s, b - s)) for a, b in zip(edges, edges[1:])]
+            # A chunk [a, b)'s queries see no key at or past b + block - 1 (a left-padded row's block
+            # may run on past b). Attention spans exactly that many keys, zeros and masked past the
+            # canvas: its kernel's reduction order then depends on the chunk alone, never on how
+            # wide the canvas is, so K/V stored while the canvas was narrower are the same bits.
+            feed.kends = [b + block - 1 for b in edges[1:]]
+            top = max(feed.kends)
+        if top > n_keys:
+            feed.kmask = F.pad(feed.kmask, (0, top - n_keys))
 
     def _prepare_store(self, store: CacheStore, plan: ComputePlan, fed: Sel, frozen: Tensor | None,
                        B: int, L: int, dev: torch.device) -> None:
