@@ -952,7 +952,6 @@ def test_mlp_lr_scale_resumes_bit_for_bit_and_reaches_the_card(tmp_path):
     ({"family": "ar", "attention_anneal": 3}, "family 'ar' does not attend bidirectionally"),
     ({"family": "sdar", "attention_anneal": 3}, "family 'sdar' does not attend bidirectionally"),
     ({"attention_anneal": -1}, "--attention-anneal -1"),
-    ({"family": "fast_dllm_v2", "block_sizes": (4, 8)}, "family 'fast_dllm_v2' trains at its one --block-size"),
     ({"family": "sdar", "mask_mix": (0.5, 0.5, 0.0)}, "family 'sdar' masks each block by its own scheme"),
     ({"family": "fast_dllm_v2", "full_mask": 0.2}, "family 'fast_dllm_v2' masks each block by its own scheme"),
     ({"family": "fast_dllm_v2", "block_size": 0}, "--block-size 0"),

@@ -202,3 +202,31 @@ def test_a_fitted_canvas_ends_at_the_block_holding_the_longest_answers_eos(famil
                             .startswith("copy") else "chain")
             assert ids.shape[0] == 4096 // (task.max_prompt_tokens + task.max_answer_tokens + unit)
     assert len(widths) > 1 and max(widths) < 512
+
+
+def test_fast_dllm_v2_draws_its_block_size_per_batch():
+    """--block-sizes for Fast-dLLM v2 (one checkpoint decoded at several block sizes): each batch's loss is
+    the objective at the size the run's stream drew, both sizes come up, and the two sizes' losses differ
+    (a step that ignored the draw would fail here)."""
+    import random
+    from types import SimpleNamespace
+
+    from dllm_decode.tools.train import TrainConfig, batch_loss, shifted_block_diffusion_loss
+
+    model, P = _fdv2(4), 5
+    ids = torch.randint(2, 46, (2, P + 16), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids, dtype=torch.bool)
+    cfg = TrainConfig(family="fast_dllm_v2", out="unused", block_size=4, block_sizes=(4, 8), autocast="none")
+    rng, drawn = random.Random(3), set()
+    for _ in range(8):
+        twin = random.Random()
+        twin.setstate(rng.getstate())
+        size = twin.choice(cfg.block_sizes)
+        got = batch_loss(cfg, model, SimpleNamespace(mask_token_id=MASK), ids, att, P, 0,
+                         torch.Generator().manual_seed(7), rng)
+        assert rng.getstate() == twin.getstate()
+        want = {s: shifted_block_diffusion_loss(model, ids, att, P, MASK, cfg.eps, torch.Generator().manual_seed(7), s)
+                for s in (4, 8)}
+        assert torch.equal(got, want[size]) and not torch.equal(want[4], want[8])
+        drawn.add(size)
+    assert drawn == {4, 8}

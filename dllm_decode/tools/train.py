@@ -128,7 +128,7 @@ class TrainConfig:
     checkpoint_every: int = 0         # write checkpoint.pt every N steps (0: never by count)
     checkpoint_minutes: float = 0.0   # ... and every M minutes of wall clock (0: never by time)
     block_size: int = 4               # sdar, fast_dllm_v2: the block size (config.json block_size / bd_size)
-    block_sizes: tuple[int, ...] = ()  # sdar: block sizes trained at, one drawn per batch (): block_size
+    block_sizes: tuple[int, ...] = ()  # sdar, fast_dllm_v2: block sizes trained at, one drawn per batch (): block_size
     probe_every: int = 0              # read held-out problems left to right every N steps (0: never)
     probe_n: int = 8                  # ... this many per task
     probe_tasks: tuple[str, ...] = ()  # ... of these tasks (): the run's own
@@ -755,9 +755,6 @@ def check_config(cfg: TrainConfig) -> None:
         if cfg.block_size < 1 or any(b < 1 for b in cfg.block_sizes):
             raise ValueError(f"--block-size {cfg.block_size} / --block-sizes {cfg.block_sizes}: block sizes of "
                              "at least 1")
-        if cfg.block_sizes and cfg.family != "sdar":
-            raise ValueError(f"--block-sizes draws SDAR's block size per batch; family {cfg.family!r} trains at "
-                             "its one --block-size (the checkpoint's bd_size)")
         if tuple(cfg.mask_mix) != (1.0, 0.0, 0.0) or cfg.full_mask:
             raise ValueError(f"--mask-mix / --full-mask choose masked-diffusion rows; family {cfg.family!r} "
                              "masks each block by its own scheme (use llada or dream)")
@@ -953,15 +950,15 @@ def batch_loss(cfg: TrainConfig, model, tok, ids: Tensor, att: Tensor, P: int, s
                gen: torch.Generator, rng: random.Random, teacher=None) -> Tensor:
     """The loss `cfg` trains on for batch ids / att (B, L) with P prompt positions at schedule step
     `step`, under the run's autocast: the forward of a training step (``_step``, and
-    ``tools.step_time``, which times it). `gen` draws the masks, `rng` SDAR's block size."""
+    ``tools.step_time``, which times it). `gen` draws the masks, `rng` the block size (``block_sizes``)."""
     with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
         if cfg.family == "ar":
             return ar_loss(model, ids, att, P)
-        if cfg.family == "sdar":
+        if cfg.family in BLOCK_FAMILIES:
+            # no draw without --block-sizes, so single-size runs keep their data stream
             size = rng.choice(cfg.block_sizes) if cfg.block_sizes else cfg.block_size
-            return block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, size)
-        if cfg.family == "fast_dllm_v2":
-            return shifted_block_diffusion_loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, cfg.block_size)
+            loss = block_diffusion_loss if cfg.family == "sdar" else shifted_block_diffusion_loss
+            return loss(model, ids, att, P, tok.mask_token_id, cfg.eps, gen, size)
         attend = anneal_attend(att, step, cfg.attention_anneal, cfg.seed)              # None: full attention
         return diffusion_loss(model, ids, att, P, tok.mask_token_id, tok.eos_token_id, cfg.eps, gen,
                               cfg.mask_mix, cfg.full_mask, cfg.loss_weight, cfg.cart_p, attend, teacher,
@@ -1274,8 +1271,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--family", choices=FAMILIES, default=d.family)
     ap.add_argument("--block-size", type=int, default=d.block_size,
                     help="sdar, fast_dllm_v2: the checkpoint's block size")
-    ap.add_argument("--block-sizes", default=None, help="sdar: block sizes to train at, comma-separated, "
-                    "one drawn per batch (default: --block-size)")
+    ap.add_argument("--block-sizes", default=None, help="sdar, fast_dllm_v2: block sizes to train at, "
+                    "comma-separated, one drawn per batch (default: --block-size, the checkpoint's own)")
     ap.add_argument("--out", help="output folder (required unless --resume)")
     ap.add_argument("--tasks", default=",".join(d.tasks), help="task names, comma-separated, or a "
                     f"named mix ({', '.join(MIXES)})")
