@@ -64,6 +64,7 @@ def _bench_parser(sub: Any) -> None:
     bench = sub.add_parser("bench", help="measure several recipes side by side on held-out problems")
     bench.add_argument("--recipes", nargs="+", required=True, metavar="RECIPE",
                        help="recipe files or shipped recipe names; the first is the speedup baseline; "
+                       "RECIPE[KEY=VALUE,...] gives that row its own overrides (one recipe at several settings); "
                        "RECIPE@DIR decodes that row with the checkpoint in DIR (rows of several models)")
     _recipe_flags(bench, "checkpoint directory")
     bench.add_argument("--task", default="copy,repeat,case", metavar="NAME[,NAME]",
@@ -633,15 +634,32 @@ def _load_recipe(args: argparse.Namespace, name: str | None, extra: list[str] = 
 
 
 def _bench_row(arg: str) -> tuple[str, str, list[str]]:
-    """A --recipes entry: ``RECIPE`` or ``RECIPE@DIR`` (that row decodes with the checkpoint in DIR,
-    to compare models, e.g. a block-diffusion one beside a full-attention one) -> (label, recipe,
-    its own overrides)."""
+    """A --recipes entry: ``RECIPE``, ``RECIPE[KEY=VALUE,...]`` (that row's own overrides, e.g.
+    ``llada[generation.steps=128]`` beside ``llada``: one recipe at several settings in one run)
+    and/or ``...@DIR`` (that row decodes with the checkpoint in DIR, to compare models, e.g. a
+    block-diffusion one beside a full-attention one) -> (label, recipe, its own overrides)."""
     name, at, model = arg.rpartition("@") if "@" in arg else (arg, "", "")
     if at and not model:
         raise DllmDecodeError(f"--recipes {arg!r}: expected RECIPE@DIR, a checkpoint directory after @")
+    name, own = _row_overrides(arg, name)
+    short = ",".join(f"{k.split('.')[-1]}={v}" for k, _, v in (o.partition("=") for o in own))
+    label = f"{_label(name)}[{short}]" if own else _label(name)        # as --sweep labels its rows
     if not at:
-        return _label(arg), arg, []
-    return f"{_label(name)} @ {Path(model).name}", name, [f"model.path={json.dumps(model)}"]
+        return label, name, own
+    return f"{label} @ {Path(model).name}", name, [*own, f"model.path={json.dumps(model)}"]
+
+
+def _row_overrides(arg: str, name: str) -> tuple[str, list[str]]:
+    """``RECIPE[KEY=VALUE,...]`` -> (RECIPE, ["KEY=VALUE", ...]); a comma starts a new override only
+    before ``KEY=``, so a value may hold commas (a list)."""
+    if not name.endswith("]"):
+        return name, []
+    recipe, bracket, inner = name[:-1].partition("[")
+    own = [o.strip() for o in re.split(r",(?=\s*[A-Za-z_][\w.]*\s*=)", inner)] if bracket else []
+    if not recipe or not own or any(not re.match(r"[A-Za-z_][\w.]*\s*=", o) for o in own):
+        raise DllmDecodeError(f"--recipes {arg!r}: expected RECIPE[KEY=VALUE,...], e.g. "
+                              "llada[generation.steps=128] or threshold[select_tokens.threshold=0.7]")
+    return recipe, [re.sub(r"\s*=\s*", "=", o, count=1) for o in own]
 
 
 def _label(name: str) -> str:

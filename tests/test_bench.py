@@ -206,3 +206,23 @@ def test_cli_bench_says_when_answers_cannot_fit_the_generation_length(tmp_path, 
     assert main(args + ["--gen-length", "96"]) == 0
     assert "shorter than" not in capsys.readouterr().err
     assert json.loads(out.read_text())["settings"]["answers_longer_than_gen_length"] == {"copy": 0}
+
+
+def test_cli_bench_rows_with_their_own_overrides(tmp_path, capsys):
+    """RECIPE[KEY=VALUE,...]: one recipe at several settings side by side in one run (LLaDA at one
+    and at two tokens a forward), labelled as --sweep labels its rows; a malformed entry fails
+    before any decoding, naming itself."""
+    rc = main(["bench", "--model", str(MODEL), "--recipes", "llada", "llada[generation.steps=8]",
+               "threshold[select_tokens.threshold=0.5,generation.block_length=8]", "--task", "copy", "--n", "2",
+               "--gen-length", "16", "--no-progress", "--no-warmup", "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["llada", "llada[steps=8]", "threshold[threshold=0.5,block_length=8]"]
+    assert [r["recipe"]["generation"]["steps"] for r in rows[:2]] == [16, 8]
+    assert rows[2]["recipe"]["select_tokens"]["threshold"] == 0.5
+    assert rows[2]["recipe"]["generation"]["block_length"] == 8
+    assert [p["nfe"] for p in rows[0]["problems"]] == [16, 16]
+    assert [p["nfe"] for p in rows[1]["problems"]] == [8, 8]
+    for bad in ("llada[steps]", "[generation.steps=8]", "llada[]"):
+        assert main(["bench", "--recipes", bad, "--no-progress"]) == 2
+        assert f"--recipes {bad!r}: expected RECIPE[KEY=VALUE,...]" in capsys.readouterr().err
