@@ -326,21 +326,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
     first = recipes[0][1]
     args.model = _model_path(args, first)
-    paths = [str(r.model.path or args.model) for _, r in recipes]   # a row's own checkpoint (RECIPE@DIR)
-    loaded: dict[str, tuple[Any, Any]] = {}
-    for path, (_, recipe) in zip(paths, recipes):
-        if path not in loaded:
+    # a row's own checkpoint (RECIPE@DIR), block size and device (RECIPE[model.block_size=8], --sweep)
+    keys = [(str(r.model.path or args.model), r.model.block_size, r.model.device) for _, r in recipes]
+    loaded: dict[tuple, tuple[Any, Any]] = {}
+    for key, (_, recipe) in zip(keys, recipes):
+        path = key[0]
+        if key not in loaded:
             # RECIPE@DIR gave the row's model.path as an override (_bench_row)
             at = any(o.startswith("model.path=") for o in recipe.overrides)
             what = ("--recipes" if at else f"{recipe.source or '<recipe>'}: model.path"
                     if recipe.model.path else args.model_from)
-            loaded[path] = _load_model(path, recipe, args, what)
-            if loaded[path][1] is None:
+            loaded[key] = _load_model(path, recipe, args, what)
+            if loaded[key][1] is None:
                 raise DllmDecodeError(f"{path}: no tokenizer files; bench needs one")
             if args.max_length:
-                m = loaded[path][0]
+                m = loaded[key][0]
                 m.spec = dataclasses.replace(m.spec, max_length=max(args.max_length, m.spec.max_length))
-    models = [loaded[path] for path in paths]
+    models = [loaded[key] for key in keys]
     model, tokenizer = models[0]
     too_long = answers_longer_than(problems, tokenizer, first.generation.gen_length)
     note = truncation_note(too_long, first.generation.gen_length)

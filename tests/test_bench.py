@@ -226,3 +226,30 @@ def test_cli_bench_rows_with_their_own_overrides(tmp_path, capsys):
     for bad in ("llada[steps]", "[generation.steps=8]", "llada[]"):
         assert main(["bench", "--recipes", bad, "--no-progress"]) == 2
         assert f"--recipes {bad!r}: expected RECIPE[KEY=VALUE,...]" in capsys.readouterr().err
+
+
+def test_cli_bench_one_checkpoint_at_two_block_sizes(tmp_path):
+    """Rows of one checkpoint at different model.block_size each decode with the checkpoint loaded
+    at their own size: every row's completions are those of a run of that row alone (and the two
+    sizes' differ, so a row decoded at the other's size would fail here)."""
+    import shutil
+
+    from dllm_decode.models import build_random_model, load_model, save_pretrained
+
+    _, tok = load_model(MODEL)
+    sdar = build_random_model("sdar", vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                              mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id, block_size=4, seed=2)
+    save_pretrained(sdar, tmp_path / "sdar")
+    for f in MODEL.glob("tokenizer*"):
+        shutil.copy(f, tmp_path / "sdar" / f.name)
+    rows = {b: f"sdar[generation.block_length={b},model.block_size={b}]" for b in (8, 4)}
+
+    def completions(recipes, name):
+        assert main(["bench", "--model", str(tmp_path / "sdar"), "--recipes", *recipes, "--task", "copy", "--n", "2",
+                     "--gen-length", "16", "--no-progress", "--no-warmup", "--json", str(tmp_path / name)]) == 0
+        return [[p["completion"] for p in r["problems"]] for r in json.loads((tmp_path / name).read_text())["rows"]]
+
+    both = completions([rows[8], rows[4]], "both.json")
+    alone = [completions([rows[b]], f"{b}.json")[0] for b in (8, 4)]
+    assert both == alone and alone[0] != alone[1]
