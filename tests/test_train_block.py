@@ -148,8 +148,9 @@ def test_fast_dllm_v2_from_an_ar_checkpoint_reads_as_it_with_blocks_of_one(tmp_p
 
 
 def test_a_fast_dllm_v2_run_writes_its_card(tmp_path):
-    """The model card of a Fast-dLLM v2 run names its format and objective, decodes it with the
-    fast-dllm-v2 recipe at its block size and gives the commands that retrain it."""
+    """The model card of a Fast-dLLM v2 run names its format and objective (here trained at two block
+    sizes), decodes it with the fast-dllm-v2 recipe at its block size and gives the commands that
+    retrain it."""
     from dllm_decode.tools.model_card import main
     from dllm_decode.tools.train import TrainConfig, train
 
@@ -157,13 +158,14 @@ def test_a_fast_dllm_v2_run_writes_its_card(tmp_path):
                 canvas_weights=(1.0,), threads=1, log_every=1, tasks=("copy",))
     ar = train(TrainConfig(family="ar", out=str(tmp_path / "ar"), **tiny), progress=False)
     out = train(TrainConfig(family="fast_dllm_v2", out=str(tmp_path / "fd"), init=str(ar), block_size=8,
-                            fit_canvas=True, **tiny), progress=False)
+                            block_sizes=(4, 8), fit_canvas=True, **tiny), progress=False)
     main([str(out), "--n", "2", "--grid-n", "0", "--gen-length", "96", "--write"])
     text = (out / "README.md").read_text()
     kind = json.loads((out / "config.json").read_text())["model_type"]         # the card names the real one
     assert f"Fast-dLLM v2 (`config.json` model_type `{kind}`" in text and "blocks of 8 (`bd_size`)" in text
     assert "shifted_block_diffusion_loss" in text and "The `fast-dllm-v2` recipe at the checkpoint's block size" in text
     assert "--family fast_dllm_v2" in text and "--block-size 8" in text and "--fit-canvas" in text
+    assert "Block size drawn per batch from 4, 8" in text and "--block-sizes 4,8" in text
     assert "padded with EOS to the end of the block holding the EOS of the batch's longest answer" in text
 
 

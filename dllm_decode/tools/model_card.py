@@ -383,7 +383,9 @@ def block_objective(cfg: dict) -> str:
                  "stage's weights, the autoregressive model's (q/k/v biases at zero), logits shifted as the AR "
                  "model's are; per block of each row a mask ratio t ~ U(0.001, 1), answer tokens masked with "
                  "probability t, each row seen twice with complementary masks, and ")
-        loss, weighting, sizes = "shifted_block_diffusion_loss", ", unweighted", f"Blocks of {size}"
+        loss, weighting = "shifted_block_diffusion_loss", ", unweighted"
+        sizes = (f"Block size drawn per batch from {', '.join(map(str, cfg['block_sizes']))}"
+                 if cfg.get("block_sizes") else f"Blocks of {size}")
     else:
         start = ("SDAR adapts an autoregressive model (arXiv 2510.06303): started from the first stage's "
                  "weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout adds at one), per row "
