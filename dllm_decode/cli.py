@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dllm_decode.config import DTYPES, resolve_recipe
-from dllm_decode.errors import DllmDecodeError, InputError
+from dllm_decode.errors import DllmDecodeError, InputError, RecipeError
 from dllm_decode.plugins import BrokenPluginWarning
 from dllm_decode.recipes import find_recipe
 
@@ -320,7 +320,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     named = [_bench_row(r) for r in args.recipes]
     pm = _plugin_manager(args)
     # every recipe error surfaces here, before any model loads
-    recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
+    try:
+        recipes = bench.expand_sweeps(named, common, args.sweep, pm, gen_length=args.gen_length)
+    except RecipeError as err:
+        raise RecipeError(_blame_rows(str(err), args.recipes, named, common)) from None
     if len({r.generation.dtype for _, r in recipes}) > 1:
         raise DllmDecodeError("bench: the recipes ask for different generation.dtype; set one with --dtype")
     problems = _task_problems(argparse.Namespace(task=args.task, n=args.n, task_seed=args.task_seed))
@@ -649,6 +652,16 @@ def _bench_row(arg: str) -> tuple[str, str, list[str]]:
     if not at:
         return label, name, own
     return f"{label} @ {Path(model).name}", name, [*own, f"model.path={json.dumps(model)}"]
+
+
+def _blame_rows(message: str, args: list[str], named: list[tuple], common: list[str]) -> str:
+    """A recipe error that blames a ``--set`` which a row's ``RECIPE[KEY=VALUE]`` gave names that
+    row instead (the recipe loader calls every override a --set)."""
+    for arg, (_, _, own) in zip(args, named):
+        for o in own:
+            if o not in common and not o.startswith("model.path="):
+                message = message.replace(f"--set {o}", f"--recipes {arg!r}: {o}")
+    return message
 
 
 def _row_overrides(arg: str, name: str) -> tuple[str, list[str]]:

@@ -210,8 +210,8 @@ def test_cli_bench_says_when_answers_cannot_fit_the_generation_length(tmp_path, 
 
 def test_cli_bench_rows_with_their_own_overrides(tmp_path, capsys):
     """RECIPE[KEY=VALUE,...]: one recipe at several settings side by side in one run (LLaDA at one
-    and at two tokens a forward), labelled as --sweep labels its rows; a malformed entry fails
-    before any decoding, naming itself."""
+    and at two tokens a forward), labelled as --sweep labels its rows; a malformed entry, or a key
+    its recipe does not take, fails before any decoding, naming the entry."""
     rc = main(["bench", "--model", str(MODEL), "--recipes", "llada", "llada[generation.steps=8]",
                "threshold[select_tokens.threshold=0.5,generation.block_length=8]", "--task", "copy", "--n", "2",
                "--gen-length", "16", "--no-progress", "--no-warmup", "--json", str(tmp_path / "b.json")])
@@ -226,6 +226,10 @@ def test_cli_bench_rows_with_their_own_overrides(tmp_path, capsys):
     for bad in ("llada[steps]", "[generation.steps=8]", "llada[]"):
         assert main(["bench", "--recipes", bad, "--no-progress"]) == 2
         assert f"--recipes {bad!r}: expected RECIPE[KEY=VALUE,...]" in capsys.readouterr().err
+    # a key the recipe does not take is blamed on the row that gave it, not on a --set
+    assert main(["bench", "--recipes", "llada", "llada[generation.stepz=8]", "--no-progress"]) == 2
+    assert ("--recipes 'llada[generation.stepz=8]': generation.stepz=8: unknown key 'generation.stepz'"
+            in capsys.readouterr().err)
 
 
 def test_cli_bench_one_checkpoint_at_two_block_sizes(tmp_path):
