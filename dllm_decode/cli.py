@@ -646,9 +646,10 @@ def _bench_row(arg: str) -> tuple[str, str, list[str]]:
     name, at, model = arg.rpartition("@") if "@" in arg else (arg, "", "")
     if at and not model:
         raise DllmDecodeError(f"--recipes {arg!r}: expected RECIPE@DIR, a checkpoint directory after @")
+    from dllm_decode.measure.bench import bench_label
+
     name, own = _row_overrides(arg, name)
-    short = ",".join(f"{k.split('.')[-1]}={v}" for k, _, v in (o.partition("=") for o in own))
-    label = f"{_label(name)}[{short}]" if own else _label(name)        # as --sweep labels its rows
+    label = bench_label(_label(name), own)
     if not at:
         return label, name, own
     return f"{label} @ {Path(model).name}", name, [*own, f"model.path={json.dumps(model)}"]
@@ -660,7 +661,9 @@ def _blame_rows(message: str, args: list[str], named: list[tuple], common: list[
     for arg, (_, _, own) in zip(args, named):
         for o in own:
             if o not in common and not o.startswith("model.path="):
-                message = message.replace(f"--set {o}", f"--recipes {arg!r}: {o}")
+                # the whole override, not the head of a longer --set (steps=1 in steps=12)
+                message = re.sub(rf"--set {re.escape(o)}(?=[:,]|$)", lambda _: f"--recipes {arg!r}: {o}",
+                                 message, flags=re.M)
     return message
 
 

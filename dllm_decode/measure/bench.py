@@ -93,6 +93,12 @@ def gen_length_overrides(path: str, gen_length: int, overrides: Sequence[str] = 
     return out
 
 
+def bench_label(label: str, overrides: Sequence[str]) -> str:
+    """A row's label with the overrides that set it apart: ``threshold[threshold=0.7]``."""
+    short = ",".join(f"{k.split('.')[-1]}={v}" for k, _, v in (o.partition("=") for o in overrides))
+    return f"{label}[{short}]" if overrides else label
+
+
 def expand_sweeps(named: Sequence[tuple], overrides: Sequence[str], sweeps: Sequence[str],
                   pm=None, gen_length: int | None = None) -> list[tuple[str, Recipe]]:
     """Load each (label, recipe file or name[, its own overrides]) with the common overrides
@@ -120,7 +126,6 @@ def expand_sweeps(named: Sequence[tuple], overrides: Sequence[str], sweeps: Sequ
         if not key.strip() or not values:
             raise RecipeError(f"--sweep {sweep!r}: expected KEY=V1,V2,... e.g. select_tokens.threshold=0.5,0.9")
         key = key.strip()
-        short = key.split(".")[-1]
         expanded, first_error = [], None
         for label, over, path in out:
             try:
@@ -129,7 +134,7 @@ def expand_sweeps(named: Sequence[tuple], overrides: Sequence[str], sweeps: Sequ
                 first_error = first_error or err
                 expanded.append((label, over, path))
                 continue
-            expanded += [(f"{label}[{short}={v}]", over + [f"{key}={v}"], path) for v in values]
+            expanded += [(bench_label(label, [f"{key}={v}"]), over + [f"{key}={v}"], path) for v in values]
         if len(expanded) == len(out) and first_error is not None:
             raise RecipeError(f"--sweep {sweep!r} applies to none of the recipes: {first_error}")
         out = expanded

@@ -384,14 +384,14 @@ def block_objective(cfg: dict) -> str:
                  "model's are; per block of each row a mask ratio t ~ U(0.001, 1), answer tokens masked with "
                  "probability t, each row seen twice with complementary masks, and ")
         loss, weighting = "shifted_block_diffusion_loss", ", unweighted"
-        sizes = (f"Block size drawn per batch from {', '.join(map(str, cfg['block_sizes']))}"
-                 if cfg.get("block_sizes") else f"Blocks of {size}")
     else:
         start = ("SDAR adapts an autoregressive model (arXiv 2510.06303): started from the first stage's "
                  "weights, the autoregressive model's (the q/k norms SDAR's Qwen3 layout adds at one), per row "
                  "a mask ratio t ~ U(0.001, 1), answer tokens masked with probability t, and ")
         loss, weighting = "block_diffusion_loss", " weighted 1/t"
-        sizes = f"Block size drawn per batch from {', '.join(map(str, cfg.get('block_sizes') or [size]))}"
+    # SDAR's cards have always named the draw, even of one size
+    drawn = cfg.get("block_sizes") or ([size] if cfg["family"] == "sdar" else [])
+    sizes = f"Block size drawn per batch from {', '.join(map(str, drawn))}" if drawn else f"Blocks of {size}"
     return (f"Block diffusion, as {start}every block of the noisy copy denoised given the clean blocks before "
             f"it (the noisy and the clean canvas side by side in one forward, `dllm_decode/tools/train.py: "
             f"{loss}`); cross-entropy on masked positions{weighting}. {sizes}; answers padded with EOS "
