@@ -577,7 +577,9 @@ def test_sigterm_writes_a_checkpoint_that_resumes_to_the_same_weights(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
+    # not 0: a script's `train ... && next` must not go on; stderr says how to continue
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert f"--resume {run}" in proc.stderr.read().decode()
     step = torch.load(run / "checkpoint.pt", weights_only=True)["progress"]["step"]
     assert 3 <= step < 5000 and not (run / "model.safetensors").exists()
     resume(run, stop_after=step + 2, progress=False)

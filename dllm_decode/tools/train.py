@@ -38,6 +38,7 @@ Long runs checkpoint into their folder (``--checkpoint-every N`` steps, ``--chec
 M``, on SIGTERM / Ctrl-C, and when ``--stop-after`` ends a run early): weights, optimizer, schedule
 position, every random state and the task streams' positions (train_state.py). ``--resume DIR``
 continues such a run to the same weights, bit for bit, that it would have reached uninterrupted.
+A run a signal stopped exits 128 + the signal's number (130 for Ctrl-C), saying how to resume it.
 
 The workload models (``--tasks workload``) add what their longer answers need: ``--batch-by-task``
 draws one task per batch (so a batch pads to its own task's lengths, and a diffusion batch gets a
@@ -62,6 +63,7 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -693,6 +695,7 @@ class Run:
     compiled: torch.nn.Module | None = None   # --compile: the model's compiled forward (same weights)
     teacher: torch.nn.Module | None = None    # --repr-align: the --init AR weights, frozen (repr_align_loss)
     lock: _Lock | None = None                 # the run folder's lock, held until _finish returns
+    stopped_by: int | None = None             # the signal that stopped _finish short of its last step
 
     def checkpoint(self) -> Path:
         return save_checkpoint(self.out, {**asdict(self.cfg), "stop_after": None}, self.progress,
@@ -1032,8 +1035,12 @@ class _Interrupt:
     writes a checkpoint instead of losing the steps since the last one."""
 
     def __init__(self) -> None:
-        self.hit = False
+        self.signum: int | None = None        # the signal that stopped the run, if one did
         self.saved = {}
+
+    @property
+    def hit(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -1042,7 +1049,7 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.hit = True
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.saved.items():
@@ -1194,7 +1201,7 @@ def _resumed(out: str | Path, stop_after: int | None) -> Run:
 
 def _finish(run: Run, progress: bool) -> Path:
     """Run the loop; weights and training.json once the schedule (or stop_after) is reached,
-    not when a signal stopped it (its checkpoint is then the run's record)."""
+    not when a signal stopped it (its checkpoint is then the run's record: `run.stopped_by`)."""
     cfg = run.cfg
     # a signal during the final save waits for it: the weights alone, without their training.json,
     # would be a folder that loads and says nothing of how it was trained
@@ -1203,6 +1210,7 @@ def _finish(run: Run, progress: bool) -> Path:
             _loop(run, progress, interrupt)
             if run.progress.step == cfg.last_step():
                 _save_final(run)
+        run.stopped_by = interrupt.signum if run.progress.step < cfg.last_step() else None
     finally:
         if run.lock is not None:
             run.lock.release()
@@ -1440,6 +1448,12 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"train: {e}") from None
     out = _finish(run, progress=not a.no_progress)
+    if run.stopped_by is not None:
+        # not 0: `train ... && model_card ...` must not go on as if the run had finished
+        print(f"train: stopped by {signal.Signals(run.stopped_by).name} at step {run.progress.step} of "
+              f"{run.cfg.steps}; checkpoint in {out}; continue with: "
+              f"python -m dllm_decode.tools.train --resume {out}", file=sys.stderr)
+        raise SystemExit(128 + run.stopped_by)
     print(out)
     if a.check:
         n, mismatch = check_log(out, Path(a.check))
