@@ -166,6 +166,32 @@ def test_widen_keeps_values_at_their_positions():
         store.widen(4)
 
 
+def test_widening_block_by_block_reallocates_rarely_and_keeps_every_write():
+    """A canvas widened by a block at a time (the block-causal decode) reuses room kept past
+    its end: 60 widenings by 4 reallocate a handful of times, not 60 (each a whole-cache copy);
+    every value written before any widening stays, every new position reads zero, and rows
+    selected out of a widened store widen correctly from their own copy."""
+    store = CacheStore()
+    store.ensure_kv(2, 2, 2, 8, 3, torch.float64, torch.device("cpu"))
+    ref = torch.zeros(2, 2, 8, 3, dtype=torch.float64)
+    ptrs = set()
+    for L in range(12, 252, 4):
+        store.widen(L)
+        ref = torch.cat([ref, ref.new_zeros(2, 2, 4, 3)], dim=2)
+        assert torch.equal(store.k[1], ref) and not store.kv_valid[:, L - 4:].any()
+        new = torch.randn(2, 2, 4, 3, dtype=torch.float64)
+        store.k[1][:, :, L - 4:] = new                   # the next block's keys, written in place
+        ref[:, :, L - 4:] = new
+        store.kv_valid[:, L - 4:] = True
+        ptrs.add(store.k[1].data_ptr())
+    assert len(ptrs) <= 12, len(ptrs)                    # 1.5x room: about log_1.5(252 / 12) copies
+    assert store.nbytes() >= 4 * 2 * 2 * 248 * 3 * 8     # the room is counted, not only the canvas
+    store.select_rows(torch.tensor([1]))
+    store.widen(260)
+    assert torch.equal(store.k[1], torch.cat([ref[1:], ref.new_zeros(1, 2, 12, 3)], dim=2))
+    assert store.kv_valid[0].tolist() == [False] * 8 + [True] * 240 + [False] * 12
+
+
 def test_row_lengths_follow_the_official_canvas(sdar):
     """A row generates up to ceil((P + gen_length) / block) * block - P positions."""
     res = Decoder(sdar, recipe()).generate(PROMPTS)

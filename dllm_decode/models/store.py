@@ -32,6 +32,24 @@ from torch import Tensor
 
 __all__ = ["CacheStore"]
 
+# What widen() grows, and along which dim: per-layer lists, then single tensors.
+_LAYERED = (("k", 2), ("v", 2), ("q", 2), ("attn", 1), ("ffn", 1), ("h", 1))
+_SINGLE = (("kv_valid", 1), ("attn_mass", 2))
+
+
+def _grown(t: Tensor, dim: int, L: int, buf: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`t` grown along `dim` to L positions, the new ones zero -> (it, the buffer it views).
+    When `t` is still the leading part of `buf` and `buf` has room, no copy: `buf` past `t` was
+    zeros when allocated and nothing writes past a view. Else a buffer with room for half as many
+    positions again, so a canvas widened block by block copies O(L) in all, not O(L^2)."""
+    n = t.shape[dim]
+    if (buf is not None and buf.shape[dim] >= L and t.data_ptr() == buf.data_ptr()
+            and t.stride() == buf.stride() and t.shape == buf.narrow(dim, 0, n).shape):
+        return buf.narrow(dim, 0, L), buf
+    buf = t.new_zeros(*t.shape[:dim], L + L // 2, *t.shape[dim + 1:])
+    buf.narrow(dim, 0, n).copy_(t)
+    return buf.narrow(dim, 0, L), buf
+
 
 class CacheStore:
     """Per-layer K/V and sub-layer outputs of one request. Allocated lazily on the first write
@@ -62,6 +80,9 @@ class CacheStore:
         # the request's batch rows the tensors hold, once finished rows were dropped (None: all;
         # under guidance row B + r holds row r's unconditional canvas)
         self.rows: Tensor | None = None
+        # name -> the buffers widen() allocated with room past the canvas (their leading parts
+        # are the tensors above while nobody replaced them)
+        self._room: dict[str, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -77,8 +98,9 @@ class CacheStore:
         return bool(self.h)
 
     def nbytes(self) -> int:
+        """Bytes the per-layer tensors hold, the room widen() keeps past the canvas included."""
         ts = self.k + self.v + self.attn + self.ffn + self.h + self.q
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.untyped_storage().nbytes() for t in ts)
 
     def check_canvas(self, B: int, L: int) -> None:
         if self.shape is not None and self.shape != (B, L):
@@ -121,19 +143,19 @@ class CacheStore:
         block-causal request's next block), so nothing moved."""
         if self.shape is None or L == self.shape[1]:
             return
-        n = L - self.shape[1]
-        if n < 0:
+        if L < self.shape[1]:
             raise ValueError(f"CacheStore.widen({L}) would shrink a canvas of {self.shape[1]} positions")
-
-        def pad(t: Tensor, dim: int) -> Tensor:
-            return torch.cat([t, t.new_zeros(*t.shape[:dim], n, *t.shape[dim + 1:])], dim=dim)
-
-        for lst, dim in ((self.k, 2), (self.v, 2), (self.q, 2), (self.attn, 1), (self.ffn, 1), (self.h, 1)):
-            lst[:] = [pad(t, dim) for t in lst]
-        if self.kv_valid is not None:
-            self.kv_valid = pad(self.kv_valid, 1)
-        if self.attn_mass is not None:
-            self.attn_mass = pad(self.attn_mass, 2)
+        for name, dim in _LAYERED:
+            lst, bufs = getattr(self, name), self._room.get(name, [])
+            grown = [_grown(t, dim, L, bufs[i] if i < len(bufs) else None) for i, t in enumerate(lst)]
+            lst[:] = [t for t, _ in grown]
+            self._room[name] = [b for _, b in grown]
+        for name, dim in _SINGLE:
+            t = getattr(self, name)
+            if t is not None:
+                t, buf = _grown(t, dim, L, (self._room.get(name) or [None])[0])
+                setattr(self, name, t)
+                self._room[name] = [buf]
         self.attention = None          # per-forward attention rows keep their own width: dropped
         self.shape = (self.shape[0], L)
 
@@ -150,6 +172,7 @@ class CacheStore:
             self.attention = tuple(a.index_select(0, rows) for a in self.attention)
         if self.shape is not None:
             self.shape = (int(rows.numel()), self.shape[1])
+        self._room = {}                 # the tensors are new ones now: the old buffers go
 
     def keep_rows(self, rows: Tensor) -> None:
         """Hold only the request's batch rows ``rows`` (b,) long, ascending, from now on: each a
