@@ -192,6 +192,24 @@ def test_widening_block_by_block_reallocates_rarely_and_keeps_every_write():
     assert store.kv_valid[0].tolist() == [False] * 8 + [True] * 240 + [False] * 12
 
 
+def test_keys_past_the_canvas_read_zeros_from_the_room_without_a_copy():
+    """Block-causal attention spans keys past the canvas end: kv_upto gives the stored keys then
+    zeros, a view of widen()'s room when there is one (no copy of the cache), a padded copy when
+    there is none (a store never widened)."""
+    store = CacheStore()
+    store.ensure_kv(1, 2, 2, 6, 3, torch.float64, torch.device("cpu"))
+    store.k[0].normal_()
+    K, V = store.kv_upto(0, 9)                            # no room yet: a copy
+    assert K.shape == (2, 2, 9, 3) and torch.equal(K[:, :, :6], store.k[0]) and not K[:, :, 6:].any()
+    assert K.data_ptr() != store.k[0].data_ptr() and not V.any()
+    store.widen(10)
+    store.k[0][:, :, 6:10] = 1.0
+    K, _ = store.kv_upto(0, 13)                           # 15 positions of room: a view
+    assert K.data_ptr() == store.k[0].data_ptr()
+    assert torch.equal(K[:, :, :10], store.k[0]) and not K[:, :, 10:].any()
+    assert torch.equal(store.kv_upto(0, 4)[0], store.k[0][:, :, :4])
+
+
 def test_row_lengths_follow_the_official_canvas(sdar):
     """A row generates up to ceil((P + gen_length) / block) * block - P positions."""
     res = Decoder(sdar, recipe()).generate(PROMPTS)

@@ -109,6 +109,7 @@ class Feed:
     chunks: list | None = None    # block-causal: (canvas Sel, slice of the fed stream) per chunk
     kends: list | None = None     # block-causal: per chunk, the key positions its attention spans
     kbuf: tuple | None = None     # block-causal keys='fed': scratch full-length (K, V) buffers
+    key_top: int = 0              # block-causal: the most keys any chunk spans (may pass L)
 
 
 def _check_store(plan: ComputePlan, store: CacheStore | None) -> None:
@@ -202,9 +203,10 @@ class Denoiser(nn.Module):
             x, fpos, feed.kmask = self._add_shadow(run.shadow.to(x.device), x, fpos, feed.pos, feed.kmask, fed)
         feed.cos, feed.sin = rope_tables(fpos, a.rotary_dim or a.head_dim, a.rope_theta, self.dtype)
         if feed.block and run.keys == "fed":
-            # scratch K/V over the whole canvas: unfed positions stay zero and are masked out
-            feed.kbuf = tuple(torch.zeros(B, a.n_kv_heads, L, a.head_dim, dtype=self.dtype, device=x.device)
-                              for _ in range(2))
+            # scratch K/V over the whole canvas and past it as far as a chunk's keys run: unfed
+            # positions stay zero and are masked out
+            feed.kbuf = tuple(torch.zeros(B, a.n_kv_heads, max(L, feed.key_top), a.head_dim, dtype=self.dtype,
+                                          device=x.device) for _ in range(2))
         if store is not None:
             keys = L if feed.block and run.keys == "fed" else None
             store.flops += self._flops(run, B, fed.n + S, feed.s, feed.e, feed.key_end, keys) \
@@ -332,6 +334,7 @@ class Denoiser(nn.Module):
             top = max(feed.kends)
         if top > n_keys:
             feed.kmask = F.pad(feed.kmask, (0, top - n_keys))
+        feed.key_top = top
 
     def _prepare_store(self, store: CacheStore, plan: ComputePlan, fed: Sel, frozen: Tensor | None,
                        B: int, L: int, dev: torch.device) -> None:
@@ -486,7 +489,7 @@ class Denoiser(nn.Module):
         buffer (and with write_kv also fills the store); keys='store' over the store, as
         `_layer_full` does."""
         plan, store, frozen = feed.plan, feed.store, feed.frozen
-        K, V = (store.k[i], store.v[i]) if plan.keys == "store" else feed.kbuf
+        K, V = feed.kbuf if plan.keys == "fed" else (None, None)
         qs = []
         for sel, sl in feed.chunks:
             q, k, v = self._qkv(p, p.attn_norm(x[:, sl]), feed.cos[:, :, sl], feed.sin[:, :, sl])
@@ -498,6 +501,10 @@ class Denoiser(nn.Module):
             if plan.keys == "store" or plan.write_kv:
                 sel.put_unless(store.k[i], 2, k, keep)
                 sel.put_unless(store.v[i], 2, v, keep)
+        if plan.keys == "store":
+            # after the writes (it may be a copy); every chunk's keys cut from this one
+            # (B, Hkv, key_top, D) span, not each padded past the canvas on its own
+            K, V = store.kv_upto(i, feed.key_top)
         att = torch.cat([p.o(_attend_chunk(q, K, V, feed.kmask[:, sl], kend))
                          for q, (_, sl), kend in zip(qs, feed.chunks, feed.kends)], dim=1)   # (B, f, d)
         if plan.write_features:

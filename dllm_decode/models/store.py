@@ -159,6 +159,23 @@ class CacheStore:
         self.attention = None          # per-forward attention rows keep their own width: dropped
         self.shape = (self.shape[0], L)
 
+    def kv_upto(self, i: int, n: int) -> tuple[Tensor, Tensor]:
+        """Layer i's K, V (B, H_kv, n, D): cut to n positions, or run on past the canvas into
+        zeros (block-causal attention spans whole blocks past a canvas end). The zeros are
+        widen()'s room when it has that many, so the whole cache is not copied to pad it."""
+        K, V = self.k[i], self.v[i]
+        L = K.shape[2]
+        if n <= L:
+            return K[:, :, :n], V[:, :, :n]
+        out = []
+        for t, buf in zip((K, V), (self._room.get("k", []), self._room.get("v", []))):
+            b = buf[i] if i < len(buf) else None
+            if b is not None and b.shape[2] >= n and t.data_ptr() == b.data_ptr() and t.stride() == b.stride():
+                out.append(b[:, :, :n])
+            else:
+                out.append(torch.nn.functional.pad(t, (0, 0, 0, n - L)))
+        return out[0], out[1]
+
     # ------------------------------------------------------------------ batch surgery
     def select_rows(self, rows: Tensor) -> None:
         """Keep only the given batch rows (e.g. when finished rows leave the batch)."""
