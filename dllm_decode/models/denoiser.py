@@ -704,24 +704,17 @@ def _row_groups(kends: list[int], device) -> int | list[tuple[Tensor, int]]:
 def _attend_chunk(q: Tensor, K: Tensor, V: Tensor, kmask: Tensor, kend) -> Tensor:
     """Block-causal attention of one chunk's queries q (B, H, n, D) over exactly `kend` keys (an
     int, or (rows, key end) groups: rows whose chunks sit at different columns), so each row's
-    kernel reduces over as many keys as in a range feed of the same columns. Returns (B, n, H*D)."""
+    kernel reduces over as many keys as in a range feed of the same columns. K, V span at least
+    every chunk's keys (`Feed.key_top`: zeros past the canvas). Returns (B, n, H*D)."""
     if isinstance(kend, int):
-        return attend(q, *_keys(K, V, kend), kmask[..., :kend])
+        return attend(q, K[:, :, :kend], V[:, :, :kend], kmask[..., :kend])
     B, H, n, D = q.shape
     out = q.new_empty(B, n, H * D)
     for rows, end in kend:
-        # only these rows' keys are copied (and zero-padded past the store, as `_keys` does)
-        k, v = _keys(K[:, :, :end].index_select(0, rows), V[:, :, :end].index_select(0, rows), end)
+        # only these rows' keys are copied
+        k, v = K[:, :, :end].index_select(0, rows), V[:, :, :end].index_select(0, rows)
         out.index_copy_(0, rows, attend(q.index_select(0, rows), k, v, kmask.index_select(0, rows)[:, :, :end]))
     return out
-
-
-def _keys(K: Tensor, V: Tensor, kend: int) -> tuple[Tensor, Tensor]:
-    """K, V (B, H, L, D) cut, or zero-padded, to `kend` key positions."""
-    n = kend - K.shape[2]
-    if n <= 0:
-        return K[:, :, :kend], V[:, :, :kend]
-    return F.pad(K, (0, 0, 0, n)), F.pad(V, (0, 0, 0, n))
 
 
 def _key_mask(plan: ComputePlan, store: CacheStore | None, fed: Sel, mask: Tensor | None,

@@ -37,17 +37,22 @@ _LAYERED = (("k", 2), ("v", 2), ("q", 2), ("attn", 1), ("ffn", 1), ("h", 1))
 _SINGLE = (("kv_valid", 1), ("attn_mass", 2))
 
 
+def _leads(t: Tensor, buf: Tensor | None, dim: int, n: int) -> bool:
+    """`t` is still the leading part of `buf` along `dim` (nobody replaced it), and `buf` holds
+    at least n positions there."""
+    return (buf is not None and buf.shape[dim] >= n and t.data_ptr() == buf.data_ptr()
+            and t.stride() == buf.stride() and t.shape == buf.narrow(dim, 0, t.shape[dim]).shape)
+
+
 def _grown(t: Tensor, dim: int, L: int, buf: Tensor | None) -> tuple[Tensor, Tensor]:
     """`t` grown along `dim` to L positions, the new ones zero -> (it, the buffer it views).
     When `t` is still the leading part of `buf` and `buf` has room, no copy: `buf` past `t` was
     zeros when allocated and nothing writes past a view. Else a buffer with room for half as many
     positions again, so a canvas widened block by block copies O(L) in all, not O(L^2)."""
-    n = t.shape[dim]
-    if (buf is not None and buf.shape[dim] >= L and t.data_ptr() == buf.data_ptr()
-            and t.stride() == buf.stride() and t.shape == buf.narrow(dim, 0, n).shape):
+    if _leads(t, buf, dim, L):
         return buf.narrow(dim, 0, L), buf
     buf = t.new_zeros(*t.shape[:dim], L + L // 2, *t.shape[dim + 1:])
-    buf.narrow(dim, 0, n).copy_(t)
+    buf.narrow(dim, 0, t.shape[dim]).copy_(t)
     return buf.narrow(dim, 0, L), buf
 
 
@@ -170,7 +175,7 @@ class CacheStore:
         out = []
         for t, buf in zip((K, V), (self._room.get("k", []), self._room.get("v", []))):
             b = buf[i] if i < len(buf) else None
-            if b is not None and b.shape[2] >= n and t.data_ptr() == b.data_ptr() and t.stride() == b.stride():
+            if _leads(t, b, 2, n):
                 out.append(b[:, :, :n])
             else:
                 out.append(torch.nn.functional.pad(t, (0, 0, 0, n - L)))
